@@ -1,0 +1,237 @@
+"""Typed configuration schema (Hydra ConfigStore) and value validation.
+
+OmegaConf checks types while Hydra composes the config (``trainer.lr=abc`` fails there);
+``validate`` checks ranges and cross-field rules before any work starts, and raises
+``ConfigError`` with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the CLI prints it as one line."""
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | mnist | cifar10 | synthetic
+    path: Optional[str] = None  # npz file, ImageFolder directory or zip of one
+    download: bool = False  # torchvision download into cache_dir when no path is given
+    cache_dir: str = "~/.cache/sparsebench"
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
+    on_device: bool = False  # keep the whole decoded dataset on the training device
+    test_fraction: float = 0.2  # digits only: held-out share
+    # synthetic only
+    shape: List[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+    train_size: int = 512
+    test_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # convnet | lenet5 | vgg16 | resnet18 | resnet20 | resnet56
+    width: float = 1.0  # channel multiplier, so tests can stay tiny
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10  # dense (pre-)training epochs; skipped with init_from
+    finetune_epochs: int = 0  # retraining epochs while pruning / QAT run (0: no such phase)
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    finetune_lr: Optional[float] = None  # None: same as lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | step | constant
+    step_gamma: float = 0.1  # step scheduler: multiply by gamma at 50% and 75% of training
+    label_smoothing: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast, on CUDA only
+    channels_last: bool = True  # on CUDA only
+    deterministic: bool = False
+    init_from: Optional[str] = None  # checkpoint or dense.pt to start from (skips dense training)
+    resume: bool = False  # continue from <run_dir>/checkpoints/last.pt
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
+    progress: bool = True
+    compile: bool = False  # torch.compile the model for training
+
+
+@dataclass
+class PruneConfig:
+    method: str = "none"  # none | agp | iterative | oneshot
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.0
+    start: float = 0.0  # in `unit`s from the start of the finetune phase
+    end: float = 0.0
+    frequency: float = 1.0  # mask updates every `frequency` units
+    unit: str = "epoch"  # epoch | step
+    rounds: int = 1  # iterative: number of prune-then-retrain cycles
+    scope: str = "layer"  # layer | global
+    keep_first_dense: bool = True  # the first conv stays dense
+    keep_last_dense: bool = True  # the classifier stays dense
+    layers: Optional[str] = None  # regex over module names that may be pruned (None: every conv/linear)
+    overrides: Dict[str, float] = field(default_factory=dict)  # name or regex -> final sparsity
+
+
+@dataclass
+class QuantConfig:
+    method: str = "none"  # none | linear | pow2 | kmeans
+    bits: int = 32  # 2..8 for a quantizer; 32 means unquantized
+    symmetric: bool = True
+    per_channel: bool = True
+    learn_scale: bool = False  # LSQ-style learned scales for linear
+    start: float = 0.0  # epoch of the finetune phase at which QAT begins
+    refit_every: int = 1  # kmeans: re-fit codebooks every N epochs
+    overrides: Dict[str, int] = field(default_factory=dict)  # name or regex -> bits
+
+
+@dataclass
+class BackendConfig:
+    name: str = "none"  # none | direct_sparse | torch_cpu | ...
+    activations: str = "fp32"  # fp32 | fp16 | bf16
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = False
+    batch_sizes: List[int] = field(default_factory=lambda: [1])
+    baselines: List[str] = field(default_factory=list)
+    warmup: int = 10
+    repeats: int = 50
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # wandb | none
+    project: str = "sparsebench"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "default"
+    seed: int = 0
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+DATASETS = ("digits", "mnist", "cifar10", "synthetic")
+CHOICES: Dict[str, tuple] = {
+    "data.name": DATASETS,
+    "trainer.optimizer": ("sgd", "adam"),
+    "trainer.scheduler": ("cosine", "step", "constant"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "prune.method": ("none", "agp", "iterative", "oneshot"),
+    "prune.unit": ("epoch", "step"),
+    "prune.scope": ("layer", "global"),
+    "quant.method": ("none", "linear", "pow2", "kmeans"),
+    "backend.activations": ("fp32", "fp16", "bf16"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Any) -> None:
+    """Check ranges and cross-field rules; raise ConfigError naming the first bad key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in allowed, key, value, "one of " + ", ".join(allowed))
+
+    from sparsebench.models import MODELS  # late: the registry imports torch
+
+    _require(cfg.model.name in MODELS, "model.name", cfg.model.name, "one of " + ", ".join(sorted(MODELS)))
+    _require(cfg.model.width > 0, "model.width", cfg.model.width, "a number > 0")
+
+    t = cfg.trainer
+    for key in ("epochs", "finetune_epochs", "checkpoint_every"):
+        _require(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0")
+    _require(t.lr > 0, "trainer.lr", t.lr, "a number > 0")
+    _require(t.finetune_lr is None or t.finetune_lr > 0, "trainer.finetune_lr", t.finetune_lr, "null or a number > 0")
+    _require(0 <= t.momentum < 1, "trainer.momentum", t.momentum, "a number in [0, 1)")
+    _require(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "a number >= 0")
+    _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
+
+    d = cfg.data
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
+    _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    _require(len(d.shape) == 3 and all(s >= 1 for s in d.shape), "data.shape", list(d.shape), "[channels, height, width], each >= 1")
+    _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
+    _require(d.train_size >= 1 and d.test_size >= 1, "data.train_size", d.train_size, "train_size and test_size >= 1")
+
+    _validate_prune(cfg.prune)
+    _validate_quant(cfg.quant)
+    if cfg.prune.method != "none" or cfg.quant.method != "none":
+        _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,
+                 "an integer >= 1 when pruning or quantization is on (they run while retraining)")
+
+    b = cfg.bench
+    _require(all(bs >= 1 for bs in b.batch_sizes), "bench.batch_sizes", list(b.batch_sizes), "integers >= 1")
+    _require(b.repeats >= 1 and b.warmup >= 0, "bench.repeats", b.repeats, "repeats >= 1 and warmup >= 0")
+
+
+def _validate_prune(p: Any) -> None:
+    for key in ("initial_sparsity", "final_sparsity"):
+        value = getattr(p, key)
+        _require(0 <= value < 1, f"prune.{key}", value, "a fraction in [0, 1)")
+    _require(p.final_sparsity >= p.initial_sparsity, "prune.final_sparsity", p.final_sparsity,
+             f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})")
+    _require(p.start >= 0, "prune.start", p.start, "a number >= 0")
+    _require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")
+    _require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
+    _require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
+    for pattern, value in p.overrides.items():
+        _require(0 <= value < 1, f"prune.overrides.{pattern}", value, "a fraction in [0, 1)")
+    for key, pattern in [("prune.layers", p.layers)] + [(f"prune.overrides.{k}", k) for k in p.overrides]:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _validate_quant(q: Any) -> None:
+    if q.method == "none":
+        _require(q.bits == 32, "quant.bits", q.bits, "32 when quant.method=none (choose quant=linear, pow2 or kmeans for 2..8)")
+    else:
+        _require(2 <= q.bits <= 8, "quant.bits", q.bits, f"an integer in 2..8 for quant.method={q.method}")
+    _require(q.start >= 0, "quant.start", q.start, "a number >= 0")
+    _require(q.refit_every >= 1, "quant.refit_every", q.refit_every, "an integer >= 1")
+    for pattern, bits in q.overrides.items():
+        _require(2 <= bits <= 8, f"quant.overrides.{pattern}", bits, "an integer in 2..8")

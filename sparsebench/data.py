@@ -1,0 +1,276 @@
+"""Datasets as in-memory uint8 tensors, and a mini-batch iterator over them.
+
+Every source (scikit-learn's digits, a Keras-style npz, an ImageFolder tree or zip of one,
+a torchvision download, synthetic tensors) is decoded once to uint8 NCHW arrays; decoded
+files are cached under ``data.cache_dir`` keyed by a hash of the source's content. Batches
+are cut from the tensors directly (no DataLoader workers), on the CPU or on the GPU when
+``data.on_device`` keeps the whole set there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparsebench.config import ConfigError
+
+Arrays = Dict[str, np.ndarray]  # x_train, y_train, x_test, y_test (x: uint8 NCHW, y: int64)
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: Tensor  # uint8, N x C x H x W
+    y_train: Tensor  # int64
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    mean: Tensor  # per channel, in [0, 1] units
+    std: Tensor
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[2]
+
+    def to(self, device: torch.device) -> "Dataset":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Dataset(self.name, move(self.x_train), move(self.y_train), move(self.x_test), move(self.y_test),
+                       self.num_classes, move(self.mean), move(self.std))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_dataset(cfg: Any) -> Dataset:
+    """Build the dataset named by ``cfg.name`` (a DataConfig)."""
+    if cfg.name == "digits":
+        arrays = _digits(cfg.test_fraction)
+    elif cfg.name == "synthetic":
+        arrays = _synthetic(list(cfg.shape), cfg.num_classes, cfg.train_size, cfg.test_size)
+    else:
+        arrays = _load_real(cfg.name, cfg.path, cfg.download, Path(os.path.expanduser(cfg.cache_dir)))
+    return _to_dataset(cfg.name, arrays)
+
+
+def _to_dataset(name: str, a: Arrays) -> Dataset:
+    x_train = torch.from_numpy(np.ascontiguousarray(a["x_train"]))
+    as_float = x_train.float() / 255.0
+    mean = as_float.mean(dim=(0, 2, 3))
+    std = as_float.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    y_train = torch.from_numpy(a["y_train"].astype(np.int64))
+    y_test = torch.from_numpy(a["y_test"].astype(np.int64))
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return Dataset(name, x_train, y_train, torch.from_numpy(np.ascontiguousarray(a["x_test"])), y_test,
+                   num_classes, mean, std)
+
+
+def _digits(test_fraction: float) -> Arrays:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Pixel values are 0..16; spread them over the uint8 range like every other source.
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[:, None]
+    # A fixed split (seed 0), so test accuracy is comparable across runs and seeds.
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=test_fraction, random_state=0, stratify=digits.target)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _synthetic(shape: List[int], num_classes: int, train_size: int, test_size: int) -> Arrays:
+    # Each class has its own random mean image, so a model can learn something.
+    rng = np.random.default_rng(0)
+    means = rng.uniform(64, 192, size=(num_classes, *shape))
+
+    def draw(n: int) -> Tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, num_classes, size=n)
+        x = means[y] + rng.normal(0, 48, size=(n, *shape))
+        return np.clip(x, 0, 255).astype(np.uint8), y
+
+    x_train, y_train = draw(train_size)
+    x_test, y_test = draw(test_size)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _load_real(name: str, path: Optional[str], download: bool, cache_dir: Path) -> Arrays:
+    if path is None:
+        if download:
+            return _torchvision(name, cache_dir)
+        candidates = [cache_dir / f"{name}.npz", Path("data") / f"{name}.npz"]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise ConfigError(
+                f"data.path is not set and no {name}.npz was found (looked in: "
+                f"{', '.join(str(c) for c in candidates)}); set data.path to a Keras-style npz "
+                f"(x_train, y_train, x_test, y_test), an ImageFolder directory or a zip of one "
+                f"(train/<class>/*.png|jpg, test/<class>/...), or data.download=true (needs torchvision)")
+        path = str(found)
+    source = Path(os.path.expanduser(path))
+    if not source.exists():
+        raise ConfigError(f"data.path={path!r}: no such file or directory; give a Keras-style npz, an ImageFolder "
+                          f"directory or a zip of one, or set data.download=true (needs torchvision)")
+    if source.suffix == ".npz":
+        return _npz(source)
+    return _cached(source, cache_dir, lambda: _image_folder(source))
+
+
+def _npz(path: Path) -> Arrays:
+    with np.load(path) as f:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+        if missing:
+            raise ConfigError(f"data.path={str(path)!r}: npz lacks {', '.join(missing)} "
+                              f"(a Keras-style npz has x_train, y_train, x_test, y_test)")
+        return {k: _to_nchw(f[k]) if k.startswith("x") else f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+
+
+def _to_nchw(x: np.ndarray) -> np.ndarray:
+    """Keras layouts are N x H x W (grey) or N x H x W x C; we keep uint8 N x C x H x W."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype != np.uint8:
+        x = np.clip(x * 255 if x.max() <= 1.0 else x, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+def _content_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _cached(source: Path, cache_dir: Path, decode) -> Arrays:
+    """Decode once; later runs (and epochs) read the uint8 arrays from the cache."""
+    cached = cache_dir / f"{source.stem}-{_content_hash(source)}.npz"
+    if cached.exists():
+        with np.load(cached) as f:
+            return {k: f[k] for k in f.files}
+    arrays = decode()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **arrays)
+    os.replace(tmp.name, cached)
+    return arrays
+
+
+def _image_folder(source: Path) -> Arrays:
+    """``train/<class>/*`` and ``test/<class>/*`` from a directory or a zip of one."""
+    from PIL import Image
+
+    if source.is_dir():
+        entries = [(p.relative_to(source).as_posix(), p) for p in source.rglob("*") if p.is_file()]
+        read = lambda item: item.read_bytes()  # noqa: E731
+    else:
+        archive = zipfile.ZipFile(source)
+        entries = [(n, n) for n in archive.namelist() if not n.endswith("/")]
+        read = archive.read
+    # Tolerate one wrapping folder (cifar10/train/cat/1.jpg).
+    split_files: Dict[str, List[Tuple[str, Any]]] = {"train": [], "test": []}
+    for rel, handle in entries:
+        parts = rel.split("/")
+        for i, part in enumerate(parts[:-2]):
+            if part in split_files and len(parts) - i == 3:
+                split_files[part].append((parts[i + 1], handle))
+    if not split_files["train"] or not split_files["test"]:
+        raise ConfigError(f"data.path={str(source)!r}: expected an ImageFolder layout train/<class>/<image> "
+                          f"and test/<class>/<image>")
+    classes = sorted({c for c, _ in split_files["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    out: Arrays = {}
+    for split, files in split_files.items():
+        files.sort(key=lambda item: (item[0], str(item[1])))
+        images = [np.asarray(Image.open(io.BytesIO(read(h)))) for _, h in files]
+        out[f"x_{split}"] = _to_nchw(np.stack(images))
+        out[f"y_{split}"] = np.array([index[c] for c, _ in files], dtype=np.int64)
+    return out
+
+
+def _torchvision(name: str, cache_dir: Path) -> Arrays:
+    try:
+        import torchvision
+    except ImportError:
+        raise ConfigError("data.download=true needs torchvision (pip install torchvision), "
+                          "or give data.path") from None
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    out: Arrays = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = cls(root=str(cache_dir), train=train, download=True)
+        out[f"x_{split}"] = _to_nchw(np.asarray(ds.data))
+        out[f"y_{split}"] = np.asarray(ds.targets, dtype=np.int64)
+    return out
+
+
+# ---------------------------------------------------------------- batches
+
+
+class Batches:
+    """Mini-batches over in-memory uint8 tensors, normalised on the fly.
+
+    The order and augmentation of an epoch depend only on (seed, epoch), so a resumed run
+    can jump into the middle of an epoch and see exactly the batches it would have seen.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
+                 shuffle: bool, augment: bool = False, seed: int = 0, device: torch.device = torch.device("cpu"),
+                 channels_last: bool = False):
+        self.x, self.y = x, y
+        self.mean = mean.view(1, -1, 1, 1).to(device)
+        self.std = std.view(1, -1, 1, 1).to(device)
+        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
+        self.device, self.channels_last = device, channels_last
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
+        g = torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g, device=self.x.device) if self.shuffle else None
+        for b in range(start, len(self)):
+            idx = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+            sel = order[idx] if order is not None else idx
+            x, y = self.x[sel], self.y[sel]
+            if self.augment:
+                x = random_crop_flip(x, torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + epoch * 7919 + b))
+            x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        return self.epoch(0)
+
+
+def random_crop_flip(x: Tensor, g: torch.Generator, pad: int = 4) -> Tensor:
+    """The standard CIFAR augmentation, vectorised over the batch: pad-and-crop + h-flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    flip = torch.rand(n, generator=g, device=x.device) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # Advanced indices around a slice put the indexed dims first: N x H x W x C.
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()

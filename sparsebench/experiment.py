@@ -1,0 +1,147 @@
+"""The one pipeline: config -> data, model -> dense training -> pruning + QAT retraining
+-> export -> benchmark -> metrics. Read it top to bottom."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from sparsebench import layers
+from sparsebench.config import ConfigError, validate
+from sparsebench.data import Batches, Dataset, load_dataset
+from sparsebench.models import build_model
+from sparsebench.prune import build_pruner
+from sparsebench.quant import build_quantizer
+from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
+from sparsebench.train import atomic_torch_save, evaluate, fit, seed_everything
+
+
+def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Run one experiment into ``run_dir``; metrics.json is written whatever happens."""
+    started = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics: Dict[str, Any] = {"status": "failed"}
+    tracker: Tracker = Tracker()
+    exit_code = 1
+    try:
+        validate(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        write_manifest(run_dir, config, cfg.seed, overrides)
+        tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}")
+        metrics.update(_pipeline(cfg, run_dir, tracker))
+        metrics["status"] = "ok"
+        exit_code = 0
+    except BaseException as e:
+        metrics["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        metrics["runtime_s"] = round(time.time() - started, 3)
+        write_json(run_dir / "metrics.json", metrics)
+        tracker.summary(metrics)
+        tracker.finish(exit_code)
+    return metrics
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda: no CUDA GPU is visible here; use trainer.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
+    t = cfg.trainer
+    device = pick_device(t.device)
+    seed_everything(cfg.seed, t.deterministic)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    resume = _load_resume(checkpoint) if t.resume else None
+
+    # Data and model.
+    data = load_dataset(cfg.data)
+    if cfg.data.on_device:
+        data = data.to(device)
+    model = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
+                        image_size=data.image_size, width=cfg.model.width).to(device)
+    channels_last = t.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train, test = _batches(data, cfg, device, channels_last)
+    hooks = [h for h in (build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)) if h is not None]
+
+    # Dense training (or a shared dense model from trainer.init_from).
+    if t.init_from:
+        _load_weights(model, t.init_from, cfg)
+        acc_dense = evaluate(model, test, t.amp)
+    elif resume is not None and resume["phase"] == "finetune":
+        acc_dense = resume["extra"]["acc_dense"]
+    else:
+        fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=[], checkpoint=checkpoint,
+            resume_from=resume, log=tracker.log)
+        acc_dense = evaluate(model, test, t.amp)
+        atomic_torch_save({"model": model.state_dict(), "acc_dense": acc_dense,
+                           "model_cfg": OmegaConf.to_container(cfg.model), "data": cfg.data.name},
+                          run_dir / "dense.pt")
+    tracker.log({"acc_dense": acc_dense}, t.epochs * len(train))
+
+    # Pruning and quantization-aware retraining.
+    if hooks:
+        fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs, lr=t.finetune_lr or t.lr,
+            hooks=hooks, checkpoint=checkpoint, extra={"acc_dense": acc_dense},
+            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
+            log=tracker.log, step_offset=t.epochs * len(train))
+    acc_final = evaluate(model, test, t.amp)
+
+    # Per-layer facts and the run's summary numbers.
+    rows = layers.describe(model, next(iter(test))[0])
+    dense_bytes = sum(r["dense_bytes"] for r in rows)
+    prunable = getattr(hooks[0], "layer_names", None) if hooks else None
+    summary = {
+        "acc_dense": acc_dense,
+        "acc_final": acc_final,
+        "sparsity": layers.sparsity(model, prunable),
+        "weight_bits": 32,
+        "dense_bytes": dense_bytes,
+        "footprint_bytes": dense_bytes,
+        "compression": 1.0,
+        "params": sum(r["params"] for r in rows),
+        "device": str(device),
+    }
+    for row in rows:
+        row.update(bits=32, footprint_bytes=row["dense_bytes"], backend=None, batch=None, time_us=None, spread_us=None)
+    write_csv(run_dir / "layers.csv", rows)
+    tracker.table("layers", rows)
+    return summary
+
+
+def _batches(data: Dataset, cfg: Any, device: torch.device, channels_last: bool) -> tuple:
+    common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
+    train = Batches(data.x_train, data.y_train, batch_size=cfg.data.batch_size, shuffle=True,
+                    augment=cfg.data.augment, seed=cfg.seed, **common)
+    test = Batches(data.x_test, data.y_test, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)
+    return train, test
+
+
+def _load_resume(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    if not checkpoint.exists():
+        raise ConfigError(f"trainer.resume=true: no checkpoint at {checkpoint}; resume needs the run directory "
+                          f"of an earlier run (hydra.run.dir=<that dir>)")
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def _load_weights(model: torch.nn.Module, path: str, cfg: Any) -> None:
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ConfigError(f"trainer.init_from={path!r}: no such file (give a dense.pt or checkpoints/last.pt of a run)")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        model.load_state_dict(state.get("model", state))
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ConfigError(f"trainer.init_from={path!r}: its weights do not fit model={cfg.model.name} "
+                          f"(width {cfg.model.width}) on data={cfg.data.name}: {first}") from None

@@ -1,0 +1,74 @@
+"""What the model's conv and linear layers look like: shapes, sparsity, bytes."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def weight_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every conv and linear layer, by qualified name, in forward-definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+
+
+def sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:
+    """Fraction of exactly-zero weights over the named layers (default: every conv/linear)."""
+    layers = weight_layers(model)
+    chosen = [layers[n] for n in (names if names is not None else layers)]
+    zeros = sum(int((m.weight == 0).sum()) for m in chosen)
+    total = sum(m.weight.numel() for m in chosen)
+    return zeros / max(total, 1)
+
+
+def dense_bytes(module: nn.Module) -> int:
+    """fp32 bytes of the weight and bias, as a dense model stores them."""
+    return 4 * (module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
+
+
+@torch.no_grad()
+def input_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, List[int]]:
+    """Each weight layer's real input shape (batch 1), from one forward pass."""
+    shapes: Dict[str, List[int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            shapes.setdefault(name, list(inputs[0].shape[1:]))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in weight_layers(model).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
+    """One row per conv/linear layer with the layers.csv geometry columns."""
+    shapes = input_shapes(model, sample)
+    rows = []
+    for name, m in weight_layers(model).items():
+        w = m.weight
+        is_conv = isinstance(m, nn.Conv2d)
+        rows.append({
+            "layer": name,
+            "kind": "conv2d" if is_conv else "linear",
+            "in_shape": "x".join(map(str, shapes.get(name, []))),
+            "out_channels": w.shape[0],
+            "kernel": f"{w.shape[2]}x{w.shape[3]}" if is_conv else None,
+            "stride": m.stride[0] if is_conv else None,
+            "padding": m.padding[0] if is_conv else None,
+            "params": w.numel(),
+            "nnz": int((w != 0).sum()),
+            "sparsity": round(float((w == 0).float().mean()), 6),
+            "dense_bytes": dense_bytes(m),
+        })
+    return rows

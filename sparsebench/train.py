@@ -1,0 +1,208 @@
+"""The training loop. It knows pruning and quantization only as ``TrainHook``s."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsebench.data import Batches
+
+LogFn = Callable[[Dict[str, float], int], None]
+
+
+class TrainHook:
+    """A plug-in of the training loop (the pruner, the quantizer).
+
+    Call order: ``on_fit_start`` (may re-parametrize the model, before the optimizer exists)
+    -> per step ``before_step`` (after backward) and ``after_step`` (after the optimizer)
+    -> ``on_epoch_end`` -> ``on_fit_end``. ``state_dict`` goes into every checkpoint.
+    """
+
+    name = "hook"
+
+    def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
+        pass
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        pass
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
+        return {}
+
+    def on_fit_end(self, model: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, amp: bool = False) -> float:
+    """Top-1 accuracy as a fraction."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with _autocast(batches.device, amp):
+        for x, y in batches:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: Any, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = max(total_steps, 1)
+    if cfg.scheduler == "cosine":
+        factor = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    elif cfg.scheduler == "step":
+        factor = lambda s: cfg.step_gamma ** ((s >= total // 2) + (s >= 3 * total // 4))  # noqa: E731
+    else:
+        factor = lambda s: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str, epochs: int, lr: float,
+        hooks: List[TrainHook], checkpoint: Path, extra: Optional[Dict[str, Any]] = None,
+        resume_from: Optional[Dict[str, Any]] = None, log: Optional[LogFn] = None,
+        step_offset: int = 0) -> Dict[str, float]:
+    """Train ``epochs`` epochs with ``hooks``; checkpoint to ``checkpoint`` as it goes.
+
+    ``resume_from`` is a checkpoint of this same phase: the loop continues at its step and
+    ends exactly where an uninterrupted run would. ``extra`` rides along in checkpoints
+    (e.g. the dense accuracy of an earlier phase). ``step_offset`` shifts logged steps so
+    phases follow each other on one axis. Returns the last epoch's metrics.
+    """
+    log = log or (lambda metrics, step: None)
+    steps_per_epoch = len(train)
+    total_steps = epochs * steps_per_epoch
+    for hook in hooks:
+        hook.on_fit_start(model, steps_per_epoch, total_steps)
+    # Built after the hooks, which may re-parametrize the model's weights.
+    optimizer = make_optimizer(model.parameters(), cfg, lr)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    train_model = torch.compile(model) if cfg.compile else model
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    step = 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        for hook in hooks:
+            hook.load_state_dict(resume_from["hooks"].get(hook.name, {}))
+        set_rng_state(resume_from["rng"])
+        step = resume_from["step"]
+
+    def save(step: int) -> None:
+        atomic_torch_save({
+            "phase": phase, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "hooks": {h.name: h.state_dict() for h in hooks},
+            "rng": rng_state(), "extra": extra or {},
+        }, checkpoint)
+
+    metrics: Dict[str, float] = {}
+    model.train()
+    for epoch in range(step // steps_per_epoch, epochs):
+        start = step - epoch * steps_per_epoch
+        bar = tqdm(train.epoch(epoch, start), total=steps_per_epoch, initial=start, leave=False,
+                   desc=f"{phase} {epoch + 1}/{epochs}", disable=not cfg.progress, dynamic_ncols=True)
+        for x, y in bar:
+            with _autocast(train.device, cfg.amp):
+                loss = loss_fn(train_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for hook in hooks:
+                hook.before_step(step, model)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            for hook in hooks:
+                hook.after_step(step, model)
+            if step % 10 == 0 or step == total_steps:
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                log({f"{phase}/loss": loss_value, f"{phase}/lr": scheduler.get_last_lr()[0]}, step_offset + step)
+            # The end of an epoch is saved after its evaluation, below.
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                save(step)
+        metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/acc": evaluate(model, test, cfg.amp)}
+        for hook in hooks:
+            metrics.update(hook.on_epoch_end(epoch, model))
+        log(metrics, step_offset + step)
+        save(step)
+    for hook in hooks:
+        hook.on_fit_end(model)
+    return metrics

@@ -1,0 +1,43 @@
+"""Shared test helpers: compose configs like the CLI does, run the app in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Settings that keep end-to-end runs to a few seconds on a 2-core CPU.
+TINY = ["logger=none", "trainer.progress=false", "trainer.epochs=1", "model.width=0.25"]
+
+
+def compose(*overrides: str):
+    """The config the CLI would build for these overrides (schema-checked by OmegaConf)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from sparsebench.__main__ import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=False)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m sparsebench ARGS`` as a user would run it."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "sparsebench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
