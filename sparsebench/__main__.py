@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sparsebench.config import ConfigError, register_schema
+from sparsebench.config import register_schema
+from sparsebench.errors import ConfigError
 
 # Installed wheels carry the configs inside the package; a source checkout has them at the top.
 _HERE = Path(__file__).resolve().parent

@@ -7,16 +7,16 @@ OmegaConf checks types while Hydra composes the config (``trainer.lr=abc`` fails
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration; the CLI prints it as one line."""
+from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
+from sparsebench.errors import ConfigError, require as _require  # noqa: F401 (ConfigError re-exported)
+from sparsebench.prune.config import PruneConfig, validate_prune
+from sparsebench.quant.config import QuantConfig, validate_quant
 
 
 @dataclass
@@ -67,50 +67,6 @@ class TrainerConfig:
 
 
 @dataclass
-class PruneConfig:
-    method: str = "none"  # none | agp | iterative | oneshot
-    initial_sparsity: float = 0.0
-    final_sparsity: float = 0.0
-    start: float = 0.0  # in `unit`s from the start of the finetune phase
-    end: float = 0.0
-    frequency: float = 1.0  # mask updates every `frequency` units
-    unit: str = "epoch"  # epoch | step
-    rounds: int = 1  # iterative: number of prune-then-retrain cycles
-    scope: str = "layer"  # layer | global
-    keep_first_dense: bool = True  # the first conv stays dense
-    keep_last_dense: bool = True  # the classifier stays dense
-    layers: Optional[str] = None  # regex over module names that may be pruned (None: every conv/linear)
-    overrides: Dict[str, float] = field(default_factory=dict)  # name or regex -> final sparsity
-
-
-@dataclass
-class QuantConfig:
-    method: str = "none"  # none | linear | pow2 | kmeans
-    bits: int = 32  # 2..8 for a quantizer; 32 means unquantized
-    symmetric: bool = True
-    per_channel: bool = True
-    learn_scale: bool = False  # LSQ-style learned scales for linear
-    start: float = 0.0  # epoch of the finetune phase at which QAT begins
-    refit_every: int = 1  # kmeans: re-fit codebooks every N epochs
-    overrides: Dict[str, int] = field(default_factory=dict)  # name or regex -> bits
-
-
-@dataclass
-class BackendConfig:
-    name: str = "none"  # none | direct_sparse | torch_cpu | ...
-    activations: str = "fp32"  # fp32 | fp16 | bf16
-
-
-@dataclass
-class BenchConfig:
-    enabled: bool = False
-    batch_sizes: List[int] = field(default_factory=lambda: [1])
-    baselines: List[str] = field(default_factory=list)
-    warmup: int = 10
-    repeats: int = 50
-
-
-@dataclass
 class LoggerConfig:
     name: str = "none"  # wandb | none
     project: str = "sparsebench"
@@ -145,11 +101,6 @@ CHOICES: Dict[str, tuple] = {
     "trainer.optimizer": ("sgd", "adam"),
     "trainer.scheduler": ("cosine", "step", "constant"),
     "trainer.device": ("auto", "cpu", "cuda"),
-    "prune.method": ("none", "agp", "iterative", "oneshot"),
-    "prune.unit": ("epoch", "step"),
-    "prune.scope": ("layer", "global"),
-    "quant.method": ("none", "linear", "pow2", "kmeans"),
-    "backend.activations": ("fp32", "fp16", "bf16"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }
@@ -160,11 +111,6 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
 def validate(cfg: Any) -> None:
@@ -195,43 +141,11 @@ def validate(cfg: Any) -> None:
     _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
     _require(d.train_size >= 1 and d.test_size >= 1, "data.train_size", d.train_size, "train_size and test_size >= 1")
 
-    _validate_prune(cfg.prune)
-    _validate_quant(cfg.quant)
+    validate_prune(cfg.prune)
+    validate_quant(cfg.quant)
+    validate_bench(cfg.backend, cfg.bench)
     if cfg.prune.method != "none" or cfg.quant.method != "none":
         _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,
                  "an integer >= 1 when pruning or quantization is on (they run while retraining)")
 
-    b = cfg.bench
-    _require(all(bs >= 1 for bs in b.batch_sizes), "bench.batch_sizes", list(b.batch_sizes), "integers >= 1")
-    _require(b.repeats >= 1 and b.warmup >= 0, "bench.repeats", b.repeats, "repeats >= 1 and warmup >= 0")
 
-
-def _validate_prune(p: Any) -> None:
-    for key in ("initial_sparsity", "final_sparsity"):
-        value = getattr(p, key)
-        _require(0 <= value < 1, f"prune.{key}", value, "a fraction in [0, 1)")
-    _require(p.final_sparsity >= p.initial_sparsity, "prune.final_sparsity", p.final_sparsity,
-             f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})")
-    _require(p.start >= 0, "prune.start", p.start, "a number >= 0")
-    _require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")
-    _require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
-    _require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
-    for pattern, value in p.overrides.items():
-        _require(0 <= value < 1, f"prune.overrides.{pattern}", value, "a fraction in [0, 1)")
-    for key, pattern in [("prune.layers", p.layers)] + [(f"prune.overrides.{k}", k) for k in p.overrides]:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
-
-
-def _validate_quant(q: Any) -> None:
-    if q.method == "none":
-        _require(q.bits == 32, "quant.bits", q.bits, "32 when quant.method=none (choose quant=linear, pow2 or kmeans for 2..8)")
-    else:
-        _require(2 <= q.bits <= 8, "quant.bits", q.bits, f"an integer in 2..8 for quant.method={q.method}")
-    _require(q.start >= 0, "quant.start", q.start, "a number >= 0")
-    _require(q.refit_every >= 1, "quant.refit_every", q.refit_every, "an integer >= 1")
-    for pattern, bits in q.overrides.items():
-        _require(2 <= bits <= 8, f"quant.overrides.{pattern}", bits, "an integer in 2..8")

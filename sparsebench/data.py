@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsebench.config import ConfigError
+from sparsebench.errors import ConfigError
 
 Arrays = Dict[str, np.ndarray]  # x_train, y_train, x_test, y_test (x: uint8 NCHW, y: int64)
 

@@ -11,11 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsebench import layers
-from sparsebench.config import ConfigError, validate
+from sparsebench.config import validate
+from sparsebench.errors import ConfigError
 from sparsebench.data import Batches, Dataset, load_dataset
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner
-from sparsebench.quant import build_quantizer
+from sparsebench.bench import benchmark_model
+from sparsebench.quant import build_quantizer, export_model
 from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
 from sparsebench.train import atomic_torch_save, evaluate, fit, seed_everything
 
@@ -97,26 +99,41 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
             log=tracker.log, step_offset=t.epochs * len(train))
     acc_final = evaluate(model, test, t.amp)
 
-    # Per-layer facts and the run's summary numbers.
-    rows = layers.describe(model, next(iter(test))[0])
+    # Per-layer facts, the packed export, the benchmark and the run's summary numbers.
+    sample = next(iter(test))[0]
+    rows = layers.describe(model, sample)
+    packed_path = run_dir / "packed.safetensors"
+    packed = export_model(model, hooks, packed_path) or {}
+    for row in rows:
+        row.update({"bits": 32, "footprint_bytes": row["dense_bytes"]}, **packed.get(row["layer"], {}))
+    bench_rows, bench_metrics = benchmark_model(cfg.backend, cfg.bench, model, packed_path if packed else None,
+                                                sample, device)
     dense_bytes = sum(r["dense_bytes"] for r in rows)
+    footprint = sum(r["footprint_bytes"] for r in rows)
     prunable = getattr(hooks[0], "layer_names", None) if hooks else None
     summary = {
         "acc_dense": acc_dense,
         "acc_final": acc_final,
         "sparsity": layers.sparsity(model, prunable),
-        "weight_bits": 32,
+        "weight_bits": cfg.quant.bits,
         "dense_bytes": dense_bytes,
-        "footprint_bytes": dense_bytes,
-        "compression": 1.0,
+        "footprint_bytes": footprint,
+        "compression": dense_bytes / max(footprint, 1),
         "params": sum(r["params"] for r in rows),
         "device": str(device),
+        **bench_metrics,
     }
-    for row in rows:
-        row.update(bits=32, footprint_bytes=row["dense_bytes"], backend=None, batch=None, time_us=None, spread_us=None)
-    write_csv(run_dir / "layers.csv", rows)
+    write_csv(run_dir / "layers.csv", _join_bench(rows, bench_rows))
     tracker.table("layers", rows)
     return summary
+
+
+def _join_bench(rows: list, bench_rows: list) -> list:
+    """layers.csv: one row per layer x backend x batch; layers without timings keep one row."""
+    if not bench_rows:
+        return [{**r, "backend": None, "batch": None, "time_us": None, "spread_us": None} for r in rows]
+    by_name = {r["layer"]: r for r in rows}
+    return [{**by_name.get(b["layer"], {}), **b} for b in bench_rows]
 
 
 def _batches(data: Dataset, cfg: Any, device: torch.device, channels_last: bool) -> tuple:
