@@ -46,7 +46,7 @@ class ModelConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 10  # dense (pre-)training epochs; skipped with init_from
-    finetune_epochs: int = 0  # retraining epochs while pruning / QAT run (0: no such phase)
+    finetune_epochs: int = 10  # retraining epochs while pruning / QAT run (only when one is on)
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.05
     finetune_lr: Optional[float] = None  # None: same as lr

@@ -1,0 +1,60 @@
+"""Every config option composes and validates; bad input ends in one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from sparsebench.config import validate
+from sparsebench.errors import ConfigError
+from tests.conftest import ROOT, compose, run_cli
+
+GROUPS = ["data", "model", "trainer", "prune", "quant", "backend", "bench", "logger", "experiment"]
+
+
+def options(group: str):
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = compose(f"{group}={option}")
+    validate(cfg)
+    if group in ("data", "model"):
+        assert cfg[group].name == option
+
+
+def test_default_config_is_the_embedded_experiment():
+    cfg = compose()
+    validate(cfg)
+    assert (cfg.data.name, cfg.model.name, cfg.logger.name, cfg.logger.mode) == ("digits", "convnet", "wandb", "offline")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.epochs=-1", "trainer.epochs"),
+    ("prune.final_sparsity=1.5", "prune.final_sparsity"),
+    ("quant.bits=0", "quant.bits"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("trainer.optimizer=lbfgs", "trainer.optimizer"),
+    ("model.width=0", "model.width"),
+])
+def test_validate_names_the_bad_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose(override))
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trainer.epochs=-1", "trainer.epochs=-1 is not allowed: an integer >= 0"),
+    ("data=nonexistent", "data=nonexistent is not allowed: one of cifar10, digits, mnist, synthetic"),
+    ("prune.final_sparsity=1.5", "prune.final_sparsity=1.5 is not allowed: a fraction in [0, 1)"),
+    ("quant.bits=0", "quant.bits=0 is not allowed"),
+    ("trainer.lr=abc", "trainer.lr=abc"),
+])
+def test_cli_bad_input_is_one_line_without_traceback(override, expected, tmp_path: Path):
+    result = run_cli("logger=none", override, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    # Nothing was trained: no checkpoint, no dense model.
+    assert not (tmp_path / "dense.pt").exists()

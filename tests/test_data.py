@@ -1,0 +1,113 @@
+"""Data sources, the decode cache and the batch iterator."""
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sparsebench.data as data
+from sparsebench.errors import ConfigError
+from tests.conftest import compose
+
+
+def load(*overrides: str) -> data.Dataset:
+    return data.load_dataset(compose(*overrides).data)
+
+
+def test_digits_is_embedded_and_split_fixed():
+    ds = load("data=digits")
+    assert ds.x_train.shape == (1437, 1, 8, 8) and ds.x_test.shape == (360, 1, 8, 8)
+    assert ds.x_train.dtype == torch.uint8 and ds.num_classes == 10
+    assert torch.equal(ds.y_test, load("data=digits", "seed=5").y_test)
+
+
+def test_keras_npz(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), y_train=np.arange(20) % 10,
+             x_test=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8), y_test=np.arange(10))
+    ds = load("data=mnist", f"data.path={path}")
+    assert ds.x_train.shape == (20, 1, 28, 28) and ds.image_size == 28 and ds.in_channels == 1
+    assert ds.y_test.tolist() == list(range(10))
+
+
+def test_keras_npz_with_missing_arrays_is_refused(tmp_path: Path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_train=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ConfigError, match="npz lacks y_train, x_test, y_test"):
+        load("data=mnist", f"data.path={path}")
+
+
+def make_image_zip(path: Path, classes=("cat", "dog"), per_class=3) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for split in ("train", "test"):
+            for ci, c in enumerate(classes):
+                for i in range(per_class):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((32, 32, 3), 40 * ci + i, np.uint8)).save(buf, format="PNG")
+                    z.writestr(f"cifar/{split}/{c}/{i}.png", buf.getvalue())
+
+
+def test_image_folder_zip_is_decoded_once_and_cached(tmp_path: Path, monkeypatch):
+    make_image_zip(tmp_path / "imgs.zip")
+    overrides = ["data=cifar10", f"data.path={tmp_path / 'imgs.zip'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    ds = load(*overrides)
+    assert ds.x_train.shape == (6, 3, 32, 32) and ds.num_classes == 2
+    assert ds.y_train.tolist() == [0, 0, 0, 1, 1, 1]
+    assert int(ds.x_train[4, 0, 0, 0]) == 41  # dog image 1: 40 * 1 + 1
+    assert len(list((tmp_path / "cache").glob("imgs-*.npz"))) == 1
+
+    def no_decoding(_):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "_image_folder", no_decoding)
+    assert torch.equal(load(*overrides).x_train, ds.x_train)
+
+
+def test_image_folder_directory(tmp_path: Path):
+    make_image_zip(tmp_path / "imgs.zip", classes=("a", "b", "c"), per_class=2)
+    zipfile.ZipFile(tmp_path / "imgs.zip").extractall(tmp_path / "tree")
+    ds = load("data=cifar10", f"data.path={tmp_path / 'tree'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert ds.x_test.shape == (6, 3, 32, 32) and ds.num_classes == 3
+
+
+def test_missing_data_says_where_it_looked(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"data.path is not set and no mnist.npz was found \(looked in: "):
+        load("data=mnist", f"data.cache_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        load("data=cifar10", f"data.path={tmp_path / 'nope.zip'}")
+
+
+def test_synthetic_shape_and_learnable_labels():
+    ds = load("data=synthetic", "data.shape=[3,16,16]", "data.train_size=100", "data.test_size=40")
+    assert ds.x_train.shape == (100, 3, 16, 16) and ds.x_test.shape == (40, 3, 16, 16)
+    # Class means differ, so per-class averages of the same class agree more than across classes.
+    x, y = ds.x_train.float(), ds.y_train
+    m0, m1 = x[y == y[0]].mean(0), x[y != y[0]].mean(0)
+    assert (m0 - m1).abs().mean() > 10
+
+
+def test_batches_are_normalised_and_resumable():
+    ds = load("data=digits")
+    batches = data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 100, shuffle=True, augment=True, seed=3)
+    full = list(batches.epoch(2))
+    assert len(full) == len(batches) == 15 and full[-1][0].shape[0] == 37
+    tail = list(batches.epoch(2, start=4))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[4:], tail))
+    assert not torch.equal(full[0][1], list(batches.epoch(3))[0][1])  # a new order each epoch
+    x = torch.cat([b[0] for b in data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 500, shuffle=False)])
+    assert x.mean().abs() < 0.05 and (x.std() - 1).abs() < 0.1
+
+
+def test_random_crop_flip_moves_pixels_but_keeps_shape():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(x, g, pad=0)  # no padding: only flips are possible
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    out = data.random_crop_flip(x, torch.Generator().manual_seed(1), pad=2)
+    assert out.shape == x.shape and not torch.equal(out, x)

@@ -1,0 +1,98 @@
+"""End to end: the CLI's run directory, resume equality, W&B offline files."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsebench.train
+from sparsebench.experiment import run
+from tests.conftest import TINY, compose, run_cli
+
+METRIC_KEYS = {"status", "acc_dense", "acc_final", "sparsity", "weight_bits", "dense_bytes",
+               "footprint_bytes", "compression", "runtime_s"}
+LAYER_COLUMNS = {"layer", "kind", "in_shape", "out_channels", "kernel", "stride", "sparsity", "bits",
+                 "backend", "batch", "time_us", "spread_us"}
+
+
+def test_cli_run_writes_the_contracted_files(tmp_path: Path):
+    result = run_cli(*TINY, "trainer.epochs=3", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    for name in (".hydra/config.yaml", "manifest.json", "metrics.json", "layers.csv", "dense.pt", "checkpoints/last.pt"):
+        assert (tmp_path / name).exists(), name
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["status"] == "ok"
+    assert 0.8 < metrics["acc_final"] <= 1.0  # 3 epochs of a quarter-width convnet on digits
+    assert metrics["weight_bits"] == 32 and metrics["sparsity"] == 0.0
+    assert metrics["compression"] == pytest.approx(metrics["dense_bytes"] / metrics["footprint_bytes"])
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["trainer"]["epochs"] == 3
+    assert manifest["torch"] == torch.__version__ and manifest["seed"] == 0
+    assert {"git_sha", "git_dirty", "python", "cuda", "cudnn", "gpu", "kernel_build"} <= manifest.keys()
+
+    with open(tmp_path / "layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert LAYER_COLUMNS <= set(rows[0])
+    assert [r["kind"] for r in rows] == ["conv2d"] * 3 + ["linear"]
+    assert rows[0]["in_shape"] == "1x8x8" and rows[-1]["in_shape"] == "32"  # 128 * width 0.25
+
+
+def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatch):
+    overrides = [*TINY, "trainer.epochs=2", "trainer.checkpoint_every=7", "trainer.deterministic=true"]
+    reference = run(compose(*overrides), tmp_path / "uninterrupted")
+
+    save = sparsebench.train.atomic_torch_save
+
+    def crash_after_step_7(obj, path):
+        save(obj, path)
+        if obj.get("step") == 7:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", crash_after_step_7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose(*overrides), tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", save)
+
+    resumed = run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
+    assert resumed["acc_final"] == reference["acc_final"]
+    a = torch.load(tmp_path / "uninterrupted" / "dense.pt")["model"]
+    b = torch.load(tmp_path / "resumed" / "dense.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):
+    result = run_cli(*TINY, "trainer.resume=true", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "trainer.resume=true: no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_from_skips_dense_training_and_keeps_the_weights(tmp_path: Path):
+    first = run(compose(*TINY), tmp_path / "dense")
+    again = run(compose(*TINY, f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}"), tmp_path / "shared")
+    assert again["acc_dense"] == first["acc_final"]
+    assert not (tmp_path / "shared" / "checkpoints").exists()
+
+
+def test_init_from_a_mismatched_model_is_a_clear_error(tmp_path: Path):
+    run(compose(*TINY), tmp_path / "dense")
+    result = run_cli(*TINY, "model.width=0.5", f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}",
+                     f"hydra.run.dir={tmp_path / 'other'}")
+    assert result.returncode == 2
+    assert "trainer.init_from=" in result.stderr and "do not fit model=convnet" in result.stderr
+
+
+def test_wandb_offline_writes_run_files_without_network(tmp_path: Path, monkeypatch):
+    # An unroutable server: any attempt to reach W&B would fail the run.
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    result = run_cli(*[o for o in TINY if not o.startswith("logger")], "logger=wandb", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "no offline W&B log file"
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "ok"
