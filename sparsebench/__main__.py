@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sparsebench import sweep
 from sparsebench.config import register_schema
 from sparsebench.errors import ConfigError
 
@@ -28,20 +29,31 @@ register_schema()
 def app(cfg: DictConfig) -> Optional[float]:
     from sparsebench.experiment import run  # late: keeps --help and config errors fast
 
+    import torch
+
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    try:
-        metrics = run(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if multirun:  # this job is recorded as failed; the sweep goes on
+    sweep.job_defaults(cfg, hc.overrides.task, Path(hc.sweep.dir) if multirun else None)
+    # Jobs running at once (joblib launcher) each take their own GPU.
+    n_gpus = torch.cuda.device_count() if multirun and cfg.trainer.device != "cpu" else 0
+    with sweep.claim_gpu(n_gpus, hc.job.num) as gpu:
+        if n_gpus > 1:
+            torch.cuda.set_device(gpu)
+            log.info("job %s runs on cuda:%d", hc.job.num, gpu)
+        try:
+            metrics = run(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            if multirun:  # this job is recorded as failed; the sweep goes on
+                return None
+            sys.exit(2)
+        except Exception:
+            if not multirun:
+                raise
+            log.error("job %s failed (recorded in its metrics.json):\n%s", hc.job.num, traceback.format_exc())
+            if torch.cuda.is_available():  # after an out-of-memory, give the next job its memory back
+                torch.cuda.empty_cache()
             return None
-        sys.exit(2)
-    except Exception:
-        if not multirun:
-            raise
-        log.error("job %s failed (recorded in its metrics.json):\n%s", hc.job.num, traceback.format_exc())
-        return None
     return metrics.get("acc_final")
 
 
@@ -77,6 +89,9 @@ def main() -> None:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
     app()
+    # A multirun goes through every job, then exits 1 if any failed (SweepReport counted them).
+    if sweep.LAST_SWEEP.get("failed"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,523 @@
+"""``sparsebench-report DIR``: one sweep -> ``DIR/summary.csv`` and a self-contained ``DIR/report.html``.
+
+A sweep directory (``multirun/<name>/<time>``) holds one subfolder per job with Hydra's
+``.hydra/`` and, once the job ended, ``metrics.json`` (+ ``layers.csv``). A job without
+metrics.json died before it could write one (killed, out of memory) and counts as failed.
+Plots are PNGs made with matplotlib's Agg canvas and inlined as base64, so the page needs
+no other file and no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+from sparsebench.track import atomic_write_text, write_csv
+
+SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
+LAYER_SPEEDUP = "speedup_vs_"
+DIED = "no metrics.json: the job died before it finished (killed, out of memory, or still running)"
+# Leading summary.csv columns, in this order; speedup columns and the swept keys follow.
+COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
+           "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
+           "runtime_s"]
+MAX_HEATMAPS = 6
+
+
+# ---------------------------------------------------------------- reading a sweep
+
+
+def job_dirs(sweep_dir: Path) -> List[Path]:
+    """The job folders of a sweep (those with Hydra's .hydra/), by job number; a run dir is its own job."""
+    subs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    if not subs and (Path(sweep_dir) / ".hydra").is_dir():
+        subs = [Path(sweep_dir)]
+    return sorted(subs, key=lambda p: (_job_num(p) is None, _job_num(p) or 0, p.name))
+
+
+def _job_num(job_dir: Path) -> Optional[int]:
+    head = job_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.exists() else None
+    except Exception:  # a half-written or hand-edited file: treat as absent
+        return None
+
+
+def _load_metrics(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _dig(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def split_override(override: str) -> Tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def read_job(job_dir: Path) -> Dict[str, Any]:
+    """One summary row: what the job was (overrides, config) and what it measured (metrics.json)."""
+    overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+    config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    metrics = _load_metrics(job_dir / "metrics.json")
+    prune_method = _dig(config, "prune.method") or "none"
+    quant_method = _dig(config, "quant.method") or "none"
+    methods = [m for m in (prune_method, quant_method) if m != "none"]
+    row: Dict[str, Any] = {
+        "num": _job_num(job_dir),
+        "job": job_dir.name,
+        "status": "failed",
+        "overrides": " ".join(str(o) for o in overrides),
+        "_overrides": [str(o) for o in overrides],  # the list, for values that hold spaces
+        "method": "+".join(methods) or "dense",
+        "prune_method": prune_method,
+        "quant_method": quant_method,
+        "target_sparsity": _dig(config, "prune.final_sparsity"),
+        "bits": _dig(config, "quant.bits"),
+    }
+    if metrics is None:
+        row["error"] = DIED
+        return row
+    row["status"] = "ok" if metrics.get("status") == "ok" else "failed"
+    row["bits"] = metrics.get("weight_bits", row["bits"])
+    for key in COLUMNS[8:]:
+        if key in metrics and key != "bits":
+            row[key] = metrics[key]
+    row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
+    if metrics.get("error"):
+        row["error"] = metrics["error"]
+    return row
+
+
+def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Every job of the sweep as a summary row; the keys that differ between jobs get their own column."""
+    rows = [read_job(d) for d in job_dirs(Path(sweep_dir))]
+    swept = swept_keys(rows)
+    for row in rows:
+        values = dict(split_override(o) for o in row["_overrides"])
+        row.update({k: values.get(k) for k in swept})
+    return rows
+
+
+def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Override keys whose value is not the same in every job (in first-seen order)."""
+    per_job = [dict(split_override(o) for o in row["_overrides"]) for row in rows]
+    keys: List[str] = []
+    for values in per_job:
+        keys += [k for k in values if k not in keys]
+    seen = {k: {values.get(k) for values in per_job} for k in keys}
+    return [k for k, v in seen.items() if len(v) > 1]
+
+
+def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    speedups = sorted({k for r in rows for k in r if SPEEDUP.match(k)}, key=_speedup_order)
+    swept = swept_keys(rows)
+    return COLUMNS[:4] + swept + COLUMNS[4:] + speedups + ["error"]
+
+
+def write_summary(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    columns = summary_columns(rows)
+    write_csv(path, [{c: row.get(c) for c in columns} for row in rows])
+
+
+def _speedup_order(key: str) -> Tuple[str, int]:
+    m = SPEEDUP.match(key)
+    return (m["baseline"], int(m["batch"])) if m else (key, 0)
+
+
+# ---------------------------------------------------------------- plots
+
+
+@dataclass
+class Section:
+    title: str
+    png: Optional[bytes] = None
+    note: str = ""
+
+
+def _figure(width: float = 7.0, height: float = 4.2) -> Any:
+    from matplotlib.figure import Figure  # Figure + Agg canvas: no pyplot state, no display needed
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _num(value: Any) -> Optional[float]:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _ok(rows: Iterable[Dict[str, Any]], *keys: str) -> List[Dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok" and all(_num(r.get(k)) is not None for k in keys)]
+
+
+def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
+    """Short name for plots: the swept values ("final_sparsity=0.9 bits=4"), else the job number."""
+    parts = [f"{k.rsplit('.', 1)[-1]}={row.get(k)}" for k in swept if row.get(k) is not None]
+    return " ".join(parts) or f"job {row.get('num')}"
+
+
+def _bits_label(row: Dict[str, Any], several_methods: bool) -> str:
+    bits = int(_num(row.get("bits")) or 32)
+    if bits >= 32:
+        return "fp32"
+    return f"{bits}-bit {row['quant_method']}" if several_methods else f"{bits}-bit"
+
+
+def _bits_groups(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    several = len({r["quant_method"] for r in rows if r["quant_method"] != "none"}) > 1
+    groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: -(_num(r.get("bits")) or 32)):
+        groups[_bits_label(r, several)].append(r)
+    return groups
+
+
+def _mean_line(ax: Any, rows: Sequence[Dict[str, Any]], x: str, y: str, label: str, marker: str = "o") -> None:
+    """Every job as a point, one line through the mean at each x (repeats, e.g. seeds, average)."""
+    by_x: Dict[float, List[float]] = defaultdict(list)
+    for r in rows:
+        by_x[_num(r[x])].append(_num(r[y]))
+    xs = sorted(by_x)
+    line = ax.plot(xs, [sum(by_x[v]) / len(by_x[v]) for v in xs], marker=marker, label=label)[0]
+    ax.scatter([_num(r[x]) for r in rows], [_num(r[y]) for r in rows], s=14, alpha=0.5, color=line.get_color())
+
+
+def plot_accuracy(rows: Sequence[Dict[str, Any]]) -> Section:
+    title = "Accuracy vs sparsity, per bit-width"
+    ok = _ok(rows, "sparsity", "acc_final")
+    if not ok:
+        return Section(title, note="No finished job reported acc_final and sparsity.")
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, group in _bits_groups(ok).items():
+        _mean_line(ax, group, "sparsity", "acc_final", label)
+    dense = [_num(r.get("acc_dense")) for r in ok if _num(r.get("acc_dense")) is not None]
+    if dense:
+        ax.axhline(sum(dense) / len(dense), color="gray", ls="--", lw=1, label="dense (mean)")
+    ax.set_xlabel("sparsity (fraction of zero weights in prunable layers)")
+    ax.set_ylabel("test accuracy after compression")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return Section(title, _png(fig))
+
+
+def plot_speedups(rows: Sequence[Dict[str, Any]]) -> Section:
+    title = "Whole-network speedup vs sparsity, per baseline"
+    keys = sorted({k for r in rows for k in r if SPEEDUP.match(k)}, key=_speedup_order)
+    ok = [r for r in _ok(rows, "sparsity") if any(_num(r.get(k)) is not None for k in keys)]
+    if not ok:
+        return Section(title, note="No job measured speedups (metrics speedup/<baseline>/b<batch>): run with "
+                                  "bench.enabled=true and a backend on a GPU to fill this plot.")
+    baselines = sorted({SPEEDUP.match(k)["baseline"] for k in keys})
+    fig = _figure(width=min(4.2 * len(baselines), 12.6), height=4.2)
+    axes = fig.subplots(1, len(baselines), squeeze=False)[0]
+    for ax, baseline in zip(axes, baselines):
+        for key in (k for k in keys if SPEEDUP.match(k)["baseline"] == baseline):
+            batch = SPEEDUP.match(key)["batch"]
+            for label, group in _bits_groups(_ok(ok, key)).items():
+                _mean_line(ax, group, "sparsity", key, f"{label}, batch {batch}")
+        ax.axhline(1.0, color="gray", ls="--", lw=1)
+        ax.set_yscale("log")
+        ax.set_title(f"vs {baseline}", fontsize=10)
+        ax.set_xlabel("sparsity")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("speedup (x, log scale; >1 is faster)")
+    return Section(title, _png(fig))
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point beats on both axes (higher is better), by x."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def primary_speedup(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """The speedup key most finished jobs have; ties go to the smallest batch, then the baseline name."""
+    counts = Counter(k for r in _ok(rows) for k in r if SPEEDUP.match(k) and _num(r.get(k)) is not None)
+    if not counts:
+        return None
+    return min(counts, key=lambda k: (-counts[k], _speedup_order(k)[1], _speedup_order(k)[0]))
+
+
+def plot_pareto(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
+    key = primary_speedup(rows)
+    x_key, x_name = (key, f"speedup {key.split('/', 1)[1]} (x)") if key else ("compression", "compression (x, dense fp32 bytes / packed bytes)")
+    title = f"Accuracy-{'speedup' if key else 'compression'} Pareto front"
+    ok = _ok(rows, x_key, "acc_final")
+    if not ok:
+        return Section(title, note="No finished job has acc_final and a speedup or compression.")
+    points = [(_num(r[x_key]), _num(r["acc_final"])) for r in ok]
+    front = pareto_front(points)
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, group in _bits_groups(ok).items():
+        ax.scatter([_num(r[x_key]) for r in group], [_num(r["acc_final"]) for r in group], s=28, label=label)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black", lw=1,
+            label="Pareto front")
+    for i in front:
+        ax.annotate(job_label(ok[i], swept), points[i], fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(x_name + ", log scale")
+    ax.set_ylabel("test accuracy after compression")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    note = "" if key else "No job measured speedups, so compression stands in for speed."
+    return Section(title, _png(fig), note)
+
+
+def read_layer_speedups(job_dir: Path) -> Dict[Tuple[str, str, int], Dict[str, float]]:
+    """layers.csv -> {(backend, baseline, batch): {layer: speedup}} from its speedup_vs_<baseline> columns."""
+    path = job_dir / "layers.csv"
+    out: Dict[Tuple[str, str, int], Dict[str, float]] = defaultdict(dict)
+    if not path.exists():
+        return out
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            for col, value in rec.items():
+                if not (col or "").startswith(LAYER_SPEEDUP) or _num(value) is None:
+                    continue
+                baseline = col[len(LAYER_SPEEDUP):]
+                backend = rec.get("backend") or "?"
+                if backend == baseline:  # a baseline's own rows (speedup 1 against itself)
+                    continue
+                batch = int(_num(rec.get("batch")) or 0)
+                out[(backend, baseline, batch)][rec.get("layer", "?")] = _num(value)
+    return out
+
+
+def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], sweep_dir: Path, swept: Sequence[str]) -> List[Section]:
+    title = "Per-layer speedup"
+    per_case: Dict[Tuple[str, str, int], Dict[str, Dict[str, float]]] = defaultdict(dict)
+    for r in _ok(rows):
+        job_dir = sweep_dir / r["job"] if (sweep_dir / r["job"]).is_dir() else sweep_dir
+        for case, layer_values in read_layer_speedups(job_dir).items():
+            per_case[case][job_label(r, swept)] = layer_values
+    if not per_case:
+        return [Section(title, note="No layers.csv has speedup_vs_<baseline> columns (no benchmark ran).")]
+    cases = sorted(per_case, key=lambda c: (c[2], c[1], c[0]))
+    sections = [_heatmap(f"{title}: {backend} vs {baseline}, batch {batch}", per_case[(backend, baseline, batch)])
+                for backend, baseline, batch in cases[:MAX_HEATMAPS]]
+    if len(cases) > MAX_HEATMAPS:
+        sections[-1].note = f"{len(cases) - MAX_HEATMAPS} more backend/baseline/batch cases are in each job's layers.csv."
+    return sections
+
+
+def _heatmap(title: str, jobs: Dict[str, Dict[str, float]]) -> Section:
+    from matplotlib.colors import TwoSlopeNorm
+
+    layers: List[str] = []
+    for values in jobs.values():
+        layers += [name for name in values if name not in layers]
+    labels = list(jobs)
+    grid = [[jobs[j].get(name, math.nan) for j in labels] for name in layers]
+    logs = [[math.log2(v) if v and v > 0 else math.nan for v in line] for line in grid]
+    finite = [abs(v) for line in logs for v in line if not math.isnan(v)] or [1.0]
+    span = max(max(finite), 0.5)
+    fig = _figure(width=min(2.5 + 0.9 * len(labels), 12.6), height=1.6 + 0.32 * len(layers))
+    ax = fig.add_subplot()
+    image = ax.imshow(logs, cmap="RdBu", norm=TwoSlopeNorm(vcenter=0, vmin=-span, vmax=span), aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=8)
+    if len(labels) * len(layers) <= 400:
+        for i, line in enumerate(grid):
+            for j, v in enumerate(line):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label("log2 speedup (blue: faster than the baseline)")
+    return Section(title, _png(fig))
+
+
+def plot_footprint(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
+    title = "Weight footprint"
+    ok = _ok(rows, "footprint_bytes")
+    if not ok:
+        return Section(title, note="No finished job reported footprint_bytes.")
+    fig = _figure(height=1.4 + 0.3 * len(ok))
+    ax = fig.add_subplot()
+    labels = [job_label(r, swept) for r in ok]
+    ys = range(len(ok))
+    dense = [(_num(r.get("dense_bytes")) or 0) / 1024 for r in ok]
+    packed = [_num(r["footprint_bytes"]) / 1024 for r in ok]
+    ax.barh(ys, dense, color="#d9d9d9", label="dense fp32")
+    ax.barh(ys, packed, color="#4477aa", height=0.5, label="packed (values, indices, scales)")
+    for y, r, width in zip(ys, ok, packed):
+        if _num(r.get("compression")) is not None:
+            ax.text(width, y, f" {_num(r['compression']):.1f}x", va="center", fontsize=7)
+    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("KiB")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, frameon=False)
+    return Section(title, _png(fig))
+
+
+def sections(rows: Sequence[Dict[str, Any]], sweep_dir: Path) -> List[Section]:
+    swept = swept_keys(rows)
+    return [plot_accuracy(rows), plot_speedups(rows), plot_pareto(rows, swept),
+            *plot_layer_heatmaps(rows, sweep_dir, swept), plot_footprint(rows, swept)]
+
+
+# ---------------------------------------------------------------- the page
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;max-width:1240px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.meta{color:#555;font-size:13px} .note{color:#555;font-style:italic;font-size:13px}
+img{max-width:100%;height:auto;border:1px solid #eee}
+table{border-collapse:collapse;font-size:12px;margin-top:8px} th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
+th{background:#f4f4f4;position:sticky;top:0;text-align:center} td.l{text-align:left} tr.failed td{background:#fdecea}
+.err{color:#b00020;text-align:left;max-width:380px;overflow-wrap:anywhere}
+"""
+
+
+def _cell(value: Any) -> str:
+    x = _num(value) if not isinstance(value, bool) else None
+    if x is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int) or x.is_integer() and abs(x) >= 1:
+        return f"{int(x):,}"
+    return f"{x:.4g}"
+
+
+def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence[Section]) -> str:
+    columns = [c for c in summary_columns(rows) if c not in ("job", "overrides", "prune_method", "quant_method")]
+    columns = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
+    failed = sum(r["status"] != "ok" for r in rows)
+    swept = set(swept_keys(rows))
+    common = sorted({o for r in rows for o in r["_overrides"]
+                     if split_override(o)[0] not in swept and all(o in x["_overrides"] for x in rows)})
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>sparsebench sweep {html.escape(sweep_dir.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>sparsebench sweep report: {html.escape(sweep_dir.name)}</h1>",
+        f"<p class='meta'>{html.escape(str(sweep_dir.resolve()))}<br>{len(rows)} jobs, {len(rows) - failed} ok, "
+        f"{failed} failed &middot; swept: {html.escape(', '.join(sorted(swept)) or 'nothing')} &middot; "
+        f"shared overrides: {html.escape(' '.join(common) or 'none')} &middot; written "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
+    ]
+    for part in parts:
+        out.append(f"<h2>{html.escape(part.title)}</h2>")
+        if part.png:
+            b64 = base64.b64encode(part.png).decode("ascii")
+            out.append(f"<img alt='{html.escape(part.title)}' src='data:image/png;base64,{b64}'>")
+        if part.note:
+            out.append(f"<p class='note'>{html.escape(part.note)}</p>")
+    out.append("<h2>Jobs</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+    for r in rows:
+        cells = []
+        for c in columns:
+            cls = "err" if c == "error" else "l" if c in ("status", "method") or c in swept else ""
+            cells.append(f"<td class='{cls}'>{html.escape(_cell(r.get(c)))}</td>")
+        out.append(f"<tr class='{html.escape(r['status'])}'>{''.join(cells)}</tr>")
+    out.append("</table><p class='meta'>All numbers also in summary.csv beside this page; one folder per job "
+               "with metrics.json, layers.csv and manifest.json.</p></body></html>\n")
+    return "\n".join(out)
+
+
+def write_report(sweep_dir: Path, rows: Optional[List[Dict[str, Any]]] = None) -> List[Section]:
+    """Write DIR/summary.csv and DIR/report.html (both atomically); return the plot sections."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
+    write_summary(sweep_dir / "summary.csv", rows)
+    parts = sections(rows, sweep_dir)
+    atomic_write_text(sweep_dir / "report.html", render_html(sweep_dir, rows, parts))
+    return parts
+
+
+# ---------------------------------------------------------------- W&B
+
+
+def log_wandb(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence[Section], *, mode: str,
+              project: str, entity: Optional[str]) -> str:
+    """One W&B run (job_type=report, grouped with the sweep's jobs) holding the summary table and the plots."""
+    import wandb
+    from PIL import Image
+
+    columns = summary_columns(rows)
+    run = wandb.init(project=project, entity=entity, mode=mode, dir=str(sweep_dir), group=sweep_dir.name,
+                     job_type="report", name=f"report/{sweep_dir.name}", reinit="finish_previous",
+                     settings=wandb.Settings(console="off", silent=True))
+    try:
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows], allow_mixed_types=True)
+        images = {f"plots/{p.title}": wandb.Image(Image.open(io.BytesIO(p.png))) for p in parts if p.png}
+        run.log({"summary": table, **images})
+        run.summary.update({"jobs": len(rows), "jobs_failed": sum(r["status"] != "ok" for r in rows)})
+        return run.dir
+    finally:
+        run.finish()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparsebench-report",
+                                     description="Summarize a sweep directory into summary.csv and report.html.")
+    parser.add_argument("dir", type=Path, help="a sweep directory, e.g. multirun/default/2026-11-28_12-00-00")
+    parser.add_argument("--wandb", action="store_true", help="also log the summary table and plots to W&B")
+    parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online"),
+                        help="offline (default): files under DIR/wandb, upload later with `wandb sync`")
+    parser.add_argument("--project", default="sparsebench", help="W&B project (default: sparsebench)")
+    parser.add_argument("--entity", default=None, help="W&B entity (user or team); default: yours")
+    args = parser.parse_args(argv)
+
+    if not args.dir.is_dir():
+        print(f"error: DIR={str(args.dir)!r} is not a directory: give a sweep directory such as "
+              f"multirun/<name>/<time>", file=sys.stderr)
+        sys.exit(2)
+    rows = collect(args.dir)
+    if not rows:
+        print(f"error: DIR={str(args.dir)!r} holds no job folders (subfolders with .hydra/): give the "
+              f"directory of a sweep (multirun/<name>/<time>) or of one run", file=sys.stderr)
+        sys.exit(2)
+    parts = write_report(args.dir, rows)
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"summary: {args.dir / 'summary.csv'} ({len(rows)} jobs, {failed} failed)")
+    print(f"report:  {args.dir / 'report.html'}")
+    if args.wandb:
+        print(f"wandb:   {log_wandb(args.dir, rows, parts, mode=args.wandb_mode, project=args.project, entity=args.entity)}")
+
+
+if __name__ == "__main__":
+    main()

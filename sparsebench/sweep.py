@@ -1,0 +1,113 @@
+"""Multirun wiring: per-job W&B defaults, one GPU per concurrent job, and the end-of-sweep report.
+
+Hydra runs each job of ``sparsebench -m ...`` through the launcher (in this process, in
+joblib workers or as SLURM jobs); ``__main__`` calls ``job_defaults`` and ``claim_gpu`` inside
+the job, and Hydra calls ``SweepReport`` in the launching process once every job has ended.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("sparsebench")
+
+# Overrides that say where files go, not what the job is: no use as W&B tags.
+_NOT_TAGS = ("hydra.", "trainer.init_from", "trainer.resume", "trainer.progress", "logger.")
+_WANDB_TAG_MAX = 64  # W&B rejects longer tags
+
+# Set by SweepReport in the launching process; __main__ turns failures into the exit code.
+LAST_SWEEP: Dict[str, Any] = {}
+
+
+def job_type(cfg: Any) -> str:
+    """What the job does to the model, e.g. "dense", "agp", "linear", "agp+linear"."""
+    parts = [m for m in (cfg.prune.method, cfg.quant.method) if m != "none"]
+    return "+".join(parts) or "dense"
+
+
+def override_tags(overrides: Sequence[str]) -> List[str]:
+    """The job's overrides as W&B tags ("prune.final_sparsity=0.9"), minus paths and logger settings."""
+    tags = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(_NOT_TAGS)]
+    return [t[:_WANDB_TAG_MAX] for t in tags]
+
+
+def job_defaults(cfg: Any, overrides: Sequence[str], sweep_dir: Optional[Path]) -> None:
+    """Fill logger.group / job_type / tags where the user left them empty.
+
+    In a multirun (``sweep_dir`` given) every job of the sweep shares the group named after the
+    sweep directory, so W&B shows the sweep as one group; tags are the job's own overrides.
+    """
+    lg = cfg.logger
+    if sweep_dir is not None and not lg.group:
+        lg.group = Path(sweep_dir).name
+    if not lg.job_type:
+        lg.job_type = job_type(cfg)
+    if sweep_dir is not None and not lg.tags:
+        lg.tags = override_tags(overrides)
+
+
+@contextmanager
+def claim_gpu(n_gpus: int, job_num: int, lock_dir: Optional[Path] = None) -> Iterator[Optional[int]]:
+    """Hold one GPU index for the duration of a job, or yield None when there is nothing to choose.
+
+    Jobs running at once on one host (joblib workers) each take the first free GPU, starting at
+    ``job_num % n_gpus`` so that a serial sweep spreads too. "Free" is an exclusive ``flock`` on
+    a per-GPU lock file: the kernel releases it when the job ends or its process dies, so a
+    crashed job never leaves a GPU claimed. With every GPU taken, jobs share ``job_num % n_gpus``.
+    """
+    if n_gpus <= 1:
+        yield 0 if n_gpus == 1 else None
+        return
+    lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / f"sparsebench-gpus-{os.getuid()}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    first = job_num % n_gpus
+    for gpu in [(first + i) % n_gpus for i in range(n_gpus)]:
+        f = open(lock_dir / f"gpu{gpu}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        try:
+            yield gpu
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+        return
+    log.warning("all %d GPUs are taken by other jobs; job %d shares GPU %d", n_gpus, job_num, first)
+    yield first
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: write summary.csv + report.html and count the failed jobs."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from sparsebench import report  # late: matplotlib is only needed here
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        rows = report.collect(sweep_dir)
+        failed = [str(r["num"] if r["num"] is not None else r["job"]) for r in rows if r["status"] != "ok"]
+        LAST_SWEEP.update(dir=str(sweep_dir), jobs=len(rows), failed=failed)
+        if self.enabled and rows:
+            try:
+                report.write_report(sweep_dir, rows)
+            except Exception as e:  # a plotting problem must not hide the sweep's own outcome
+                log.error("could not write the sweep report: %s: %s", type(e).__name__, e)
+        where = f"{sweep_dir}/summary.csv" if self.enabled else str(sweep_dir)
+        if failed:
+            print(f"sweep: {len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}); see {where}",
+                  file=sys.stderr)
+        else:
+            log.info("sweep: all %d jobs ok; see %s", len(rows), where)
