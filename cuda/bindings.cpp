@@ -1,0 +1,146 @@
+// The one pybind11 file: raw device pointers and sizes in, nothing allocated, no libtorch.
+// Python passes tensor.data_ptr() and torch.cuda.current_stream().cuda_stream.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "sparsebench.h"
+
+namespace py = pybind11;
+using namespace sparsebench;
+
+#ifndef SPARSEBENCH_SRC_SHA256
+#define SPARSEBENCH_SRC_SHA256 "unknown"
+#endif
+#ifndef SPARSEBENCH_BUILT_AT
+#define SPARSEBENCH_BUILT_AT "unknown"
+#endif
+#ifndef SPARSEBENCH_CUDA_ARCHS
+#define SPARSEBENCH_CUDA_ARCHS "unknown"
+#endif
+
+namespace {
+
+template <typename P>
+P* ptr(uintptr_t v) {
+  return reinterpret_cast<P*>(v);
+}
+
+ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW,
+                   int stride, int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits,
+                   uintptr_t row_order, uintptr_t values, int value_kind, int bits, uintptr_t scale,
+                   uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant) {
+  if (act_dtype < kF32 || act_dtype > kBF16) throw std::invalid_argument("act_dtype: expected 0 (f32), 1 (f16), 2 (bf16)");
+  if (value_kind < kValF32 || value_kind > kValCodebook) throw std::invalid_argument("value_kind: expected 0..3");
+  if (col_bits != 16 && col_bits != 32) throw std::invalid_argument("col_bits: expected 16 or 32");
+  if (value_kind >= kValLinear && bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits: expected 2, 4 or 8");
+  if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (tile), 2 (rowsplit)");
+  if (stride < 1 || pad < 0 || KH < 1 || KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
+  ConvArgs a;
+  a.x = ptr<const void>(x);
+  a.out = ptr<void>(out);
+  a.act_dtype = act_dtype;
+  a.N = N; a.C = C; a.H = H; a.W = W; a.CO = CO; a.KH = KH; a.KW = KW;
+  a.stride = stride; a.pad = pad; a.OH = OH; a.OW = OW;
+  a.rowptr = ptr<const int32_t>(rowptr);
+  a.colidx = ptr<const void>(colidx);
+  a.col_bits = col_bits;
+  a.row_order = ptr<const int32_t>(row_order);
+  a.values = ptr<const void>(values);
+  a.value_kind = value_kind;
+  a.bits = bits;
+  a.scale = ptr<const float>(scale);
+  a.zero_point = ptr<const int32_t>(zero_point);
+  a.codebook = ptr<const float>(codebook);
+  a.bias = ptr<const float>(bias);
+  a.relu = relu ? 1 : 0;
+  a.variant = variant;
+  return a;
+}
+
+py::dict plan_dict(const Plan& p) {
+  py::dict d;
+  d["variant"] = p.variant == kTile ? "tile" : "rowsplit";
+  d["rows_per_block"] = p.rows_per_block;
+  d["TH"] = p.TH;
+  d["TW"] = p.TW;
+  d["G"] = p.G;
+  d["CC"] = p.CC;
+  d["threads"] = p.threads;
+  d["smem_bytes"] = p.smem_bytes;
+  d["blocks"] = p.blocks;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsebench CUDA kernels: direct sparse conv2d / linear over the packed CSR format";
+
+  m.def(
+      "conv2d",
+      [](uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+         int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits, uintptr_t row_order,
+         uintptr_t values, int value_kind, int bits, uintptr_t scale, uintptr_t zero_point, uintptr_t codebook,
+         uintptr_t bias, bool relu, int variant, uintptr_t stream) {
+        const ConvArgs a = make_args(x, out, act_dtype, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, rowptr, colidx,
+                                     col_bits, row_order, values, value_kind, bits, scale, zero_point, codebook, bias,
+                                     relu, variant);
+        const std::string err = launch_conv(a, reinterpret_cast<void*>(stream));
+        if (!err.empty()) throw std::runtime_error("sparsebench._C.conv2d: " + err);
+      },
+      "Direct sparse convolution (linear = 1x1 conv on a 1x1 image) on the given CUDA stream. "
+      "Pointers are device addresses; 0 means absent for row_order/scale/zero_point/codebook/bias.",
+      py::arg("x"), py::arg("out"), py::arg("act_dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
+      py::arg("CO"), py::arg("KH"), py::arg("KW"), py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"),
+      py::arg("rowptr"), py::arg("colidx"), py::arg("col_bits"), py::arg("row_order"), py::arg("values"),
+      py::arg("value_kind"), py::arg("bits"), py::arg("scale"), py::arg("zero_point"), py::arg("codebook"),
+      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("stream"));
+
+  m.def(
+      "plan",
+      [](int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW, int variant) {
+        ConvArgs a;
+        a.N = N; a.C = C; a.H = H; a.W = W; a.CO = CO; a.KH = KH; a.KW = KW;
+        a.stride = stride; a.pad = pad; a.OH = OH; a.OW = OW; a.variant = variant;
+        return plan_dict(make_plan(a));
+      },
+      "The kernel and blocking conv2d would use for this geometry (queries the device's SM count).",
+      py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("CO"), py::arg("KH"), py::arg("KW"),
+      py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"), py::arg("variant") = 0);
+
+  m.def(
+      "set_tuning",
+      [](int smem_budget, int rowsplit_max_pixels, int tile_threads) {
+        if (smem_budget < 4096 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 4096..232448 bytes");
+        if (tile_threads < 32 || tile_threads > 256) throw std::invalid_argument("tile_threads: expected 32..256");
+        Tuning& t = tuning();
+        t.smem_budget = smem_budget;
+        t.rowsplit_max_pixels = rowsplit_max_pixels;
+        t.tile_threads = tile_threads;
+      },
+      "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 48 * 1024,
+      py::arg("rowsplit_max_pixels") = 128, py::arg("tile_threads") = 128);
+
+  m.def("get_tuning", []() {
+    py::dict d;
+    d["smem_budget"] = tuning().smem_budget;
+    d["rowsplit_max_pixels"] = tuning().rowsplit_max_pixels;
+    d["tile_threads"] = tuning().tile_threads;
+    return d;
+  });
+
+  m.def("build_info", []() {
+    const std::string sha = SPARSEBENCH_SRC_SHA256;
+    py::dict d;
+    d["build_id"] = sha.substr(0, 12) + "@" + SPARSEBENCH_BUILT_AT;
+    d["source_sha256"] = sha;
+    d["built_at"] = SPARSEBENCH_BUILT_AT;
+    d["cuda_archs"] = SPARSEBENCH_CUDA_ARCHS;
+    d["cuda_runtime_compiled"] = cuda_runtime_version_compiled();
+    d["cuda_runtime"] = cuda_runtime_version();
+    d["cuda_driver"] = cuda_driver_version();
+    d["kernels"] = py::make_tuple("conv_tile<R=4,16>", "conv_rowsplit<P=16>");
+    return d;
+  });
+}

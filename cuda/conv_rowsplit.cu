@@ -1,0 +1,109 @@
+// Direct sparse convolution for few output pixels (deep layers at small batch, linear layers
+// at small batch): one warp per output channel and per 16 output pixels; the row's nonzeros
+// are split across the lanes (each lane keeps 16 partial sums), then a reduce-scatter of
+// 16 shuffles leaves pixel (lane >> 1) in each even lane. Input is read through L1.
+#include "tile.cuh"
+
+namespace sparsebench {
+
+template <typename T>
+__global__ void __launch_bounds__(kRowSplitWarps * 32)
+    conv_rowsplit_kernel(const ConvArgs a, const FastDiv div_ohw, const FastDiv div_ow, const FastDiv div_kk,
+                         const FastDiv div_kw, const int M) {
+  constexpr int P = kRowSplitPixels;
+  static_assert(P == 16, "the reduce-scatter below is written for 16 pixels");
+  constexpr unsigned FULL = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const int rr = blockIdx.y * kRowSplitWarps + (threadIdx.x >> 5);
+  if (rr >= a.CO) return;  // the whole warp leaves together
+  const int row = block_row(a, rr);
+  const int m0 = blockIdx.x * P;
+  const int OHW = a.OH * a.OW, HW = a.H * a.W;
+
+  int pbase[P], ih0[P], iw0[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int m = m0 + p;
+    if (m < M) {
+      const int n = div_ohw.div(m), rem = m - n * OHW;
+      const int oh = div_ow.div(rem), ow = rem - oh * a.OW;
+      ih0[p] = oh * a.stride - a.pad;
+      iw0[p] = ow * a.stride - a.pad;
+      pbase[p] = n * a.C * HW + ih0[p] * a.W + iw0[p];
+    } else {
+      ih0[p] = -(1 << 24);  // every tap falls outside
+      iw0[p] = 0;
+      pbase[p] = 0;
+    }
+  }
+
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  float acc[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) acc[p] = 0.f;
+  const int end = __ldg(a.rowptr + row + 1);
+  for (int k = __ldg(a.rowptr + row) + lane; k < end; k += 32) {
+    const int col = load_col(a, k);
+    const int ci = div_kk.div(col), rem = col - ci * (a.KH * a.KW);
+    const int kh = div_kw.div(rem), kw = rem - kh * a.KW;
+    const float w = decode_value(a, row, k);
+    const int off = ci * HW + kh * a.W + kw;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int ih = ih0[p] + kh, iw = iw0[p] + kw;
+      if (static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) && static_cast<unsigned>(iw) < static_cast<unsigned>(a.W))
+        acc[p] = fmaf(w, load_act(x + pbase[p] + off), acc[p]);
+    }
+  }
+
+  // Reduce-scatter: after each step a lane keeps the half of its sums that its lane bit selects.
+  float v8[8], v4[4], v2[2];
+#pragma unroll
+  for (int p = 0; p < 8; ++p) {
+    const bool hi = lane & 16;
+    v8[p] = (hi ? acc[p + 8] : acc[p]) + __shfl_xor_sync(FULL, hi ? acc[p] : acc[p + 8], 16);
+  }
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const bool hi = lane & 8;
+    v4[p] = (hi ? v8[p + 4] : v8[p]) + __shfl_xor_sync(FULL, hi ? v8[p] : v8[p + 4], 8);
+  }
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const bool hi = lane & 4;
+    v2[p] = (hi ? v4[p + 2] : v4[p]) + __shfl_xor_sync(FULL, hi ? v4[p] : v4[p + 2], 4);
+  }
+  const bool hi = lane & 2;
+  float v = (hi ? v2[1] : v2[0]) + __shfl_xor_sync(FULL, hi ? v2[0] : v2[1], 2);
+  v += __shfl_xor_sync(FULL, v, 1);
+
+  const int m = m0 + ((lane >> 1) & 15);
+  if ((lane & 1) == 0 && m < M) {
+    const int n = div_ohw.div(m), rem = m - n * OHW;
+    v += a.bias ? __ldg(a.bias + row) : 0.f;
+    if (a.relu) v = v < 0.f ? 0.f : v;
+    T* __restrict__ out = static_cast<T*>(a.out);
+    out[(static_cast<size_t>(n) * a.CO + row) * OHW + rem] = from_f32<T>(v);
+  }
+}
+
+template <typename T>
+static void launch_rowsplit_t(const ConvArgs& a, cudaStream_t stream) {
+  const int M = a.N * a.OH * a.OW;
+  const dim3 grid(static_cast<unsigned>((M + kRowSplitPixels - 1) / kRowSplitPixels),
+                  static_cast<unsigned>((a.CO + kRowSplitWarps - 1) / kRowSplitWarps));
+  conv_rowsplit_kernel<T><<<grid, kRowSplitWarps * 32, 0, stream>>>(
+      a, FastDiv(a.OH * a.OW), FastDiv(a.OW), FastDiv(a.KH * a.KW), FastDiv(a.KW), M);
+}
+
+std::string launch_rowsplit(const ConvArgs& a, cudaStream_t stream) {
+  if ((a.CO + kRowSplitWarps - 1) / kRowSplitWarps > 65535) return "row-split kernel: too many output channels";
+  switch (a.act_dtype) {
+    case kF32: launch_rowsplit_t<float>(a, stream); break;
+    case kF16: launch_rowsplit_t<__half>(a, stream); break;
+    default: launch_rowsplit_t<__nv_bfloat16>(a, stream); break;
+  }
+  return "";
+}
+
+}  // namespace sparsebench

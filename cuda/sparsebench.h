@@ -1,0 +1,58 @@
+// Host-side interface of the sparsebench CUDA module: plain C++, no CUDA headers, so the
+// pybind11 file compiles with the host compiler alone.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace sparsebench {
+
+enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum ValueKind : int { kValF32 = 0, kValF16 = 1, kValLinear = 2, kValCodebook = 3 };
+enum Variant : int { kAuto = 0, kTile = 1, kRowSplit = 2 };
+
+// One direct sparse convolution (a linear layer is the 1x1 case on a 1x1 image).
+// x: [N, C, H, W] activations; out: [N, CO, OH, OW], same dtype; weights: CSR over CO.
+struct ConvArgs {
+  const void* x = nullptr;
+  void* out = nullptr;
+  int act_dtype = kF32;
+  int N = 0, C = 0, H = 0, W = 0, CO = 0, KH = 1, KW = 1, stride = 1, pad = 0, OH = 0, OW = 0;
+  const int32_t* rowptr = nullptr;
+  const void* colidx = nullptr;  // uint16 or int32, flat (ci*KH + kh)*KW + kw, sorted per row
+  int col_bits = 16;
+  const int32_t* row_order = nullptr;  // may be null: identity
+  const void* values = nullptr;
+  int value_kind = kValF32;
+  int bits = 32;
+  const float* scale = nullptr;
+  const int32_t* zero_point = nullptr;
+  const float* codebook = nullptr;
+  const float* bias = nullptr;  // may be null
+  int relu = 0;
+  int variant = kAuto;
+};
+
+// The launch plan the dispatcher picks (exposed for benchmarks and docs).
+struct Plan {
+  int variant = kRowSplit;
+  int rows_per_block = 0, TH = 0, TW = 0, G = 0, CC = 0, threads = 0;
+  int64_t smem_bytes = 0;
+  int64_t blocks = 0;
+};
+
+struct Tuning {
+  int smem_budget = 48 * 1024;     // bytes of shared memory one tile block may use
+  int rowsplit_max_pixels = 128;   // N*OH*OW up to which auto picks the row-split kernel
+  int tile_threads = 128;          // target threads per tile block
+};
+
+Tuning& tuning();
+Plan make_plan(const ConvArgs& a);
+// Launches on `stream` (a cudaStream_t); returns an error string, empty on success.
+std::string launch_conv(const ConvArgs& a, void* stream);
+
+int cuda_runtime_version_compiled();
+int cuda_runtime_version();  // 0 when unknown
+int cuda_driver_version();   // 0 when no driver is installed
+
+}  // namespace sparsebench

@@ -1,0 +1,16 @@
+"""The packed sparse(-quantized) format and the direct sparse conv2d / linear ops."""
+
+from sparsebench.sparse.format import PackedLayer, load_packed, pack_weight, save_packed
+from sparsebench.sparse.ops import (
+    kernels_available,
+    reference_conv2d,
+    reference_linear,
+    require_kernels,
+    sparse_conv2d,
+    sparse_linear,
+)
+
+__all__ = [
+    "PackedLayer", "pack_weight", "save_packed", "load_packed", "sparse_conv2d", "sparse_linear",
+    "reference_conv2d", "reference_linear", "kernels_available", "require_kernels",
+]

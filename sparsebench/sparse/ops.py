@@ -1,0 +1,271 @@
+"""Sparse conv2d / linear over a PackedLayer: validation, the CUDA kernels, a PyTorch reference.
+
+``sparse_conv2d`` and ``sparse_linear`` check every tensor (ValueError naming it) and then call the
+``sparsebench::sparse_conv2d`` / ``sparsebench::sparse_linear`` custom ops, which launch the
+``sparsebench._C`` kernels on the current stream without syncing or allocating (beyond the output),
+so they work under CUDA graphs and torch.compile. ``reference_conv2d`` / ``reference_linear`` compute
+the same thing with dequantize + F.conv2d / F.linear, on any device.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench.errors import ConfigError
+from sparsebench.sparse.format import PackedLayer, check_layer
+
+try:  # the compiled module is optional: CPU-only installs have none
+    from sparsebench import _C  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - depends on the build
+    _C = None
+    _IMPORT_ERROR = str(e)
+
+ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+VALUE_KIND_CODES = {"float32": 0, "float16": 1, "linear": 2, "codebook": 3}
+VARIANTS = {"auto": 0, "tile": 1, "rowsplit": 2}
+
+
+def kernels_unavailable_reason() -> Optional[str]:
+    """None when the kernels can run here, else why not."""
+    if _C is None:
+        return f"sparsebench._C is not built or failed to import ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    return None
+
+
+def kernels_available() -> bool:
+    return kernels_unavailable_reason() is None
+
+
+def require_kernels() -> None:
+    """Raise the one-line user error when the direct_sparse backend cannot run here."""
+    reason = kernels_unavailable_reason()
+    if reason:
+        raise ConfigError("backend direct_sparse needs a CUDA GPU and the compiled sparsebench._C module; "
+                          f"{reason} (install on a machine with nvcc: pip install -e .)")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+
+
+def _check_x(x, layer: PackedLayer, dims: int, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"{name}: dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[1] != layer.in_channels:
+        raise ValueError(f"{name}: has {x.shape[1]} channels/features, the layer expects {layer.in_channels}")
+
+
+def _check_device(x: torch.Tensor, layer: PackedLayer, name: str = "x") -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"{name}: must be on a CUDA device for the sparse kernels, got {x.device} "
+                         "(use reference_conv2d/reference_linear on the CPU)")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (NCHW / row-major); call .contiguous() first")
+    if x.numel() >= 2**31:
+        raise ValueError(f"{name}: {x.numel()} elements; the kernels take fewer than 2**31")
+    for tname, t in layer.tensors().items():
+        if t.device != x.device:
+            raise ValueError(f"layer.{tname}: on {t.device}, expected {x.device} like {name} (call layer.to(x.device))")
+        if not t.is_contiguous():
+            raise ValueError(f"layer.{tname}: must be contiguous")
+
+
+def validate_conv2d(x: torch.Tensor, layer: PackedLayer, *, device: bool = True) -> None:
+    """All checks sparse_conv2d makes before the kernel call (no device sync, no data reads);
+    ``device=False`` leaves out the device/contiguity checks."""
+    if not isinstance(layer, PackedLayer):
+        raise ValueError(f"layer: expected a PackedLayer, got {type(layer).__name__}")
+    if layer.kind != "conv2d":
+        raise ValueError(f"layer: sparse_conv2d needs a conv2d layer, got kind {layer.kind!r}")
+    check_layer(layer, "layer")
+    _check_x(x, layer, 4)
+    _, _, kh, kw = layer.weight_shape
+    oh = conv_output_size(x.shape[2], kh, layer.stride, layer.padding)
+    ow = conv_output_size(x.shape[3], kw, layer.stride, layer.padding)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"x: input {tuple(x.shape[2:])} is smaller than the {kh}x{kw} kernel with padding {layer.padding}")
+    if device:
+        _check_device(x, layer)
+    if x.shape[0] * layer.out_channels * oh * ow >= 2**31:
+        raise ValueError("x: the output would have 2**31 or more elements; split the batch")
+
+
+def validate_linear(x: torch.Tensor, layer: PackedLayer, *, device: bool = True) -> None:
+    if not isinstance(layer, PackedLayer):
+        raise ValueError(f"layer: expected a PackedLayer, got {type(layer).__name__}")
+    if layer.kind != "linear":
+        raise ValueError(f"layer: sparse_linear needs a linear layer, got kind {layer.kind!r}")
+    check_layer(layer, "layer")
+    _check_x(x, layer, 2)
+    if device:
+        _check_device(x, layer)
+    if x.shape[0] * layer.out_channels >= 2**31:
+        raise ValueError("x: the output would have 2**31 or more elements; split the batch")
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
+            zero_point, codebook, bias, value_kind, bits, relu, variant) -> None:
+    if out.numel() == 0:
+        return
+    _C.conv2d(x.data_ptr(), out.data_ptr(), ACT_DTYPES[x.dtype], n, c, h, w, co, kh, kw, stride, padding, oh, ow,
+              rowptr.data_ptr(), colidx.data_ptr(), 16 if colidx.dtype == torch.int16 else 32, row_order.data_ptr(),
+              values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook), _ptr(bias),
+              bool(relu), variant, torch.cuda.current_stream(x.device).cuda_stream)
+
+
+@torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
+def _sparse_conv2d_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
+                      values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
+                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], weight_shape: List[int],
+                      stride: int, padding: int, value_kind: int, bits: int, relu: bool, variant: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    co, _, kh, kw = weight_shape
+    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    out = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
+                zero_point, codebook, bias, value_kind, bits, relu, variant)
+    return out
+
+
+@_sparse_conv2d_op.register_fake
+def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, weight_shape, stride, padding,
+      value_kind, bits, relu, variant):
+    n, _, h, w = x.shape
+    co, _, kh, kw = weight_shape
+    return x.new_empty((n, co, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)))
+
+
+@torch.library.custom_op("sparsebench::sparse_linear", mutates_args=())
+def _sparse_linear_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
+                      values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
+                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
+                      value_kind: int, bits: int, relu: bool, variant: int) -> torch.Tensor:
+    b, c = x.shape
+    out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        _launch(x, out, b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1, rowptr, colidx, row_order, values, scale,
+                zero_point, codebook, bias, value_kind, bits, relu, variant)
+    return out
+
+
+@_sparse_linear_op.register_fake
+def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, out_features, value_kind, bits,
+      relu, variant):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _variant_code(variant: str) -> int:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant]
+
+
+def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
+    """Direct sparse convolution of NCHW ``x`` (fp32/fp16/bf16, CUDA, contiguous) with ``layer``; fp32 accumulation,
+    bias and optional ReLU fused; output NCHW in x's dtype."""
+    validate_conv2d(x, layer, device=False)
+    require_kernels()
+    _check_device(x, layer)
+    return _sparse_conv2d_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
+                             layer.zero_point, layer.codebook, layer.bias, list(layer.weight_shape), layer.stride,
+                             layer.padding, VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu),
+                             _variant_code(variant))
+
+
+def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
+    """Sparse linear layer: ``x`` [batch, in_features] (CUDA, contiguous) -> [batch, out_features]."""
+    validate_linear(x, layer, device=False)
+    require_kernels()
+    _check_device(x, layer)
+    return _sparse_linear_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
+                             layer.zero_point, layer.codebook, layer.bias, layer.out_channels,
+                             VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu), _variant_code(variant))
+
+
+def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
+                       variant: str = "auto") -> torch.Tensor:
+    """Like sparse_conv2d (a linear layer takes x [batch, in]) but writes into the given ``out``;
+    the kernels write every element, so ``out`` may hold garbage (tests poison it with NaN)."""
+    if isinstance(layer, PackedLayer) and layer.kind == "linear":
+        validate_linear(x, layer, device=False)
+        shape = (x.shape[0], layer.out_channels)
+        n, c, h, w, oh, ow = x.shape[0], x.shape[1], 1, 1, 1, 1
+    else:
+        validate_conv2d(x, layer, device=False)
+        n, c, h, w = x.shape
+        _, _, kh, kw = layer.weight_shape
+        oh = conv_output_size(h, kh, layer.stride, layer.padding)
+        ow = conv_output_size(w, kw, layer.stride, layer.padding)
+        shape = (n, layer.out_channels, oh, ow)
+    require_kernels()
+    _check_device(x, layer)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != x.dtype \
+            or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+    kh, kw = layer.kernel_size
+    with torch.cuda.device(x.device):
+        _launch(x, out, n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, layer.rowptr,
+                layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point, layer.codebook, layer.bias,
+                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, _variant_code(variant))
+    return out
+
+
+def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
+    """The kernel and blocking the dispatcher picks for this input shape (needs the GPU)."""
+    require_kernels()
+    kh, kw = layer.kernel_size
+    if layer.kind == "linear":
+        n, c, h, w, oh, ow = x_shape[0], x_shape[1], 1, 1, 1, 1
+    else:
+        n, c, h, w = x_shape
+        oh = conv_output_size(h, kh, layer.stride, layer.padding)
+        ow = conv_output_size(w, kw, layer.stride, layer.padding)
+    return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant))
+
+
+# ---------------------------------------------------------------------------------------
+# reference
+
+
+def reference_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False) -> torch.Tensor:
+    """dequantize + F.conv2d in fp32 on x's device; the result in x's dtype."""
+    if layer.kind != "conv2d":
+        raise ValueError(f"layer: reference_conv2d needs a conv2d layer, got kind {layer.kind!r}")
+    _check_x(x, layer, 4)
+    w = layer.dequantize().to(x.device)
+    b = layer.bias.to(x.device) if layer.bias is not None else None
+    y = F.conv2d(x.float(), w, b, stride=layer.stride, padding=layer.padding)
+    return (F.relu(y) if relu else y).to(x.dtype)
+
+
+def reference_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False) -> torch.Tensor:
+    if layer.kind != "linear":
+        raise ValueError(f"layer: reference_linear needs a linear layer, got kind {layer.kind!r}")
+    _check_x(x, layer, 2)
+    w = layer.dequantize().to(x.device)
+    b = layer.bias.to(x.device) if layer.bias is not None else None
+    y = F.linear(x.float(), w, b)
+    return (F.relu(y) if relu else y).to(x.dtype)

@@ -1,0 +1,156 @@
+"""The CUDA kernels against torch on the dequantized weights (needs a GPU and sparsebench._C).
+
+Run on a CUDA machine:  pip install -e . && python -m pytest -q -m cuda tests/test_sparse_kernels.py
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsebench.sparse.bench import random_layer
+from sparsebench.sparse.ops import kernels_available, sparse_conv2d, sparse_conv2d_into, sparse_linear
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C")]
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+VALUES = [("float32", None), ("float16", None), ("linear", 8), ("linear", 4), ("linear", 2),
+          ("codebook", 8), ("codebook", 4), ("codebook", 2)]
+
+
+def reference(x, layer, relu=False):
+    """float64 torch conv/linear on the dequantized weight."""
+    w, b = layer.dequantize().double(), layer.bias.double() if layer.bias is not None else None
+    if layer.kind == "linear":
+        y = F.linear(x.double(), w, b)
+    else:
+        y = F.conv2d(x.double(), w, b, stride=layer.stride, padding=layer.padding)
+    return F.relu(y) if relu else y
+
+
+def check(out, ref, dtype):
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN outputs"
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+    # per element too, so a handful of wrong outputs cannot hide in the norm
+    worst = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    assert worst <= 20 * TOL[dtype], f"worst element error {worst:.3g}"
+
+
+def run_case(seed, variant):
+    rnd = random.Random(seed)
+    k = rnd.choice([1, 3, 5])
+    pad = rnd.choice([0, 1, 2])
+    stride = rnd.choice([1, 2])
+    cin, cout = rnd.choice([1, 3, 7, 16, 33, 64]), rnd.choice([1, 5, 17, 64, 70])
+    hw = rnd.choice([k + 1, 7, 9, 14, 17])
+    batch = rnd.choice([1, 2, 3, 5, 8, 33, 64])
+    sparsity = rnd.choice([0.0, 0.5, 0.9, 0.95, 0.99])
+    value, bits = rnd.choice(VALUES)
+    dtype = rnd.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
+    layer = random_layer((cout, cin, k, k), sparsity, value=value, bits=bits, stride=stride, padding=pad,
+                         bias=rnd.random() < 0.8, empty_rows=rnd.randint(0, cout // 3), seed=seed).to("cuda")
+    x = torch.randn(batch, cin, hw, hw, device="cuda").to(dtype)
+    relu = rnd.random() < 0.5
+    n, _, h, w = x.shape
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    out = torch.full((n, cout, oh, ow), float("nan"), device="cuda", dtype=dtype)
+    sparse_conv2d_into(out, x, layer, relu, variant=variant)
+    check(out, reference(x, layer, relu), dtype)
+
+
+@pytest.mark.parametrize("variant", ["auto", "tile", "rowsplit"])
+@pytest.mark.parametrize("seed", range(40))
+def test_random_conv_cases(seed, variant):
+    run_case(1000 * seed + 7, variant)
+
+
+@pytest.mark.parametrize("value, bits", VALUES)
+@pytest.mark.parametrize("variant", ["tile", "rowsplit"])
+def test_every_value_kind_on_a_deep_layer(value, bits, variant):
+    layer = random_layer((96, 80, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 1).to("cuda")
+    x = torch.randn(6, 80, 6, 6, device="cuda")
+    out = torch.full((6, 96, 6, 6), float("nan"), device="cuda")
+    sparse_conv2d_into(out, x, layer, relu=True, variant=variant)
+    check(out, reference(x, layer, relu=True), torch.float32)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("variant", ["tile", "rowsplit"])
+def test_sparsity_extremes_and_empty_layer(sparsity, variant):
+    layer = random_layer((33, 19, 3, 3), sparsity, padding=1, seed=3).to("cuda")
+    x = torch.randn(4, 19, 11, 11, device="cuda")
+    out = torch.full((4, 33, 11, 11), float("nan"), device="cuda")
+    sparse_conv2d_into(out, x, layer, variant=variant)
+    if sparsity == 1.0:  # nothing stored: the output is the bias everywhere
+        assert torch.equal(out, layer.bias[None, :, None, None].expand_as(out))
+    else:
+        check(out, reference(x, layer), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 7, 64, 300])
+@pytest.mark.parametrize("value, bits", [("float32", None), ("linear", 4), ("codebook", 2)])
+def test_linear(dtype, batch, value, bits):
+    layer = random_layer((129, 300), 0.9, value=value, bits=bits, empty_rows=3, seed=batch).to("cuda")
+    x = torch.randn(batch, 300, device="cuda").to(dtype)
+    out = torch.full((batch, 129), float("nan"), device="cuda", dtype=dtype)
+    sparse_conv2d_into(out, x, layer, relu=True)
+    check(out, reference(x, layer, relu=True), dtype)
+    check(sparse_linear(x, layer, relu=True), reference(x, layer, relu=True), dtype)
+
+
+def test_wide_layer_with_int32_indices():
+    layer = random_layer((40, 70000), 0.999, seed=11).to("cuda")
+    assert layer.colidx.dtype == torch.int32
+    x = torch.randn(3, 70000, device="cuda")
+    check(sparse_linear(x, layer), reference(x, layer), torch.float32)
+
+
+def test_runs_on_the_current_stream_and_a_second_device_index():
+    layer = random_layer((16, 8, 3, 3), 0.8, padding=1, seed=12).to("cuda")
+    x = torch.randn(2, 8, 10, 10, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = sparse_conv2d(x, layer)
+    s.synchronize()
+    check(y, reference(x, layer), torch.float32)
+
+
+def test_cuda_graph_capture_and_replay():
+    layer = random_layer((64, 32, 3, 3), 0.9, value="linear", bits=4, padding=1, seed=13).to("cuda")
+    x = torch.randn(8, 32, 16, 16, device="cuda")
+    sparse_conv2d(x, layer, relu=True)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sparse_conv2d(x, layer, relu=True)
+    x.copy_(torch.randn_like(x))  # new data, same buffer
+    g.replay()
+    torch.cuda.synchronize()
+    check(y, reference(x, layer, relu=True), torch.float32)
+
+
+def test_torch_compile():
+    layer = random_layer((32, 16, 3, 3), 0.9, padding=1, seed=14).to("cuda")
+
+    def block(x):
+        return sparse_conv2d(x * 2.0, layer, relu=True) + 1.0
+
+    compiled = torch.compile(block)
+    x = torch.randn(4, 16, 12, 12, device="cuda")
+    check(compiled(x), reference(x * 2.0, layer, relu=True) + 1.0, torch.float32)
+
+
+def test_validation_on_the_gpu():
+    layer = random_layer((8, 4, 3, 3), 0.5, seed=15).to("cuda")
+    with pytest.raises(ValueError, match="x: must be contiguous"):
+        sparse_conv2d(torch.randn(1, 8, 8, 4, device="cuda").permute(0, 3, 1, 2), layer)
+    with pytest.raises(ValueError, match=r"layer\.values: on cpu"):
+        cpu_values = layer.to("cuda")
+        cpu_values.values = cpu_values.values.cpu()
+        sparse_conv2d(torch.randn(1, 4, 8, 8, device="cuda"), cpu_values)
+    with pytest.raises(ValueError, match="out: expected a contiguous"):
+        sparse_conv2d_into(torch.empty(1, 8, 5, 5, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda"), layer)
