@@ -109,10 +109,11 @@ def test_wide_layer_with_int32_indices():
     check(sparse_linear(x, layer), reference(x, layer), torch.float32)
 
 
-def test_runs_on_the_current_stream_and_a_second_device_index():
+def test_runs_on_the_current_stream():
     layer = random_layer((16, 8, 3, 3), 0.8, padding=1, seed=12).to("cuda")
     x = torch.randn(2, 8, 10, 10, device="cuda")
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         y = sparse_conv2d(x, layer)
     s.synchronize()
