@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger("sparsebench.bench")
 
 
 def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional[Path], sample: torch.Tensor,
@@ -15,5 +19,71 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
 
     Returns (layers.csv rows: one per layer x backend x batch, metrics such as
     ``speedup/<baseline>/b<batch>``). With ``bench.enabled=false`` both are empty.
+
+    ``packed``: the exported packed.safetensors (its layers are what the sparse backend runs);
+    None packs the model's current weights here. Every backend's output is checked against
+    the dense fp64 reference before it is timed; a mismatch raises ``MismatchError``.
     """
-    return [], {}
+    if not bench.enabled:
+        return [], {}
+    from sparsebench.bench.cases import cases_from_model
+    from sparsebench.bench.measure import TimingSettings
+    from sparsebench.bench.suite import LayerBench, plan_backends
+    from sparsebench.sparse.format import load_packed
+
+    plan = plan_backends(backend, bench, device)
+    settings = TimingSettings(warmup=bench.warmup, repeats=bench.repeats, cache=bench.cache)
+    packed_layers = load_packed(packed)[0] if packed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        cases = cases_from_model(model, sample, packed_layers)
+        rows: List[Dict[str, Any]] = []
+        if bench.layers:
+            runner = LayerBench(plan, settings, break_even=bench.break_even)
+            jobs = [(c, b) for c in cases for b in bench.batch_sizes]
+            for case, batch in tqdm(jobs, desc=f"bench layers ({plan.sparse} vs {len(plan.baselines)} baselines)",
+                                    disable=not bench.progress, leave=False):
+                rows += runner.run(case, batch)
+        metrics = _network_metrics(plan, bench, settings, model, cases, sample) if bench.network else {}
+    finally:
+        model.train(was_training)
+    metrics["bench/backend"] = plan.sparse
+    metrics["bench/skipped"] = ", ".join(f"{k} ({v})" for k, v in plan.skipped.items())
+    return rows, metrics
+
+
+def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor) -> Dict[str, Any]:
+    """``speedup/<baseline>/b<batch>`` and ``latency_us/<backend>/b<batch>`` for the whole network."""
+    from sparsebench.bench.backends import BACKENDS, Unsupported
+    from sparsebench.bench.network import backend_network, check_network, network_input, reference_network, time_networks
+
+    names = [plan.sparse] + [b for b in plan.baselines if b != "semi_structured_2to4"]
+    if "semi_structured_2to4" in plan.baselines:
+        log.info("bench: whole network skips semi_structured_2to4 (it computes its own 2:4-pruned model)")
+    ref_net = reference_network(model, cases)
+    metrics: Dict[str, Any] = {}
+    for batch in bench.batch_sizes:
+        x = network_input(sample, batch)
+        with torch.no_grad():
+            ref = ref_net(x.double())
+        nets, prepared = {}, {}
+        for name in names:
+            try:
+                per_layer = {c.name: BACKENDS[name].prepare(c, plan.device, plan.activations) for c in cases}
+            except Unsupported as e:
+                log.info("bench: whole network skips %s: %s", name, e)
+                continue
+            nets[name] = backend_network(model, per_layer, plan.device)
+            prepared[name] = next(iter(per_layer.values()))
+            metrics[f"network_error/{name}/b{batch}"] = check_network(name, nets[name], prepared[name], x, ref, batch)
+        timings, graphs = time_networks(nets, prepared, x, plan.device, settings, bench.graphs)
+        metrics["bench/graphs"] = graphs
+        for name, t in timings.items():
+            metrics[f"latency_us/{name}/b{batch}"] = round(t.median_us, 3)
+            metrics[f"latency_spread_us/{name}/b{batch}"] = round(t.spread_us, 3)
+        ours = timings[plan.sparse].median_us
+        for name in names[1:]:
+            if name in timings:
+                metrics[f"speedup/{name}/b{batch}"] = round(timings[name].median_us / ours, 4)
+    return metrics

@@ -1,0 +1,142 @@
+"""Which backends run here, and the per-layer loop: check, time, compare, estimate break-even."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported
+from sparsebench.bench.cases import LayerCase, thin
+from sparsebench.bench.measure import (TimingSettings, break_even_sparsity, check, make_inputs, result_row,
+                                       time_prepared)
+from sparsebench.errors import ConfigError
+
+log = logging.getLogger("sparsebench.bench")
+
+# On a machine where the configured sparse backend cannot run, this one stands in (CPU).
+CPU_FALLBACK = "sparse_reference"
+# The break-even fit's second point: the same layer with this share of its nonzeros.
+THIN_KEEP = 0.25
+
+
+@dataclass
+class Plan:
+    sparse: str  # the backend under test
+    baselines: List[str]  # the ones that run here, in config order
+    skipped: Dict[str, str] = field(default_factory=dict)  # backend -> why it does not run
+    activations: str = "fp32"
+    device: torch.device = torch.device("cpu")  # where everything is timed (the CPU after a fallback)
+
+
+def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Plan:
+    """Resolve the configured backends against this machine; log one line per skipped backend."""
+    sparse = backend_cfg.name
+    activations = backend_cfg.activations
+    skipped: Dict[str, str] = {}
+    reason = BACKENDS[sparse].unavailable(device)
+    if reason:
+        if not backend_cfg.fallback:
+            raise ConfigError(f"backend.name={sparse} cannot run here: {reason} (set backend.fallback=true to time "
+                              f"the reference sparse forward on the CPU instead)")
+        log.warning("bench: backend %s skipped: %s; timing %s instead", sparse, reason, CPU_FALLBACK)
+        skipped[sparse] = reason
+        sparse, activations, device = CPU_FALLBACK, "fp32", torch.device("cpu")
+    baselines = []
+    for name in bench_cfg.baselines:
+        if name == sparse or name in baselines:
+            continue
+        why = BACKENDS[name].unavailable(device)
+        if why:
+            log.warning("bench: baseline %s skipped: %s", name, why)
+            skipped[name] = why
+        else:
+            baselines.append(name)
+    return Plan(sparse=sparse, baselines=baselines, skipped=skipped, activations=activations, device=device)
+
+
+class LayerBench:
+    """Times layer cases on the planned backends; caches baselines that do not depend on the mask."""
+
+    def __init__(self, plan: Plan, settings: TimingSettings, break_even: bool = True):
+        self.plan = plan
+        self.device = plan.device
+        self.settings = settings
+        self.break_even = break_even
+        self.unsupported: Dict[Tuple[str, str], str] = {}
+        self._baseline_rows: Dict[tuple, Dict[str, Any]] = {}
+
+    def prepare(self, name: str, case: LayerCase) -> Optional[Prepared]:
+        try:
+            return BACKENDS[name].prepare(case, self.device, self.plan.activations)
+        except Unsupported as e:
+            if (name, case.name) not in self.unsupported:
+                log.info("bench: %s skips layer %s: %s", name, case.name, e)
+            self.unsupported[(name, case.name)] = str(e)
+            return None
+
+    def _measure(self, name: str, case: LayerCase, batch: int, inputs) -> Optional[Dict[str, Any]]:
+        prepared = self.prepare(name, case)
+        if prepared is None:
+            return None
+        error = check(case, name, prepared, inputs[0], batch)
+        timing = time_prepared(prepared, inputs, self.device, self.settings)
+        return result_row(case, name, batch, timing, prepared, error)
+
+    def baseline_key(self, name: str, case: LayerCase, batch: int, shape_key: Optional[str]) -> Optional[tuple]:
+        """Dense baselines (and 2:4, which uses its own mask) need timing once per layer shape and batch."""
+        if shape_key is None:
+            return None
+        if BACKENDS[name].sparse and name != "semi_structured_2to4":
+            return (name, shape_key, batch, round(case.sparsity, 4))
+        return (name, shape_key, batch)
+
+    def run(self, case: LayerCase, batch: int, shape_key: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Rows for the backend under test and every baseline; speedups and break-even filled in.
+
+        ``shape_key`` (the sweep): baselines already timed for the same layer shape are reused
+        and not repeated as rows.
+        """
+        inputs = make_inputs(case, batch, self.device, self.settings.cache)
+        ours = self._measure(self.plan.sparse, case, batch, inputs)
+        rows = [ours] if ours else []
+        baseline_times: Dict[str, float] = {}
+        for name in self.plan.baselines:
+            key = self.baseline_key(name, case, batch, shape_key)
+            if key is not None and key in self._baseline_rows:
+                baseline_times[name] = self._baseline_rows[key]["time_us"]
+                continue
+            row = self._measure(name, case, batch, inputs)
+            if row is None:
+                continue
+            if key is not None:
+                if not BACKENDS[name].sparse:
+                    row.update(sparsity=None, bits=None)  # a dense backend ignores the mask and codes
+                self._baseline_rows[key] = row
+            baseline_times[name] = row["time_us"]
+            rows.append(row)
+        for row in rows:
+            for name, t in baseline_times.items():
+                row[f"speedup_vs_{name}"] = round(t / row["time_us"], 4) if row["time_us"] > 0 else None
+        if ours and self.break_even and baseline_times:
+            self._add_break_even(ours, case, batch, inputs, baseline_times)
+        return rows
+
+    def _add_break_even(self, row: Dict[str, Any], case: LayerCase, batch: int, inputs,
+                        baseline_times: Dict[str, float]) -> None:
+        """Second point: the same layer with a quarter of its nonzeros; t = a + b*nnz through both."""
+        g = torch.Generator().manual_seed(1)
+        thinned = LayerCase(name=case.name, kind=case.kind, in_shape=case.in_shape,
+                            packed=thin(case.packed, THIN_KEEP, g), weight=case.weight, bias=case.bias)
+        thinned.weight = thinned.packed.dequantize()
+        second = self._measure(self.plan.sparse, thinned, batch, inputs)
+        points = [(case.packed.nnz, row["time_us"]), (thinned.packed.nnz, second["time_us"])]
+        numel = case.packed.out_channels * case.packed.row_length
+        for name, t in baseline_times.items():
+            row[f"break_even_vs_{name}"] = break_even_sparsity(points, t, numel)
+
+
+def speedup_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    return sorted({k for r in rows for k in r if k.startswith("speedup_vs_")})

@@ -1,0 +1,123 @@
+"""Latency measurement: CUDA events on the GPU, perf_counter on the CPU; median and spread.
+
+GPU method (per measured case):
+- ``warmup`` untimed calls first (cuDNN autotuning, lazy allocations, clocks);
+- every timed call is bracketed by its own pair of CUDA events, so each run is one sample;
+- the cache flatters neither side: ``cache="flush"`` overwrites a buffer twice the L2 size
+  before every timed call (weights and inputs come cold from HBM, as in a network forward),
+  ``cache="rotate"`` cycles through the given calls (the caller passes enough input buffers
+  to exceed L2, see ``rotation_count``);
+- the GPU is kept ahead of Python: each chunk of runs is queued behind a short
+  ``torch.cuda._sleep``, so host-side launch overhead never shows up as GPU idle time
+  between the events (what is measured is GPU time, like a CUDA graph replay).
+The result is the median over ``repeats`` samples and the inter-quartile range.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+CACHE_MODES = ("flush", "rotate")
+# Runs queued behind one sleep; small enough that the sleep outlasts their enqueueing.
+_CHUNK = 16
+_SLEEP_CYCLES = 2_000_000  # ~1 ms at H200 clocks: ample for enqueueing _CHUNK runs
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p25_us: float
+    p75_us: float
+    runs: int
+
+    @property
+    def spread_us(self) -> float:
+        """Inter-quartile range."""
+        return self.p75_us - self.p25_us
+
+
+def summarize(samples_us: Sequence[float]) -> Timing:
+    if not samples_us:
+        raise ValueError("summarize: no samples")
+    qs = statistics.quantiles(samples_us, n=4, method="inclusive") if len(samples_us) > 1 else [samples_us[0]] * 3
+    return Timing(median_us=statistics.median(samples_us), p25_us=qs[0], p75_us=qs[2], runs=len(samples_us))
+
+
+def l2_bytes(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 0) or 64 << 20)
+
+
+def rotation_count(bytes_per_input: int, device: torch.device, cap: int = 256) -> int:
+    """Input buffers needed so one pass over them streams more than twice the L2 size (GPU), else 1."""
+    if device.type != "cuda":
+        return 1
+    return max(2, min(cap, math.ceil(2 * l2_bytes(device) / max(1, bytes_per_input))))
+
+
+class _Flusher:
+    """Overwrites a buffer of twice the L2 size: whatever was cached is evicted."""
+
+    _buffers: dict = {}
+
+    def __init__(self, device: torch.device):
+        key = (device.type, device.index)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(2 * l2_bytes(device) // 4, dtype=torch.int32, device=device)
+        self.buf = self._buffers[key]
+
+    def __call__(self) -> None:
+        self.buf.zero_()
+
+
+def time_cuda(calls: Sequence[Callable[[], object]], *, warmup: int = 10, repeats: int = 50,
+              cache: str = "flush", device: Optional[torch.device] = None) -> Timing:
+    """Median GPU time of ``calls`` (run in rotation), one CUDA-event pair per run."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache: expected one of {CACHE_MODES}, got {cache!r}")
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    flush = _Flusher(device) if cache == "flush" else None
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize(device)
+    samples: List[float] = []
+    done = 0
+    while done < repeats:
+        n = min(_CHUNK, repeats - done)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        torch.cuda._sleep(_SLEEP_CYCLES)
+        for k, (start, end) in enumerate(events):
+            if flush is not None:
+                flush()
+            start.record()
+            calls[(done + k) % len(calls)]()
+            end.record()
+        torch.cuda.synchronize(device)
+        samples += [1000.0 * s.elapsed_time(e) for s, e in events]
+        done += n
+    return summarize(samples)
+
+
+def time_cpu(calls: Sequence[Callable[[], object]], *, warmup: int = 3, repeats: int = 20) -> Timing:
+    """Median wall time of ``calls`` (run in rotation) with perf_counter, one sample per run."""
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    samples = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        calls[i % len(calls)]()
+        samples.append(1e6 * (time.perf_counter() - t0))
+    return summarize(samples)
+
+
+def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, *, warmup: int, repeats: int,
+               cache: str = "flush") -> Timing:
+    if device.type == "cuda":
+        return time_cuda(calls, warmup=warmup, repeats=repeats, cache=cache, device=device)
+    return time_cpu(calls, warmup=warmup, repeats=repeats)
