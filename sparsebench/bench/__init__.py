@@ -32,7 +32,8 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     from sparsebench.sparse.format import load_packed
 
     plan = plan_backends(backend, bench, device)
-    settings = TimingSettings(warmup=bench.warmup, repeats=bench.repeats, cache=bench.cache)
+    settings = TimingSettings(warmup=bench.warmup, repeats=bench.repeats, cache=bench.cache,
+                              cpu_threads=bench.cpu_threads)
     packed_layers = load_packed(packed)[0] if packed is not None else None
     was_training = model.training
     model.eval()

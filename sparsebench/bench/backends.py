@@ -282,3 +282,8 @@ register(Backend("semi_structured_2to4", ("cuda",), True, _semi_structured, _sem
 
 # Backends the `backend` group may pick as the one under test.
 SPARSE_BACKENDS = ("direct_sparse", "torch_csr", "sparse_reference")
+
+
+def mask_dependent(name: str) -> bool:
+    """Whether the backend's time depends on the layer's mask (2:4 brings its own fixed-density mask)."""
+    return BACKENDS[name].sparse and name != "semi_structured_2to4"

@@ -72,7 +72,8 @@ class LayerCase:
         return {"layer": self.name, "kind": self.kind, "in_shape": "x".join(map(str, self.in_shape)),
                 "out_channels": self.out_channels, "kernel": f"{kh}x{kw}" if self.kind == "conv2d" else None,
                 "stride": self.stride if self.kind == "conv2d" else None,
-                "sparsity": round(self.sparsity, 6), "bits": self.bits}
+                "sparsity": round(self.sparsity, 6), "bits": self.bits, "nnz": self.packed.nnz,
+                "params": self.packed.out_channels * self.packed.row_length}
 
 
 def case_from_packed(name: str, packed: PackedLayer, in_shape: Sequence[int]) -> LayerCase:

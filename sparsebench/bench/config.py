@@ -32,6 +32,7 @@ class BenchConfig:
     network: bool = True  # time the whole network (CUDA graphs on the GPU)
     graphs: bool = True  # capture whole-network forwards into CUDA graphs
     break_even: bool = True  # per-layer break-even sparsity against each baseline
+    cpu_threads: int = 1  # torch threads while timing on the CPU (0: torch's default); 1 is stable on busy hosts
     progress: bool = True
 
 
@@ -46,6 +47,7 @@ def validate_bench(backend: Any, bench: Any) -> None:
     require(bench.repeats >= 20, "bench.repeats", bench.repeats, "an integer >= 20 (medians of fewer runs are noise)")
     require(bench.warmup >= 0, "bench.warmup", bench.warmup, "an integer >= 0")
     require(bench.cache in ("flush", "rotate"), "bench.cache", bench.cache, "flush or rotate")
+    require(bench.cpu_threads >= 0, "bench.cpu_threads", bench.cpu_threads, "an integer >= 0 (0: torch's default)")
     for name in bench.baselines:
         require(name in BACKEND_NAMES, "bench.baselines", name, "names from " + ", ".join(BACKEND_NAMES))
     if bench.enabled:

@@ -22,6 +22,7 @@ class TimingSettings:
     warmup: int = 10
     repeats: int = 50
     cache: str = "flush"
+    cpu_threads: int = 1
 
 
 def make_inputs(case: LayerCase, batch: int, device: torch.device, cache: str, seed: int = 0) -> List[torch.Tensor]:
@@ -71,7 +72,8 @@ def time_prepared(prepared: Prepared, inputs: Sequence[torch.Tensor], device: to
     converted = [prepared.convert(x) for x in inputs]
     calls = [(lambda xi=xi: prepared.run(xi)) for xi in converted]
     with torch.no_grad(), prepared.context():
-        return time_calls(calls, device, warmup=settings.warmup, repeats=settings.repeats, cache=settings.cache)
+        return time_calls(calls, device, warmup=settings.warmup, repeats=settings.repeats, cache=settings.cache,
+                          cpu_threads=settings.cpu_threads)
 
 
 def traffic_bytes(case: LayerCase, prepared: Prepared, batch: int) -> int:

@@ -109,7 +109,7 @@ def time_networks(nets: Dict[str, nn.Module], prepared: Dict[str, Prepared], x: 
     for name, call in calls.items():
         with torch.no_grad(), prepared[name].context():
             out[name] = time_calls([call], device, warmup=settings.warmup, repeats=settings.repeats,
-                                   cache="flush")
+                                   cache="flush", cpu_threads=settings.cpu_threads)
     return out, used_graphs
 
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported
+from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported, mask_dependent
 from sparsebench.bench.cases import LayerCase, thin
 from sparsebench.bench.measure import (TimingSettings, break_even_sparsity, check, make_inputs, result_row,
                                        time_prepared)
@@ -89,7 +89,7 @@ class LayerBench:
         """Dense baselines (and 2:4, which uses its own mask) need timing once per layer shape and batch."""
         if shape_key is None:
             return None
-        if BACKENDS[name].sparse and name != "semi_structured_2to4":
+        if mask_dependent(name):
             return (name, shape_key, batch, round(case.sparsity, 4))
         return (name, shape_key, batch)
 
@@ -112,8 +112,8 @@ class LayerBench:
             if row is None:
                 continue
             if key is not None:
-                if not BACKENDS[name].sparse:
-                    row.update(sparsity=None, bits=None)  # a dense backend ignores the mask and codes
+                if not mask_dependent(name):
+                    row.update(sparsity=None, bits=None, nnz=None)  # it ignores the mask and the codes
                 self._baseline_rows[key] = row
             baseline_times[name] = row["time_us"]
             rows.append(row)
@@ -135,7 +135,8 @@ class LayerBench:
         points = [(case.packed.nnz, row["time_us"]), (thinned.packed.nnz, second["time_us"])]
         numel = case.packed.out_channels * case.packed.row_length
         for name, t in baseline_times.items():
-            row[f"break_even_vs_{name}"] = break_even_sparsity(points, t, numel)
+            if not mask_dependent(name):  # a baseline that itself speeds up with sparsity has no fixed bar
+                row[f"break_even_vs_{name}"] = break_even_sparsity(points, t, numel)
 
 
 def speedup_columns(rows: List[Dict[str, Any]]) -> List[str]:

@@ -15,6 +15,7 @@ The result is the median over ``repeats`` samples and the inter-quartile range.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -117,7 +118,21 @@ def time_cpu(calls: Sequence[Callable[[], object]], *, warmup: int = 3, repeats:
 
 
 def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, *, warmup: int, repeats: int,
-               cache: str = "flush") -> Timing:
+               cache: str = "flush", cpu_threads: int = 0) -> Timing:
     if device.type == "cuda":
         return time_cuda(calls, warmup=warmup, repeats=repeats, cache=cache, device=device)
-    return time_cpu(calls, warmup=warmup, repeats=repeats)
+    with cpu_thread_count(cpu_threads):
+        return time_cpu(calls, warmup=warmup, repeats=repeats)
+
+
+@contextlib.contextmanager
+def cpu_thread_count(threads: int):
+    """torch's intra-op threads for a while (0: leave as is). On a loaded host, multi-thread barriers
+    get descheduled and tiny ops read as whole scheduler quanta; one thread measures the work."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,302 @@
+"""``sparsebench-bench``: the kernel-only sweep (no training), a Hydra app.
+
+    sparsebench-bench                                   # VGG-16-CIFAR layers, 80..98%, fp32/8/4 bits, batch 1
+    sparsebench-bench layers=resnet50 bench=full        # ResNet-50 layers at batch 1, 32, 128
+    sparsebench-bench model=vgg16 data=cifar10          # a model config's conv/linear layers at the data's size
+    sparsebench-bench sweep.sparsities=[0.9] sweep.bits=[32] backend=direct_sparse_fp16
+    sparsebench-bench -m bench.batch_sizes=[1],[32]     # multirun: one run directory per job
+
+Writes ``bench.csv`` (one row per layer x backend x batch x sparsity x bits), ``metrics.json``
+(geomean speedups) and ``manifest.json`` into the run directory, prints a compact table, and
+logs a W&B table and summary with ``logger=wandb``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
+from sparsebench.config import DataConfig, LoggerConfig, ModelConfig
+from sparsebench.errors import ConfigError, require
+
+_HERE = Path(__file__).resolve().parent.parent
+CONF_DIR = str(next((p for p in (_HERE / "conf", _HERE.parent / "conf") if p.is_dir()), _HERE / "conf"))
+log = logging.getLogger("sparsebench.bench")
+
+VALUE_BITS = (32, 16, 8, 4, 2)
+# Input geometry of each dataset (channels, size, classes): shapes only, nothing is loaded.
+DATA_GEOMETRY = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+
+
+@dataclass
+class LayerShape:
+    name: str = "layer"
+    kind: str = "conv2d"  # conv2d | linear
+    c_in: int = 1
+    c_out: int = 1
+    kernel: int = 3
+    hw: int = 1  # input height = width
+    stride: int = 1
+    padding: Optional[int] = None  # None: kernel // 2
+
+
+@dataclass
+class LayerSet:
+    name: str = "custom"
+    layers: List[LayerShape] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    sparsities: List[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.98])
+    bits: List[int] = field(default_factory=lambda: [32, 8, 4])
+
+
+@dataclass
+class BenchCliConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    layers: Optional[LayerSet] = None
+    model: Optional[ModelConfig] = None
+    data: Optional[DataConfig] = None
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    name: str = "bench"
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="bench_schema", node=BenchCliConfig)
+
+
+def validate(cfg: Any, overrides: Sequence[str] = ()) -> None:
+    validate_bench(cfg.backend, cfg.bench)
+    s = cfg.sweep
+    require(len(s.sparsities) >= 1 and all(0 <= x < 1 for x in s.sparsities), "sweep.sparsities", list(s.sparsities),
+            "a non-empty list of fractions in [0, 1)")
+    require(len(s.bits) >= 1 and all(b in VALUE_BITS for b in s.bits), "sweep.bits", list(s.bits),
+            "a non-empty list from 32 (fp32 values), 16 (fp16 values), 8, 4, 2 (linear codes)")
+    explicit_layers = any(o.split("=")[0].lstrip("+~") == "layers" for o in overrides)
+    if cfg.model is not None:
+        require(not explicit_layers, "layers", cfg.layers.name if cfg.layers else None,
+                "not together with model=...: give either a layer set or a model config")
+        from sparsebench.models import MODELS
+
+        require(cfg.model.name in MODELS, "model.name", cfg.model.name, "one of " + ", ".join(sorted(MODELS)))
+        require(cfg.data is not None, "data", None, "a dataset (data=cifar10, ...) for the model's input size")
+    else:
+        require(cfg.layers is not None and len(cfg.layers.layers) >= 1, "layers", None,
+                "a layer set (layers=vgg16_cifar, resnet50, tiny) or model=<name>")
+        for i, layer in enumerate(cfg.layers.layers):
+            key = f"layers.layers[{i}]"
+            require(layer.kind in ("conv2d", "linear"), f"{key}.kind", layer.kind, "conv2d or linear")
+            require(min(layer.c_in, layer.c_out, layer.kernel, layer.hw, layer.stride) >= 1, key,
+                    OmegaConf.to_container(layer), "c_in, c_out, kernel, hw and stride all >= 1")
+
+
+# ------------------------------------------------------------------ layer shapes
+
+
+def shapes_from_layer_set(layer_set: Any) -> List[Dict[str, Any]]:
+    out = []
+    for layer in layer_set.layers:
+        linear = layer.kind == "linear"
+        out.append({"name": layer.name, "kind": layer.kind, "c_in": layer.c_in, "c_out": layer.c_out,
+                    "kernel": 1 if linear else layer.kernel, "hw": 1 if linear else layer.hw,
+                    "stride": 1 if linear else layer.stride,
+                    "padding": 0 if linear else (layer.kernel // 2 if layer.padding is None else layer.padding)})
+    return out
+
+
+def shapes_from_model(model_cfg: Any, data_cfg: Any) -> List[Dict[str, Any]]:
+    """The model's conv/linear layers at the data's input size (one forward pass at batch 1 on the CPU)."""
+    import torch
+    from torch import nn
+
+    from sparsebench import layers as layer_facts
+    from sparsebench.models import build_model
+
+    if data_cfg.name == "synthetic":
+        channels, size, classes = data_cfg.shape[0], data_cfg.shape[1], data_cfg.num_classes
+    else:
+        channels, size, classes = DATA_GEOMETRY[data_cfg.name]
+    model = build_model(model_cfg.name, in_channels=channels, num_classes=classes, image_size=size,
+                        width=model_cfg.width)
+    shapes = layer_facts.input_shapes(model, torch.zeros(1, channels, size, size))
+    out = []
+    for name, m in layer_facts.weight_layers(model).items():
+        if isinstance(m, nn.Conv2d):
+            c, h, _ = shapes[name]
+            out.append({"name": name, "kind": "conv2d", "c_in": c, "c_out": m.out_channels,
+                        "kernel": m.kernel_size[0], "hw": h, "stride": m.stride[0], "padding": m.padding[0]})
+        else:
+            out.append({"name": name, "kind": "linear", "c_in": m.in_features, "c_out": m.out_features,
+                        "kernel": 1, "hw": 1, "stride": 1, "padding": 0})
+    return out
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, Any]]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from sparsebench.bench.cases import synthetic_case
+    from sparsebench.bench.measure import TimingSettings, break_even_sparsity
+    from sparsebench.bench.suite import LayerBench, plan_backends
+
+    plan = plan_backends(cfg.backend, cfg.bench, device)
+    settings = TimingSettings(warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, cache=cfg.bench.cache,
+                              cpu_threads=cfg.bench.cpu_threads)
+    sparsities, bits_list = list(cfg.sweep.sparsities), list(cfg.sweep.bits)
+    # With two or more sparsities the break-even fit uses them all (below); with one, a thinned copy.
+    runner = LayerBench(plan, settings, break_even=cfg.bench.break_even and len(sparsities) < 2)
+    jobs = [(s, b, sp, bits) for s in shapes for b in cfg.bench.batch_sizes for sp in sparsities for bits in bits_list]
+    rows: List[Dict[str, Any]] = []
+    for shape, batch, sparsity, bits in tqdm(jobs, desc=f"sparsebench-bench ({plan.sparse})",
+                                             disable=not cfg.bench.progress):
+        g = torch.Generator().manual_seed(cfg.seed + int(round(sparsity * 1e4)) * 100 + bits)
+        case = synthetic_case(shape["name"], shape["kind"], shape["c_in"], shape["c_out"], shape["kernel"],
+                              shape["hw"], shape["stride"], shape["padding"], sparsity, bits, g)
+        new = runner.run(case, batch, shape_key=shape["name"])
+        for r in new:  # the nominal sparsity (the mask has round(s * numel) zeros; nnz is exact)
+            if r["sparsity"] is not None:
+                r["sparsity"] = sparsity
+        rows += new
+    if cfg.bench.break_even and len(sparsities) >= 2:
+        add_sweep_break_even(rows, plan.sparse, break_even_sparsity)
+    return rows
+
+
+def add_sweep_break_even(rows: List[Dict[str, Any]], sparse: str, estimate) -> None:
+    """Per (layer, batch, bits): t = a + b*nnz fitted over the measured sparsities -> break-even per baseline."""
+    ours = [r for r in rows if r["backend"] == sparse]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in ours:
+        groups.setdefault((r["layer"], r["batch"], r["bits"]), []).append(r)
+    for (layer, batch, _), group in groups.items():
+        points = [(r["nnz"], r["time_us"]) for r in group]
+        for r in rows:  # fixed-time baselines only: dense ones and 2:4 (their rows carry no sparsity)
+            if r["layer"] == layer and r["batch"] == batch and r["backend"] != sparse and r["sparsity"] is None:
+                for g in group:
+                    g[f"break_even_vs_{r['backend']}"] = estimate(points, r["time_us"], g["params"])
+
+
+def geomean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def summarize(rows: List[Dict[str, Any]], sparse: str) -> Dict[str, float]:
+    """Geomean over layers of our speedup vs each baseline, per batch, sparsity and bits."""
+    ours = [r for r in rows if r["backend"] == sparse]
+    out: Dict[str, float] = {}
+    keys = sorted({(r["batch"], r["sparsity"], r["bits"]) for r in ours})
+    baselines = sorted({k[len("speedup_vs_"):] for r in ours for k in r if k.startswith("speedup_vs_")})
+    for batch, sparsity, bits in keys:
+        sel = [r for r in ours if (r["batch"], r["sparsity"], r["bits"]) == (batch, sparsity, bits)]
+        for b in baselines:
+            value = geomean([r.get(f"speedup_vs_{b}") for r in sel])
+            out[f"geomean_speedup/{b}/b{batch}/s{sparsity:g}/{bits}bit"] = round(value, 4)
+    return out
+
+
+def format_table(rows: List[Dict[str, Any]], sparse: str) -> str:
+    """One line per case of the backend under test: its time and speedup over each baseline."""
+    ours = [r for r in rows if r["backend"] == sparse]
+    baselines = sorted({k[len("speedup_vs_"):] for r in ours for k in r if k.startswith("speedup_vs_")})
+    head = f"{'layer':<20} {'batch':>5} {'sparsity':>8} {'bits':>4} {sparse + ' us':>18}" + "".join(
+        f" {'x ' + b:>22}" for b in baselines)
+    lines = [head, "-" * len(head)]
+    for r in ours:
+        cells = "".join(f" {r.get('speedup_vs_' + b) or float('nan'):>22.2f}" for b in baselines)
+        lines.append(f"{r['layer'][:20]:<20} {r['batch']:>5} {r['sparsity']:>8.3f} {r['bits']:>4} "
+                     f"{r['time_us']:>18.1f}{cells}")
+    return "\n".join(lines)
+
+
+def sweep_main(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> Dict[str, Any]:
+    import torch
+
+    from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
+
+    validate(cfg, overrides)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    write_manifest(run_dir, config, cfg.seed, overrides)
+    tracker: Tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}")
+    metrics: Dict[str, Any] = {"status": "failed"}
+    exit_code = 1
+    try:
+        shapes = shapes_from_model(cfg.model, cfg.data) if cfg.model is not None else shapes_from_layer_set(cfg.layers)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rows = run_sweep(cfg, shapes, device)
+        write_csv(run_dir / "bench.csv", rows)
+        sparse = rows[0]["backend"] if rows else cfg.backend.name
+        print(format_table(rows, sparse))
+        metrics.update(summarize(rows, sparse), status="ok", backend=sparse, rows=len(rows))
+        tracker.table("bench", rows)
+        exit_code = 0
+    finally:
+        write_json(run_dir / "metrics.json", metrics)
+        tracker.summary(metrics)
+        tracker.finish(exit_code)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench_cli")
+def app(cfg: DictConfig) -> Optional[float]:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        sweep_main(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            return None
+        sys.exit(2)
+    return None
+
+
+def precheck(overrides: List[str]) -> Optional[str]:
+    """Compose once up front so a bad override is one line, not Hydra's page."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("bench_cli", overrides=overrides)
+    except MissingConfigException as e:
+        group, _, choice = (e.missing_cfg_file or "").rpartition("/")
+        if group and e.options:
+            return f"{group}={choice} is not allowed: one of {', '.join(sorted(e.options))}"
+        return str(e).splitlines()[0]
+    except HydraException as e:
+        cause = e.__cause__
+        detail = (getattr(cause, "msg", None) or str(cause)).splitlines()[0] if cause is not None else ""
+        return str(e).splitlines()[0] + (f": {detail}" if detail else "")
+    return None
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        problem = precheck([a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+    app()
+
+
+if __name__ == "__main__":
+    main()
