@@ -34,7 +34,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   if (value_kind < kValF32 || value_kind > kValCodebook) throw std::invalid_argument("value_kind: expected 0..3");
   if (col_bits != 16 && col_bits != 32) throw std::invalid_argument("col_bits: expected 16 or 32");
   if (value_kind >= kValLinear && bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits: expected 2, 4 or 8");
-  if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (tile), 2 (rowsplit)");
+  if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (stage), 2 (rowsplit)");
   if (stride < 1 || pad < 0 || KH < 1 || KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
   ConvArgs a;
   a.x = ptr<const void>(x);
@@ -60,15 +60,18 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
 
 py::dict plan_dict(const Plan& p) {
   py::dict d;
-  d["variant"] = p.variant == kTile ? "tile" : "rowsplit";
-  d["rows_per_block"] = p.rows_per_block;
+  d["variant"] = p.variant == kStage ? "stage" : "rowsplit";
+  d["V"] = p.V;
   d["TH"] = p.TH;
   d["TW"] = p.TW;
-  d["G"] = p.G;
+  d["NI"] = p.NI;
   d["CC"] = p.CC;
+  d["chunks"] = p.chunks;
+  d["rows_per_block"] = p.rows_per_block;
   d["threads"] = p.threads;
   d["smem_bytes"] = p.smem_bytes;
   d["blocks"] = p.blocks;
+  d["flattened"] = p.flattened;
   return d;
 }
 
@@ -111,22 +114,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "set_tuning",
-      [](int smem_budget, int rowsplit_max_pixels, int tile_threads) {
-        if (smem_budget < 4096 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 4096..232448 bytes");
-        if (tile_threads < 32 || tile_threads > 256) throw std::invalid_argument("tile_threads: expected 32..256");
+      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm) {
+        if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
+        if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
-        t.tile_threads = tile_threads;
+        t.blocks_per_sm = blocks_per_sm;
       },
-      "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 48 * 1024,
-      py::arg("rowsplit_max_pixels") = 128, py::arg("tile_threads") = 128);
+      "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
+      py::arg("rowsplit_max_pixels") = 128, py::arg("blocks_per_sm") = 2);
 
   m.def("get_tuning", []() {
     py::dict d;
     d["smem_budget"] = tuning().smem_budget;
     d["rowsplit_max_pixels"] = tuning().rowsplit_max_pixels;
-    d["tile_threads"] = tuning().tile_threads;
+    d["blocks_per_sm"] = tuning().blocks_per_sm;
     return d;
   });
 
@@ -140,7 +143,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime_compiled"] = cuda_runtime_version_compiled();
     d["cuda_runtime"] = cuda_runtime_version();
     d["cuda_driver"] = cuda_driver_version();
-    d["kernels"] = py::make_tuple("conv_tile<R=4,16>", "conv_rowsplit<P=16>");
+    d["kernels"] = py::make_tuple("conv_stage<V=1,2,4>", "conv_rowsplit<P=16>");
     return d;
   });
 }

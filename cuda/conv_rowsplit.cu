@@ -2,7 +2,7 @@
 // at small batch): one warp per output channel and per 16 output pixels; the row's nonzeros
 // are split across the lanes (each lane keeps 16 partial sums), then a reduce-scatter of
 // 16 shuffles leaves pixel (lane >> 1) in each even lane. Input is read through L1.
-#include "tile.cuh"
+#include "kernels.cuh"
 
 namespace sparsebench {
 

@@ -2,7 +2,7 @@
 // allocation and no synchronisation, so every call can be captured in a CUDA graph.
 #include <algorithm>
 
-#include "tile.cuh"
+#include "kernels.cuh"
 
 namespace sparsebench {
 
@@ -23,81 +23,123 @@ static int sm_count() {
   return cached[dev];
 }
 
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A 1x1, stride-1, unpadded conv is the same computation on one long image row; tiles then
+// fill completely with no halo. Linear layers arrive as 1x1 images already.
+static ConvArgs flatten(const ConvArgs& a, bool& flat) {
+  ConvArgs g = a;
+  flat = a.KH == 1 && a.KW == 1 && a.stride == 1 && a.pad == 0 && a.H * a.W > 1;
+  if (flat) {
+    g.W = a.H * a.W;
+    g.H = 1;
+    g.OW = a.OH * a.OW;
+    g.OH = 1;
+  }
+  return g;
+}
+
 static Plan rowsplit_plan(const ConvArgs& a) {
   Plan p;
   p.variant = kRowSplit;
   p.rows_per_block = kRowSplitWarps;
   p.threads = kRowSplitWarps * 32;
   const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW;
-  p.blocks = ((M + kRowSplitPixels - 1) / kRowSplitPixels) * ((a.CO + kRowSplitWarps - 1) / kRowSplitWarps);
+  p.blocks = cdiv(M, kRowSplitPixels) * cdiv(a.CO, kRowSplitWarps);
   return p;
 }
 
-static TileCfg tile_cfg(const ConvArgs& a, int G, int TH, int TW, int CC) {
-  TileCfg t{};
-  t.TH = TH;
-  t.TW = TW;
-  t.G = G;
-  t.RH = (TH - 1) * a.stride + a.KH;
-  t.RW = (TW - 1) * a.stride + a.KW;
-  t.CC = CC;
-  t.cap = CC * a.KH * a.KW;
-  t.n_bands = (a.OH + TH - 1) / TH;
-  t.total_slots = a.N * t.n_bands;
-  t.div_bands = FastDiv(t.n_bands);
-  t.div_KK = FastDiv(a.KH * a.KW);
-  t.div_KW = FastDiv(a.KW);
-  t.div_RW = FastDiv(t.RW);
-  t.div_RH = FastDiv(t.RH);
-  t.div_G = FastDiv(G);
-  return t;
+// Tile shape for 32*V pixels: whole output rows first, then several rows, then several images.
+static void tile_shape(const ConvArgs& a, int V, int& TW, int& TH, int& NI) {
+  const int PT = 32 * V;
+  TW = std::min(a.OW, PT);
+  TH = std::max(1, std::min(a.OH, PT / TW));
+  NI = std::max(1, std::min(a.N, PT / (TW * TH)));
 }
 
-// Fills `plan` and `cfg` for the tiled kernel; false when it cannot fit shared memory.
-static bool tile_plan(const ConvArgs& a, Plan& plan, TileCfg& cfg) {
+static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   const Tuning& tu = tuning();
-  int TW = a.OW;
-  if (a.OW > 16) {
-    TW = 16;
-    for (int d = 16; d >= 8; --d)
-      if (a.OW % d == 0) { TW = d; break; }
+  const int64_t want_blocks = static_cast<int64_t>(tu.blocks_per_sm) * sm_count();
+  const int64_t max_groups = std::max<int64_t>(1, cdiv(a.CO, 16));  // at least 2 rows per warp
+  int V = 4, TW = 1, TH = 1, NI = 1;
+  int64_t tiles = 1;
+  for (;; V /= 2) {
+    tile_shape(a, V, TW, TH, NI);
+    tiles = cdiv(a.N, NI) * cdiv(a.OH, TH) * cdiv(a.OW, TW);
+    if (V == 1 || tiles * max_groups >= want_blocks) break;
   }
-  const int TH = std::max(1, std::min(a.OH, 32 / TW));
-  const int positions = TH * TW;
-  const int n_bands = (a.OH + TH - 1) / TH;
-  const int64_t slots = static_cast<int64_t>(a.N) * n_bands;
-  int G = std::max(1, tu.tile_threads / positions);
-  G = static_cast<int>(std::min<int64_t>(G, (slots + 3) / 4));
+  const int PT = 32 * V;
+  int64_t groups = std::min(max_groups, std::max<int64_t>(1, cdiv(want_blocks, tiles)));
+  int64_t RG = cdiv(a.CO, groups);
   const int RH = (TH - 1) * a.stride + a.KH, RW = (TW - 1) * a.stride + a.KW;
-  const int64_t slot_blocks = (slots + 4 * G - 1) / (4 * G);
-  const int64_t ow_tiles = (a.OW + TW - 1) / TW;
-  const int64_t blocks16 = slot_blocks * ow_tiles * ((a.CO + 15) / 16);
-  const int R = blocks16 >= 2 * sm_count() ? 16 : 4;
-  const int KK = a.KH * a.KW;
-  const int64_t per_channel = static_cast<int64_t>(G) * RH * RW * 16 + static_cast<int64_t>(R) * KK * 8;
-  const int64_t fixed = (4 * R + 8 * G) * 4;
-  const int64_t CC = std::min<int64_t>(a.C, (tu.smem_budget - fixed) / per_channel);
-  if (CC < 1 || slot_blocks > 0x7fffffff || ow_tiles > 65535 || (a.CO + R - 1) / R > 65535) return false;
-  cfg = tile_cfg(a, G, TH, TW, static_cast<int>(CC));
-  plan.variant = kTile;
-  plan.rows_per_block = R;
-  plan.TH = TH;
-  plan.TW = TW;
-  plan.G = G;
-  plan.CC = static_cast<int>(CC);
-  plan.threads = (G * positions + 31) / 32 * 32;
-  plan.smem_bytes = CC * per_channel + fixed;
-  plan.blocks = slot_blocks * ow_tiles * ((a.CO + R - 1) / R);
+  const int64_t stage = static_cast<int64_t>(NI) * RH * RW;
+  const int64_t ent = kStageWarps * 32 * 8;
+  const int64_t budget = tu.smem_budget;
+  auto round4 = [](int64_t v) { return (v + 3) / 4 * 4; };
+
+  int64_t CC = a.C, chunks = 1, acc = 0;
+  if (round4(a.C * stage) * 4 + ent + round4(RG) * 4 > budget) {
+    // Several chunks: partial sums of RG rows x PT pixels wait in shared memory.
+    RG = std::min<int64_t>(RG, std::max<int64_t>(8, budget / 2 / (PT * 4)));
+    acc = RG * PT * 4;
+    CC = (budget - acc - ent - round4(RG) * 4) / (stage * 4);
+    if (CC < 1) return false;
+    chunks = cdiv(a.C, CC);
+  }
+  groups = cdiv(a.CO, RG);
+  if (tiles > 0x7fffffff || groups > 65535) return false;
+  const int64_t xs = round4(CC * stage);
+
+  t.V = V;
+  t.TH = TH;
+  t.TW = TW;
+  t.NI = NI;
+  t.RH = RH;
+  t.RW = RW;
+  t.CC = static_cast<int>(CC);
+  t.chunks = static_cast<int>(chunks);
+  t.RG = static_cast<int>(RG);
+  t.tiles_w = static_cast<int>(cdiv(a.OW, TW));
+  t.tiles_h = static_cast<int>(cdiv(a.OH, TH));
+  t.stage = static_cast<int>(stage);
+  t.xs = static_cast<int>(xs);
+  t.div_RW = FastDiv(RW);
+  t.div_RH = FastDiv(RH);
+  t.div_NI = FastDiv(NI);
+  t.div_KK = FastDiv(a.KH * a.KW);
+  t.div_KW = FastDiv(a.KW);
+  t.div_TW = FastDiv(TW);
+  t.div_THTW = FastDiv(TH * TW);
+  t.div_tiles_w = FastDiv(t.tiles_w);
+  t.div_tiles_h = FastDiv(t.tiles_h);
+
+  p.variant = kStage;
+  p.V = V;
+  p.TH = TH;
+  p.TW = TW;
+  p.NI = NI;
+  p.CC = t.CC;
+  p.chunks = t.chunks;
+  p.rows_per_block = t.RG;
+  p.threads = kStageWarps * 32;
+  p.smem_bytes = xs * 4 + acc + ent + round4(RG) * 4;
+  p.blocks = tiles * groups;
   return true;
 }
 
+static bool want_rowsplit(const ConvArgs& g) {
+  const int64_t M = static_cast<int64_t>(g.N) * g.OH * g.OW;
+  return g.variant == kRowSplit || (g.variant == kAuto && M <= tuning().rowsplit_max_pixels);
+}
+
 Plan make_plan(const ConvArgs& a) {
-  const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW;
-  const bool want_rows = a.variant == kRowSplit || (a.variant == kAuto && M <= tuning().rowsplit_max_pixels);
+  bool flat = false;
+  const ConvArgs g = flatten(a, flat);
   Plan p;
-  TileCfg cfg;
-  if (!want_rows && tile_plan(a, p, cfg)) return p;
-  return rowsplit_plan(a);
+  StageCfg t;
+  if (want_rowsplit(g) || !stage_plan(g, p, t)) p = rowsplit_plan(g);
+  p.flattened = flat;
+  return p;
 }
 
 std::string launch_conv(const ConvArgs& a, void* stream_handle) {
@@ -106,16 +148,15 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   if (static_cast<int64_t>(a.N) * a.C * a.H * a.W >= (1ll << 31) ||
       static_cast<int64_t>(a.N) * a.CO * a.OH * a.OW >= (1ll << 31))
     return "tensors of 2**31 or more elements are not supported";
-  const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW;
-  const bool want_rows = a.variant == kRowSplit || (a.variant == kAuto && M <= tuning().rowsplit_max_pixels);
+  bool flat = false;
+  const ConvArgs g = flatten(a, flat);
   Plan p;
-  TileCfg cfg;
+  StageCfg t;
   std::string err;
-  if (!want_rows && tile_plan(a, p, cfg)) {
-    err = launch_tile(a, cfg, p, stream);
-  } else {
-    err = launch_rowsplit(a, stream);
-  }
+  if (!want_rowsplit(g) && stage_plan(g, p, t))
+    err = launch_stage(g, t, p, stream);
+  else
+    err = launch_rowsplit(g, stream);
   if (!err.empty()) return err;
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : std::string("kernel launch failed: ") + cudaGetErrorString(e);

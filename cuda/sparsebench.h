@@ -8,7 +8,7 @@ namespace sparsebench {
 
 enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 enum ValueKind : int { kValF32 = 0, kValF16 = 1, kValLinear = 2, kValCodebook = 3 };
-enum Variant : int { kAuto = 0, kTile = 1, kRowSplit = 2 };
+enum Variant : int { kAuto = 0, kStage = 1, kRowSplit = 2 };
 
 // One direct sparse convolution (a linear layer is the 1x1 case on a 1x1 image).
 // x: [N, C, H, W] activations; out: [N, CO, OH, OW], same dtype; weights: CSR over CO.
@@ -35,15 +35,16 @@ struct ConvArgs {
 // The launch plan the dispatcher picks (exposed for benchmarks and docs).
 struct Plan {
   int variant = kRowSplit;
-  int rows_per_block = 0, TH = 0, TW = 0, G = 0, CC = 0, threads = 0;
+  int V = 0, TH = 0, TW = 0, NI = 0, CC = 0, chunks = 0, rows_per_block = 0, threads = 0;
   int64_t smem_bytes = 0;
   int64_t blocks = 0;
+  bool flattened = false;  // a 1x1/stride-1/no-padding conv treated as one long image row
 };
 
 struct Tuning {
-  int smem_budget = 48 * 1024;     // bytes of shared memory one tile block may use
-  int rowsplit_max_pixels = 128;   // N*OH*OW up to which auto picks the row-split kernel
-  int tile_threads = 128;          // target threads per tile block
+  int smem_budget = 100 * 1024;   // bytes of shared memory one staged block may use
+  int rowsplit_max_pixels = 128;  // N*OH*OW up to which auto picks the row-split kernel
+  int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
 };
 
 Tuning& tuning();

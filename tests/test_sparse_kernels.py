@@ -61,14 +61,14 @@ def run_case(seed, variant):
     check(out, reference(x, layer, relu), dtype)
 
 
-@pytest.mark.parametrize("variant", ["auto", "tile", "rowsplit"])
+@pytest.mark.parametrize("variant", ["auto", "stage", "rowsplit"])
 @pytest.mark.parametrize("seed", range(40))
 def test_random_conv_cases(seed, variant):
     run_case(1000 * seed + 7, variant)
 
 
 @pytest.mark.parametrize("value, bits", VALUES)
-@pytest.mark.parametrize("variant", ["tile", "rowsplit"])
+@pytest.mark.parametrize("variant", ["stage", "rowsplit"])
 def test_every_value_kind_on_a_deep_layer(value, bits, variant):
     layer = random_layer((96, 80, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 1).to("cuda")
     x = torch.randn(6, 80, 6, 6, device="cuda")
@@ -78,7 +78,7 @@ def test_every_value_kind_on_a_deep_layer(value, bits, variant):
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99, 1.0])
-@pytest.mark.parametrize("variant", ["tile", "rowsplit"])
+@pytest.mark.parametrize("variant", ["stage", "rowsplit"])
 def test_sparsity_extremes_and_empty_layer(sparsity, variant):
     layer = random_layer((33, 19, 3, 3), sparsity, padding=1, seed=3).to("cuda")
     x = torch.randn(4, 19, 11, 11, device="cuda")

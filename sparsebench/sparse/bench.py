@@ -309,7 +309,8 @@ def run_sweep(layers: Sequence[ConvShape], batches: Sequence[int], sparsities: S
                         t = time_graph(fn, len(xs), samples)
                         plan = kernel_plan(tuple(xs[0].shape), layer, variant)
                         pl = (f"{plan['variant']}:R{plan['rows_per_block']}" +
-                              (f"/T{plan['TH']}x{plan['TW']}/G{plan['G']}/CC{plan['CC']}" if plan["variant"] == "tile" else ""))
+                              (f"/V{plan['V']}/{plan['NI']}x{plan['TH']}x{plan['TW']}/CC{plan['CC']}x{plan['chunks']}"
+                               f"/B{plan['blocks']}" if plan["variant"] == "stage" else ""))
                         backend = "direct_sparse" if variant == "auto" else f"direct_sparse[{variant}]"
                         group.append(dict(base, sparsity=s, bits=bits, backend=backend, time_us=t.median_us,
                                           spread_us=t.spread_us, weight_bytes=layer.footprint_bytes(),
@@ -385,10 +386,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     p.add_argument("--bits", default="32,8,4", help="weight bits: 32 (fp32 values), 16 (fp16 values), 8/4/2 (codes)")
     p.add_argument("--layers", default="", help="comma-separated substrings of layer names (default: all)")
-    p.add_argument("--variants", default="auto", help="kernel variants to time: auto,tile,rowsplit")
+    p.add_argument("--variants", default="auto", help="kernel variants to time: auto,stage,rowsplit")
     p.add_argument("--baselines", default="cudnn_fp32,cudnn_tf32,cudnn_fp16,csr_spmm")
     p.add_argument("--samples", type=int, default=15)
-    p.add_argument("--tuning", default="", help="dispatcher knobs, e.g. smem_budget=65536,rowsplit_max_pixels=256")
+    p.add_argument("--tuning", default="", help="dispatcher knobs, e.g. smem_budget=65536,rowsplit_max_pixels=256,blocks_per_sm=2")
     args = p.parse_args(argv)
     if not kernels_available():
         from sparsebench.sparse.ops import kernels_unavailable_reason

@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
 
 ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 VALUE_KIND_CODES = {"float32": 0, "float16": 1, "linear": 2, "codebook": 3}
-VARIANTS = {"auto": 0, "tile": 1, "rowsplit": 2}
+VARIANTS = {"auto": 0, "stage": 1, "rowsplit": 2}
 
 
 def kernels_unavailable_reason() -> Optional[str]:

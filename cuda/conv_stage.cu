@@ -1,0 +1,180 @@
+// Direct sparse convolution, input-stationary: one block = a tile of 32*V output pixels x a
+// group of RG output channels. The input tile (halo and zero padding included) is staged in
+// shared memory CC channels at a time and then reused by every row of the group: each warp
+// walks its rows, decodes 32 of a row's nonzeros at a time (one per lane: column -> shared
+// offset, code -> fp32 value) into a per-warp buffer, and every lane then does V FMAs per
+// nonzero against its own pixels (one broadcast + V conflict-free shared loads).
+// Partial sums across chunks live in shared memory; with one chunk they never leave registers.
+#include <climits>
+
+#include "kernels.cuh"
+
+namespace sparsebench {
+
+namespace {
+
+struct Entry {
+  float w;
+  int off;  // offset of the tap inside the staged chunk
+};
+
+}  // namespace
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kStageWarps * 32) conv_stage_kernel(const ConvArgs a, const StageCfg t) {
+  constexpr int NT = kStageWarps * 32;
+  constexpr int PT = 32 * V;
+  extern __shared__ float4 smem4[];
+  float* s_x = reinterpret_cast<float*>(smem4);
+  float* s_acc = s_x + t.xs;
+  Entry* s_ent = reinterpret_cast<Entry*>(s_acc + (t.chunks > 1 ? t.RG * PT : 0));
+  int* s_cur = reinterpret_cast<int*>(s_ent + kStageWarps * 32);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+
+  // Which tile: (image group, row band, column band).
+  const int bw = t.div_tiles_w.div(blockIdx.x);
+  const int tw_i = blockIdx.x - bw * t.tiles_w;
+  const int tn_i = t.div_tiles_h.div(bw);
+  const int th_i = bw - tn_i * t.tiles_h;
+  const int ow0 = tw_i * t.TW, oh0 = th_i * t.TH, n0 = tn_i * t.NI;
+  const int rg0 = blockIdx.y * t.RG;
+  const int nrows = min(t.RG, a.CO - rg0);
+  const int OHW = a.OH * a.OW;
+
+  int sbase[V], obase[V];
+  bool valid[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int pos = lane + 32 * v;
+    const int img = t.div_THTW.div(pos), rem = pos - img * t.TH * t.TW;
+    const int ta = t.div_TW.div(rem), tb = rem - ta * t.TW;
+    const int n = n0 + img, oh = oh0 + ta, ow = ow0 + tb;
+    valid[v] = img < t.NI && n < a.N && oh < a.OH && ow < a.OW;
+    sbase[v] = valid[v] ? (img * t.RH + ta * a.stride) * t.RW + tb * a.stride : 0;
+    obase[v] = valid[v] ? n * a.CO * OHW + oh * a.OW + ow : 0;
+  }
+  for (int i = tid; i < nrows; i += NT) s_cur[i] = __ldg(a.rowptr + block_row(a, rg0 + i));
+
+  const int KK = a.KH * a.KW;
+  const int ih_base = oh0 * a.stride - a.pad, iw_base = ow0 * a.stride - a.pad;
+  int chunk = 0;
+  for (int c0 = 0; c0 < a.C; c0 += t.CC, ++chunk) {
+    const int ccn = min(t.CC, a.C - c0);
+    // Stage [cc][img][r][c]; 8 loads in flight per thread before their stores.
+    const int total = ccn * t.stage;
+    for (int e0 = tid; e0 < total; e0 += NT * 8) {
+      float vals[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int e = e0 + u * NT;
+        vals[u] = 0.f;
+        if (e < total) {
+          const int t1 = t.div_RW.div(e), c = e - t1 * t.RW;
+          const int t2 = t.div_RH.div(t1), r = t1 - t2 * t.RH;
+          const int cc = t.div_NI.div(t2), img = t2 - cc * t.NI;
+          const int n = n0 + img, ih = ih_base + r, iw = iw_base + c;
+          if (n < a.N && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
+              static_cast<unsigned>(iw) < static_cast<unsigned>(a.W))
+            vals[u] = load_act(x + ((static_cast<size_t>(n) * a.C + c0 + cc) * a.H + ih) * a.W + iw);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int e = e0 + u * NT;
+        if (e < total) s_x[e] = vals[u];
+      }
+    }
+    __syncthreads();
+
+    const int col_end = (c0 + ccn) * KK;
+    const bool last = c0 + t.CC >= a.C;
+    Entry* ent = s_ent + warp * 32;
+    for (int i = warp; i < nrows; i += kStageWarps) {
+      const int row = block_row(a, rg0 + i);
+      const int end = __ldg(a.rowptr + row + 1);
+      int cur = s_cur[i];
+      float part[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) part[v] = 0.f;
+      while (true) {
+        const int k = cur + lane;
+        const int col = k < end ? load_col(a, k) : INT_MAX;
+        const bool in = col < col_end;  // columns are sorted: the chunk's ones form a prefix
+        const int nin = __popc(__ballot_sync(0xffffffffu, in));
+        if (in) {
+          const int ci = t.div_KK.div(col), rem = col - ci * KK;
+          const int kh = t.div_KW.div(rem), kw = rem - kh * a.KW;
+          ent[lane] = Entry{decode_value(a, row, k), ((ci - c0) * t.NI * t.RH + kh) * t.RW + kw};
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int j = 0; j < nin; ++j) {
+          const Entry e = ent[j];
+#pragma unroll
+          for (int v = 0; v < V; ++v) part[v] = fmaf(e.w, s_x[sbase[v] + e.off], part[v]);
+        }
+        __syncwarp();
+        cur += nin;
+        if (nin < 32) break;
+      }
+      if (lane == 0) s_cur[i] = cur;
+      float* acc = s_acc + i * PT;
+      if (t.chunks > 1 && chunk > 0) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) part[v] += acc[lane + 32 * v];
+      }
+      if (!last) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[lane + 32 * v] = part[v];
+      } else {
+        const float b = a.bias ? __ldg(a.bias + row) : 0.f;
+        T* __restrict__ out = static_cast<T*>(a.out);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (valid[v]) {
+            float y = part[v] + b;
+            if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
+            out[obase[v] + row * OHW] = from_f32<T>(y);
+          }
+        }
+      }
+    }
+    __syncthreads();  // s_x is overwritten by the next chunk
+  }
+}
+
+template <typename T, int V>
+static std::string launch_stage_t(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream) {
+  auto kernel = conv_stage_kernel<T, V>;
+  if (p.smem_bytes > 48 * 1024) {
+    // Not a stream operation, so it is legal during graph capture.
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(p.smem_bytes));
+    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+  }
+  const int tiles_n = (a.N + t.NI - 1) / t.NI;
+  const dim3 grid(static_cast<unsigned>(t.tiles_w) * t.tiles_h * tiles_n, static_cast<unsigned>((a.CO + t.RG - 1) / t.RG));
+  kernel<<<grid, kStageWarps * 32, p.smem_bytes, stream>>>(a, t);
+  return "";
+}
+
+template <typename T>
+static std::string launch_stage_v(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t s) {
+  switch (t.V) {
+    case 1: return launch_stage_t<T, 1>(a, t, p, s);
+    case 2: return launch_stage_t<T, 2>(a, t, p, s);
+    default: return launch_stage_t<T, 4>(a, t, p, s);
+  }
+}
+
+std::string launch_stage(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t s) {
+  switch (a.act_dtype) {
+    case kF32: return launch_stage_v<float>(a, t, p, s);
+    case kF16: return launch_stage_v<__half>(a, t, p, s);
+    default: return launch_stage_v<__nv_bfloat16>(a, t, p, s);
+  }
+}
+
+}  // namespace sparsebench
