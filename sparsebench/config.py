@@ -141,7 +141,7 @@ def validate(cfg: Any) -> None:
     _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
     _require(d.train_size >= 1 and d.test_size >= 1, "data.train_size", d.train_size, "train_size and test_size >= 1")
 
-    validate_prune(cfg.prune)
+    validate_prune(cfg.prune, t.finetune_epochs)
     validate_quant(cfg.quant)
     validate_bench(cfg.backend, cfg.bench)
     if cfg.prune.method != "none" or cfg.quant.method != "none":

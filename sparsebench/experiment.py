@@ -15,7 +15,7 @@ from sparsebench.config import validate
 from sparsebench.errors import ConfigError
 from sparsebench.data import Batches, Dataset, load_dataset
 from sparsebench.models import build_model
-from sparsebench.prune import build_pruner
+from sparsebench.prune import build_pruner, sensitivity_study
 from sparsebench.bench import benchmark_model
 from sparsebench.quant import build_quantizer, export_model
 from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
@@ -90,6 +90,9 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
                            "model_cfg": OmegaConf.to_container(cfg.model), "data": cfg.data.name},
                           run_dir / "dense.pt")
     tracker.log({"acc_dense": acc_dense}, t.epochs * len(train))
+    # experiment=sensitivity: prune one layer at a time, write sensitivity.* (prune/); done before a finetune resume.
+    if cfg.prune.sensitivity and not (resume is not None and resume["phase"] == "finetune"):
+        sensitivity_study(cfg.prune, model, lambda: evaluate(model, test, t.amp), acc_dense, run_dir, tracker)
 
     # Pruning and quantization-aware retraining.
     if hooks:

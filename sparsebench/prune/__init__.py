@@ -1,4 +1,5 @@
-"""Unstructured pruning as a training hook (schedules and magnitude masks)."""
+"""Unstructured pruning as a training hook (schedules and magnitude masks), and the
+one-layer-at-a-time sensitivity study."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ from typing import Any, Optional
 
 from torch import nn
 
+from sparsebench.prune.pruner import MagnitudePruner
+from sparsebench.prune.sensitivity import sensitivity_study
 from sparsebench.train import TrainHook
+
+__all__ = ["MagnitudePruner", "build_pruner", "sensitivity_study"]
 
 
 def build_pruner(cfg: Any, model: nn.Module) -> Optional[TrainHook]:
-    """The pruning hook for ``cfg`` (a PruneConfig), or None for ``prune=none``."""
+    """The pruning hook for ``cfg`` (a PruneConfig), or None for ``prune=none``.
+
+    Checks what needs the model (layer regex, overrides) here, before any training.
+    """
     if cfg.method == "none":
         return None
-    raise NotImplementedError(f"prune.method={cfg.method!r} is not implemented yet")
+    return MagnitudePruner(cfg, model)

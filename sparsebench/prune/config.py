@@ -1,44 +1,68 @@
-"""The pruning config (the `prune` group) and its checks."""
+"""The pruning config (the `prune` group) and its checks.
+
+Everything here is checked from the config alone, before any data or model exists; the
+checks that need the model (does an override name a prunable layer?) run in
+``build_pruner``, still before any training.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
 
 from sparsebench.errors import ConfigError, require
 
 METHODS = ("none", "agp", "iterative", "oneshot")
+UNITS = ("epoch", "step")
 
 
 @dataclass
 class PruneConfig:
     method: str = "none"  # none | agp | iterative | oneshot
-    initial_sparsity: float = 0.0
-    final_sparsity: float = 0.0
-    start: float = 0.0  # in `unit`s from the start of the finetune phase
+    initial_sparsity: float = 0.0  # agp / iterative: the sparsity of the first mask update
+    final_sparsity: float = 0.0  # every prunable layer's target (unless overridden)
+    # Schedule, in `unit`s from the start of the finetune phase. agp: cubic ramp from start
+    # to end, masks updated every `frequency`; iterative: `rounds` equal sparsity steps
+    # spread evenly over [start, end], retraining in between; oneshot: one cut at `start`.
+    start: float = 0.0
     end: float = 0.0
-    frequency: float = 1.0  # mask updates every `frequency` units
+    frequency: float = 1.0
     unit: str = "epoch"  # epoch | step
     rounds: int = 1  # iterative: number of prune-then-retrain cycles
-    scope: str = "layer"  # layer | global
+    scope: str = "layer"  # layer: every layer to its target | global: one magnitude threshold
     keep_first_dense: bool = True  # the first conv stays dense
     keep_last_dense: bool = True  # the classifier stays dense
-    layers: Optional[str] = None  # regex over module names that may be pruned (None: every conv/linear)
-    overrides: Dict[str, float] = field(default_factory=dict)  # name or regex -> final sparsity
+    layers: Optional[str] = None  # regex (full match) over layer names that may be pruned; None: every conv/linear
+    # Per-layer final sparsity: exact layer name or regex (full match) -> fraction. Exact
+    # names win over regexes; among regexes the later one wins.
+    overrides: Dict[str, float] = field(default_factory=dict)
+    overrides_file: Optional[str] = None  # YAML with an `overrides:` mapping (e.g. sensitivity_overrides.yaml)
+    # Sensitivity study (experiment=sensitivity): prune one layer at a time to each of these
+    # sparsities, without retraining, and record test accuracy. Empty: no study.
+    sensitivity: List[float] = field(default_factory=list)
+    sensitivity_tolerance: float = 0.01  # accuracy drop (fraction; 0.01 = 1 point) a derived override may cost
 
 
-def validate_prune(p: Any) -> None:
+def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
+    """Check ``p`` (a PruneConfig); ``finetune_epochs`` lets epoch schedules be checked against the phase."""
     require(p.method in METHODS, "prune.method", p.method, "one of " + ", ".join(METHODS))
-    require(p.unit in ("epoch", "step"), "prune.unit", p.unit, "epoch or step")
+    require(p.unit in UNITS, "prune.unit", p.unit, "epoch or step")
     require(p.scope in ("layer", "global"), "prune.scope", p.scope, "layer or global")
     for key in ("initial_sparsity", "final_sparsity"):
         value = getattr(p, key)
         require(0 <= value < 1, f"prune.{key}", value, "a fraction in [0, 1)")
     require(p.final_sparsity >= p.initial_sparsity, "prune.final_sparsity", p.final_sparsity,
-             f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})")
+            f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})")
     require(p.start >= 0, "prune.start", p.start, "a number >= 0")
-    require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")
+    if p.method in ("agp", "iterative"):  # oneshot has no end
+        require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")
+    if p.method == "iterative" and p.rounds > 1:
+        require(p.end > p.start, "prune.end", p.end, f"a number > prune.start ({p.start}) so that "
+                f"prune.rounds={p.rounds} rounds can be spread over [start, end]")
     require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
     require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
     for pattern, value in p.overrides.items():
@@ -49,3 +73,38 @@ def validate_prune(p: Any) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
+    file_overrides = load_overrides_file(p.overrides_file)
+    if p.method != "none":  # pruning that can prune nothing is a silent no-op: refuse it
+        require(p.final_sparsity > 0 or any(v > 0 for v in {**file_overrides, **p.overrides}.values()),
+                "prune.final_sparsity", p.final_sparsity, f"a fraction in (0, 1) when prune.method={p.method} "
+                "(0 would prune nothing)")
+    if finetune_epochs and p.method != "none" and p.unit == "epoch":
+        last = p.start if p.method == "oneshot" else p.end
+        key = "prune.start" if p.method == "oneshot" else "prune.end"
+        require(last <= finetune_epochs, key, last, f"at most trainer.finetune_epochs ({finetune_epochs}): the "
+                "schedule must finish inside the finetune phase (raise trainer.finetune_epochs or lower it)")
+    for value in p.sensitivity:
+        require(0 < value < 1, "prune.sensitivity", list(p.sensitivity), "a list of fractions in (0, 1)")
+    require(p.sensitivity_tolerance >= 0, "prune.sensitivity_tolerance", p.sensitivity_tolerance, "a fraction >= 0")
+
+
+def load_overrides_file(path: Optional[str]) -> Dict[str, float]:
+    """The ``overrides:`` mapping of ``prune.overrides_file`` (empty without a file)."""
+    if not path:
+        return {}
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"prune.overrides_file={path!r}: no such file (give a YAML file with an `overrides:` "
+                          "mapping, e.g. a run's sensitivity_overrides.yaml)")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"prune.overrides_file={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    overrides = data.get("overrides") if isinstance(data, dict) else None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"prune.overrides_file={path!r}: needs a top-level `overrides:` mapping of layer name "
+                          "(or regex) -> sparsity")
+    for name, value in overrides.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        require(ok, f"prune.overrides_file: {name}", value, "a fraction in [0, 1)")
+    return {str(k): float(v) for k, v in overrides.items()}

@@ -1,0 +1,70 @@
+"""Magnitude masks with exact counts, per layer or with one threshold over many layers.
+
+Masks only grow: weights pruned earlier sort below every live weight, so a later (higher)
+target keeps them pruned even when a live weight is exactly zero too. Sorting is stable, so
+ties are broken the same way on every run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+def weight_param(module: nn.Module) -> Tensor:
+    """The trainable tensor behind ``module.weight`` (the original under a parametrization, e.g. QAT)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights to prune for ``sparsity``, rounded to the nearest (half up)."""
+    return min(numel, int(math.floor(sparsity * numel + 0.5)))
+
+
+def _scores(weight: Tensor, previous: Optional[Tensor]) -> Tensor:
+    score = weight.detach().abs().flatten().float()
+    if previous is not None:  # already pruned: below any live weight, so they stay pruned
+        score = torch.where(previous.flatten(), score, torch.full_like(score, -1.0))
+    return score
+
+
+def _mask_from_order(order: Tensor, k: int, numel: int, device: torch.device) -> Tensor:
+    keep = torch.ones(numel, dtype=torch.bool, device=device)
+    keep[order[:k]] = False
+    return keep
+
+
+@torch.no_grad()
+def magnitude_mask(weight: Tensor, sparsity: float, previous: Optional[Tensor] = None) -> Tensor:
+    """Boolean keep-mask (shape of ``weight``) pruning exactly ``prune_count`` smallest magnitudes."""
+    score = _scores(weight, previous)
+    k = prune_count(score.numel(), sparsity)
+    order = torch.argsort(score, stable=True)
+    return _mask_from_order(order, k, score.numel(), weight.device).view_as(weight)
+
+
+@torch.no_grad()
+def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
+                           previous: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """Keep-masks for ``weights`` that prune ``sparsity`` of all their weights together:
+    one magnitude threshold, so layers end at different sparsities."""
+    names: List[str] = list(weights)
+    if not names:
+        return {}
+    previous = previous or {}
+    device = weights[names[0]].device
+    scores = torch.cat([_scores(weights[n], previous.get(n)).to(device) for n in names])
+    k = prune_count(scores.numel(), sparsity)
+    keep = _mask_from_order(torch.argsort(scores, stable=True), k, scores.numel(), device)
+    masks, offset = {}, 0
+    for n in names:
+        w = weights[n]
+        masks[n] = keep[offset:offset + w.numel()].view_as(w).to(w.device)
+        offset += w.numel()
+    return masks

@@ -1,0 +1,120 @@
+"""The pruning hook: magnitude masks on a schedule, kept exactly zero while retraining.
+
+Pruned weights are zeroed in place and kept at zero by two cheap steps each iteration:
+their gradients are zeroed before the optimizer step (so weight decay and fresh momentum
+have nothing to add), and the weights are zeroed again right after it (momentum left over
+from before the cut would otherwise revive them). The model keeps its plain parameters, so
+checkpoints, dense.pt and the export see an ordinary state_dict with real zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sparsebench.layers import weight_layers
+from sparsebench.prune.masks import global_magnitude_masks, magnitude_mask, weight_param
+from sparsebench.prune.schedule import build_schedule, progress_at
+from sparsebench.prune.selection import final_targets, prunable_layers
+from sparsebench.train import TrainHook
+
+log = logging.getLogger("sparsebench.prune")
+
+
+class MagnitudePruner(TrainHook):
+    """``prune=agp|iterative|oneshot`` with ``scope=layer|global``; ``layer_names`` are the prunable layers."""
+
+    name = "prune"
+
+    def __init__(self, cfg: Any, model: nn.Module):
+        self.cfg = cfg
+        self.layers = prunable_layers(model, cfg)
+        self.layer_names = list(self.layers)
+        self.final, self.overridden = final_targets(self.layer_names, cfg, list(weight_layers(model)))
+        # A layer overridden below the initial sparsity starts at its own target.
+        self.initial = {n: min(float(cfg.initial_sparsity), f) for n, f in self.final.items()}
+        self.schedule: Dict[int, float] = {}
+        self.masks: Dict[str, Tensor] = {}
+        self.progress: Optional[float] = None  # schedule progress of the masks in force (None: no cut yet)
+        self.step = 0  # optimizer steps of the finetune phase seen so far
+
+    # ------------------------------------------------------------ targets
+
+    def target(self, name: str, progress: float) -> float:
+        """Layer ``name``'s sparsity at schedule ``progress`` (0..1)."""
+        return self.initial[name] + (self.final[name] - self.initial[name]) * progress
+
+    def nominal_target(self, progress: Optional[float]) -> float:
+        """The schedule's sparsity for layers without an override (0 before the first cut)."""
+        s0, s1 = float(self.cfg.initial_sparsity), float(self.cfg.final_sparsity)
+        return 0.0 if progress is None else s0 + (s1 - s0) * progress
+
+    # ------------------------------------------------------------ masks
+
+    @torch.no_grad()
+    def update_masks(self, progress: float) -> None:
+        """Recompute the masks for ``progress`` from the current magnitudes, and apply them."""
+        weights = {n: weight_param(m) for n, m in self.layers.items()}
+        pooled = [n for n in self.layer_names if n not in self.overridden] if self.cfg.scope == "global" else []
+        for n in self.layer_names:
+            if n not in pooled:
+                self.masks[n] = magnitude_mask(weights[n], self.target(n, progress), self.masks.get(n))
+        if pooled:
+            self.masks.update(global_magnitude_masks({n: weights[n] for n in pooled}, self.nominal_target(progress),
+                                                     {n: self.masks[n] for n in pooled if n in self.masks}))
+        self.progress = progress
+        self.apply_masks()
+        log.debug("pruning after step %d: progress %.4f, sparsity %.4f", self.step, progress, self.sparsity())
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for n, mask in self.masks.items():
+            weight_param(self.layers[n]).masked_fill_(~mask, 0.0)
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        """Fraction of exact zeros over all prunable layers."""
+        zeros = sum(int((self.layers[n].weight == 0).sum()) for n in self.layer_names)
+        return zeros / max(sum(self.layers[n].weight.numel() for n in self.layer_names), 1)
+
+    # ------------------------------------------------------------ the hook
+
+    def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
+        self.schedule = build_schedule(self.cfg, steps_per_epoch, total_steps)
+        self.masks = {}
+        self.progress, self.step = None, 0
+        if 0 in self.schedule:  # an event at step 0 prunes before the first update
+            self.update_masks(self.schedule[0])
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        for n, mask in self.masks.items():
+            grad = weight_param(self.layers[n]).grad
+            if grad is not None:
+                grad.masked_fill_(~mask, 0.0)
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        self.step = step
+        if step in self.schedule:
+            self.update_masks(self.schedule[step])
+        else:
+            self.apply_masks()
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
+        with torch.no_grad():
+            metrics = {f"sparsity/{n}": float((self.layers[n].weight == 0).float().mean()) for n in self.layer_names}
+        metrics["sparsity/prunable"] = self.sparsity()
+        metrics["sparsity/target"] = self.nominal_target(progress_at(self.schedule, self.step))
+        return metrics
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()}, "progress": self.progress, "step": self.step}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if not state:
+            return
+        self.masks = {n: m.to(weight_param(self.layers[n]).device) for n, m in state["masks"].items()}
+        self.progress, self.step = state["progress"], int(state["step"])
+        self.apply_masks()

@@ -1,0 +1,59 @@
+"""When masks change and how far: the agp, iterative and oneshot schedules in steps.
+
+A schedule is a map ``{step: progress}``: after ``step`` optimizer steps of the finetune
+phase, every layer is pruned to ``initial + (final - initial) * progress`` (progress in
+[0, 1]). Before the first event nothing is pruned. The map is a pure function of the
+config and the phase length, so a resumed run replays exactly the same events.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+from sparsebench.errors import ConfigError
+
+
+def to_steps(value: float, unit: str, steps_per_epoch: int) -> int:
+    """A schedule time in steps (epochs may be fractional: 0.5 = half an epoch)."""
+    return int(math.floor(value * steps_per_epoch + 0.5)) if unit == "epoch" else int(value)
+
+
+def agp_progress(step: int, start: int, end: int) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t_end - t0))^3, as progress."""
+    if end <= start:
+        return 1.0
+    t = min(max(step - start, 0), end - start) / (end - start)
+    return 1.0 - (1.0 - t) ** 3
+
+
+def build_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Dict[int, float]:
+    """``{step: progress}`` for ``cfg`` (a PruneConfig) over a phase of ``total_steps`` steps."""
+    start = to_steps(cfg.start, cfg.unit, steps_per_epoch)
+    end = to_steps(cfg.end, cfg.unit, steps_per_epoch)
+    if cfg.method == "oneshot":
+        events = {start: 1.0}
+    elif cfg.method == "iterative":
+        # k rounds spread evenly over [start, end], each one k-th of the way to the final sparsity.
+        k = cfg.rounds
+        events = {start + int(round(i * (end - start) / max(k - 1, 1))): (i + 1) / k for i in range(k)}
+    elif cfg.method == "agp":
+        every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch))
+        events = {s: agp_progress(s, start, end) for s in range(start, end, every)}
+        events[end] = 1.0
+    else:
+        raise ValueError(f"no schedule for prune.method={cfg.method!r}")
+    last = max(events)
+    if last > total_steps:
+        key = "prune.start" if cfg.method == "oneshot" else "prune.end"
+        value = cfg.start if cfg.method == "oneshot" else cfg.end
+        raise ConfigError(f"{key}={value!r} ({cfg.unit}s) is not allowed: the schedule ends at step {last} but the "
+                          f"finetune phase has only {total_steps} steps ({steps_per_epoch} per epoch); lower {key} "
+                          "or raise trainer.finetune_epochs")
+    return dict(sorted(events.items()))
+
+
+def progress_at(schedule: Dict[int, float], step: int) -> Optional[float]:
+    """The progress in force after ``step`` steps (None before the first event)."""
+    done = [p for s, p in schedule.items() if s <= step]
+    return done[-1] if done else None

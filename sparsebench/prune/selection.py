@@ -1,0 +1,73 @@
+"""Which layers are pruned, and to what final sparsity each (overrides by name or regex)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Set, Tuple
+
+from torch import nn
+
+from sparsebench.errors import ConfigError
+from sparsebench.layers import weight_layers
+from sparsebench.prune.config import load_overrides_file
+
+
+def prunable_layers(model: nn.Module, cfg: Any) -> Dict[str, nn.Module]:
+    """The conv/linear layers ``cfg`` (a PruneConfig) prunes, by qualified name, in model order.
+
+    ``prune.layers`` (a regex, full match) narrows the set; keep_first_dense /
+    keep_last_dense then drop the model's first and last weight layer.
+    """
+    every = weight_layers(model)
+    names = list(every)
+    chosen = names
+    if cfg.layers is not None:
+        chosen = [n for n in names if re.fullmatch(cfg.layers, n)]
+        if not chosen:
+            raise ConfigError(f"prune.layers={cfg.layers!r} matches no conv/linear layer (full match); the layers "
+                              f"are: {', '.join(names)}")
+    dense = set()
+    if cfg.keep_first_dense and names:
+        dense.add(names[0])
+    if cfg.keep_last_dense and names:
+        dense.add(names[-1])
+    chosen = [n for n in chosen if n not in dense]
+    if not chosen:
+        raise ConfigError(f"prune.layers={cfg.layers!r}: no prunable layer is left once keep_first_dense/"
+                          f"keep_last_dense keep {', '.join(sorted(dense))} dense; the layers are: {', '.join(names)}")
+    return {n: every[n] for n in chosen}
+
+
+def _matches(pattern: str, names: List[str]) -> List[str]:
+    return [pattern] if pattern in names else [n for n in names if re.fullmatch(pattern, n)]
+
+
+def final_targets(names: List[str], cfg: Any, all_layers: List[str]) -> Tuple[Dict[str, float], Set[str]]:
+    """Each prunable layer's final sparsity, and the set of layers an override set: prune.final_sparsity, then the overrides file,
+    then prune.overrides (regexes first, exact names last, so the most specific wins).
+
+    An entry of ``prune.overrides`` that matches no prunable layer is an error. An entry of the
+    overrides file may name a layer this run keeps dense (the file usually comes from a study
+    over every layer); it is skipped, but a name no layer has is still an error.
+    """
+    overridden: Set[str] = set()
+    targets = {n: float(cfg.final_sparsity) for n in names}
+    listing = ", ".join(names)
+    from_file = load_overrides_file(cfg.overrides_file)
+    for pattern, value in from_file.items():
+        hits = _matches(pattern, names)
+        if not hits and not _matches(pattern, all_layers):
+            raise ConfigError(f"prune.overrides_file: {pattern!r} matches no layer of the model; the prunable layers "
+                              f"are: {listing}")
+        targets.update({n: float(value) for n in hits})
+        overridden.update(hits)
+    given = dict(cfg.overrides)
+    ordered = [k for k in given if k not in names] + [k for k in given if k in names]
+    for pattern in ordered:
+        hits = _matches(pattern, names)
+        if not hits:
+            raise ConfigError(f"prune.overrides.{pattern}={given[pattern]!r} matches no prunable layer (exact name "
+                              f"or full-match regex); the prunable layers are: {listing}")
+        targets.update({n: float(given[pattern]) for n in hits})
+        overridden.update(hits)
+    return targets, overridden

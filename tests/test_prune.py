@@ -1,0 +1,245 @@
+"""Pruning units: schedules, magnitude masks, layer selection and overrides, and the hook
+inside the real training loop (pruned weights stay exactly zero)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebench.errors import ConfigError
+from sparsebench.layers import weight_layers
+from sparsebench.models import build_model
+from sparsebench.prune import MagnitudePruner, build_pruner
+from sparsebench.prune.config import PruneConfig, validate_prune
+from sparsebench.prune.masks import global_magnitude_masks, magnitude_mask, prune_count
+from sparsebench.prune.schedule import agp_progress, build_schedule, progress_at
+from sparsebench.prune.selection import final_targets, prunable_layers
+from sparsebench.train import TrainHook
+
+
+def prune_cfg(**kw) -> PruneConfig:
+    return PruneConfig(**{"method": "agp", "final_sparsity": 0.9, **kw})
+
+
+def convnet(width: float = 0.25) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("convnet", in_channels=1, num_classes=10, image_size=8, width=width)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_agp_schedule_in_epochs_follows_the_cubic_curve():
+    cfg = prune_cfg(start=0, end=4, frequency=1, unit="epoch")
+    schedule = build_schedule(cfg, steps_per_epoch=10, total_steps=60)
+    assert list(schedule) == [0, 10, 20, 30, 40]
+    # s_t = s_f (1 - (1 - t/T)^3): 0, 0.578125, 0.875, 0.984375, 1 of the way.
+    assert [schedule[s] for s in schedule] == pytest.approx([0.0, 0.578125, 0.875, 0.984375, 1.0])
+    pruner_targets = [0.9 * schedule[s] for s in schedule]
+    assert pruner_targets == pytest.approx([0.0, 0.5203125, 0.7875, 0.8859375, 0.9])
+    assert progress_at(schedule, 9) == 0.0 and progress_at(schedule, 25) == pytest.approx(0.875)
+    assert progress_at(schedule, 60) == 1.0
+
+
+def test_agp_schedule_in_steps_with_late_start_and_fractional_epochs():
+    cfg = prune_cfg(start=5, end=25, frequency=10, unit="step")
+    assert build_schedule(cfg, 7, 30) == pytest.approx({5: 0.0, 15: 0.875, 25: 1.0})
+    assert progress_at(build_schedule(cfg, 7, 30), 4) is None  # nothing pruned before start
+    # Half-epoch frequency on 9 steps/epoch: every round(4.5) = 5 steps (half up), end at 18.
+    cfg = prune_cfg(start=0, end=2, frequency=0.5, unit="epoch")
+    assert list(build_schedule(cfg, 9, 18)) == [0, 5, 10, 15, 18]
+    assert agp_progress(15, 0, 18) == pytest.approx(1 - (3 / 18) ** 3)
+
+
+def test_iterative_and_oneshot_schedules():
+    cfg = prune_cfg(method="iterative", rounds=4, start=0, end=6, unit="epoch")
+    assert build_schedule(cfg, 10, 80) == pytest.approx({0: 0.25, 20: 0.5, 40: 0.75, 60: 1.0})
+    cfg = prune_cfg(method="oneshot", start=1, unit="epoch")
+    assert build_schedule(cfg, 10, 30) == {10: 1.0}
+
+
+def test_schedule_longer_than_the_phase_is_refused():
+    with pytest.raises(ConfigError, match=r"prune\.end=4 .*only 30 steps"):
+        build_schedule(prune_cfg(start=0, end=4, unit="epoch"), 10, 30)
+    with pytest.raises(ConfigError, match=r"prune\.end"):
+        validate_prune(prune_cfg(end=5), finetune_epochs=3)
+    validate_prune(prune_cfg(end=3), finetune_epochs=3)  # ends exactly at the phase end: fine
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_magnitude_mask_prunes_exact_count_of_smallest():
+    torch.manual_seed(1)
+    w = torch.randn(10, 10, 3, 3)  # 900 weights
+    keep = magnitude_mask(w, 0.9)
+    assert keep.shape == w.shape and int((~keep).sum()) == 810
+    assert w[~keep].abs().max() <= w[keep].abs().min()
+    assert prune_count(72, 0.9) == 65 and prune_count(10, 0.25) == 3  # 64.8 -> 65, 2.5 -> 3 (half up)
+
+
+def test_masks_only_grow_even_over_large_weights():
+    w = torch.arange(1.0, 101.0)  # magnitudes 1..100
+    previous = torch.ones(100, dtype=torch.bool)
+    previous[[97, 98, 99]] = False  # the three largest were pruned earlier (e.g. before retraining)
+    keep = magnitude_mask(w, 0.10, previous)
+    pruned = set(torch.nonzero(~keep).flatten().tolist())
+    assert len(pruned) == 10 and {97, 98, 99} <= pruned
+    assert pruned - {97, 98, 99} == set(range(7))  # then the seven smallest
+
+
+def test_global_scope_uses_one_threshold_over_all_layers():
+    torch.manual_seed(2)
+    small, large = 0.01 * torch.randn(400), torch.randn(600)
+    masks = global_magnitude_masks({"a": small, "b": large}, 0.5)
+    pruned = int((~masks["a"]).sum()) + int((~masks["b"]).sum())
+    assert pruned == 500
+    assert int((~masks["a"]).sum()) == 400  # every small weight goes first: layers end far apart
+    kept = torch.cat([small[masks["a"]], large[masks["b"]]]).abs()
+    gone = torch.cat([small[~masks["a"]], large[~masks["b"]]]).abs()
+    assert gone.max() <= kept.min()
+
+
+# ---------------------------------------------------------------- selection, overrides
+
+
+def test_prunable_layers_default_keeps_first_and_last_dense():
+    model = convnet()
+    names = list(weight_layers(model))
+    assert names == ["block1.conv", "block2.conv", "block3.conv", "fc"]
+    assert list(prunable_layers(model, prune_cfg())) == names[1:3]
+    assert list(prunable_layers(model, prune_cfg(keep_first_dense=False, keep_last_dense=False))) == names
+    assert list(prunable_layers(model, prune_cfg(layers=r"block\d\.conv", keep_first_dense=False))) == names[:3]
+    with pytest.raises(ConfigError, match=r"prune\.layers='conv\.\*' matches no conv/linear layer.*block1\.conv"):
+        prunable_layers(model, prune_cfg(layers=r"conv.*"))  # full match: "conv.*" is not "block1.conv"
+
+
+def test_overrides_by_name_and_regex_exact_name_wins():
+    names = ["block2.conv", "block3.conv"]
+    targets, overridden = final_targets(names, prune_cfg(overrides={r"block\d\.conv": 0.5, "block3.conv": 0.7}), names)
+    assert targets == {"block2.conv": 0.5, "block3.conv": 0.7} and overridden == set(names)
+    with pytest.raises(ConfigError) as e:
+        final_targets(names, prune_cfg(overrides={"fc": 0.5}), names + ["fc"])
+    assert "prune.overrides.fc=0.5 matches no prunable layer" in str(e.value)
+    assert "block2.conv, block3.conv" in str(e.value)
+
+
+def test_overrides_file_skips_dense_layers_but_not_unknown_names(tmp_path):
+    file = tmp_path / "o.yaml"
+    file.write_text("overrides:\n  block1.conv: 0.3\n  block2.conv: 0.8\n")
+    model = convnet()
+    pruner = MagnitudePruner(prune_cfg(overrides_file=str(file)), model)
+    assert pruner.final == {"block2.conv": 0.8, "block3.conv": 0.9}
+    file.write_text("overrides:\n  nope: 0.3\n")
+    with pytest.raises(ConfigError, match=r"prune\.overrides_file: 'nope' matches no layer"):
+        MagnitudePruner(prune_cfg(overrides_file=str(file)), model)
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(initial_sparsity=0.5, final_sparsity=0.4), "prune.final_sparsity"),
+    (dict(final_sparsity=1.0), "prune.final_sparsity"),
+    (dict(initial_sparsity=-0.1), "prune.initial_sparsity"),
+    (dict(start=3, end=2), "prune.end"),
+    (dict(final_sparsity=0.0), "prune.final_sparsity"),  # agp that prunes nothing
+    (dict(overrides={"fc": 1.5}), "prune.overrides.fc"),
+    (dict(sensitivity=[0.5, 1.0]), "prune.sensitivity"),
+])
+def test_validate_prune_names_the_bad_key(kw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_prune(prune_cfg(**kw))
+
+
+def test_build_pruner_none_and_layer_names():
+    model = convnet()
+    assert build_pruner(PruneConfig(method="none"), model) is None
+    assert build_pruner(prune_cfg(), model).layer_names == ["block2.conv", "block3.conv"]
+
+
+# ---------------------------------------------------------------- the hook in the training loop
+
+
+class ZeroProbe(TrainHook):
+    """Runs after the pruner each step; counts pruned weights that are not exactly zero."""
+
+    name = "probe"
+
+    def __init__(self, pruner: MagnitudePruner):
+        self.pruner, self.revived, self.checked = pruner, 0, 0
+
+    def after_step(self, step, model):
+        for n, mask in self.pruner.masks.items():
+            self.revived += int((self.pruner.layers[n].weight[~mask] != 0).sum())
+            self.checked += 1
+
+
+def _digits_batches():
+    from sparsebench.data import Batches, load_dataset
+    from tests.conftest import compose
+
+    data = load_dataset(compose().data)
+    common = dict(mean=data.mean, std=data.std)
+    return (Batches(data.x_train, data.y_train, batch_size=32, shuffle=True, **common),
+            Batches(data.x_test, data.y_test, batch_size=1000, shuffle=False, **common))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay(tmp_path, optimizer):
+    from sparsebench.train import fit
+
+    train, test = _digits_batches()
+    model = convnet()
+    trainer = SimpleNamespace(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, momentum=0.9,
+                              weight_decay=5e-2, scheduler="constant", step_gamma=0.1, label_smoothing=0.0,
+                              amp=False, compile=False, progress=False, checkpoint_every=0)
+    # Several cuts while momentum buffers are full: without re-masking, momentum revives weights.
+    pruner = MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.2, scope="layer"), model)
+    probe = ZeroProbe(pruner)
+    logged = []
+    fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=[pruner, probe],
+        checkpoint=tmp_path / "last.pt", log=lambda m, s: logged.append(m))
+    steps = 2 * len(train)
+    assert probe.checked == steps * 2 and probe.revived == 0
+    for name in pruner.layer_names:
+        w = pruner.layers[name].weight
+        assert int((w == 0).sum()) == prune_count(w.numel(), 0.9)
+        assert torch.equal(w == 0, ~pruner.masks[name])
+    epochs = [m for m in logged if "sparsity/target" in m]
+    assert [m["sparsity/target"] for m in epochs] == pytest.approx([0.9, 0.9])
+    assert epochs[0]["sparsity/block2.conv"] == pytest.approx(prune_count(1152, 0.9) / 1152)
+    assert epochs[-1]["sparsity/prunable"] == pytest.approx((1037 + 4147) / (1152 + 4608))
+    # The checkpoint carries the masks and the schedule position.
+    state = torch.load(tmp_path / "last.pt", weights_only=False)["hooks"]["prune"]
+    assert state["step"] == steps and state["progress"] == 1.0
+    assert all(torch.equal(state["masks"][n], pruner.masks[n]) for n in pruner.layer_names)
+
+
+def test_target_midway_and_overrides_scale_with_the_schedule():
+    model = convnet()
+    pruner = MagnitudePruner(prune_cfg(initial_sparsity=0.2, start=0, end=4, frequency=1,
+                                       overrides={"block3.conv": 0.5}), model)
+    pruner.on_fit_start(model, steps_per_epoch=10, total_steps=50)
+    w2, w3 = pruner.layers["block2.conv"].weight, pruner.layers["block3.conv"].weight
+    assert int((w2 == 0).sum()) == prune_count(1152, 0.2) and int((w3 == 0).sum()) == prune_count(4608, 0.2)
+    pruner.after_step(20, model)  # progress 0.875
+    assert int((w2 == 0).sum()) == prune_count(1152, 0.2 + 0.7 * 0.875)
+    assert int((w3 == 0).sum()) == prune_count(4608, 0.2 + 0.3 * 0.875)
+    assert pruner.on_epoch_end(1, model)["sparsity/target"] == pytest.approx(0.2 + 0.7 * 0.875)
+    pruner.after_step(40, model)
+    assert int((w3 == 0).sum()) == round(0.5 * 4608) and math.isclose(float((w2 == 0).float().mean()), 0.9, abs_tol=5e-4)
+
+
+def test_global_scope_in_the_hook_reaches_the_pooled_target_with_uneven_layers():
+    model = convnet()
+    with torch.no_grad():
+        model.block2.conv.weight.mul_(0.01)  # make one layer far smaller in magnitude
+    pruner = MagnitudePruner(prune_cfg(method="oneshot", final_sparsity=0.5, scope="global"), model)
+    pruner.on_fit_start(model, steps_per_epoch=10, total_steps=10)
+    z2 = int((model.block2.conv.weight == 0).sum())
+    z3 = int((model.block3.conv.weight == 0).sum())
+    assert z2 + z3 == prune_count(1152 + 4608, 0.5)
+    assert z2 == 1152  # the small layer is pruned entirely before the large one loses much
+    assert z3 == prune_count(5760, 0.5) - 1152
