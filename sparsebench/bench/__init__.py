@@ -29,6 +29,7 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     from sparsebench.bench.cases import cases_from_model
     from sparsebench.bench.measure import TimingSettings
     from sparsebench.bench.suite import LayerBench, plan_backends
+    from sparsebench.bench.timing import cpu_thread_count
     from sparsebench.sparse.format import load_packed
 
     plan = plan_backends(backend, bench, device)
@@ -37,16 +38,19 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     packed_layers = load_packed(packed)[0] if packed is not None else None
     was_training = model.training
     model.eval()
+    # On the CPU everything (checks, fp64 references) runs with the timing's thread count: on a busy
+    # host, multi-threaded tiny ops wait whole scheduler quanta at their barriers.
     try:
-        cases = cases_from_model(model, sample, packed_layers)
-        rows: List[Dict[str, Any]] = []
-        if bench.layers:
-            runner = LayerBench(plan, settings, break_even=bench.break_even)
-            jobs = [(c, b) for c in cases for b in bench.batch_sizes]
-            for case, batch in tqdm(jobs, desc=f"bench layers ({plan.sparse} vs {len(plan.baselines)} baselines)",
-                                    disable=not bench.progress, leave=False):
-                rows += runner.run(case, batch)
-        metrics = _network_metrics(plan, bench, settings, model, cases, sample) if bench.network else {}
+        with cpu_thread_count(bench.cpu_threads if plan.device.type == "cpu" else 0):
+            cases = cases_from_model(model, sample, packed_layers)
+            rows: List[Dict[str, Any]] = []
+            if bench.layers:
+                runner = LayerBench(plan, settings, break_even=bench.break_even)
+                jobs = [(c, b) for c in cases for b in bench.batch_sizes]
+                for case, batch in tqdm(jobs, desc=f"bench layers ({plan.sparse} vs {len(plan.baselines)} baselines)",
+                                        disable=not bench.progress, leave=False):
+                    rows += runner.run(case, batch)
+            metrics = _network_metrics(plan, bench, settings, model, cases, sample) if bench.network else {}
     finally:
         model.train(was_training)
     metrics["bench/backend"] = plan.sparse

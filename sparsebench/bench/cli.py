@@ -152,9 +152,9 @@ def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, 
     import torch
     from tqdm.auto import tqdm
 
-    from sparsebench.bench.cases import synthetic_case
     from sparsebench.bench.measure import TimingSettings, break_even_sparsity
     from sparsebench.bench.suite import LayerBench, plan_backends
+    from sparsebench.bench.timing import cpu_thread_count
 
     plan = plan_backends(cfg.backend, cfg.bench, device)
     settings = TimingSettings(warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, cache=cfg.bench.cache,
@@ -164,18 +164,27 @@ def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, 
     runner = LayerBench(plan, settings, break_even=cfg.bench.break_even and len(sparsities) < 2)
     jobs = [(s, b, sp, bits) for s in shapes for b in cfg.bench.batch_sizes for sp in sparsities for bits in bits_list]
     rows: List[Dict[str, Any]] = []
-    for shape, batch, sparsity, bits in tqdm(jobs, desc=f"sparsebench-bench ({plan.sparse})",
-                                             disable=not cfg.bench.progress):
-        g = torch.Generator().manual_seed(cfg.seed + int(round(sparsity * 1e4)) * 100 + bits)
-        case = synthetic_case(shape["name"], shape["kind"], shape["c_in"], shape["c_out"], shape["kernel"],
-                              shape["hw"], shape["stride"], shape["padding"], sparsity, bits, g)
-        new = runner.run(case, batch, shape_key=shape["name"])
-        for r in new:  # the nominal sparsity (the mask has round(s * numel) zeros; nnz is exact)
-            if r["sparsity"] is not None:
-                r["sparsity"] = sparsity
-        rows += new
+    with cpu_thread_count(cfg.bench.cpu_threads if plan.device.type == "cpu" else 0):
+        for shape, batch, sparsity, bits in tqdm(jobs, desc=f"sparsebench-bench ({plan.sparse})",
+                                                 disable=not cfg.bench.progress):
+            rows += _run_case(runner, shape, batch, sparsity, bits, cfg.seed)
     if cfg.bench.break_even and len(sparsities) >= 2:
         add_sweep_break_even(rows, plan.sparse, break_even_sparsity)
+    return rows
+
+
+def _run_case(runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int) -> List[Dict[str, Any]]:
+    import torch
+
+    from sparsebench.bench.cases import synthetic_case
+
+    g = torch.Generator().manual_seed(seed + int(round(sparsity * 1e4)) * 100 + bits)
+    case = synthetic_case(shape["name"], shape["kind"], shape["c_in"], shape["c_out"], shape["kernel"],
+                          shape["hw"], shape["stride"], shape["padding"], sparsity, bits, g)
+    rows = runner.run(case, batch, shape_key=shape["name"])
+    for r in rows:  # the nominal sparsity (the mask has round(s * numel) zeros; nnz is exact)
+        if r["sparsity"] is not None:
+            r["sparsity"] = sparsity
     return rows
 
 

@@ -1,0 +1,232 @@
+"""Speed measurement on the CPU: registry, timing, correctness checks, break-even, rows and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sparsebench.bench import benchmark_model
+from sparsebench.bench.backends import BACKENDS, Backend, Prepared, prune_2to4
+from sparsebench.bench.cases import cases_from_model, synthetic_case, thin
+from sparsebench.bench.config import BACKEND_NAMES, SPARSE_BACKEND_NAMES, BackendConfig, BenchConfig, validate_bench
+from sparsebench.bench.measure import MismatchError, TimingSettings, break_even_sparsity, check, fit_time_vs_nnz
+from sparsebench.bench.suite import LayerBench, plan_backends
+from sparsebench.bench.timing import summarize, time_cpu
+from sparsebench.errors import ConfigError
+from sparsebench.models import build_model
+from tests.conftest import compose
+
+CPU = torch.device("cpu")
+FAST = TimingSettings(warmup=1, repeats=20)
+
+
+def bench_cfg(**kw):
+    base = dict(enabled=True, baselines=["cudnn_fp32", "cudnn_fp16", "torch_csr", "semi_structured_2to4", "torch_cpu"],
+                repeats=20, warmup=1, progress=False)
+    return OmegaConf.structured(BenchConfig(**{**base, **kw}))
+
+
+def backend_cfg(**kw):
+    return OmegaConf.structured(BackendConfig(**{"name": "direct_sparse", **kw}))
+
+
+def tiny_model(sparsity: float = 0.7) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, num_classes=10, image_size=8, width=0.25).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.mul_((torch.rand_like(m.weight) >= sparsity).float())
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial running stats
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+# ------------------------------------------------------------------ registry and config
+
+
+def test_registry_matches_config_names_and_has_the_issue_backends():
+    assert set(BACKENDS) == set(BACKEND_NAMES)
+    for name in ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "direct_sparse", "torch_csr", "semi_structured_2to4",
+                 "torch_cpu"):
+        assert name in BACKENDS
+    assert set(SPARSE_BACKEND_NAMES) - {"none"} <= {n for n, b in BACKENDS.items() if b.sparse}
+    assert not BACKENDS["cudnn_fp16"].sparse and BACKENDS["direct_sparse"].sparse
+
+
+@pytest.mark.parametrize("override, key", [
+    ("backend.name=cudnn_fp32", "backend.name"),
+    ("bench.repeats=5", "bench.repeats"),
+    ("bench.cache=none", "bench.cache"),
+    ("bench.baselines=[cudnn_fp64]", "bench.baselines"),
+    ("bench.batch_sizes=[0]", "bench.batch_sizes"),
+])
+def test_bad_bench_settings_name_the_key(override, key):
+    cfg = compose("backend=direct_sparse", "bench=default", override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_bench(cfg.backend, cfg.bench)
+
+
+def test_bench_needs_a_sparse_backend_and_fp16_is_direct_sparse_only():
+    with pytest.raises(ConfigError, match="backend.name"):
+        validate_bench(compose("bench=default").backend, compose("bench=default").bench)
+    cfg = compose("backend=torch_csr", "bench=default", "backend.activations=fp16")
+    with pytest.raises(ConfigError, match="backend.activations"):
+        validate_bench(cfg.backend, cfg.bench)
+    cfg = compose("backend=direct_sparse_fp16", "bench=full")
+    validate_bench(cfg.backend, cfg.bench)
+    assert list(cfg.bench.batch_sizes) == [1, 32, 128] and cfg.backend.activations == "fp16"
+
+
+def test_cpu_plan_falls_back_and_logs_one_line_per_skipped_gpu_backend(caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="sparsebench.bench"):
+        plan = plan_backends(backend_cfg(), bench_cfg(), CPU)
+    assert plan.sparse == "sparse_reference" and plan.device == CPU
+    assert plan.baselines == ["torch_csr", "torch_cpu"]
+    assert set(plan.skipped) == {"direct_sparse", "cudnn_fp32", "cudnn_fp16", "semi_structured_2to4"}
+    for name in plan.skipped:
+        lines = [r.getMessage() for r in caplog.records if f" {name} skipped" in r.getMessage()]
+        assert len(lines) == 1 and "CUDA" in lines[0]
+    with pytest.raises(ConfigError, match="backend.name=direct_sparse cannot run here"):
+        plan_backends(backend_cfg(fallback=False), bench_cfg(), CPU)
+
+
+# ------------------------------------------------------------------ timing
+
+
+def test_cpu_timing_measures_a_known_duration():
+    t = time_cpu([lambda: time.sleep(0.002)], warmup=1, repeats=20)
+    assert t.runs == 20
+    assert 1900 <= t.median_us < 50_000
+    assert t.p25_us <= t.median_us <= t.p75_us and t.spread_us >= 0
+
+
+def test_summarize_median_and_iqr():
+    t = summarize([float(v) for v in range(1, 102)])  # 1..101
+    assert t.median_us == 51 and t.p25_us == 26 and t.p75_us == 76 and t.spread_us == 50
+
+
+# ------------------------------------------------------------------ cases
+
+
+def test_synthetic_case_has_the_requested_sparsity_and_bits():
+    g = torch.Generator().manual_seed(0)
+    case = synthetic_case("c", "conv2d", 16, 32, 3, 8, 1, 1, 0.9, 4, g)
+    assert case.packed.bits == 4 and case.packed.value_kind == "linear"
+    assert case.packed.nnz == round(0.1 * 32 * 16 * 9)
+    assert int((case.weight != 0).sum()) == case.packed.nnz  # no kept weight rounded to zero
+    assert case.out_shape() == (32, 8, 8)
+    assert case.dense_flops(2) == 2 * 2 * 64 * 32 * 144
+
+
+def test_thin_keeps_a_subset_of_the_nonzeros():
+    g = torch.Generator().manual_seed(0)
+    for bits in (32, 8):
+        case = synthetic_case("c", "conv2d", 16, 32, 3, 8, 1, 1, 0.5, bits, g)
+        thinned = thin(case.packed, 0.25, torch.Generator().manual_seed(1))
+        w, wt = case.weight, thinned.dequantize()
+        assert 0.15 < thinned.nnz / case.packed.nnz < 0.35
+        assert torch.equal(wt[wt != 0], w[wt != 0])  # kept values unchanged
+        assert bool(((wt != 0).reshape(32, -1).sum(1) >= 1).all())  # no row emptied
+
+
+def test_cases_from_model_capture_real_input_shapes():
+    model = tiny_model()
+    cases = cases_from_model(model, torch.randn(4, 1, 8, 8))
+    by_name = {c.name: c for c in cases}
+    assert by_name["block1.conv"].in_shape == (1, 8, 8)
+    assert by_name["fc"].kind == "linear" and len(by_name["fc"].in_shape) == 1
+    for c in cases:
+        assert torch.equal(c.weight, dict(model.named_modules())[c.name].weight.detach())
+
+
+def test_prune_2to4_keeps_two_of_every_four():
+    w = torch.randn(8, 64)
+    p = prune_2to4(w)
+    assert bool(((p.reshape(8, 16, 4) != 0).sum(-1) == 2).all())
+
+
+# ------------------------------------------------------------------ correctness checks
+
+
+def _case():
+    return synthetic_case("c", "conv2d", 8, 16, 3, 6, 1, 1, 0.8, 32, torch.Generator().manual_seed(0))
+
+
+def test_check_accepts_a_right_and_rejects_a_wrong_backend():
+    case = _case()
+    x = torch.randn(2, *case.in_shape)
+    right = BACKENDS["torch_cpu"].prepare(case, CPU, "fp32")
+    assert check(case, "torch_cpu", right, x, 2) < 1e-6
+    off = Prepared(run=lambda x: right.run(x) * 1.01, convert=right.convert, weight=case.weight, tol=1e-4,
+                   weight_bytes=0, act_bytes=4, sparse=False)
+    with pytest.raises(MismatchError, match="computes layer c"):
+        check(case, "off", off, x, 2)
+
+
+def test_a_wrong_backend_is_an_error_not_a_row(monkeypatch):
+    def prepare_wrong(case, device, activations):
+        good = BACKENDS["torch_cpu"].prepare(case, device, activations)
+        return Prepared(run=lambda x: good.run(x).flip(1), convert=good.convert, weight=case.weight, tol=1e-4,
+                        weight_bytes=0, act_bytes=4, sparse=False)
+
+    monkeypatch.setitem(BACKENDS, "wrong", Backend("wrong", ("cpu",), False, prepare_wrong))
+    plan = plan_backends(backend_cfg(name="sparse_reference"), bench_cfg(baselines=["torch_cpu", "wrong"]), CPU)
+    with pytest.raises(MismatchError, match="backend wrong"):
+        LayerBench(plan, FAST).run(_case(), 1)
+
+
+# ------------------------------------------------------------------ break-even
+
+
+def test_break_even_from_a_linear_fit():
+    points = [(1000, 110.0), (250, 35.0)]  # t = 10 + 0.1 * nnz
+    assert fit_time_vs_nnz(points) == pytest.approx((10.0, 0.1))
+    assert break_even_sparsity(points, 60.0, 2000) == pytest.approx(0.75)  # 500 nnz of 2000
+    assert break_even_sparsity(points, 9.0, 2000) is None  # the fixed cost alone is slower
+    assert break_even_sparsity(points, 500.0, 2000) == 0.0  # wins even dense
+    assert break_even_sparsity([(1000, 1.0)], 5.0, 2000) is None  # one point: no fit
+
+
+# ------------------------------------------------------------------ the experiment's benchmark
+
+
+def test_benchmark_model_rows_and_metrics_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = tiny_model()
+    rows, metrics = benchmark_model(backend_cfg(), bench_cfg(batch_sizes=[1, 3]), model, None,
+                                    torch.randn(4, 1, 8, 8), CPU)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    backends = ("sparse_reference", "torch_csr", "torch_cpu")
+    assert len(rows) == len(layers) * 2 * len(backends)
+    assert {(r["layer"], r["batch"], r["backend"]) for r in rows} == {
+        (n, b, k) for n in layers for b in (1, 3) for k in backends}
+    required = ("layer", "kind", "in_shape", "out_channels", "kernel", "stride", "sparsity", "bits", "backend", "batch",
+                "time_us", "spread_us", "speedup_vs_torch_cpu", "speedup_vs_torch_csr", "flops", "bytes", "gflops")
+    for r in rows:
+        assert all(k in r for k in required), set(required) - set(r)
+        assert r["time_us"] > 0 and r["spread_us"] >= 0 and r["flops"] > 0
+        w = dict(model.named_modules())[r["layer"]].weight
+        assert r["sparsity"] == pytest.approx(float((w == 0).float().mean()), abs=1e-5)
+    ours = [r for r in rows if r["backend"] == "sparse_reference"]
+    assert all("break_even_vs_torch_cpu" in r for r in ours)
+    cpu_row = next(r for r in rows if r["backend"] == "torch_cpu")
+    assert cpu_row["speedup_vs_torch_cpu"] == 1.0
+    for b in (1, 3):
+        for base in ("torch_cpu", "torch_csr"):
+            lat = metrics[f"latency_us/{base}/b{b}"]
+            assert metrics[f"speedup/{base}/b{b}"] == pytest.approx(lat / metrics[f"latency_us/sparse_reference/b{b}"],
+                                                                      rel=1e-3)
+        assert metrics[f"network_error/sparse_reference/b{b}"] < 1e-5
+    assert metrics["bench/backend"] == "sparse_reference" and "cudnn_fp32" in metrics["bench/skipped"]
+
+
+def test_benchmark_disabled_returns_nothing():
+    assert benchmark_model(backend_cfg(), bench_cfg(enabled=False), tiny_model(), None, torch.randn(1, 1, 8, 8),
+                           CPU) == ([], {})

@@ -1,0 +1,86 @@
+"""`sparsebench-bench` (the kernel-only sweep) and the experiment with the benchmark on, on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, TINY, run_cli
+
+FAST = ["bench.repeats=20", "bench.warmup=1", "bench.progress=false"]
+
+
+def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``sparsebench-bench ARGS`` as a user would run it (on a machine without a GPU)."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT),
+           "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "sparsebench.bench.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_on_cpu_writes_bench_csv_and_a_table(tmp_path):
+    out = tmp_path / "run"
+    res = run_bench("layers=tiny", "sweep.sparsities=[0.5,0.9]", "sweep.bits=[32,4]", *FAST, f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_csv(out / "bench.csv")
+    ours = [r for r in rows if r["backend"] == "sparse_reference"]
+    # 2 layers x 1 batch x 2 sparsities x 2 bit widths for the backend under test
+    assert {(r["layer"], r["sparsity"], r["bits"]) for r in ours} == {
+        (layer, s, b) for layer in ("conv_8x16@8", "fc_64x32") for s in ("0.5", "0.9") for b in ("32", "4")}
+    # the dense baseline is timed once per layer (it ignores the mask), torch CSR once per sparsity
+    assert len([r for r in rows if r["backend"] == "torch_cpu"]) == 2
+    assert len([r for r in rows if r["backend"] == "torch_csr"]) == 4
+    for r in ours:
+        assert float(r["time_us"]) > 0 and float(r["speedup_vs_torch_cpu"]) > 0
+        assert "break_even_vs_torch_cpu" in r
+    conv = [r for r in ours if r["layer"] == "conv_8x16@8" and r["sparsity"] == "0.9"]
+    assert all(int(r["nnz"]) == round(0.1 * 16 * 8 * 9) for r in conv)
+    assert "sparse_reference us" in res.stdout and "conv_8x16@8" in res.stdout  # the printed table
+    skipped = [line for line in (res.stdout + res.stderr).splitlines() if "skipped" in line]  # Hydra logs to stdout
+    assert len(skipped) == 5  # direct_sparse + 4 GPU baselines, one line each
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["geomean_speedup/torch_cpu/b1/s0.9/4bit"] > 0
+    assert (out / "manifest.json").exists()
+
+
+def test_sweep_over_a_model_config(tmp_path):
+    out = tmp_path / "run"
+    res = run_bench("model=convnet", "model.width=0.25", "data=digits", "sweep.sparsities=[0.9]", "sweep.bits=[32]",
+                    "bench.baselines=[torch_cpu]", "bench.break_even=false", *FAST, f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_csv(out / "bench.csv")
+    layers = {r["layer"]: r for r in rows if r["backend"] == "sparse_reference"}
+    assert set(layers) == {"block1.conv", "block2.conv", "block3.conv", "fc"}
+    assert layers["block1.conv"]["in_shape"] == "1x8x8" and layers["fc"]["kind"] == "linear"
+
+
+def test_sweep_bad_input_is_one_line(tmp_path):
+    for args, key in ((["layers=vgg99"], "layers=vgg99"), (["sweep.bits=[3]"], "sweep.bits"),
+                      (["model=vgg16", "layers=tiny"], "layers")):
+        res = run_bench(*args, f"hydra.run.dir={tmp_path / 'bad'}")
+        assert res.returncode == 2, res.stderr[-1000:]
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and key in errors[0] and "Traceback" not in res.stderr
+
+
+def test_experiment_with_the_benchmark_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli(*TINY, "backend=direct_sparse", "bench=quick", "bench.batch_sizes=[1,2]", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for b in (1, 2):
+        assert metrics[f"speedup/torch_cpu/b{b}"] > 0 and metrics[f"latency_us/sparse_reference/b{b}"] > 0
+    rows = read_csv(out / "layers.csv")
+    assert {r["backend"] for r in rows} == {"sparse_reference", "torch_csr", "torch_cpu"}
+    assert {r["batch"] for r in rows} == {"1", "2"}
+    assert all(float(r["time_us"]) > 0 and r["speedup_vs_torch_cpu"] for r in rows)
+    assert "direct_sparse skipped" in res.stdout + res.stderr
