@@ -66,12 +66,12 @@ def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: tor
     names = [plan.sparse] + [b for b in plan.baselines if b != "semi_structured_2to4"]
     if "semi_structured_2to4" in plan.baselines:
         log.info("bench: whole network skips semi_structured_2to4 (it computes its own 2:4-pruned model)")
-    ref_net = reference_network(model, cases)
+    ref_net = reference_network(model, cases, plan.device)
     metrics: Dict[str, Any] = {}
     for batch in bench.batch_sizes:
         x = network_input(sample, batch)
         with torch.no_grad():
-            ref = ref_net(x.double())
+            ref = ref_net(x.to(plan.device, torch.float64)).cpu()
         nets, prepared = {}, {}
         for name in names:
             try:

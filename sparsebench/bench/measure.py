@@ -36,14 +36,18 @@ def make_inputs(case: LayerCase, batch: int, device: torch.device, cache: str, s
     return [first] + [first * (1 + 1e-3 * i) for i in range(1, count)]
 
 
-def reference_output(case: LayerCase, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The dense layer in fp64 on the CPU."""
-    w = weight.double()
-    b = case.bias.double() if case.bias is not None else None
-    x = x.double()
+def reference_output(case: LayerCase, weight: torch.Tensor, x: torch.Tensor,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """The dense layer in fp64 (on ``device``: the GPU is much faster at batch 128), returned on the CPU."""
+    device = device or x.device
+    w = weight.to(device, torch.float64)
+    b = case.bias.to(device, torch.float64) if case.bias is not None else None
+    x = x.to(device, torch.float64)
     if case.kind == "conv2d":
-        return F.conv2d(x, w, b, stride=case.stride, padding=case.padding)
-    return F.linear(x, w, b)
+        y = F.conv2d(x, w, b, stride=case.stride, padding=case.padding)
+    else:
+        y = F.linear(x, w, b)
+    return y.cpu()
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,11 +60,15 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if diff != diff else diff / scale
 
 
-def check(case: LayerCase, backend: str, prepared: Prepared, x: torch.Tensor, batch: int) -> float:
-    """Run once and compare with the dense reference; raise MismatchError beyond the tolerance."""
+def check(case: LayerCase, backend: str, prepared: Prepared, x: torch.Tensor, batch: int,
+          reference: Optional[torch.Tensor] = None) -> float:
+    """Run once and compare with the dense reference (computed here unless given); raise MismatchError
+    beyond the backend's tolerance."""
     with torch.no_grad(), prepared.context():
         y = prepared.run(prepared.convert(x))
-    err = relative_error(y.float(), reference_output(case, prepared.weight, x))
+    if reference is None:
+        reference = reference_output(case, prepared.weight, x)
+    err = relative_error(y.float(), reference)
     if not err <= prepared.tol:
         raise MismatchError(f"bench: backend {backend} computes layer {case.name} (batch {batch}) wrongly: "
                             f"max error {err:.3g} of the largest output, allowed {prepared.tol:g}")

@@ -14,11 +14,12 @@ import logging
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsebench.bench.backends import Prepared
 from sparsebench.bench.cases import LayerCase
-from sparsebench.bench.measure import MismatchError, TimingSettings, reference_output, relative_error
+from sparsebench.bench.measure import MismatchError, TimingSettings, relative_error
 from sparsebench.bench.timing import Timing, time_calls
 
 log = logging.getLogger("sparsebench.bench")
@@ -47,10 +48,18 @@ def _with_layers(model: nn.Module, calls: Dict[str, Callable], device: torch.dev
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def reference_network(model: nn.Module, cases: Sequence[LayerCase]) -> nn.Module:
-    """The dense model in fp64 on the CPU, with the cases' weights."""
-    calls = {c.name: (lambda x, c=c: reference_output(c, c.weight, x)) for c in cases}
-    return _with_layers(model, calls, torch.device("cpu"), torch.float64)
+def reference_network(model: nn.Module, cases: Sequence[LayerCase], device: torch.device) -> nn.Module:
+    """The dense model in fp64 on ``device``, with the cases' weights."""
+    weights = {c.name: (c.weight.to(device, torch.float64),
+                        c.bias.to(device, torch.float64) if c.bias is not None else None) for c in cases}
+
+    def layer(c: LayerCase):
+        w, b = weights[c.name]
+        if c.kind == "conv2d":
+            return lambda x: F.conv2d(x, w, b, stride=c.stride, padding=c.padding)
+        return lambda x: F.linear(x, w, b)
+
+    return _with_layers(model, {c.name: layer(c) for c in cases}, device, torch.float64)
 
 
 def backend_network(model: nn.Module, prepared: Dict[str, Prepared], device: torch.device) -> nn.Module:

@@ -10,8 +10,8 @@ import torch
 
 from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported, mask_dependent
 from sparsebench.bench.cases import LayerCase, thin
-from sparsebench.bench.measure import (TimingSettings, break_even_sparsity, check, make_inputs, result_row,
-                                       time_prepared)
+from sparsebench.bench.measure import (TimingSettings, break_even_sparsity, check, make_inputs, reference_output,
+                                       result_row, time_prepared)
 from sparsebench.errors import ConfigError
 
 log = logging.getLogger("sparsebench.bench")
@@ -66,6 +66,7 @@ class LayerBench:
         self.settings = settings
         self.break_even = break_even
         self.unsupported: Dict[Tuple[str, str], str] = {}
+        self._references: Dict[tuple, torch.Tensor] = {}
         self._baseline_rows: Dict[tuple, Dict[str, Any]] = {}
 
     def prepare(self, name: str, case: LayerCase) -> Optional[Prepared]:
@@ -77,11 +78,18 @@ class LayerBench:
             self.unsupported[(name, case.name)] = str(e)
             return None
 
+    def _reference(self, case: LayerCase, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """fp64 dense output, computed once per (weight, input) and shared by the backends that must match it."""
+        key = (id(weight), id(x))
+        if key not in self._references:
+            self._references[key] = reference_output(case, weight, x, self.device)
+        return self._references[key]
+
     def _measure(self, name: str, case: LayerCase, batch: int, inputs) -> Optional[Dict[str, Any]]:
         prepared = self.prepare(name, case)
         if prepared is None:
             return None
-        error = check(case, name, prepared, inputs[0], batch)
+        error = check(case, name, prepared, inputs[0], batch, self._reference(case, prepared.weight, inputs[0]))
         timing = time_prepared(prepared, inputs, self.device, self.settings)
         return result_row(case, name, batch, timing, prepared, error)
 
@@ -100,6 +108,7 @@ class LayerBench:
         and not repeated as rows.
         """
         inputs = make_inputs(case, batch, self.device, self.settings.cache)
+        self._references = {}  # keyed by object ids: valid only while this case's tensors live
         ours = self._measure(self.plan.sparse, case, batch, inputs)
         rows = [ours] if ours else []
         baseline_times: Dict[str, float] = {}
