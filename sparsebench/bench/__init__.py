@@ -35,7 +35,9 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     plan = plan_backends(backend, bench, device)
     settings = TimingSettings(warmup=bench.warmup, repeats=bench.repeats, cache=bench.cache,
                               cpu_threads=bench.cpu_threads)
-    packed_layers = load_packed(packed)[0] if packed is not None else None
+    packed_layers, meta = load_packed(packed) if packed is not None else (None, {})
+    # The export folds BatchNorms into the packed layers: every network then runs them as the identity.
+    folded = sorted(set(meta.get("folded_bn", {}).values()))
     was_training = model.training
     model.eval()
     # On the CPU everything (checks, fp64 references) runs with the timing's thread count: on a busy
@@ -50,7 +52,7 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
                 for case, batch in tqdm(jobs, desc=f"bench layers ({plan.sparse} vs {len(plan.baselines)} baselines)",
                                         disable=not bench.progress, leave=False):
                     rows += runner.run(case, batch)
-            metrics = _network_metrics(plan, bench, settings, model, cases, sample) if bench.network else {}
+            metrics = _network_metrics(plan, bench, settings, model, cases, sample, folded) if bench.network else {}
     finally:
         model.train(was_training)
     metrics["bench/backend"] = plan.sparse
@@ -58,20 +60,25 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     return rows, metrics
 
 
-def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor) -> Dict[str, Any]:
+def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor,
+                     folded: List[str]) -> Dict[str, Any]:
     """``speedup/<baseline>/b<batch>`` and ``latency_us/<backend>/b<batch>`` for the whole network."""
     from sparsebench.bench.backends import BACKENDS, Unsupported
+    from sparsebench.bench.measure import relative_error
     from sparsebench.bench.network import backend_network, check_network, network_input, reference_network, time_networks
 
     names = [plan.sparse] + [b for b in plan.baselines if b != "semi_structured_2to4"]
     if "semi_structured_2to4" in plan.baselines:
         log.info("bench: whole network skips semi_structured_2to4 (it computes its own 2:4-pruned model)")
-    ref_net = reference_network(model, cases, plan.device)
+    ref_net = reference_network(model, cases, plan.device, folded)
     metrics: Dict[str, Any] = {}
     for batch in bench.batch_sizes:
         x = network_input(sample, batch)
         with torch.no_grad():
             ref = ref_net(x.to(plan.device, torch.float64)).cpu()
+            # How far the packed model (folded, quantized) is from the trained model itself: an export check.
+            own = model(x.to(next(model.parameters()).device)).float().cpu()
+        metrics[f"network_export_error/b{batch}"] = float(f"{relative_error(own, ref):.3g}")
         nets, prepared = {}, {}
         for name in names:
             try:
@@ -79,7 +86,7 @@ def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: tor
             except Unsupported as e:
                 log.info("bench: whole network skips %s: %s", name, e)
                 continue
-            nets[name] = backend_network(model, per_layer, plan.device)
+            nets[name] = backend_network(model, per_layer, plan.device, folded)
             prepared[name] = next(iter(per_layer.values()))
             metrics[f"network_error/{name}/b{batch}"] = check_network(name, nets[name], prepared[name], x, ref, batch)
         timings, graphs = time_networks(nets, prepared, x, plan.device, settings, bench.graphs)

@@ -40,15 +40,19 @@ class LayerCall(nn.Module):
 
 
 def _with_layers(model: nn.Module, calls: Dict[str, Callable], device: torch.device, dtype: torch.dtype,
-                 channels_last: bool = False) -> nn.Module:
+                 channels_last: bool = False, folded: Sequence[str] = ()) -> nn.Module:
+    """``folded``: BatchNorms the export folded into the packed layers; they become the identity."""
     net = copy.deepcopy(model).eval()
     for name, fn in calls.items():
         net.set_submodule(name, LayerCall(fn))
+    for name in folded:
+        net.set_submodule(name, nn.Identity())
     net = net.to(device=device, dtype=dtype)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def reference_network(model: nn.Module, cases: Sequence[LayerCase], device: torch.device) -> nn.Module:
+def reference_network(model: nn.Module, cases: Sequence[LayerCase], device: torch.device,
+                      folded: Sequence[str] = ()) -> nn.Module:
     """The dense model in fp64 on ``device``, with the cases' weights."""
     weights = {c.name: (c.weight.to(device, torch.float64),
                         c.bias.to(device, torch.float64) if c.bias is not None else None) for c in cases}
@@ -59,13 +63,14 @@ def reference_network(model: nn.Module, cases: Sequence[LayerCase], device: torc
             return lambda x: F.conv2d(x, w, b, stride=c.stride, padding=c.padding)
         return lambda x: F.linear(x, w, b)
 
-    return _with_layers(model, {c.name: layer(c) for c in cases}, device, torch.float64)
+    return _with_layers(model, {c.name: layer(c) for c in cases}, device, torch.float64, folded=folded)
 
 
-def backend_network(model: nn.Module, prepared: Dict[str, Prepared], device: torch.device) -> nn.Module:
+def backend_network(model: nn.Module, prepared: Dict[str, Prepared], device: torch.device,
+                    folded: Sequence[str] = ()) -> nn.Module:
     first = next(iter(prepared.values()))
     return _with_layers(model, {name: p.run for name, p in prepared.items()}, device, first.dtype,
-                        first.channels_last)
+                        first.channels_last, folded)
 
 
 def check_network(name: str, net: nn.Module, prepared: Prepared, x: torch.Tensor, ref: torch.Tensor,
