@@ -142,7 +142,7 @@ def validate(cfg: Any) -> None:
     _require(d.train_size >= 1 and d.test_size >= 1, "data.train_size", d.train_size, "train_size and test_size >= 1")
 
     validate_prune(cfg.prune, t.finetune_epochs)
-    validate_quant(cfg.quant)
+    validate_quant(cfg.quant, t.finetune_epochs)
     validate_bench(cfg.backend, cfg.bench)
     if cfg.prune.method != "none" or cfg.quant.method != "none":
         _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,

@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, Optional
 
-from sparsebench.errors import require
+from sparsebench.errors import ConfigError, require
 
 METHODS = ("none", "linear", "pow2", "kmeans")
+MIN_BITS, MAX_BITS = 2, 8
+FP32 = 32  # a per-layer override of 32 keeps that layer unquantized (fp32)
 
 
 @dataclass
 class QuantConfig:
     method: str = "none"  # none | linear | pow2 | kmeans
     bits: int = 32  # 2..8 for a quantizer; 32 means unquantized
-    symmetric: bool = True
-    per_channel: bool = True
-    learn_scale: bool = False  # LSQ-style learned scales for linear
-    start: float = 0.0  # epoch of the finetune phase at which QAT begins
-    refit_every: int = 1  # kmeans: re-fit codebooks every N epochs
-    overrides: Dict[str, int] = field(default_factory=dict)  # name or regex -> bits
+    symmetric: bool = True  # linear: codes centred on zero (else an integer zero point per scale)
+    per_channel: bool = True  # linear: one scale per output channel (pow2/kmeans: always per layer)
+    learn_scale: bool = False  # linear: LSQ-style learned scales (else max-abs / min-max statistics)
+    start: float = 0.0  # epoch of the finetune phase at which QAT begins (may overlap pruning)
+    refit_every: int = 1  # kmeans: re-fit codebooks every N epochs after QAT begins
+    kmeans_iters: int = 30  # kmeans: Lloyd iterations per fit
+    overrides: Dict[str, int] = field(default_factory=dict)  # layer name or regex -> bits (32: keep fp32)
 
 
-def validate_quant(q: Any) -> None:
+def validate_quant(q: Any, finetune_epochs: Optional[int] = None) -> None:
+    """Check ``q`` (a QuantConfig) from the config alone; ``finetune_epochs`` bounds ``quant.start``.
+
+    Checks that need the model (overrides name a layer, codebooks fit) run in ``build_quantizer``.
+    """
     require(q.method in METHODS, "quant.method", q.method, "one of " + ", ".join(METHODS))
     if q.method == "none":
-        require(q.bits == 32, "quant.bits", q.bits, "32 when quant.method=none (choose quant=linear, pow2 or kmeans for 2..8)")
+        require(q.bits == FP32, "quant.bits", q.bits, "32 when quant.method=none (choose quant=linear, pow2 or kmeans for 2..8)")
+        require(not q.overrides, "quant.overrides", dict(q.overrides), "empty when quant.method=none")
     else:
-        require(2 <= q.bits <= 8, "quant.bits", q.bits, f"an integer in 2..8 for quant.method={q.method}")
-    require(q.start >= 0, "quant.start", q.start, "a number >= 0")
+        require(MIN_BITS <= q.bits <= MAX_BITS, "quant.bits", q.bits,
+                f"an integer in {MIN_BITS}..{MAX_BITS} for quant.method={q.method}")
+    require(q.start >= 0, "quant.start", q.start, "a number >= 0 (epochs into the finetune phase)")
+    if finetune_epochs is not None and q.method != "none":
+        require(q.start <= finetune_epochs, "quant.start", q.start, f"at most trainer.finetune_epochs "
+                f"({finetune_epochs}); quant.start=trainer.finetune_epochs quantizes after retraining, without QAT")
     require(q.refit_every >= 1, "quant.refit_every", q.refit_every, "an integer >= 1")
+    require(q.kmeans_iters >= 1, "quant.kmeans_iters", q.kmeans_iters, "an integer >= 1")
     for pattern, bits in q.overrides.items():
-        require(2 <= bits <= 8, f"quant.overrides.{pattern}", bits, "an integer in 2..8")
+        require(MIN_BITS <= bits <= MAX_BITS or bits == FP32, f"quant.overrides.{pattern}", bits,
+                f"an integer in {MIN_BITS}..{MAX_BITS}, or 32 to keep that layer fp32")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"quant.overrides.{pattern}: {pattern!r} is not a valid layer name or regular expression ({e})") from None

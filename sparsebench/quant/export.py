@@ -1,0 +1,168 @@
+"""The packed export: every conv/linear layer of a trained model -> ``packed.safetensors``.
+
+Each layer is written in the kernel module's format (``sparsebench.sparse.format``): CSR
+indices of the non-zeros, values as codes at the quantizer's width (rounded up to a width
+the format stores: 2, 4 or 8) with per-channel scale + zero point (linear) or a per-layer
+codebook (pow2, kmeans), and the bias. Unquantized layers keep fp32 values.
+
+BatchNorm: a BatchNorm fed only by a conv/linear is folded into that layer (weight scaled
+per output channel, bias = beta - mean * gamma/sqrt(var+eps)), so the packed conv is the
+whole conv+BN the benchmark should time. The metadata lists the folded BatchNorms
+(``folded_bn``), which a runner of the whole network replaces by the identity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sparsebench.layers import weight_layers
+from sparsebench.quant.fold import bn_pairs, folded
+from sparsebench.sparse.format import CODE_BITS, PackedLayer, load_packed, pack_weight, save_packed
+
+FP32 = 32
+
+
+def storage_bits(bits: int) -> int:
+    """The narrowest code width the packed format stores that holds ``bits``-bit codes."""
+    fits = [b for b in sorted(CODE_BITS) if b >= bits]
+    if not fits:
+        raise ValueError(f"bits: {bits}-bit codes do not fit the packed format's widths {CODE_BITS}")
+    return fits[0]
+
+
+def pack_layer(module: nn.Module, bn: Optional[nn.Module], fake_quant: Optional[Any]) -> PackedLayer:
+    """One layer, BatchNorm folded in, as codes on ``fake_quant``'s grid or as fp32 values."""
+    weight, bias = folded(module.weight, module.bias, bn)
+    geometry = {}
+    if isinstance(module, nn.Conv2d):
+        _check_conv(module)
+        geometry = {"stride": int(module.stride[0]), "padding": int(module.padding[0])}
+    if fake_quant is None:
+        return pack_weight(weight, bias, **geometry)
+    grid = fake_quant.encode(weight)
+    return pack_weight(weight, bias, bits=storage_bits(fake_quant.bits), **geometry, **grid)
+
+
+def _check_conv(m: nn.Conv2d) -> None:
+    square = m.stride[0] == m.stride[1] and m.padding[0] == m.padding[1]
+    if not square or m.dilation != (1, 1) or m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
+        raise ValueError(f"conv {m}: the packed format holds square stride/padding, dilation 1, groups 1 only")
+
+
+def layer_facts(layer: PackedLayer, bits: int, method: str) -> Dict[str, Any]:
+    """What layers.csv and metrics.json take from the export, bytes broken down by kind."""
+    t = layer.tensors()
+    size = lambda *names: sum(t[n].numel() * t[n].element_size() for n in names if n in t)  # noqa: E731
+    footprint = layer.footprint_bytes()
+    return {
+        "bits": bits,
+        "quant": method if bits != FP32 else "none",
+        "storage_bits": layer.bits,
+        "value_kind": layer.value_kind,
+        "nnz": layer.nnz,
+        "index_bytes": size("rowptr", "colidx", "row_order"),
+        "value_bytes": size("values"),
+        "grid_bytes": size("scale", "zero_point", "codebook"),
+        "bias_bytes": size("bias"),
+        "dense_bytes": layer.dense_bytes(),
+        "footprint_bytes": footprint,
+        "compression": round(layer.dense_bytes() / max(footprint, 1), 4),
+    }
+
+
+@torch.no_grad()
+def export_packed(model: nn.Module, quantizer: Optional[Any], path: Path,
+                  metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+    """Pack every conv/linear layer of ``model`` into ``path``; per-layer facts by layer name.
+
+    ``quantizer`` (the ``quant`` hook, after training) supplies each quantized layer's grid;
+    without it, or for a layer it leaves in fp32, the values are fp32.
+    """
+    modules = dict(model.named_modules())
+    pairs = bn_pairs(model)
+    fake_quants = quantizer.fake_quants if quantizer is not None else {}
+    method = quantizer.method if quantizer is not None else "none"
+    packed: Dict[str, PackedLayer] = {}
+    facts: Dict[str, Dict[str, Any]] = {}
+    for name, m in weight_layers(model).items():
+        fq = fake_quants.get(name)
+        packed[name] = pack_layer(m, modules.get(pairs[name]) if name in pairs else None, fq)
+        facts[name] = layer_facts(packed[name], fq.bits if fq is not None else FP32, method)
+    meta = {
+        "folded_bn": pairs,
+        "layer_order": list(packed),
+        "quant": {"method": method, "bits": {n: f["bits"] for n, f in facts.items()}},
+        **(metadata or {}),
+    }
+    save_packed(path, packed, meta)
+    return facts
+
+
+def load_for_model(path: Path, model: nn.Module) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
+    """Load ``path`` and check it belongs to ``model``: the same layers, shapes and geometry.
+
+    Raises ValueError with one line naming the file and the first mismatch (a corrupt file
+    is refused by ``load_packed`` with the tensor that fails its checksum).
+    """
+    layers, meta = load_packed(path)
+    mine = weight_layers(model)
+    missing, extra = sorted(set(mine) - set(layers)), sorted(set(layers) - set(mine))
+    if missing or extra:
+        raise ValueError(f"{path}: does not match this model: layers missing from the file {missing[:5]}, "
+                         f"layers the model lacks {extra[:5]}")
+    for name, m in mine.items():
+        shape = tuple(m.weight.shape)
+        if tuple(layers[name].weight_shape) != shape:
+            raise ValueError(f"{path}: layer {name!r} has weight shape {tuple(layers[name].weight_shape)} in the file, "
+                             f"{shape} in the model")
+        if isinstance(m, nn.Conv2d) and (layers[name].stride, layers[name].padding) != (m.stride[0], m.padding[0]):
+            raise ValueError(f"{path}: layer {name!r} has stride/padding {layers[name].stride}/{layers[name].padding} "
+                             f"in the file, {m.stride[0]}/{m.padding[0]} in the model")
+    return layers, meta
+
+
+class PackedConv2d(nn.Module):
+    """Runs one packed conv layer (BatchNorm folded in) through the sparse reference or kernel."""
+
+    def __init__(self, layer: PackedLayer, use_kernels: bool = False):
+        super().__init__()
+        self.layer, self.use_kernels = layer, use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsebench.sparse import ops
+
+        op = ops.sparse_conv2d if self.use_kernels else ops.reference_conv2d
+        return op(x, self.layer.to(x.device))
+
+
+class PackedLinear(PackedConv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsebench.sparse import ops
+
+        op = ops.sparse_linear if self.use_kernels else ops.reference_linear
+        return op(x, self.layer.to(x.device))
+
+
+def packed_model(model: nn.Module, layers: Dict[str, PackedLayer], metadata: Dict[str, Any],
+                 use_kernels: bool = False) -> nn.Module:
+    """A copy of ``model`` whose conv/linear layers run the packed ones and whose folded
+    BatchNorms are the identity: the whole network as the sparse kernels would run it."""
+    import copy
+
+    net = copy.deepcopy(model).eval()
+    folded_bn: List[str] = list(metadata.get("folded_bn", {}).values())
+    for name, layer in layers.items():
+        _replace(net, name, (PackedConv2d if layer.kind == "conv2d" else PackedLinear)(layer, use_kernels))
+    for name in folded_bn:
+        _replace(net, name, nn.Identity())
+    return net
+
+
+def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

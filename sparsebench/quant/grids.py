@@ -1,0 +1,175 @@
+"""The quantization grids: linear (scale + zero point), power-of-two levels, k-means codebooks.
+
+Every grid has zero as an exact level, so a pruned (zero) weight quantizes to exactly zero.
+Values are computed exactly as the packed format decodes them (``scale * (code - zero_point)``
+and ``codebook[code]``), so the export reproduces the fake-quantized weights bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+# ---------------------------------------------------------------- straight-through helpers
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized value, bit for bit. Backward: the gradient passes to the input unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q forward (exactly), identity gradient to x."""
+    return _StraightThrough.apply(x, q.detach())
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity gradient."""
+    return straight_through(x, torch.round(x))
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x forward (exactly), gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    return _ScaleGrad.apply(x, factor)
+
+
+# ---------------------------------------------------------------- linear
+
+
+def code_range(bits: int, symmetric: bool) -> Tuple[int, int]:
+    """Signed codes around zero for symmetric grids, unsigned codes with a zero point otherwise."""
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _reduce_dims(w: torch.Tensor, per_channel: bool) -> Tuple[int, ...]:
+    return tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
+
+
+def _as_rows(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A per-channel [C] (or per-tensor [1]) tensor shaped to broadcast over w."""
+    return t.reshape(-1, *([1] * (w.dim() - 1))) if t.numel() > 1 else t.reshape(())
+
+
+def linear_stats(w: torch.Tensor, bits: int, symmetric: bool, per_channel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from the weights' range (max-abs, or min-max including 0).
+
+    Returns 1-D tensors: [C_out] per channel, [1] per tensor. An all-zero channel gets scale 1
+    (any scale decodes its zero codes to 0).
+    """
+    w = w.detach().float()
+    dims = _reduce_dims(w, per_channel)
+    qmin, qmax = code_range(bits, symmetric)
+    if symmetric:
+        scale = w.abs().amax(dim=dims) / qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        lo = w.amin(dim=dims).clamp(max=0)
+        hi = w.amax(dim=dims).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero_point = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(qmin, qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.reshape(-1), zero_point.reshape(-1)
+
+
+def asym_zero_point(w: torch.Tensor, scale: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """The zero point that puts the weights' minimum (or 0) at code 0 for a given (learned) scale."""
+    qmin, qmax = code_range(bits, symmetric=False)
+    lo = w.detach().float().amin(dim=_reduce_dims(w, per_channel)).clamp(max=0).reshape(-1)
+    return torch.round(-lo / scale.detach().reshape(-1)).clamp(qmin, qmax)
+
+
+def linear_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """Integer codes (as float, with straight-through rounding) of w on the grid."""
+    qmin, qmax = code_range(bits, symmetric)
+    return torch.clamp(round_ste(w / _as_rows(scale, w)) + _as_rows(zero_point, w), qmin, qmax)
+
+
+def linear_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                      symmetric: bool) -> torch.Tensor:
+    """w snapped to ``scale * (code - zero_point)``; exact zeros stay exact zeros."""
+    codes = linear_codes(w, scale, zero_point, bits, symmetric)
+    return (codes - _as_rows(zero_point, w)) * _as_rows(scale, w)
+
+
+# ---------------------------------------------------------------- level sets (pow2, kmeans)
+
+
+def pow2_levels(bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """0 and ±scale·2^-k for k = 0..2^(bits-1)-2: a sign bit plus an exponent code, one code kept for zero.
+
+    2^bits - 1 sorted levels (2 bits: the ternary {-s, 0, s}).
+    """
+    n_exp = (1 << (bits - 1)) - 1
+    mags = scale.reshape(()).float() * torch.pow(2.0, -torch.arange(n_exp, dtype=torch.float32, device=scale.device))
+    return torch.cat([-mags, mags.new_zeros(1), mags.flip(0)])
+
+
+def nearest_level(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index into sorted ``levels`` of the level nearest to each weight (ties go to the lower level)."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(w.detach().float().contiguous(), mids.contiguous())
+
+
+def level_fake_quant(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """w snapped to its nearest level; straight-through gradient."""
+    return straight_through(w, levels[nearest_level(w, levels)])
+
+
+def fit_codebook(values: torch.Tensor, n_free: int, iters: int = 30, init: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1-D k-means (Lloyd) of ``values`` with ``n_free`` free centres plus one fixed at exactly 0.
+
+    Returns the n_free + 1 sorted levels. Free centres start at the values' quantiles (or at
+    ``init``, e.g. the previous codebook, so refits move smoothly); an empty cluster keeps its centre.
+    Written here rather than with scikit-learn because it is 1-D (sorted buckets, no distance
+    matrix) and runs on the weights' device.
+    """
+    x = values.detach().float().flatten()
+    if x.numel() < n_free:
+        raise ValueError(f"fit_codebook: {x.numel()} values cannot fill {n_free} levels")
+    xs = torch.sort(x).values
+    if init is not None and init.numel() == n_free + 1:
+        centres = _drop_one_zero(init.to(xs))
+    else:
+        pos = ((torch.arange(n_free, device=xs.device, dtype=torch.float64) + 0.5) / n_free * xs.numel()).long()
+        centres = xs[pos.clamp(max=xs.numel() - 1)]
+    for _ in range(iters):
+        levels, order = torch.sort(torch.cat([centres, centres.new_zeros(1)]))
+        idx = nearest_level(xs, levels)
+        sums = torch.zeros_like(levels).index_add_(0, idx, xs)
+        counts = torch.zeros_like(levels).index_add_(0, idx, torch.ones_like(xs))
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), levels)
+        updated = torch.empty_like(levels)
+        updated[order] = means  # back to (centres..., zero) order
+        new = updated[:-1]
+        if torch.equal(new, centres):
+            break
+        centres = new
+    return torch.sort(torch.cat([centres, centres.new_zeros(1)])).values
+
+
+def _drop_one_zero(levels: torch.Tensor) -> torch.Tensor:
+    """The free centres of a codebook: all levels but one exact zero."""
+    zero_at = int(torch.nonzero(levels == 0)[0]) if bool((levels == 0).any()) else int(levels.abs().argmin())
+    return torch.cat([levels[:zero_at], levels[zero_at + 1:]])

@@ -1,0 +1,197 @@
+"""QAT as a training hook: fake-quant parametrizations on every conv/linear weight.
+
+Lifecycle: ``on_fit_start`` registers an (inactive) ``FakeQuant`` per quantized layer, last
+in the weight's parametrization chain, so a pruning mask registered before it is applied
+first and the quantizer sees exact zeros (zero is a level of every grid, so they stay
+zero). At ``quant.start`` epochs the grids are calibrated on the current weights and
+quantization switches on; kmeans codebooks are re-fitted every ``refit_every`` epochs.
+``on_fit_end`` bakes the quantized weights into the plain parameters (the model leaves
+training with nothing but ordinary conv/linear layers) and keeps the grids for the export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsebench.errors import ConfigError
+from sparsebench.layers import weight_layers
+from sparsebench.quant.config import FP32
+from sparsebench.quant.fake_quant import FakeQuant
+from sparsebench.quant.fold import bn_pairs
+from sparsebench.train import TrainHook
+
+log = logging.getLogger(__name__)
+
+
+def layer_bits(cfg: Any, names: List[str]) -> Dict[str, Tuple[int, str]]:
+    """(bits, the config key that set them) per layer: ``quant.bits``, or the override matching
+    it (an exact name first, else the last matching regex, full match). 32 keeps a layer fp32.
+    An override that names no layer is refused."""
+    overrides = {str(k): int(v) for k, v in cfg.overrides.items()}
+    for pattern in overrides:
+        if pattern not in names and not any(re.fullmatch(pattern, n) for n in names):
+            raise ConfigError(f"quant.overrides.{pattern}: matches no conv/linear layer of this model "
+                              f"(full match; the layers are: {', '.join(names)})")
+    chosen = {}
+    for name in names:
+        regex = [p for p in overrides if p != name and re.fullmatch(p, name)]
+        pattern = name if name in overrides else (regex[-1] if regex else None)
+        chosen[name] = (overrides[pattern], f"quant.overrides.{pattern}") if pattern else (int(cfg.bits), "quant.bits")
+    return chosen
+
+
+def check_codebook_fits(name: str, weight: torch.Tensor, bits: int, key: str) -> None:
+    """A kmeans layer needs at least as many non-zero weights as free codebook levels."""
+    nonzero = int((weight != 0).sum())
+    levels = (1 << bits) - 1
+    if nonzero < levels:
+        raise ConfigError(f"{key}={bits} is not allowed for layer {name!r}: its kmeans codebook has {levels} "
+                          f"levels besides zero but the layer has only {nonzero} non-zero weights; lower the bits "
+                          f"(quant.overrides can set them per layer)")
+
+
+class Quantizer(TrainHook):
+    """The ``quant`` hook: QAT with straight-through fake quantization, then baked weights."""
+
+    name = "quant"
+
+    def __init__(self, cfg: Any, model: nn.Module):
+        self.cfg = cfg
+        self.method = cfg.method
+        names = list(weight_layers(model))
+        chosen = layer_bits(cfg, names)
+        self.bits = {n: b for n, (b, _) in chosen.items() if b != FP32}
+        self.bits_key = {n: key for n, (_, key) in chosen.items()}  # for error messages
+        self.fold_pairs = bn_pairs(model)
+        if self.method == "kmeans":
+            for name, m in weight_layers(model).items():
+                if name in self.bits:
+                    check_codebook_fits(name, m.weight, self.bits[name], self.bits_key[name])
+        self.fake_quants: Dict[str, FakeQuant] = {}
+        self.active = False
+        self.start_step = 0
+        self.steps_per_epoch = 1
+        self.fits = 0  # kmeans: codebook fits so far
+
+    # -- the training lifecycle ----------------------------------------------------------
+    def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.start_step = int(math.ceil(self.cfg.start * self.steps_per_epoch))
+        modules = dict(model.named_modules())
+        self.fake_quants = {}
+        for name, m in weight_layers(model).items():
+            if name not in self.bits:
+                continue
+            bn = modules.get(self.fold_pairs[name]) if name in self.fold_pairs else None
+            fq = FakeQuant(self.method, self.bits[name], m.weight, symmetric=self.cfg.symmetric,
+                           per_channel=self.cfg.per_channel, learn_scale=self.cfg.learn_scale, bn=bn)
+            parametrize.register_parametrization(m, "weight", fq)
+            self.fake_quants[name] = fq
+        self.active = False
+        if self.start_step == 0:
+            self._activate(model)
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        if not self.active and step >= self.start_step:
+            self._activate(model)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
+        if not self.active:
+            return {"quant/active": 0.0}
+        start_epoch = self.start_step // self.steps_per_epoch
+        if self.method == "kmeans" and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0:
+            self._calibrate(model, warm=True)
+        return {"quant/active": 1.0, "quant/max_levels": float(max(self.distinct_levels(model).values(), default=0))}
+
+    def on_fit_end(self, model: nn.Module) -> None:
+        if not self.active:  # quant.start at or past the end: quantize after training (no QAT)
+            log.warning("quant.start=%s is not before the end of the finetune phase: the weights are quantized "
+                        "after training, without quantization-aware retraining", self.cfg.start)
+            self._activate(model)
+        self.bake(model)
+
+    # -- grids -----------------------------------------------------------------------------
+    def _activate(self, model: nn.Module) -> None:
+        self._calibrate(model, warm=False)
+        for fq in self.fake_quants.values():
+            fq.active = True
+        self.active = True
+
+    @torch.no_grad()
+    def _calibrate(self, model: nn.Module, warm: bool) -> None:
+        layers = weight_layers(model)
+        for name, fq in self.fake_quants.items():
+            w = _input_of(layers[name], fq)
+            if self.method == "kmeans":
+                check_codebook_fits(name, w, self.bits[name], self.bits_key[name])
+            fq.calibrate(w, self.cfg.kmeans_iters, warm=warm)
+        if self.method == "kmeans":
+            self.fits += 1
+
+    @torch.no_grad()
+    def bake(self, model: nn.Module) -> None:
+        """Write the quantized weights into the plain parameters and drop the parametrizations.
+
+        The whole chain (a pruning mask included, if it is still registered) is evaluated once
+        more, which also leaves the grids (statistics scales) exactly as they produced the
+        baked values.
+        """
+        for name, m in weight_layers(model).items():
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+    def distinct_levels(self, model: nn.Module) -> Dict[str, int]:
+        """Distinct values of each quantized layer's folded, quantized weight (while training):
+        at most 2**bits per scale (per channel for per-channel linear, else per layer)."""
+        layers = weight_layers(model)
+        out = {}
+        with torch.no_grad():
+            for name, fq in self.fake_quants.items():
+                if not parametrize.is_parametrized(layers[name], "weight"):
+                    continue  # baked: count on the export instead
+                wf = fq.quantize_folded(fq.folded_input(_input_of(layers[name], fq)))
+                rows = wf.reshape(wf.shape[0], -1)
+                out[name] = (max(int(torch.unique(r).numel()) for r in rows) if fq.per_channel
+                             else int(torch.unique(wf).numel()))
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "method": self.method, "bits": dict(self.bits), "active": self.active, "fits": self.fits,
+            "grids": {name: {k: v.detach().cpu().clone() for k, v in fq.state_dict().items()}
+                      for name, fq in self.fake_quants.items()},
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if not state:
+            return
+        if state.get("method") != self.method or state.get("bits") != self.bits:
+            raise ConfigError(f"trainer.resume=true: the checkpoint was quantized with quant.method="
+                              f"{state.get('method')} and bits {state.get('bits')}, this run asks for "
+                              f"quant.method={self.method} and bits {self.bits}")
+        for name, grid in state.get("grids", {}).items():
+            if name in self.fake_quants:
+                self.fake_quants[name].load_state_dict(grid)
+        self.active = bool(state.get("active"))
+        self.fits = int(state.get("fits", 0))
+        for fq in self.fake_quants.values():
+            fq.active = self.active
+
+
+def _input_of(module: nn.Module, fq: FakeQuant) -> torch.Tensor:
+    """The tensor ``fq`` receives: the original weight through the parametrizations before it."""
+    chain = module.parametrizations.weight
+    x = chain.original
+    for p in chain:
+        if p is fq:
+            return x
+        x = p(x)
+    raise ValueError("the quantizer's parametrization is not registered on this layer")

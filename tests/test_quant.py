@@ -1,0 +1,255 @@
+"""QAT: the grids, the fake-quant hook (levels, exact zeros, STE, resume) and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import sparsebench.train
+from sparsebench.errors import ConfigError
+from sparsebench.experiment import run
+from sparsebench.models import build_model
+from sparsebench.prune.masks import weight_param
+from sparsebench.quant import build_quantizer, grids
+from sparsebench.quant.config import QuantConfig
+from sparsebench.quant.hook import layer_bits
+from sparsebench.sparse.format import load_packed
+from tests.conftest import TINY, compose, run_cli
+
+
+def quant_cfg(**kw):
+    return OmegaConf.structured(QuantConfig(**kw))
+
+
+def tiny_convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("convnet", in_channels=1, num_classes=10, image_size=8, width=0.5)
+    with torch.no_grad():  # BatchNorm statistics far from identity, so folding matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.3, 3)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def prune_half(model: nn.Module) -> dict:
+    """Zero the smaller half of every layer's weights; returns the keep-masks."""
+    masks = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = weight_param(m)
+                masks[name] = w.abs() > w.abs().median()
+                w.mul_(masks[name])
+    return masks
+
+
+def train_steps(model: nn.Module, hook, masks: dict, steps: int = 6) -> None:
+    """A few SGD steps that keep the masks the way the pruner does (zero the original after each step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(32, 1, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    modules = dict(model.named_modules())
+    for step in range(1, steps + 1):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for name, keep in masks.items():
+                weight_param(modules[name]).mul_(keep)
+        hook.after_step(step, model)
+
+
+# ---------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_linear_grid_has_at_most_2_to_bits_levels_per_channel_and_keeps_zero(bits, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 3, 3, 3)
+    w[w.abs() < 0.5] = 0
+    scale, zp = grids.linear_stats(w, bits, symmetric, per_channel=True)
+    q = grids.linear_fake_quant(w, scale, zp, bits, symmetric)
+    assert torch.equal(q[w == 0], torch.zeros_like(q[w == 0]))
+    for c in range(6):
+        levels = torch.unique(q[c])
+        assert len(levels) <= 2 ** bits
+        k = levels / scale[c] + zp[c]  # every value is scale * (integer code - zero point)
+        assert torch.allclose(k, k.round(), atol=1e-4)
+        lo, hi = grids.code_range(bits, symmetric)
+        assert k.round().min() >= lo and k.round().max() <= hi
+    # max-abs statistics: the largest weight of a symmetric channel is a level exactly
+    if symmetric:
+        assert torch.allclose(q.abs().amax(dim=(1, 2, 3)), w.abs().amax(dim=(1, 2, 3)))
+
+
+def test_pow2_levels_are_signed_powers_of_two_and_zero():
+    levels = grids.pow2_levels(3, torch.tensor([0.8]))
+    assert levels.tolist() == pytest.approx([-0.8, -0.4, -0.2, 0.0, 0.2, 0.4, 0.8])
+    assert len(grids.pow2_levels(2, torch.tensor([1.0]))) == 3  # ternary
+    assert len(grids.pow2_levels(8, torch.tensor([1.0]))) == 255
+    w = torch.tensor([0.0, 0.31, -0.29, 0.61, 2.0, 0.05])
+    q = grids.level_fake_quant(w, levels)
+    assert q.tolist() == pytest.approx([0.0, 0.4, -0.2, 0.8, 0.8, 0.0])
+
+
+def test_kmeans_codebook_finds_the_clusters_and_keeps_an_exact_zero():
+    torch.manual_seed(0)
+    centres = torch.tensor([-1.0, -0.3, 0.5, 2.0])
+    x = (centres[torch.randint(0, 4, (4000,))] + 0.01 * torch.randn(4000))
+    book = grids.fit_codebook(x, n_free=4, iters=50)
+    assert len(book) == 5 and (book == 0).sum() == 1
+    assert torch.allclose(book[book != 0], centres, atol=0.01)
+
+
+def test_straight_through_gradient_passes_unchanged():
+    w = torch.tensor([0.12, -0.7, 0.0], requires_grad=True)
+    q = grids.linear_fake_quant(w, torch.tensor([0.25]), torch.tensor([0.0]), 4, True)
+    q.sum().backward()
+    assert q.tolist() == [0.0, -0.75, 0.0] and w.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------- the hook
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("linear", {}), ("linear", {"symmetric": False, "per_channel": False}), ("linear", {"learn_scale": True}),
+    ("pow2", {}), ("kmeans", {}),
+])
+def test_qat_keeps_exact_zeros_and_at_most_2_to_bits_levels(method, kw):
+    model = tiny_convnet()
+    masks = prune_half(model)
+    hook = build_quantizer(quant_cfg(method=method, bits=3, **kw), model)
+    hook.on_fit_start(model, steps_per_epoch=6, total_steps=6)
+    train_steps(model, hook, masks)
+    levels = hook.distinct_levels(model)
+    assert set(levels) == {"block1.conv", "block2.conv", "block3.conv", "fc"}
+    assert all(2 <= n <= 8 for n in levels.values()), levels
+    hook.on_epoch_end(0, model)
+    hook.on_fit_end(model)
+    for name, m in model.named_modules():
+        if name in masks:
+            assert not hasattr(m, "parametrizations")  # baked into a plain parameter
+            assert torch.equal(m.weight[~masks[name]], torch.zeros(int((~masks[name]).sum())))
+    if method == "kmeans":  # the classifier (no BatchNorm) takes exactly the codebook values
+        book = hook.fake_quants["fc"].codebook
+        assert set(torch.unique(model.fc.weight).tolist()) <= set(book.tolist())
+
+
+def test_learned_scales_get_gradients_and_are_trained():
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="linear", bits=4, learn_scale=True), model)
+    hook.on_fit_start(model, steps_per_epoch=4, total_steps=4)
+    before = hook.fake_quants["block2.conv"].scale.detach().clone()
+    assert any(p is hook.fake_quants["block2.conv"].scale for p in model.parameters())
+    train_steps(model, hook, {}, steps=3)
+    assert not torch.equal(before, hook.fake_quants["block2.conv"].scale.detach())
+
+
+def test_qat_starts_at_quant_start():
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="linear", bits=2, start=1.0), model)
+    hook.on_fit_start(model, steps_per_epoch=3, total_steps=6)
+    train_steps(model, hook, {}, steps=2)
+    assert not hook.active and len(torch.unique(model.fc.weight)) > 8  # still full precision
+    train_steps(model, hook, {}, steps=3)
+    assert hook.active and all(n <= 4 for n in hook.distinct_levels(model).values())
+
+
+def test_mixed_precision_overrides_by_name_and_regex():
+    names = ["block1.conv", "block2.conv", "block3.conv", "fc"]
+    cfg = quant_cfg(method="linear", bits=4, overrides={r"block[23]\.conv": 2, "fc": 8, "block3.conv": 32})
+    assert {n: b for n, (b, _) in layer_bits(cfg, names).items()} == {
+        "block1.conv": 4, "block2.conv": 2, "block3.conv": 32, "fc": 8}
+    assert layer_bits(cfg, names)["block2.conv"][1] == r"quant.overrides.block[23]\.conv"
+    model = tiny_convnet()
+    hook = build_quantizer(cfg, model)
+    hook.on_fit_start(model, 1, 1)
+    assert set(hook.fake_quants) == {"block1.conv", "block2.conv", "fc"}  # 32: left in fp32
+    assert hook.fake_quants["fc"].bits == 8 and hook.fake_quants["block2.conv"].bits == 2
+
+
+def test_hook_state_round_trips_through_a_checkpoint():
+    model = tiny_convnet()
+    masks = prune_half(model)
+    cfg = quant_cfg(method="kmeans", bits=3)
+    hook = build_quantizer(cfg, model)
+    hook.on_fit_start(model, 6, 6)
+    train_steps(model, hook, masks)
+    hook.on_epoch_end(0, model)
+    checkpoint = {"model": model.state_dict(), "hook": hook.state_dict()}
+    x = torch.randn(4, 1, 8, 8)
+    expected = model.eval()(x)
+
+    fresh = tiny_convnet(seed=1)
+    again = build_quantizer(cfg, fresh)
+    again.on_fit_start(fresh, 6, 6)  # the loop's resume order: re-parametrize, load model, load hook
+    fresh.load_state_dict(checkpoint["model"])
+    again.load_state_dict(checkpoint["hook"])
+    assert again.active and again.fits == hook.fits
+    assert torch.equal(again.fake_quants["fc"].codebook, hook.fake_quants["fc"].codebook)
+    assert torch.equal(fresh.eval()(x), expected)
+
+
+def test_resume_in_the_finetune_phase_reaches_the_same_export(tmp_path: Path, monkeypatch):
+    overrides = [*TINY, "trainer.finetune_epochs=2", "prune=agp", "prune.end=1", "quant=kmeans", "quant.bits=3",
+                 "trainer.checkpoint_every=20", "trainer.deterministic=true"]
+    reference = run(compose(*overrides), tmp_path / "uninterrupted")
+    save = sparsebench.train.atomic_torch_save
+
+    def crash_in_finetune(obj, path):
+        save(obj, path)
+        if obj.get("phase") == "finetune" and obj.get("step") == 60:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", crash_in_finetune)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose(*overrides), tmp_path / "resumed")
+    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", save)
+    resumed = run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
+
+    assert resumed["acc_final"] == reference["acc_final"]
+    assert resumed["footprint_bytes"] == reference["footprint_bytes"]
+    a, _ = load_packed(tmp_path / "uninterrupted" / "packed.safetensors")
+    b, _ = load_packed(tmp_path / "resumed" / "packed.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].dequantize(), b[name].dequantize()), name
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_kmeans_with_more_levels_than_nonzeros_is_refused_before_training():
+    model = tiny_convnet()  # block1.conv: 16 x 1 x 3 x 3 = 144 weights
+    with pytest.raises(ConfigError, match=r"quant.bits=8 .*'block1.conv'.*255 levels.*144 non-zero"):
+        build_quantizer(quant_cfg(method="kmeans", bits=8), model)
+    with pytest.raises(ConfigError, match=r"quant.overrides.block1\\.conv=8 .*'block1.conv'"):
+        build_quantizer(quant_cfg(method="kmeans", bits=4, overrides={r"block1\.conv": 8}), model)
+
+
+@pytest.mark.parametrize("args,key", [
+    (["quant=linear", "quant.bits=9"], "quant.bits=9 is not allowed: an integer in 2..8"),
+    (["quant=pow2", "quant.bits=1"], "quant.bits=1 is not allowed: an integer in 2..8"),
+    (["quant=kmeans", "quant.bits=8"], "quant.bits=8 is not allowed for layer 'block1.conv'"),
+    (["quant=linear", "++quant.overrides={nope:4}"], "quant.overrides.nope: matches no conv/linear layer"),
+    (["quant=linear", "++quant.overrides={fc:12}"], "quant.overrides.fc=12 is not allowed"),
+    (["quant=linear", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer.finetune_epochs"),
+])
+def test_bad_quant_input_is_one_clear_line(tmp_path: Path, args, key):
+    result = run_cli(*TINY, "trainer.finetune_epochs=1", *args, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    assert key in result.stderr and "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "dense_bytes" not in metrics  # refused before any training
