@@ -29,7 +29,7 @@ P* ptr(uintptr_t v) {
 ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW,
                    int stride, int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits,
                    uintptr_t row_order, uintptr_t values, int value_kind, int bits, uintptr_t scale,
-                   uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant) {
+                   uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant, int64_t nnz) {
   if (act_dtype < kF32 || act_dtype > kBF16) throw std::invalid_argument("act_dtype: expected 0 (f32), 1 (f16), 2 (bf16)");
   if (value_kind < kValF32 || value_kind > kValCodebook) throw std::invalid_argument("value_kind: expected 0..3");
   if (col_bits != 16 && col_bits != 32) throw std::invalid_argument("col_bits: expected 16 or 32");
@@ -55,6 +55,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   a.bias = ptr<const float>(bias);
   a.relu = relu ? 1 : 0;
   a.variant = variant;
+  a.nnz = nnz;
   return a;
 }
 
@@ -85,51 +86,56 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
          int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits, uintptr_t row_order,
          uintptr_t values, int value_kind, int bits, uintptr_t scale, uintptr_t zero_point, uintptr_t codebook,
-         uintptr_t bias, bool relu, int variant, uintptr_t stream) {
+         uintptr_t bias, bool relu, int variant, int64_t nnz, uintptr_t stream) {
         const ConvArgs a = make_args(x, out, act_dtype, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, rowptr, colidx,
                                      col_bits, row_order, values, value_kind, bits, scale, zero_point, codebook, bias,
-                                     relu, variant);
+                                     relu, variant, nnz);
         const std::string err = launch_conv(a, reinterpret_cast<void*>(stream));
         if (!err.empty()) throw std::runtime_error("sparsebench._C.conv2d: " + err);
       },
       "Direct sparse convolution (linear = 1x1 conv on a 1x1 image) on the given CUDA stream. "
-      "Pointers are device addresses; 0 means absent for row_order/scale/zero_point/codebook/bias.",
+      "Pointers are device addresses; 0 means absent for row_order/scale/zero_point/codebook/bias; "
+      "nnz is the number of stored nonzeros (used to pick the blocking).",
       py::arg("x"), py::arg("out"), py::arg("act_dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
       py::arg("CO"), py::arg("KH"), py::arg("KW"), py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"),
       py::arg("rowptr"), py::arg("colidx"), py::arg("col_bits"), py::arg("row_order"), py::arg("values"),
       py::arg("value_kind"), py::arg("bits"), py::arg("scale"), py::arg("zero_point"), py::arg("codebook"),
-      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("stream"));
+      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"), py::arg("stream"));
 
   m.def(
       "plan",
-      [](int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW, int variant) {
+      [](int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW, int variant,
+         int64_t nnz) {
         ConvArgs a;
+        a.nnz = nnz;
         a.N = N; a.C = C; a.H = H; a.W = W; a.CO = CO; a.KH = KH; a.KW = KW;
         a.stride = stride; a.pad = pad; a.OH = OH; a.OW = OW; a.variant = variant;
         return plan_dict(make_plan(a));
       },
       "The kernel and blocking conv2d would use for this geometry (queries the device's SM count).",
       py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("CO"), py::arg("KH"), py::arg("KW"),
-      py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"), py::arg("variant") = 0);
+      py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"), py::arg("variant") = 0, py::arg("nnz") = 0);
 
   m.def(
       "set_tuning",
-      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm) {
+      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
         t.blocks_per_sm = blocks_per_sm;
+        t.min_reuse = std::max(1, min_reuse);
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
-      py::arg("rowsplit_max_pixels") = 128, py::arg("blocks_per_sm") = 2);
+      py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24);
 
   m.def("get_tuning", []() {
     py::dict d;
     d["smem_budget"] = tuning().smem_budget;
     d["rowsplit_max_pixels"] = tuning().rowsplit_max_pixels;
     d["blocks_per_sm"] = tuning().blocks_per_sm;
+    d["min_reuse"] = tuning().min_reuse;
     return d;
   });
 

@@ -13,22 +13,24 @@ namespace sparsebench {
 
 namespace {
 
-struct Entry {
+struct __align__(8) Entry {
   float w;
-  int off;  // offset of the tap inside the staged chunk
+  int off;  // byte offset of the tap inside the staged chunk
 };
 
 }  // namespace
 
 template <typename T, int V>
-__global__ void __launch_bounds__(kStageWarps * 32) conv_stage_kernel(const ConvArgs a, const StageCfg t) {
+__global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const ConvArgs a, const StageCfg t) {
   constexpr int NT = kStageWarps * 32;
   constexpr int PT = 32 * V;
   extern __shared__ float4 smem4[];
   float* s_x = reinterpret_cast<float*>(smem4);
   float* s_acc = s_x + t.xs;
   Entry* s_ent = reinterpret_cast<Entry*>(s_acc + (t.chunks > 1 ? t.RG * PT : 0));
-  int* s_cur = reinterpret_cast<int*>(s_ent + kStageWarps * 32);
+  int* s_cur = reinterpret_cast<int*>(s_ent + kStageWarps * 32);  // per row: next nonzero,
+  int* s_end = s_cur + t.RG;                                       // its end,
+  int* s_row = s_end + t.RG;                                       // and which row it is
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* __restrict__ x = static_cast<const T*>(a.x);
@@ -55,7 +57,16 @@ __global__ void __launch_bounds__(kStageWarps * 32) conv_stage_kernel(const Conv
     sbase[v] = valid[v] ? (img * t.RH + ta * a.stride) * t.RW + tb * a.stride : 0;
     obase[v] = valid[v] ? n * a.CO * OHW + oh * a.OW + ow : 0;
   }
-  for (int i = tid; i < nrows; i += NT) s_cur[i] = __ldg(a.rowptr + block_row(a, rg0 + i));
+  for (int i = tid; i < nrows; i += NT) {
+    const int row = block_row(a, rg0 + i);
+    s_row[i] = row;
+    s_cur[i] = __ldg(a.rowptr + row);
+    s_end[i] = __ldg(a.rowptr + row + 1);
+  }
+  // Each lane's pixels as byte addresses into the staged chunk: a tap is then one add away.
+  const char* xb[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) xb[v] = reinterpret_cast<const char*>(s_x + sbase[v]);
 
   const int KK = a.KH * a.KW;
   const int ih_base = oh0 * a.stride - a.pad, iw_base = ow0 * a.stride - a.pad;
@@ -92,8 +103,8 @@ __global__ void __launch_bounds__(kStageWarps * 32) conv_stage_kernel(const Conv
     const bool last = c0 + t.CC >= a.C;
     Entry* ent = s_ent + warp * 32;
     for (int i = warp; i < nrows; i += kStageWarps) {
-      const int row = block_row(a, rg0 + i);
-      const int end = __ldg(a.rowptr + row + 1);
+      const int row = s_row[i];
+      const int end = s_end[i];
       int cur = s_cur[i];
       float part[V];
 #pragma unroll
@@ -106,14 +117,15 @@ __global__ void __launch_bounds__(kStageWarps * 32) conv_stage_kernel(const Conv
         if (in) {
           const int ci = t.div_KK.div(col), rem = col - ci * KK;
           const int kh = t.div_KW.div(rem), kw = rem - kh * a.KW;
-          ent[lane] = Entry{decode_value(a, row, k), ((ci - c0) * t.NI * t.RH + kh) * t.RW + kw};
+          ent[lane] = Entry{decode_value(a, row, k), (((ci - c0) * t.NI * t.RH + kh) * t.RW + kw) * 4};
         }
         __syncwarp();
-#pragma unroll 4
+#pragma unroll 8
         for (int j = 0; j < nin; ++j) {
           const Entry e = ent[j];
 #pragma unroll
-          for (int v = 0; v < V; ++v) part[v] = fmaf(e.w, s_x[sbase[v] + e.off], part[v]);
+          for (int v = 0; v < V; ++v)
+            part[v] = fmaf(e.w, *reinterpret_cast<const float*>(xb[v] + e.off), part[v]);
         }
         __syncwarp();
         cur += nin;

@@ -59,8 +59,15 @@ static void tile_shape(const ConvArgs& a, int V, int& TW, int& TH, int& NI) {
 
 static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   const Tuning& tu = tuning();
+  const int KK = a.KH * a.KW;
   const int64_t want_blocks = static_cast<int64_t>(tu.blocks_per_sm) * sm_count();
-  const int64_t max_groups = std::max<int64_t>(1, cdiv(a.CO, 16));  // at least 2 rows per warp
+  // Rows per block: enough that each staged input value feeds ~min_reuse FMAs (each row uses
+  // it KK*density times), since every row group stages the input tile again.
+  const double dense = static_cast<double>(a.CO) * a.C * KK;
+  const double density = a.nnz > 0 ? std::max(1e-4, a.nnz / dense) : 0.1;
+  const int64_t rg_min = std::min<int64_t>(
+      a.CO, std::max<int64_t>(2 * kStageWarps, static_cast<int64_t>(tu.min_reuse / (KK * density) + 0.5)));
+  const int64_t max_groups = std::max<int64_t>(1, a.CO / rg_min);
   int V = 4, TW = 1, TH = 1, NI = 1;
   int64_t tiles = 1;
   for (;; V /= 2) {
@@ -74,15 +81,16 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   const int RH = (TH - 1) * a.stride + a.KH, RW = (TW - 1) * a.stride + a.KW;
   const int64_t stage = static_cast<int64_t>(NI) * RH * RW;
   const int64_t ent = kStageWarps * 32 * 8;
+  auto rows_bytes = [](int64_t rg) { return (rg * 3 + 3) / 4 * 16; };
   const int64_t budget = tu.smem_budget;
   auto round4 = [](int64_t v) { return (v + 3) / 4 * 4; };
 
   int64_t CC = a.C, chunks = 1, acc = 0;
-  if (round4(a.C * stage) * 4 + ent + round4(RG) * 4 > budget) {
+  if (round4(a.C * stage) * 4 + ent + rows_bytes(RG) > budget) {
     // Several chunks: partial sums of RG rows x PT pixels wait in shared memory.
-    RG = std::min<int64_t>(RG, std::max<int64_t>(8, budget / 2 / (PT * 4)));
+    RG = std::min<int64_t>(RG, std::max<int64_t>(2 * kStageWarps, budget / 2 / (PT * 4)));
     acc = RG * PT * 4;
-    CC = (budget - acc - ent - round4(RG) * 4) / (stage * 4);
+    CC = (budget - acc - ent - rows_bytes(RG)) / (stage * 4);
     if (CC < 1) return false;
     chunks = cdiv(a.C, CC);
   }
@@ -122,7 +130,7 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   p.chunks = t.chunks;
   p.rows_per_block = t.RG;
   p.threads = kStageWarps * 32;
-  p.smem_bytes = xs * 4 + acc + ent + round4(RG) * 4;
+  p.smem_bytes = xs * 4 + acc + ent + rows_bytes(RG);
   p.blocks = tiles * groups;
   return true;
 }

@@ -17,7 +17,7 @@ struct StageCfg {
   FastDiv div_RW, div_RH, div_NI, div_KK, div_KW, div_TW, div_THTW, div_tiles_w, div_tiles_h;
 };
 
-constexpr int kStageWarps = 8;
+constexpr int kStageWarps = 16;
 
 std::string launch_stage(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream);
 std::string launch_rowsplit(const ConvArgs& a, cudaStream_t stream);

@@ -30,6 +30,7 @@ struct ConvArgs {
   const float* bias = nullptr;  // may be null
   int relu = 0;
   int variant = kAuto;
+  int64_t nnz = 0;  // nonzeros stored (a planning hint; 0 = unknown)
 };
 
 // The launch plan the dispatcher picks (exposed for benchmarks and docs).
@@ -43,7 +44,8 @@ struct Plan {
 
 struct Tuning {
   int smem_budget = 100 * 1024;   // bytes of shared memory one staged block may use
-  int rowsplit_max_pixels = 128;  // N*OH*OW up to which auto picks the row-split kernel
+  int rowsplit_max_pixels = 512;  // N*OH*OW up to which auto picks the row-split kernel
+  int min_reuse = 24;             // FMAs each staged input value should feed (sets rows per block)
   int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
 };
 

@@ -132,7 +132,7 @@ def _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, col
     _C.conv2d(x.data_ptr(), out.data_ptr(), ACT_DTYPES[x.dtype], n, c, h, w, co, kh, kw, stride, padding, oh, ow,
               rowptr.data_ptr(), colidx.data_ptr(), 16 if colidx.dtype == torch.int16 else 32, row_order.data_ptr(),
               values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook), _ptr(bias),
-              bool(relu), variant, torch.cuda.current_stream(x.device).cuda_stream)
+              bool(relu), variant, colidx.numel(), torch.cuda.current_stream(x.device).cuda_stream)
 
 
 @torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
@@ -243,7 +243,8 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
         n, c, h, w = x_shape
         oh = conv_output_size(h, kh, layer.stride, layer.padding)
         ow = conv_output_size(w, kw, layer.stride, layer.padding)
-    return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant))
+    return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
+                   layer.nnz)
 
 
 # ---------------------------------------------------------------------------------------
