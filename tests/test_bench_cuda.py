@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -38,6 +39,13 @@ def test_cuda_timing_tells_small_from_big_work():
         big = time_cuda([lambda: b @ b], warmup=3, repeats=20, cache=cache)
         assert 0 < small.median_us < big.median_us
         assert small.runs == 20 and small.spread_us >= 0
+
+
+def test_host_overhead_is_not_counted_as_gpu_time():
+    a = torch.randn(256, 256, device=GPU)
+    fast = time_cuda([lambda: a @ a], warmup=3, repeats=20)
+    slow_host = time_cuda([lambda: (time.sleep(0.0005), a @ a)], warmup=3, repeats=20)  # 500 us of Python first
+    assert slow_host.median_us < fast.median_us + 50
 
 
 @pytest.mark.parametrize("bits, activations", [(32, "fp32"), (4, "fp32"), (8, "fp16")])
@@ -75,7 +83,8 @@ def test_benchmark_model_on_gpu_uses_cuda_graphs_on_both_sides():
 
 def test_sweep_cli_on_gpu(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     res = subprocess.run([sys.executable, "-m", "sparsebench.bench.cli", "layers=tiny", "sweep.sparsities=[0.8,0.95]",
                           "sweep.bits=[32,4]", "bench.repeats=20", "bench.progress=false", f"hydra.run.dir={out}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -7,9 +7,10 @@ GPU method (per measured case):
   before every timed call (weights and inputs come cold from HBM, as in a network forward),
   ``cache="rotate"`` cycles through the given calls (the caller passes enough input buffers
   to exceed L2, see ``rotation_count``);
-- the GPU is kept ahead of Python: each chunk of runs is queued behind a short
-  ``torch.cuda._sleep``, so host-side launch overhead never shows up as GPU idle time
-  between the events (what is measured is GPU time, like a CUDA graph replay).
+- the GPU is kept ahead of Python: each chunk of runs is queued behind a ``torch.cuda._sleep``
+  twice as long as the host needs to queue them (measured during warm-up), so host-side
+  overhead (Python, argument checks, launches) never shows up as GPU idle time between the
+  events: what is measured is GPU time, as in a CUDA graph replay.
 The result is the median over ``repeats`` samples and the inter-quartile range.
 """
 
@@ -25,9 +26,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 CACHE_MODES = ("flush", "rotate")
-# Runs queued behind one sleep; small enough that the sleep outlasts their enqueueing.
+# Runs queued behind one GPU sleep; the sleep is sized from the measured host time per run.
 _CHUNK = 16
-_SLEEP_CYCLES = 2_000_000  # ~1 ms at H200 clocks: ample for enqueueing _CHUNK runs
+_MAX_SLEEP_US = 50_000
+_cycles_per_us: dict = {}
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,24 @@ def time_cuda(calls: Sequence[Callable[[], object]], *, warmup: int = 10, repeat
         raise ValueError(f"cache: expected one of {CACHE_MODES}, got {cache!r}")
     device = device or torch.device("cuda", torch.cuda.current_device())
     flush = _Flusher(device) if cache == "flush" else None
-    for i in range(warmup):
+    probe = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    host_us = 0.0
+    for i in range(max(warmup, 2)):  # warm-up, and the host's cost of queueing one run as timed below
+        t0 = time.perf_counter()
+        if flush is not None:
+            flush()
+        probe[0].record()
         calls[i % len(calls)]()
+        probe[1].record()
+        host_us = 1e6 * (time.perf_counter() - t0)  # the last one: caches and allocator are warm by then
     torch.cuda.synchronize(device)
+    sleep_cycles = int(min(_MAX_SLEEP_US, 2.0 * _CHUNK * host_us + 100) * cycles_per_us(device))
     samples: List[float] = []
     done = 0
     while done < repeats:
         n = min(_CHUNK, repeats - done)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        torch.cuda._sleep(_SLEEP_CYCLES)
+        torch.cuda._sleep(sleep_cycles)
         for k, (start, end) in enumerate(events):
             if flush is not None:
                 flush()
@@ -103,6 +114,20 @@ def time_cuda(calls: Sequence[Callable[[], object]], *, warmup: int = 10, repeat
         samples += [1000.0 * s.elapsed_time(e) for s, e in events]
         done += n
     return summarize(samples)
+
+
+def cycles_per_us(device: torch.device) -> float:
+    """GPU clock cycles per microsecond, measured once per device with ``torch.cuda._sleep``."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _cycles_per_us:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # clocks up
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        torch.cuda.synchronize(device)
+        _cycles_per_us[key] = 10_000_000 / max(1.0, 1000.0 * start.elapsed_time(end))
+    return _cycles_per_us[key]
 
 
 def time_cpu(calls: Sequence[Callable[[], object]], *, warmup: int = 3, repeats: int = 20) -> Timing:
