@@ -126,8 +126,9 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
         "device": str(device),
         **bench_metrics,
     }
-    write_csv(run_dir / "layers.csv", _join_bench(rows, bench_rows))
-    tracker.table("layers", rows)
+    layer_rows = _join_bench(rows, bench_rows)
+    write_csv(run_dir / "layers.csv", layer_rows)
+    tracker.table("layers", layer_rows)  # with the timings: the W&B table of layer x backend x batch
     return summary
 
 
