@@ -23,6 +23,7 @@ CONF_DIR = str(next((p for p in (_HERE / "conf", _HERE.parent / "conf") if p.is_
 log = logging.getLogger("sparsebench")
 
 register_schema()
+sweep.register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -36,20 +37,29 @@ def app(cfg: DictConfig) -> Optional[float]:
     sweep.job_defaults(cfg, hc.overrides.task, Path(hc.sweep.dir) if multirun else None)
     # Jobs running at once (joblib launcher) each take their own GPU.
     n_gpus = torch.cuda.device_count() if multirun and cfg.trainer.device != "cpu" else 0
-    with sweep.claim_gpu(n_gpus, hc.job.num) as gpu:
+    job_num = hc.job.num if multirun else 0  # hydra.job.num is unset in a single run
+    with sweep.claim_gpu(n_gpus, job_num) as gpu:
         if n_gpus > 1:
             torch.cuda.set_device(gpu)
-            log.info("job %s runs on cuda:%d", hc.job.num, gpu)
+            log.info("job %s runs on cuda:%d", job_num, gpu)
+        run_dir = Path(hc.runtime.output_dir)
         try:
-            metrics = run(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
+            if cfg.trainer.init_from == sweep.SHARED:  # one dense pre-training for the whole sweep
+                if not multirun:
+                    raise ConfigError("trainer.init_from=shared needs a multirun (-m): it shares one dense "
+                                      "model between the jobs of a sweep; give a dense.pt path for a single run")
+                cfg.trainer.init_from = sweep.shared_dense(cfg, Path(hc.sweep.dir), run)
+            metrics = run(cfg, run_dir, hc.overrides.task)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             if multirun:  # this job is recorded as failed; the sweep goes on
+                sweep.record_failure(run_dir, e)
                 return None
             sys.exit(2)
-        except Exception:
+        except Exception as e:
             if not multirun:
                 raise
+            sweep.record_failure(run_dir, e)
             log.error("job %s failed (recorded in its metrics.json):\n%s", hc.job.num, traceback.format_exc())
             if torch.cuda.is_available():  # after an out-of-memory, give the next job its memory back
                 torch.cuda.empty_cache()

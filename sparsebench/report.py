@@ -34,7 +34,7 @@ DIED = "no metrics.json: the job died before it finished (killed, out of memory,
 # Leading summary.csv columns, in this order; speedup columns and the swept keys follow.
 COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
            "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
-           "runtime_s"]
+           "runtime_s", "backend"]
 MAX_HEATMAPS = 6
 
 
@@ -42,11 +42,16 @@ MAX_HEATMAPS = 6
 
 
 def job_dirs(sweep_dir: Path) -> List[Path]:
-    """The job folders of a sweep (those with Hydra's .hydra/), by job number; a run dir is its own job."""
-    subs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    """The job folders of a sweep (Hydra's, with .hydra/; or a shared dense run, with metrics.json).
+
+    Reference runs without a job number (``dense-<key>``) come first, then jobs by number; a
+    run directory given on its own is its one job.
+    """
+    subs = [p for p in Path(sweep_dir).iterdir()
+            if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())]
     if not subs and (Path(sweep_dir) / ".hydra").is_dir():
         subs = [Path(sweep_dir)]
-    return sorted(subs, key=lambda p: (_job_num(p) is None, _job_num(p) or 0, p.name))
+    return sorted(subs, key=lambda p: (_job_num(p) is not None, _job_num(p) or 0, p.name))
 
 
 def _job_num(job_dir: Path) -> Optional[int]:
@@ -85,7 +90,7 @@ def split_override(override: str) -> Tuple[str, str]:
 def read_job(job_dir: Path) -> Dict[str, Any]:
     """One summary row: what the job was (overrides, config) and what it measured (metrics.json)."""
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
-    config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    config = _load_yaml(job_dir / ".hydra" / "config.yaml") or (_load_metrics(job_dir / "manifest.json") or {}).get("config", {})
     metrics = _load_metrics(job_dir / "metrics.json")
     prune_method = _dig(config, "prune.method") or "none"
     quant_method = _dig(config, "quant.method") or "none"
@@ -110,6 +115,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     for key in COLUMNS[8:]:
         if key in metrics and key != "bits":
             row[key] = metrics[key]
+    row["backend"] = metrics.get("bench/backend")  # the sparse backend the speedups are of
     row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
     if metrics.get("error"):
         row["error"] = metrics["error"]
@@ -127,8 +133,9 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
 
 
 def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """Override keys whose value is not the same in every job (in first-seen order)."""
-    per_job = [dict(split_override(o) for o in row["_overrides"]) for row in rows]
+    """Override keys whose value is not the same in every numbered job (in first-seen order)."""
+    jobs = [r for r in rows if r.get("num") is not None] or rows  # not the shared dense reference
+    per_job = [dict(split_override(o) for o in row["_overrides"]) for row in jobs]
     keys: List[str] = []
     for values in per_job:
         keys += [k for k in values if k not in keys]
@@ -174,6 +181,15 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _plain_log_labels(axis: Any) -> None:
+    """Plain major labels ("2", "0.5") and no minor labels on a log axis: readable, and fast to lay out."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1 0.2 0.5 1 2 5: labels even on a short range
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _num(value: Any) -> Optional[float]:
     try:
         x = float(value)
@@ -189,7 +205,9 @@ def _ok(rows: Iterable[Dict[str, Any]], *keys: str) -> List[Dict[str, Any]]:
 def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
     """Short name for plots: the swept values ("final_sparsity=0.9 bits=4"), else the job number."""
     parts = [f"{k.rsplit('.', 1)[-1]}={row.get(k)}" for k in swept if row.get(k) is not None]
-    return " ".join(parts) or f"job {row.get('num')}"
+    if row.get("num") is None:
+        return row["job"]  # a reference run such as dense-<key>
+    return " ".join(parts) or f"job {row['num']}"
 
 
 def _bits_label(row: Dict[str, Any], several_methods: bool) -> str:
@@ -253,6 +271,7 @@ def plot_speedups(rows: Sequence[Dict[str, Any]]) -> Section:
                 _mean_line(ax, group, "sparsity", key, f"{label}, batch {batch}")
         ax.axhline(1.0, color="gray", ls="--", lw=1)
         ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
         ax.set_title(f"vs {baseline}", fontsize=10)
         ax.set_xlabel("sparsity")
         ax.grid(alpha=0.3, which="both")
@@ -297,6 +316,7 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
     for i in front:
         ax.annotate(job_label(ok[i], swept), points[i], fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.set_xscale("log")
+    _plain_log_labels(ax.xaxis)
     ax.set_xlabel(x_name + ", log scale")
     ax.set_ylabel("test accuracy after compression")
     ax.grid(alpha=0.3, which="both")
@@ -305,8 +325,12 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
     return Section(title, _png(fig), note)
 
 
-def read_layer_speedups(job_dir: Path) -> Dict[Tuple[str, str, int], Dict[str, float]]:
-    """layers.csv -> {(backend, baseline, batch): {layer: speedup}} from its speedup_vs_<baseline> columns."""
+def read_layer_speedups(job_dir: Path, backend: Optional[str] = None) -> Dict[Tuple[str, str, int], Dict[str, float]]:
+    """layers.csv -> {(backend, baseline, batch): {layer: speedup}} from its speedup_vs_<baseline> columns.
+
+    With ``backend`` given (the job's sparse backend), only its rows count, not baselines
+    compared with each other.
+    """
     path = job_dir / "layers.csv"
     out: Dict[Tuple[str, str, int], Dict[str, float]] = defaultdict(dict)
     if not path.exists():
@@ -317,11 +341,11 @@ def read_layer_speedups(job_dir: Path) -> Dict[Tuple[str, str, int], Dict[str, f
                 if not (col or "").startswith(LAYER_SPEEDUP) or _num(value) is None:
                     continue
                 baseline = col[len(LAYER_SPEEDUP):]
-                backend = rec.get("backend") or "?"
-                if backend == baseline:  # a baseline's own rows (speedup 1 against itself)
+                row_backend = rec.get("backend") or "?"
+                if row_backend == baseline or (backend and row_backend != backend):
                     continue
                 batch = int(_num(rec.get("batch")) or 0)
-                out[(backend, baseline, batch)][rec.get("layer", "?")] = _num(value)
+                out[(row_backend, baseline, batch)][rec.get("layer", "?")] = _num(value)
     return out
 
 
@@ -330,7 +354,7 @@ def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], sweep_dir: Path, swept: 
     per_case: Dict[Tuple[str, str, int], Dict[str, Dict[str, float]]] = defaultdict(dict)
     for r in _ok(rows):
         job_dir = sweep_dir / r["job"] if (sweep_dir / r["job"]).is_dir() else sweep_dir
-        for case, layer_values in read_layer_speedups(job_dir).items():
+        for case, layer_values in read_layer_speedups(job_dir, r.get("backend")).items():
             per_case[case][job_label(r, swept)] = layer_values
     if not per_case:
         return [Section(title, note="No layers.csv has speedup_vs_<baseline> columns (no benchmark ran).")]
@@ -361,11 +385,13 @@ def _heatmap(title: str, jobs: Dict[str, Dict[str, float]]) -> Section:
     if len(labels) * len(layers) <= 400:
         for i, line in enumerate(grid):
             for j, v in enumerate(line):
-                if not math.isnan(v):
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)
+                if not math.isnan(v):  # white on the dark ends of the colour map
+                    dark = abs(logs[i][j]) > 0.6 * span
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label("log2 speedup (blue: faster than the baseline)")
-    return Section(title, _png(fig))
+    bar.set_label("log2(speedup)")
+    return Section(title, _png(fig), "Each cell: the layer's speedup of the sparse backend over the baseline "
+                                     "(blue: faster, red: slower; white: equal).")
 
 
 def plot_footprint(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
@@ -407,7 +433,8 @@ h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin:28px 0 8px;border-
 img{max-width:100%;height:auto;border:1px solid #eee}
 table{border-collapse:collapse;font-size:12px;margin-top:8px} th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
 th{background:#f4f4f4;position:sticky;top:0;text-align:center} td.l{text-align:left} tr.failed td{background:#fdecea}
-.err{color:#b00020;text-align:left;max-width:380px;overflow-wrap:anywhere}
+.err{color:#b00020;text-align:left;min-width:260px;max-width:420px;overflow-wrap:anywhere}
+.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -425,8 +452,9 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
     columns = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
     failed = sum(r["status"] != "ok" for r in rows)
     swept = set(swept_keys(rows))
-    common = sorted({o for r in rows for o in r["_overrides"]
-                     if split_override(o)[0] not in swept and all(o in x["_overrides"] for x in rows)})
+    jobs = [r for r in rows if r.get("num") is not None] or rows
+    common = sorted({o for r in jobs for o in r["_overrides"]
+                     if split_override(o)[0] not in swept and all(o in x["_overrides"] for x in jobs)})
     out = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>sparsebench sweep {html.escape(sweep_dir.name)}</title><style>{_CSS}</style></head><body>",
@@ -443,14 +471,14 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
             out.append(f"<img alt='{html.escape(part.title)}' src='data:image/png;base64,{b64}'>")
         if part.note:
             out.append(f"<p class='note'>{html.escape(part.note)}</p>")
-    out.append("<h2>Jobs</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+    out.append("<h2>Jobs</h2><div class='wide'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
     for r in rows:
         cells = []
         for c in columns:
             cls = "err" if c == "error" else "l" if c in ("status", "method") or c in swept else ""
             cells.append(f"<td class='{cls}'>{html.escape(_cell(r.get(c)))}</td>")
         out.append(f"<tr class='{html.escape(r['status'])}'>{''.join(cells)}</tr>")
-    out.append("</table><p class='meta'>All numbers also in summary.csv beside this page; one folder per job "
+    out.append("</table></div><p class='meta'>All numbers also in summary.csv beside this page; one folder per job "
                "with metrics.json, layers.csv and manifest.json.</p></body></html>\n")
     return "\n".join(out)
 

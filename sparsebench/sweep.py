@@ -8,15 +8,18 @@ the job, and Hydra calls ``SweepReport`` in the launching process once every job
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 log = logging.getLogger("sparsebench")
 
@@ -24,8 +27,25 @@ log = logging.getLogger("sparsebench")
 _NOT_TAGS = ("hydra.", "trainer.init_from", "trainer.resume", "trainer.progress", "logger.")
 _WANDB_TAG_MAX = 64  # W&B rejects longer tags
 
+# `trainer.init_from=shared`: every job of the sweep starts from one dense model per dense setting.
+SHARED = "shared"
+# Trainer keys that only matter after dense training, so jobs differing in them share one dense model.
+_NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress", "checkpoint_every")
+
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}
+
+
+def register_resolvers() -> None:
+    """``${sparsebench_gpus:N}`` in configs: the number of visible GPUs, or N without one."""
+    if not OmegaConf.has_resolver("sparsebench_gpus"):
+        OmegaConf.register_new_resolver("sparsebench_gpus", _visible_gpus)
+
+
+def _visible_gpus(fallback: int = 1) -> int:
+    import torch  # late: only a launcher config asks
+
+    return torch.cuda.device_count() or int(fallback)
 
 
 def job_type(cfg: Any) -> str:
@@ -85,6 +105,60 @@ def claim_gpu(n_gpus: int, job_num: int, lock_dir: Optional[Path] = None) -> Ite
         return
     log.warning("all %d GPUs are taken by other jobs; job %d shares GPU %d", n_gpus, job_num, first)
     yield first
+
+
+def dense_key(cfg: Any) -> str:
+    """A short hash of everything that shapes the dense model (data, model, dense trainer settings, seed)."""
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _NOT_DENSE}
+    facts = {"data": OmegaConf.to_container(cfg.data, resolve=True),
+             "model": OmegaConf.to_container(cfg.model, resolve=True), "trainer": trainer, "seed": cfg.seed}
+    return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def dense_config(cfg: Any) -> Any:
+    """The job's config with pruning, quantization and the benchmark off: its dense pre-training alone."""
+    from sparsebench.prune.config import PruneConfig
+    from sparsebench.quant.config import QuantConfig
+
+    dense = cfg.copy()
+    dense.prune = PruneConfig()
+    dense.quant = QuantConfig()
+    dense.trainer.finetune_epochs = 0
+    dense.trainer.init_from = None
+    if "enabled" in dense.bench:
+        dense.bench.enabled = False
+    dense.logger.job_type = "dense-pretrain"
+    dense.logger.tags = [f"dense={dense_key(cfg)}"]
+    return dense
+
+
+def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) -> str:
+    """Path of the sweep's dense.pt for this job's dense settings; the first job that asks trains it.
+
+    The dense run lives in ``<sweep_dir>/dense-<key>/`` (a run directory like any other, so the
+    report shows it as the uncompressed reference). A lock file makes jobs that run at once
+    wait for the one that trains instead of training the same model again.
+    """
+    key = dense_key(cfg)
+    run_dir = Path(sweep_dir) / f"dense-{key}"
+    target = run_dir / "dense.pt"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(sweep_dir) / f".dense-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if not target.exists():
+            log.info("training the shared dense model into %s", run_dir)
+            metrics = run(dense_config(cfg), run_dir, [f"dense_key={key}"])
+            if metrics.get("status") != "ok" or not target.exists():
+                raise RuntimeError(f"the shared dense pre-training in {run_dir} failed; see its metrics.json")
+    return str(target)
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """metrics.json for a job that failed before experiment.run could write one."""
+    from sparsebench.track import write_json
+
+    if not (Path(run_dir) / "metrics.json").exists():
+        write_json(Path(run_dir) / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
 class SweepReport(Callback):

@@ -127,8 +127,9 @@ class WandbTracker(Tracker):
             reinit="finish_previous",  # one W&B run per job, also in a multirun process
             settings=wandb.Settings(console="off", silent=True),
         )
-        # Final numbers in the runs table without custom panels.
-        for key in ("acc_dense", "acc_final", "sparsity", "weight_bits", "compression"):
+        # Final numbers in the runs table without custom panels (a sweep's table: one row a job).
+        for key in ("acc_dense", "acc_final", "sparsity", "weight_bits", "compression", "footprint_bytes",
+                    "speedup/*"):
             self.run.define_metric(key, summary="last")
 
     def log(self, metrics: Dict[str, float], step: int) -> None:

@@ -1,0 +1,194 @@
+"""sparsebench-report on a sweep directory laid out as Hydra and experiment.run write it."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from sparsebench import report
+from tests.conftest import ROOT
+
+PNG = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
+
+
+def make_job(sweep: Path, num: int, sparsity: float, bits: int, *, metrics: bool = True, speedups: bool = True,
+             status: str = "ok") -> Path:
+    """One job folder: .hydra/overrides.yaml + config.yaml, and (unless it 'died') metrics.json + layers.csv.
+
+    Numbers follow a simple model of a compressed net so each job's values are distinct and known.
+    """
+    job = sweep / f"{num}_prune.final_sparsity={sparsity},quant.bits={bits}"
+    (job / ".hydra").mkdir(parents=True)
+    overrides = [f"prune.final_sparsity={sparsity}", f"quant.bits={bits}", "logger=none"]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"prune": {"method": "agp", "final_sparsity": sparsity}, "quant": {"method": "linear", "bits": bits}}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if not metrics:
+        return job
+    dense, footprint = 100_000, int(100_000 * (1 - sparsity) * bits / 32 * 1.5)
+    m = {"status": status, "acc_dense": 0.98, "acc_final": round(0.98 - sparsity ** 4 * (8 / bits) * 0.05, 4),
+         "sparsity": sparsity, "weight_bits": bits, "dense_bytes": dense, "footprint_bytes": footprint,
+         "compression": dense / footprint, "runtime_s": 1.5, "bench/backend": "direct_sparse"}
+    if speedups:
+        m["speedup/cudnn_fp32/b1"] = round(1 / (1 - sparsity) * 0.4, 3)
+        m["speedup/cudnn_fp16/b1"] = round(1 / (1 - sparsity) * 0.1, 3)
+    if status != "ok":
+        m = {"status": status, "error": "RuntimeError: CUDA out of memory"}
+    (job / "metrics.json").write_text(json.dumps(m))
+    rows = []
+    for i, layer in enumerate(["conv1", "conv2", "fc"]):
+        for backend in ("direct_sparse", "cudnn_fp32", "cudnn_fp16"):
+            row = {"layer": layer, "kind": "conv2d", "backend": backend, "batch": 1, "time_us": 10 + i}
+            if speedups:
+                own = backend == "direct_sparse"
+                row["speedup_vs_cudnn_fp32"] = round((i + 1) * sparsity, 3) if own else 1.0
+                row["speedup_vs_cudnn_fp16"] = round((i + 1) * sparsity / 4, 3) if own else 0.5
+            rows.append(row)
+    with open(job / "layers.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return job
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Path:
+    """A 2 x 2 sparsity x bits sweep plus one job that died without metrics.json."""
+    num = 0
+    for sparsity in (0.5, 0.9):
+        for bits in (4, 8):
+            make_job(tmp_path, num, sparsity, bits)
+            num += 1
+    make_job(tmp_path, num, 0.95, 2, metrics=False)
+    return tmp_path
+
+
+def read_summary(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def images(page: str) -> list:
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in PNG.findall(page)]
+
+
+def test_summary_has_one_row_per_job_with_its_numbers(grid: Path) -> None:
+    report.write_report(grid)
+    rows = read_summary(grid / "summary.csv")
+    assert [r["num"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["failed"]
+    for column in ("overrides", "acc_dense", "acc_final", "sparsity", "bits", "method", "footprint_bytes",
+                   "compression", "speedup/cudnn_fp32/b1", "speedup/cudnn_fp16/b1", "status", "error",
+                   "prune.final_sparsity", "quant.bits"):
+        assert column in rows[0], column
+    assert "logger" not in rows[0]  # the same in every job: not a swept column
+    # Job 3 (0.9 sparsity, 8 bits): the values of its own metrics.json.
+    metrics = json.loads(next(grid.glob("3_*/metrics.json")).read_text())
+    assert float(rows[3]["acc_final"]) == pytest.approx(metrics["acc_final"])
+    assert float(rows[3]["speedup/cudnn_fp32/b1"]) == pytest.approx(metrics["speedup/cudnn_fp32/b1"])
+    assert (rows[3]["method"], rows[3]["bits"], rows[3]["prune.final_sparsity"]) == ("agp+linear", "8", "0.9")
+    # The job that died: failed, with what it was meant to be.
+    assert rows[4]["error"] == report.DIED
+    assert (rows[4]["bits"], rows[4]["target_sparsity"], rows[4]["acc_final"]) == ("2", "0.95", "")
+
+
+def test_report_page_is_self_contained_with_every_plot(grid: Path) -> None:
+    parts = report.write_report(grid)
+    page = (grid / "report.html").read_text()
+    titles = [p.title for p in parts]
+    assert titles[:3] == ["Accuracy vs sparsity, per bit-width", "Whole-network speedup vs sparsity, per baseline",
+                          "Accuracy-speedup Pareto front"]
+    assert [t for t in titles if t.startswith("Per-layer speedup")] == [
+        "Per-layer speedup: direct_sparse vs cudnn_fp16, batch 1", "Per-layer speedup: direct_sparse vs cudnn_fp32, batch 1"]
+    assert titles[-1] == "Weight footprint"
+    pngs = images(page)
+    assert len(pngs) == len(parts) == 6 and all(p.format == "PNG" and p.width > 300 for p in pngs)
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing fetched from elsewhere
+    assert "CUDA out of memory" not in page and report.DIED in page  # failed jobs listed with their reason
+
+
+def test_without_speedups_the_page_says_so_and_uses_compression(tmp_path: Path) -> None:
+    for num, sparsity in enumerate((0.5, 0.9)):
+        make_job(tmp_path, num, sparsity, 8, speedups=False)
+    parts = {p.title: p for p in report.write_report(tmp_path)}
+    assert parts["Whole-network speedup vs sparsity, per baseline"].png is None
+    assert "No job measured speedups" in parts["Whole-network speedup vs sparsity, per baseline"].note
+    assert parts["Accuracy-compression Pareto front"].png is not None
+    assert parts["Per-layer speedup"].png is None and "speedup_vs_" in parts["Per-layer speedup"].note
+    assert "speedup/cudnn_fp32/b1" not in read_summary(tmp_path / "summary.csv")[0]
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    points = [(1.0, 0.99), (2.0, 0.98), (1.5, 0.97), (4.0, 0.90), (4.0, 0.85), (0.5, 0.99)]
+    assert report.pareto_front(points) == [0, 1, 3]
+
+
+def test_primary_speedup_prefers_the_most_common_key_then_batch_1() -> None:
+    rows = [{"status": "ok", "speedup/b/b8": 2.0, "speedup/a/b1": 1.0},
+            {"status": "ok", "speedup/b/b8": 3.0, "speedup/a/b1": 1.2, "speedup/c/b1": 4.0},
+            {"status": "failed", "speedup/c/b1": 5.0}]
+    assert report.primary_speedup(rows) == "speedup/a/b1"
+
+
+def test_heatmap_reads_only_the_sparse_backend_rows(grid: Path) -> None:
+    job = next(grid.glob("2_*"))
+    values = report.read_layer_speedups(job, "direct_sparse")
+    assert set(values) == {("direct_sparse", "cudnn_fp32", 1), ("direct_sparse", "cudnn_fp16", 1)}
+    assert values[("direct_sparse", "cudnn_fp32", 1)] == {"conv1": 0.9, "conv2": 1.8, "fc": 2.7}
+
+
+def run_report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparsebench.report", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_writes_both_files_and_rejects_a_wrong_dir(grid: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    done = run_report(str(grid))
+    assert done.returncode == 0, done.stderr
+    assert "5 jobs, 1 failed" in done.stdout
+    assert (grid / "summary.csv").exists() and (grid / "report.html").exists()
+    assert not list(grid.glob(".*.tmp"))  # atomic writes leave no temp files
+
+    missing = run_report(str(grid / "nope"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "is not a directory" in missing.stderr
+    empty = run_report(str(tmp_path_factory.mktemp("empty")))
+    assert empty.returncode == 2 and "no job folders" in empty.stderr
+
+
+def test_cli_logs_the_summary_to_wandb_offline(grid: Path) -> None:
+    done = run_report(str(grid), "--wandb")
+    assert done.returncode == 0, done.stderr
+    runs = list((grid / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    tables = list(runs[0].glob("files/media/table/summary_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == 5 and "acc_final" in table["columns"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(grid: Path) -> None:
+    report.write_report(grid)
+    shot = grid / "shot.png"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(grid), str(shot), "1280x1600"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 1600)
+    # A rendered page with plots has many non-white pixels; a blank or broken page has almost none.
+    dark = sum(image.histogram()[:200])
+    assert dark > 0.05 * 1280 * 1600

@@ -1,0 +1,177 @@
+"""Multirun sweeps end to end on digits (tiny settings): job folders, the report, failure isolation,
+the shared dense pre-training, W&B grouping, the launchers' configs and the GPU choice."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sparsebench import sweep
+from sparsebench.__main__ import CONF_DIR
+from tests.conftest import TINY, compose as compose_job, run_cli
+
+# TINY without the width, so a sweep may vary it.
+QUICK = [o for o in TINY if not o.startswith("model.width")]
+
+
+def jobs_of(sweep_dir: Path) -> list:
+    return sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
+
+
+def summary(sweep_dir: Path) -> list:
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_four_job_sweep_gets_four_runs_and_a_report(tmp_path: Path) -> None:
+    done = run_cli("-m", *QUICK, "model.width=0.25,0.5", "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = jobs_of(tmp_path)
+    assert len(jobs) == 4
+    metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    assert all(m["status"] == "ok" and 0.1 < m["acc_final"] <= 1 for m in metrics)
+    assert [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())[-2:] for j in jobs] == [
+        ["model.width=0.25", "seed=0"], ["model.width=0.25", "seed=1"], ["model.width=0.5", "seed=0"],
+        ["model.width=0.5", "seed=1"]]
+    # Wider nets have more weights: the run's own numbers, not a copy of one job.
+    assert metrics[2]["dense_bytes"] > metrics[0]["dense_bytes"]
+
+    rows = summary(tmp_path)
+    assert [r["num"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["model.width"] for r in rows] == ["0.25", "0.25", "0.5", "0.5"] and [r["seed"] for r in rows] == ["0", "1"] * 2
+    assert [float(r["acc_final"]) for r in rows] == pytest.approx([m["acc_final"] for m in metrics])
+    assert {"status", "overrides", "acc_dense", "sparsity", "bits", "method", "footprint_bytes", "compression"} <= set(rows[0])
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 3  # accuracy, Pareto (compression), footprint
+    assert "No job measured speedups" in page
+
+
+def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
+    garbage = tmp_path / "not_a_checkpoint.pt"
+    garbage.write_text("this is not a torch file")
+    sweep_dir = tmp_path / "sweep"
+    # Job 0 is fine, job 1 is an impossible value, job 2 crashes while loading its weights.
+    done = run_cli("-m", *TINY, f"trainer.init_from=null,{garbage}", "trainer.lr=0.1,-1", f"hydra.sweep.dir={sweep_dir}")
+    assert done.returncode == 1  # every job ran; the exit code says that some failed
+    assert "sweep: 3 of 4 jobs failed (job 1, 2, 3)" in done.stderr
+    metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs_of(sweep_dir)]
+    assert [m["status"] for m in metrics] == ["ok", "failed", "failed", "failed"]
+    assert metrics[0]["acc_final"] > 0.1
+    assert metrics[1]["error"] == "ConfigError: trainer.lr=-1.0 is not allowed: a number > 0"
+    assert not metrics[2]["error"].startswith("ConfigError") and "acc_final" not in metrics[2]
+    rows = summary(sweep_dir)
+    assert [r["status"] for r in rows] == ["ok", "failed", "failed", "failed"]
+    assert rows[1]["error"] == metrics[1]["error"]
+
+
+def test_jobs_share_one_dense_pretraining(tmp_path: Path) -> None:
+    done = run_cli("-m", *TINY, "trainer.init_from=shared", "trainer.finetune_lr=0.01,0.02",
+                   "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dense_runs = list(tmp_path.glob("dense-*"))
+    assert len(dense_runs) == 1  # one dense model for both jobs (they differ only after dense training)
+    dense = json.loads((dense_runs[0] / "metrics.json").read_text())
+    jobs = jobs_of(tmp_path)
+    for job in jobs:
+        manifest = json.loads((job / "manifest.json").read_text())
+        assert manifest["config"]["trainer"]["init_from"] == str(dense_runs[0] / "dense.pt")
+        assert json.loads((job / "metrics.json").read_text())["acc_dense"] == dense["acc_dense"]
+        # W&B: grouped by the sweep, typed, tagged with the job's overrides; one offline run a job.
+        logger = manifest["config"]["logger"]
+        assert logger["group"] == tmp_path.name and logger["job_type"] == "dense"
+        assert "trainer.finetune_lr=" + job.name.split("finetune_lr=")[1].split(",")[0] in logger["tags"]
+        assert not any(t.startswith(("logger.", "hydra.", "trainer.init_from")) for t in logger["tags"])
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+    assert summary(tmp_path)[0]["job"] == dense_runs[0].name  # the dense reference leads the report
+
+
+def test_shared_dense_needs_a_multirun() -> None:
+    done = run_cli(*TINY, "trainer.init_from=shared", "hydra.run.dir=/tmp/never-made")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: trainer.init_from=shared needs a multirun (-m): it shares one dense model between the jobs of a "
+        "sweep; give a dense.pt path for a single run"]
+
+
+def test_dense_key_ignores_what_happens_after_dense_training() -> None:
+    base = compose_job("prune=agp", "quant=linear", "trainer.finetune_epochs=4")
+    assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "quant.bits=4",
+                                                                "trainer.finetune_epochs=8", "trainer.finetune_lr=0.01"))
+    assert sweep.dense_key(base) != sweep.dense_key(compose_job("prune=agp", "quant=linear", "seed=1"))
+    assert sweep.dense_key(base) != sweep.dense_key(compose_job("prune=agp", "quant=linear", "model.width=0.5"))
+    dense = sweep.dense_config(base)
+    assert (dense.prune.method, dense.quant.method, dense.quant.bits, dense.trainer.finetune_epochs) == ("none", "none", 32, 0)
+
+
+def test_job_defaults_fill_only_what_the_user_left_empty() -> None:
+    cfg = compose_job("prune=agp", "quant=linear")
+    overrides = ["prune.final_sparsity=0.9", "logger.mode=online", "hydra.sweep.dir=/x", "trainer.init_from=shared",
+                 "model.name=" + "x" * 80]
+    sweep.job_defaults(cfg, overrides, Path("/runs/multirun/default/2026-11-28_12-00-00"))
+    assert cfg.logger.group == "2026-11-28_12-00-00" and cfg.logger.job_type == "agp+linear"
+    assert list(cfg.logger.tags) == ["prune.final_sparsity=0.9", ("model.name=" + "x" * 80)[:64]]
+    mine = compose_job("logger.group=mine", "logger.job_type=study", "logger.tags=[a]")
+    sweep.job_defaults(mine, ["seed=1"], Path("/s/t"))
+    assert (mine.logger.group, mine.logger.job_type, list(mine.logger.tags)) == ("mine", "study", ["a"])
+    single = compose_job()
+    sweep.job_defaults(single, ["seed=1"], None)  # a single run: no group, no tags
+    assert (single.logger.group, single.logger.job_type, list(single.logger.tags)) == (None, "dense", [])
+
+
+def test_claim_gpu_gives_jobs_running_at_once_different_gpus(tmp_path: Path) -> None:
+    with sweep.claim_gpu(2, job_num=0, lock_dir=tmp_path) as a, sweep.claim_gpu(2, job_num=0, lock_dir=tmp_path) as b:
+        assert (a, b) == (0, 1)
+        with sweep.claim_gpu(2, job_num=3, lock_dir=tmp_path) as c:
+            assert c == 1  # all taken: shares job_num % n_gpus
+    with sweep.claim_gpu(2, job_num=0, lock_dir=tmp_path) as a:  # released when the job ended
+        assert a == 0
+    with sweep.claim_gpu(3, job_num=4, lock_dir=tmp_path) as a, sweep.claim_gpu(3, job_num=4, lock_dir=tmp_path) as b:
+        assert (a, b) == (1, 2)  # a serial sweep spreads: start at job_num % n_gpus
+    with sweep.claim_gpu(1, job_num=5, lock_dir=tmp_path) as only, sweep.claim_gpu(0, job_num=5) as none:
+        assert (only, none) == (0, None)
+
+
+def hydra_node(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True).hydra
+
+
+def test_paper_grid_is_sparsity_x_bits_x_method() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=paper_grid"], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {"prune.final_sparsity": ["0.5", "0.7", "0.9", "0.95"], "quant.bits": ["2", "4", "8"],
+                      "quant": ["linear", "kmeans"]}
+    assert (cfg.prune.method, cfg.quant.method, cfg.trainer.init_from) == ("agp", "linear", "shared")
+    # Every job of the grid composes and validates (the sweeper's group choice wins over the study's).
+    from sparsebench.config import validate
+
+    for quant in params["quant"]:
+        job = compose_job("experiment=paper_grid", f"quant={quant}", "quant.bits=2", "prune.final_sparsity=0.95")
+        validate(job)
+        assert (job.quant.method, job.quant.bits, job.prune.final_sparsity) == (quant, 2, 0.95)
+
+
+def test_launcher_configs_compose() -> None:
+    parallel = hydra_node("hydra/launcher=parallel").launcher
+    assert parallel._target_.endswith("JoblibLauncher") and parallel.batch_size == "1"  # joblib takes it as a string
+    assert OmegaConf.to_container(parallel, resolve=True)["n_jobs"] == (torch.cuda.device_count() or 2)
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    slurm = hydra_node("hydra/launcher=slurm", "hydra.launcher.partition=gpu").launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert (slurm.partition, slurm.gpus_per_node, slurm.tasks_per_node) == ("gpu", 1, 1)
+
+
+def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path) -> None:
+    done = run_cli("-m", "hydra/launcher=parallel", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Joblib.Parallel(n_jobs=2" in done.stderr + done.stdout
+    metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs_of(tmp_path)]
+    assert [m["status"] for m in metrics] == ["ok", "ok"] and [r["status"] for r in summary(tmp_path)] == ["ok", "ok"]
