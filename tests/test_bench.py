@@ -73,8 +73,10 @@ def test_bad_bench_settings_name_the_key(override, key):
 
 
 def test_bench_needs_a_sparse_backend_and_fp16_is_direct_sparse_only():
+    assert compose("bench=default").backend.name == "direct_sparse"  # bench=default picks our kernels
+    cfg = compose("bench=default", "backend=none")
     with pytest.raises(ConfigError, match="backend.name"):
-        validate_bench(compose("bench=default").backend, compose("bench=default").bench)
+        validate_bench(cfg.backend, cfg.bench)
     cfg = compose("backend=torch_csr", "bench=default", "backend.activations=fp16")
     with pytest.raises(ConfigError, match="backend.activations"):
         validate_bench(cfg.backend, cfg.bench)
