@@ -65,6 +65,7 @@ py::dict plan_dict(const Plan& p) {
   d["V"] = p.V;
   d["TH"] = p.TH;
   d["TW"] = p.TW;
+  d["TWv"] = p.TWv;
   d["NI"] = p.NI;
   d["CC"] = p.CC;
   d["chunks"] = p.chunks;
@@ -118,7 +119,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "set_tuning",
-      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse) {
+      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         Tuning& t = tuning();
@@ -126,9 +127,11 @@ PYBIND11_MODULE(_C, m) {
         t.rowsplit_max_pixels = rowsplit_max_pixels;
         t.blocks_per_sm = blocks_per_sm;
         t.min_reuse = std::max(1, min_reuse);
+        t.virtual_width = virtual_width ? 1 : 0;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
-      py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24);
+      py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
+      py::arg("virtual_width") = 1);
 
   m.def("get_tuning", []() {
     py::dict d;
@@ -136,6 +139,7 @@ PYBIND11_MODULE(_C, m) {
     d["rowsplit_max_pixels"] = tuning().rowsplit_max_pixels;
     d["blocks_per_sm"] = tuning().blocks_per_sm;
     d["min_reuse"] = tuning().min_reuse;
+    d["virtual_width"] = tuning().virtual_width;
     return d;
   });
 

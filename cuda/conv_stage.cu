@@ -5,6 +5,8 @@
 // offset, code -> fp32 value) into a per-warp buffer, and every lane then does V FMAs per
 // nonzero against its own pixels (one broadcast + V conflict-free shared loads).
 // Partial sums across chunks live in shared memory; with one chunk they never leave registers.
+// When a tile row is narrower than a warp, lanes sweep the halo columns too (TWv = RW) and
+// discard those outputs: a warp then reads 32 consecutive words, free of bank conflicts.
 #include <climits>
 
 #include "kernels.cuh"
@@ -50,10 +52,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     const int pos = lane + 32 * v;
-    const int img = t.div_THTW.div(pos), rem = pos - img * t.TH * t.TW;
-    const int ta = t.div_TW.div(rem), tb = rem - ta * t.TW;
+    const int img = t.div_THTWv.div(pos), rem = pos - img * t.TH * t.TWv;
+    const int ta = t.div_TWv.div(rem), tb = rem - ta * t.TWv;
     const int n = n0 + img, oh = oh0 + ta, ow = ow0 + tb;
-    valid[v] = img < t.NI && n < a.N && oh < a.OH && ow < a.OW;
+    valid[v] = img < t.NI && tb < t.TW && n < a.N && oh < a.OH && ow < a.OW;
     sbase[v] = valid[v] ? (img * t.RH + ta * a.stride) * t.RW + tb * a.stride : 0;
     obase[v] = valid[v] ? n * a.CO * OHW + oh * a.OW + ow : 0;
   }

@@ -49,12 +49,19 @@ static Plan rowsplit_plan(const ConvArgs& a) {
   return p;
 }
 
-// Tile shape for 32*V pixels: whole output rows first, then several rows, then several images.
-static void tile_shape(const ConvArgs& a, int V, int& TW, int& TH, int& NI) {
+// Tile shape for 32*V lanes: whole output rows first, then several rows, then several images.
+// TWv is the lanes per tile row: with stride 1 and rows that would wrap inside a warp, lanes
+// also cover the KW-1 halo columns so a warp's shared loads hit 32 consecutive words.
+static void tile_shape(const ConvArgs& a, int V, int& TW, int& TWv, int& TH, int& NI) {
   const int PT = 32 * V;
   TW = std::min(a.OW, PT);
-  TH = std::max(1, std::min(a.OH, PT / TW));
-  NI = std::max(1, std::min(a.N, PT / (TW * TH)));
+  TWv = TW;
+  if (tuning().virtual_width && a.stride == 1 && a.KW > 1 && TW % 32 != 0) {
+    if (TW + a.KW - 1 > PT) TW = PT - (a.KW - 1);
+    TWv = TW + a.KW - 1;
+  }
+  TH = std::max(1, std::min(a.OH, PT / TWv));
+  NI = std::max(1, std::min(a.N, PT / (TWv * TH)));
 }
 
 static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
@@ -68,15 +75,18 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   const int64_t rg_min = std::min<int64_t>(
       a.CO, std::max<int64_t>(2 * kStageWarps, static_cast<int64_t>(tu.min_reuse / (KK * density) + 0.5)));
   const int64_t max_groups = std::max<int64_t>(1, a.CO / rg_min);
-  int V = 4, TW = 1, TH = 1, NI = 1;
+  int V = 4, TW = 1, TWv = 1, TH = 1, NI = 1;
   int64_t tiles = 1;
   for (;; V /= 2) {
-    tile_shape(a, V, TW, TH, NI);
+    tile_shape(a, V, TW, TWv, TH, NI);
     tiles = cdiv(a.N, NI) * cdiv(a.OH, TH) * cdiv(a.OW, TW);
     if (V == 1 || tiles * max_groups >= want_blocks) break;
   }
   const int PT = 32 * V;
   int64_t groups = std::min(max_groups, std::max<int64_t>(1, cdiv(want_blocks, tiles)));
+  // Parallelism beats reuse when there would be fewer blocks than SMs.
+  if (tiles * groups < sm_count())
+    groups = std::max(groups, std::min(cdiv(sm_count(), tiles), std::max<int64_t>(1, a.CO / (2 * kStageWarps))));
   int64_t RG = cdiv(a.CO, groups);
   const int RH = (TH - 1) * a.stride + a.KH, RW = (TW - 1) * a.stride + a.KW;
   const int64_t stage = static_cast<int64_t>(NI) * RH * RW;
@@ -107,6 +117,7 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   t.CC = static_cast<int>(CC);
   t.chunks = static_cast<int>(chunks);
   t.RG = static_cast<int>(RG);
+  t.TWv = TWv;
   t.tiles_w = static_cast<int>(cdiv(a.OW, TW));
   t.tiles_h = static_cast<int>(cdiv(a.OH, TH));
   t.stage = static_cast<int>(stage);
@@ -116,8 +127,8 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   t.div_NI = FastDiv(NI);
   t.div_KK = FastDiv(a.KH * a.KW);
   t.div_KW = FastDiv(a.KW);
-  t.div_TW = FastDiv(TW);
-  t.div_THTW = FastDiv(TH * TW);
+  t.div_TWv = FastDiv(TWv);
+  t.div_THTWv = FastDiv(TH * TWv);
   t.div_tiles_w = FastDiv(t.tiles_w);
   t.div_tiles_h = FastDiv(t.tiles_h);
 
@@ -125,6 +136,7 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   p.V = V;
   p.TH = TH;
   p.TW = TW;
+  p.TWv = TWv;
   p.NI = NI;
   p.CC = t.CC;
   p.chunks = t.chunks;

@@ -12,9 +12,10 @@ namespace sparsebench {
 // group of RG output channels; the input tile for CC channels at a time sits in shared memory.
 struct StageCfg {
   int V, TH, TW, NI, RH, RW, CC, chunks, RG, tiles_w, tiles_h;
+  int TWv;    // lanes per tile row: TW, or RW when lanes also sweep the halo columns (no bank conflicts)
   int stage;  // floats per staged channel: NI * RH * RW
   int xs;     // floats reserved for the staged input (CC * stage, rounded up to 4)
-  FastDiv div_RW, div_RH, div_NI, div_KK, div_KW, div_TW, div_THTW, div_tiles_w, div_tiles_h;
+  FastDiv div_RW, div_RH, div_NI, div_KK, div_KW, div_TWv, div_THTWv, div_tiles_w, div_tiles_h;
 };
 
 constexpr int kStageWarps = 16;

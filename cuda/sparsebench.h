@@ -36,7 +36,7 @@ struct ConvArgs {
 // The launch plan the dispatcher picks (exposed for benchmarks and docs).
 struct Plan {
   int variant = kRowSplit;
-  int V = 0, TH = 0, TW = 0, NI = 0, CC = 0, chunks = 0, rows_per_block = 0, threads = 0;
+  int V = 0, TH = 0, TW = 0, TWv = 0, NI = 0, CC = 0, chunks = 0, rows_per_block = 0, threads = 0;
   int64_t smem_bytes = 0;
   int64_t blocks = 0;
   bool flattened = false;  // a 1x1/stride-1/no-padding conv treated as one long image row
@@ -46,6 +46,7 @@ struct Tuning {
   int smem_budget = 100 * 1024;   // bytes of shared memory one staged block may use
   int rowsplit_max_pixels = 512;  // N*OH*OW up to which auto picks the row-split kernel
   int min_reuse = 24;             // FMAs each staged input value should feed (sets rows per block)
+  int virtual_width = 1;          // let lanes sweep halo columns to avoid shared-memory bank conflicts
   int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
 };
 
