@@ -253,3 +253,16 @@ def test_bad_quant_input_is_one_clear_line(tmp_path: Path, args, key):
     assert len(error_lines) == 1, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "dense_bytes" not in metrics  # refused before any training
+
+
+def test_kmeans_layer_pruned_below_its_level_count_keeps_one_level_per_value():
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="kmeans", bits=4), model)  # 15 free levels
+    with torch.no_grad():
+        w = model.fc.weight
+        w.zero_()
+        w.view(-1)[:5] = torch.tensor([0.5, -0.25, 0.125, 0.5, 1.0])  # pruning left 5 non-zeros, 4 values
+    hook.on_fit_start(model, 1, 1)
+    book = hook.fake_quants["fc"].codebook
+    assert len(book) == 16 and set(book.tolist()) == {0.0, 0.5, -0.25, 0.125, 1.0}
+    assert torch.equal(model.fc.weight, w.detach())  # every value is its own level

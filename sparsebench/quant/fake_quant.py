@@ -79,8 +79,13 @@ class FakeQuant(nn.Module):
             self.scale.copy_(wf.abs().amax().clamp(min=torch.finfo(torch.float32).tiny).reshape(1))
         else:
             nonzero = wf[wf != 0]
+            n_free = self.codebook.numel() - 1
+            if nonzero.numel() < n_free:  # pruned below the level count while training: one level per value
+                levels = torch.cat([torch.unique(nonzero), nonzero.new_zeros(1 + n_free - torch.unique(nonzero).numel())])
+                self.codebook.copy_(torch.sort(levels).values)
+                return
             init = self.codebook if warm and bool((self.codebook != 0).any()) else None
-            self.codebook.copy_(grids.fit_codebook(nonzero, self.codebook.numel() - 1, kmeans_iters, init))
+            self.codebook.copy_(grids.fit_codebook(nonzero, n_free, kmeans_iters, init))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:

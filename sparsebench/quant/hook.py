@@ -89,6 +89,8 @@ class Quantizer(TrainHook):
         for name, m in weight_layers(model).items():
             if name not in self.bits:
                 continue
+            if parametrize.is_parametrized(m, "weight") and any(isinstance(p, FakeQuant) for p in m.parametrizations.weight):
+                raise RuntimeError(f"quant: layer {name} is already fake-quantized (on_fit_start called twice)")
             bn = modules.get(self.fold_pairs[name]) if name in self.fold_pairs else None
             fq = FakeQuant(self.method, self.bits[name], m.weight, symmetric=self.cfg.symmetric,
                            per_channel=self.cfg.per_channel, learn_scale=self.cfg.learn_scale, bn=bn)
@@ -129,8 +131,11 @@ class Quantizer(TrainHook):
         layers = weight_layers(model)
         for name, fq in self.fake_quants.items():
             w = _input_of(layers[name], fq)
-            if self.method == "kmeans":
-                check_codebook_fits(name, w, self.bits[name], self.bits_key[name])
+            nonzero = int((w != 0).sum())
+            if self.method == "kmeans" and nonzero < (1 << self.bits[name]) - 1:
+                # Refused up front on the dense weights; pruning got here later, so warn, not fail the run.
+                log.warning("quant: layer %s has %d non-zero weights after pruning, fewer than its %d codebook "
+                            "levels; each keeps its own level", name, nonzero, (1 << self.bits[name]) - 1)
             fq.calibrate(w, self.cfg.kmeans_iters, warm=warm)
         if self.method == "kmeans":
             self.fits += 1
