@@ -28,7 +28,7 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
         return [], {}
     from sparsebench.bench.cases import cases_from_model
     from sparsebench.bench.measure import TimingSettings
-    from sparsebench.bench.suite import LayerBench, plan_backends
+    from sparsebench.bench.suite import LayerBench, plan_backends, uniform
     from sparsebench.bench.timing import cpu_thread_count
     from sparsebench.sparse.format import load_packed
 
@@ -57,7 +57,7 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
         model.train(was_training)
     metrics["bench/backend"] = plan.sparse
     metrics["bench/skipped"] = ", ".join(f"{k} ({v})" for k, v in plan.skipped.items())
-    return rows, metrics
+    return uniform(rows), metrics
 
 
 def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor,

@@ -153,7 +153,7 @@ def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, 
     from tqdm.auto import tqdm
 
     from sparsebench.bench.measure import TimingSettings, break_even_sparsity
-    from sparsebench.bench.suite import LayerBench, plan_backends
+    from sparsebench.bench.suite import LayerBench, plan_backends, uniform
     from sparsebench.bench.timing import cpu_thread_count
 
     plan = plan_backends(cfg.backend, cfg.bench, device)
@@ -170,7 +170,7 @@ def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, 
             rows += _run_case(runner, shape, batch, sparsity, bits, cfg.seed)
     if cfg.bench.break_even and len(sparsities) >= 2:
         add_sweep_break_even(rows, plan.sparse, break_even_sparsity)
-    return rows
+    return uniform(rows)
 
 
 def _run_case(runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int) -> List[Dict[str, Any]]:

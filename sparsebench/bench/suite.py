@@ -148,5 +148,9 @@ class LayerBench:
                 row[f"break_even_vs_{name}"] = break_even_sparsity(points, t, numel)
 
 
-def speedup_columns(rows: List[Dict[str, Any]]) -> List[str]:
-    return sorted({k for r in rows for k in r if k.startswith("speedup_vs_")})
+def uniform(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every row with every column (None where a backend skipped a layer): tables take the first row's keys."""
+    columns: List[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    return [{k: r.get(k) for k in columns} for r in rows]
