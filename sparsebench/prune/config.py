@@ -82,7 +82,7 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
         last = p.start if p.method == "oneshot" else p.end
         key = "prune.start" if p.method == "oneshot" else "prune.end"
         require(last <= finetune_epochs, key, last, f"at most trainer.finetune_epochs ({finetune_epochs}): the "
-                "schedule must finish inside the finetune phase (raise trainer.finetune_epochs or lower it)")
+                f"schedule must finish inside the finetune phase (raise trainer.finetune_epochs or lower {key})")
     for value in p.sensitivity:
         require(0 < value < 1, "prune.sensitivity", list(p.sensitivity), "a list of fractions in (0, 1)")
     require(p.sensitivity_tolerance >= 0, "prune.sensitivity_tolerance", p.sensitivity_tolerance, "a fraction >= 0")

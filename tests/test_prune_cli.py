@@ -1,0 +1,27 @@
+"""Bad pruning input ends in one clear line (exit 2, the key named), before any training."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+BASE = [*TINY, "prune=agp", "trainer.finetune_epochs=2", "prune.end=1"]
+
+
+@pytest.mark.parametrize("overrides, key, allowed", [
+    (["prune.initial_sparsity=0.5", "prune.final_sparsity=0.3"], "prune.final_sparsity=0.3", ">= prune.initial_sparsity"),
+    (["prune.final_sparsity=1.0"], "prune.final_sparsity=1.0", "[0, 1)"),
+    (["prune.initial_sparsity=-0.1"], "prune.initial_sparsity=-0.1", "[0, 1)"),
+    (["prune.start=1", "prune.end=0.5"], "prune.end=0.5", ">= prune.start"),
+    (["prune.end=3"], "prune.end=3.0", "trainer.finetune_epochs (2)"),
+    ([r"++prune.overrides={classifier:0.5}"], "prune.overrides.classifier=0.5",
+     "prunable layers are: block2.conv, block3.conv"),
+])
+def test_bad_prune_input_is_one_line_before_training(tmp_path, overrides, key, allowed):
+    result = run_cli(*BASE, *overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and key in errors[0] and allowed in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "dense.pt").exists() and not (tmp_path / "checkpoints").exists()  # nothing trained
