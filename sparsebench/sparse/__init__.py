@@ -2,15 +2,18 @@
 
 from sparsebench.sparse.format import PackedLayer, load_packed, pack_weight, save_packed
 from sparsebench.sparse.ops import (
+    kernel_plan,
     kernels_available,
     reference_conv2d,
     reference_linear,
     require_kernels,
     sparse_conv2d,
+    sparse_conv2d_into,
     sparse_linear,
 )
 
 __all__ = [
     "PackedLayer", "pack_weight", "save_packed", "load_packed", "sparse_conv2d", "sparse_linear",
-    "reference_conv2d", "reference_linear", "kernels_available", "require_kernels",
+    "sparse_conv2d_into", "reference_conv2d", "reference_linear", "kernels_available", "require_kernels",
+    "kernel_plan",
 ]
