@@ -77,14 +77,15 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     hooks = [h for h in (build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)) if h is not None]
 
     # Dense training (or a shared dense model from trainer.init_from).
+    timings: Dict[str, float] = {}  # the last epoch's time per step of each phase
     if t.init_from:
         _load_weights(model, t.init_from, cfg)
         acc_dense = evaluate(model, test, t.amp)
     elif resume is not None and resume["phase"] == "finetune":
         acc_dense = resume["extra"]["acc_dense"]
     else:
-        fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=[], checkpoint=checkpoint,
-            resume_from=resume, log=tracker.log)
+        timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=[],
+                           checkpoint=checkpoint, resume_from=resume, log=tracker.log))
         acc_dense = evaluate(model, test, t.amp)
         atomic_torch_save({"model": model.state_dict(), "acc_dense": acc_dense,
                            "model_cfg": OmegaConf.to_container(cfg.model), "data": cfg.data.name},
@@ -96,10 +97,10 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
 
     # Pruning and quantization-aware retraining.
     if hooks:
-        fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs, lr=t.finetune_lr or t.lr,
-            hooks=hooks, checkpoint=checkpoint, extra={"acc_dense": acc_dense},
-            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
-            log=tracker.log, step_offset=t.epochs * len(train))
+        timings.update(fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs,
+                           lr=t.finetune_lr or t.lr, hooks=hooks, checkpoint=checkpoint, extra={"acc_dense": acc_dense},
+                           resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
+                           log=tracker.log, step_offset=t.epochs * len(train)))
     acc_final = evaluate(model, test, t.amp)
 
     # Per-layer facts, the packed export, the benchmark and the run's summary numbers.
@@ -124,6 +125,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
         "compression": dense_bytes / max(footprint, 1),
         "params": sum(r["params"] for r in rows),
         "device": str(device),
+        **{k: round(v, 4) for k, v in timings.items() if k.endswith("step_ms")},
         **bench_metrics,
     }
     layer_rows = _join_bench(rows, bench_rows)

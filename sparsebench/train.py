@@ -6,6 +6,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -177,6 +178,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
     model.train()
     for epoch in range(step // steps_per_epoch, epochs):
         start = step - epoch * steps_per_epoch
+        epoch_started = time.perf_counter()
         bar = tqdm(train.epoch(epoch, start), total=steps_per_epoch, initial=start, leave=False,
                    desc=f"{phase} {epoch + 1}/{epochs}", disable=not cfg.progress, dynamic_ncols=True)
         for x, y in bar:
@@ -198,7 +200,13 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
             # The end of an epoch is saved after its evaluation, below.
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 save(step)
-        metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/acc": evaluate(model, test, cfg.amp)}
+        if train.device.type == "cuda":
+            torch.cuda.synchronize(train.device)
+        # Training time only (no evaluation): phases compare per step, e.g. the cost of QAT.
+        epoch_s = time.perf_counter() - epoch_started
+        metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s,
+                   f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1),
+                   f"{phase}/acc": evaluate(model, test, cfg.amp)}
         for hook in hooks:
             metrics.update(hook.on_epoch_end(epoch, model))
         log(metrics, step_offset + step)
