@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -71,6 +70,8 @@ def kernel_build_id() -> Optional[Any]:
 
 
 def environment() -> Dict[str, Any]:
+    import torch  # late: the file helpers above (and sparsebench-report) need no torch
+
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),

@@ -153,28 +153,31 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_cli_writes_both_files_and_rejects_a_wrong_dir(grid: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    done = run_report(str(grid))
+def test_cli_writes_both_files_and_rejects_a_wrong_dir(grid: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    done = run_report(str(grid))  # the installed way: a process of its own
     assert done.returncode == 0, done.stderr
     assert "5 jobs, 1 failed" in done.stdout
     assert (grid / "summary.csv").exists() and (grid / "report.html").exists()
     assert not list(grid.glob(".*.tmp"))  # atomic writes leave no temp files
 
-    missing = run_report(str(grid / "nope"))
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "is not a directory" in missing.stderr
-    empty = run_report(str(tmp_path_factory.mktemp("empty")))
-    assert empty.returncode == 2 and "no job folders" in empty.stderr
+    for bad, message in [(grid / "nope", "is not a directory"), (tmp_path_factory.mktemp("empty"), "no job folders")]:
+        with pytest.raises(SystemExit) as exit_:
+            report.main([str(bad)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and message in err and err.startswith("error: DIR=")
 
 
-def test_cli_logs_the_summary_to_wandb_offline(grid: Path) -> None:
-    done = run_report(str(grid), "--wandb")
-    assert done.returncode == 0, done.stderr
+def test_cli_logs_the_summary_to_wandb_offline(grid: Path, capsys: pytest.CaptureFixture) -> None:
+    report.main([str(grid), "--wandb"])
+    assert "wandb:" in capsys.readouterr().out
     runs = list((grid / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     tables = list(runs[0].glob("files/media/table/summary_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
     assert len(table["data"]) == 5 and "acc_final" in table["columns"]
+    assert len(list(runs[0].glob("files/media/images/plots/*.png"))) == 6
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -17,8 +17,10 @@ from sparsebench import sweep
 from sparsebench.__main__ import CONF_DIR
 from tests.conftest import TINY, compose as compose_job, run_cli
 
-# TINY without the width, so a sweep may vary it.
-QUICK = [o for o in TINY if not o.startswith("model.width")]
+# Seconds per job on a CPU: no benchmark, one short retraining epoch with pruning and QAT.
+COMPRESS = [*TINY, "bench=none", "trainer.finetune_epochs=1", "prune.end=1"]
+# Dense jobs only, for the tests about the sweep machinery rather than compression.
+DENSE = [*TINY, "bench=none", "prune=none", "quant=none"]
 
 
 def jobs_of(sweep_dir: Path) -> list:
@@ -31,23 +33,28 @@ def summary(sweep_dir: Path) -> list:
 
 
 def test_four_job_sweep_gets_four_runs_and_a_report(tmp_path: Path) -> None:
-    done = run_cli("-m", *QUICK, "model.width=0.25,0.5", "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    done = run_cli("-m", *COMPRESS, "prune.final_sparsity=0.5,0.9", "quant.bits=4,8", f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     jobs = jobs_of(tmp_path)
     assert len(jobs) == 4
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
     assert all(m["status"] == "ok" and 0.1 < m["acc_final"] <= 1 for m in metrics)
     assert [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())[-2:] for j in jobs] == [
-        ["model.width=0.25", "seed=0"], ["model.width=0.25", "seed=1"], ["model.width=0.5", "seed=0"],
-        ["model.width=0.5", "seed=1"]]
-    # Wider nets have more weights: the run's own numbers, not a copy of one job.
-    assert metrics[2]["dense_bytes"] > metrics[0]["dense_bytes"]
+        ["prune.final_sparsity=0.5", "quant.bits=4"], ["prune.final_sparsity=0.5", "quant.bits=8"],
+        ["prune.final_sparsity=0.9", "quant.bits=4"], ["prune.final_sparsity=0.9", "quant.bits=8"]]
+    # Each job's own numbers: sparser and fewer bits -> smaller footprint.
+    assert [m["weight_bits"] for m in metrics] == [4, 8, 4, 8]
+    assert metrics[2]["sparsity"] > metrics[0]["sparsity"] > 0.3
+    assert metrics[2]["footprint_bytes"] < metrics[0]["footprint_bytes"] < metrics[1]["footprint_bytes"]
 
     rows = summary(tmp_path)
     assert [r["num"] for r in rows] == ["0", "1", "2", "3"]
-    assert [r["model.width"] for r in rows] == ["0.25", "0.25", "0.5", "0.5"] and [r["seed"] for r in rows] == ["0", "1"] * 2
+    assert [r["prune.final_sparsity"] for r in rows] == ["0.5", "0.5", "0.9", "0.9"]
+    assert [r["quant.bits"] for r in rows] == [r["bits"] for r in rows] == ["4", "8", "4", "8"]
     assert [float(r["acc_final"]) for r in rows] == pytest.approx([m["acc_final"] for m in metrics])
-    assert {"status", "overrides", "acc_dense", "sparsity", "bits", "method", "footprint_bytes", "compression"} <= set(rows[0])
+    assert [float(r["compression"]) for r in rows] == pytest.approx([m["compression"] for m in metrics])
+    assert {r["method"] for r in rows} == {"agp+linear"} and {r["status"] for r in rows} == {"ok"}
+    assert {"overrides", "acc_dense", "sparsity", "footprint_bytes", "error"} <= set(rows[0])
     page = (tmp_path / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == 3  # accuracy, Pareto (compression), footprint
     assert "No job measured speedups" in page
@@ -57,22 +64,23 @@ def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path: Path) -> None
     garbage = tmp_path / "not_a_checkpoint.pt"
     garbage.write_text("this is not a torch file")
     sweep_dir = tmp_path / "sweep"
-    # Job 0 is fine, job 1 is an impossible value, job 2 crashes while loading its weights.
-    done = run_cli("-m", *TINY, f"trainer.init_from=null,{garbage}", "trainer.lr=0.1,-1", f"hydra.sweep.dir={sweep_dir}")
+    # Job 0 is an impossible value, job 1 is fine (it runs after a failure), job 2 is impossible too,
+    # job 3 crashes while loading its weights.
+    done = run_cli("-m", *DENSE, f"trainer.init_from=null,{garbage}", "trainer.lr=-1,0.1", f"hydra.sweep.dir={sweep_dir}")
     assert done.returncode == 1  # every job ran; the exit code says that some failed
-    assert "sweep: 3 of 4 jobs failed (job 1, 2, 3)" in done.stderr
+    assert "sweep: 3 of 4 jobs failed (job 0, 2, 3)" in done.stderr
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs_of(sweep_dir)]
-    assert [m["status"] for m in metrics] == ["ok", "failed", "failed", "failed"]
-    assert metrics[0]["acc_final"] > 0.1
-    assert metrics[1]["error"] == "ConfigError: trainer.lr=-1.0 is not allowed: a number > 0"
-    assert not metrics[2]["error"].startswith("ConfigError") and "acc_final" not in metrics[2]
+    assert [m["status"] for m in metrics] == ["failed", "ok", "failed", "failed"]
+    assert metrics[1]["acc_final"] > 0.1 and (jobs_of(sweep_dir)[1] / "dense.pt").exists()
+    assert metrics[0]["error"] == metrics[2]["error"] == "ConfigError: trainer.lr=-1.0 is not allowed: a number > 0"
+    assert not metrics[3]["error"].startswith("ConfigError") and "acc_final" not in metrics[3]
     rows = summary(sweep_dir)
-    assert [r["status"] for r in rows] == ["ok", "failed", "failed", "failed"]
-    assert rows[1]["error"] == metrics[1]["error"]
+    assert [r["status"] for r in rows] == ["failed", "ok", "failed", "failed"]
+    assert rows[0]["error"] == metrics[0]["error"] and rows[3]["error"] == metrics[3]["error"]
 
 
 def test_jobs_share_one_dense_pretraining(tmp_path: Path) -> None:
-    done = run_cli("-m", *TINY, "trainer.init_from=shared", "trainer.finetune_lr=0.01,0.02",
+    done = run_cli("-m", *DENSE, "trainer.init_from=shared", "trainer.finetune_lr=0.01,0.02",
                    "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     dense_runs = list(tmp_path.glob("dense-*"))
@@ -93,7 +101,7 @@ def test_jobs_share_one_dense_pretraining(tmp_path: Path) -> None:
 
 
 def test_shared_dense_needs_a_multirun() -> None:
-    done = run_cli(*TINY, "trainer.init_from=shared", "hydra.run.dir=/tmp/never-made")
+    done = run_cli(*DENSE, "trainer.init_from=shared", "hydra.run.dir=/tmp/never-made")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: trainer.init_from=shared needs a multirun (-m): it shares one dense model between the jobs of a "
@@ -120,7 +128,7 @@ def test_job_defaults_fill_only_what_the_user_left_empty() -> None:
     mine = compose_job("logger.group=mine", "logger.job_type=study", "logger.tags=[a]")
     sweep.job_defaults(mine, ["seed=1"], Path("/s/t"))
     assert (mine.logger.group, mine.logger.job_type, list(mine.logger.tags)) == ("mine", "study", ["a"])
-    single = compose_job()
+    single = compose_job("prune=none", "quant=none")
     sweep.job_defaults(single, ["seed=1"], None)  # a single run: no group, no tags
     assert (single.logger.group, single.logger.job_type, list(single.logger.tags)) == (None, "dense", [])
 
@@ -170,7 +178,7 @@ def test_launcher_configs_compose() -> None:
 
 
 def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path) -> None:
-    done = run_cli("-m", "hydra/launcher=parallel", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    done = run_cli("-m", "hydra/launcher=parallel", *DENSE, "seed=0,1", f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Joblib.Parallel(n_jobs=2" in done.stderr + done.stdout
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs_of(tmp_path)]
