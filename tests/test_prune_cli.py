@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import TINY, run_cli
 
-BASE = [*TINY, "prune=agp", "trainer.finetune_epochs=2", "prune.end=1"]
+BASE = [*TINY, "quant=none", "bench=none", "prune=agp", "trainer.finetune_epochs=2", "prune.end=1"]
 
 
 @pytest.mark.parametrize("overrides, key, allowed", [
