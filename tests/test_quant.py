@@ -201,8 +201,8 @@ def test_hook_state_round_trips_through_a_checkpoint():
 
 
 def test_resume_in_the_finetune_phase_reaches_the_same_export(tmp_path: Path, monkeypatch):
-    overrides = [*TINY, "trainer.finetune_epochs=2", "prune=agp", "prune.end=1", "quant=kmeans", "quant.bits=3",
-                 "trainer.checkpoint_every=20", "trainer.deterministic=true"]
+    overrides = [*TINY, "bench=none", "trainer.finetune_epochs=2", "prune=agp", "prune.end=1", "quant=kmeans",
+                 "quant.bits=3", "trainer.checkpoint_every=20", "trainer.deterministic=true"]
     reference = run(compose(*overrides), tmp_path / "uninterrupted")
     save = sparsebench.train.atomic_torch_save
 
@@ -246,7 +246,7 @@ def test_kmeans_with_more_levels_than_nonzeros_is_refused_before_training():
     (["quant=linear", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer.finetune_epochs"),
 ])
 def test_bad_quant_input_is_one_clear_line(tmp_path: Path, args, key):
-    result = run_cli(*TINY, "trainer.finetune_epochs=1", *args, f"hydra.run.dir={tmp_path}")
+    result = run_cli(*TINY, "prune=none", "trainer.finetune_epochs=1", *args, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert key in result.stderr and "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
