@@ -266,3 +266,19 @@ def test_kmeans_layer_pruned_below_its_level_count_keeps_one_level_per_value():
     book = hook.fake_quants["fc"].codebook
     assert len(book) == 16 and set(book.tolist()) == {0.0, 0.5, -0.25, 0.125, 1.0}
     assert torch.equal(model.fc.weight, w.detach())  # every value is its own level
+
+
+def test_kmeans_codebooks_are_refitted_every_refit_every_epochs():
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="kmeans", bits=3, refit_every=2), model)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=8)
+    assert hook.fits == 1  # fitted when QAT starts (step 0)
+    fits, books = [], []
+    for epoch in range(4):
+        train_steps(model, hook, {}, steps=2)
+        hook.on_epoch_end(epoch, model)
+        fits.append(hook.fits)
+        books.append(hook.fake_quants["fc"].codebook.clone())
+    assert fits == [1, 2, 2, 3]  # after epochs 2 and 4
+    assert not torch.equal(books[0], books[1])  # the refit followed the trained weights
+    assert torch.equal(books[1], books[2])  # and between refits the codebook stays put
