@@ -4,6 +4,7 @@ inside the real training loop (pruned weights stay exactly zero)."""
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -252,3 +253,27 @@ def test_global_scope_in_the_hook_reaches_the_pooled_target_with_uneven_layers()
     assert z2 + z3 == prune_count(1152 + 4608, 0.5)
     assert z2 == 1152  # the small layer is pruned entirely before the large one loses much
     assert z3 == prune_count(5760, 0.5) - 1152
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no such file"),
+    ("overrides: [1, 2]\n", "needs a top-level `overrides:` mapping"),
+    ("overrides:\n  block2.conv: 1.2\n", "prune.overrides_file: block2.conv=1.2 is not allowed"),
+    ("overrides: {a: [\n", "not valid YAML"),
+])
+def test_overrides_file_bad_content_is_named(tmp_path, text, message):
+    file = tmp_path / "o.yaml"
+    if text is not None:
+        file.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_prune(prune_cfg(overrides_file=str(file)))
+
+
+def test_sensitivity_experiment_composes_a_dense_only_study_of_every_layer():
+    from tests.conftest import compose
+
+    cfg = compose("experiment=sensitivity")
+    assert (cfg.prune.method, cfg.quant.method) == ("none", "none")
+    assert list(cfg.prune.sensitivity) == [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+    assert not cfg.prune.keep_first_dense and not cfg.prune.keep_last_dense
+    validate_prune(cfg.prune, cfg.trainer.finetune_epochs)
