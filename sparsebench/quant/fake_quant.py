@@ -81,7 +81,8 @@ class FakeQuant(nn.Module):
             nonzero = wf[wf != 0]
             n_free = self.codebook.numel() - 1
             if nonzero.numel() < n_free:  # pruned below the level count while training: one level per value
-                levels = torch.cat([torch.unique(nonzero), nonzero.new_zeros(1 + n_free - torch.unique(nonzero).numel())])
+                values = torch.unique(nonzero)
+                levels = torch.cat([values, nonzero.new_zeros(1 + n_free - values.numel())])
                 self.codebook.copy_(torch.sort(levels).values)
                 return
             init = self.codebook if warm and bool((self.codebook != 0).any()) else None

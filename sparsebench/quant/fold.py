@@ -68,7 +68,8 @@ def safe_factor(factor: torch.Tensor) -> torch.Tensor:
     return torch.where(factor == 0, torch.ones_like(factor), factor)
 
 
-def folded(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[_BN]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def folded(weight: torch.Tensor, bias: Optional[torch.Tensor],
+           bn: Optional[_BN]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(weight, bias) with ``bn`` folded in (eval-mode statistics); unchanged when bn is None."""
     if bn is None:
         return weight, bias

@@ -137,7 +137,8 @@ def level_fake_quant(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return straight_through(w, levels[nearest_level(w, levels)])
 
 
-def fit_codebook(values: torch.Tensor, n_free: int, iters: int = 30, init: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fit_codebook(values: torch.Tensor, n_free: int, iters: int = 30,
+                 init: Optional[torch.Tensor] = None) -> torch.Tensor:
     """1-D k-means (Lloyd) of ``values`` with ``n_free`` free centres plus one fixed at exactly 0.
 
     Returns the n_free + 1 sorted levels. Free centres start at the values' quantiles (or at

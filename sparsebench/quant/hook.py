@@ -89,7 +89,8 @@ class Quantizer(TrainHook):
         for name, m in weight_layers(model).items():
             if name not in self.bits:
                 continue
-            if parametrize.is_parametrized(m, "weight") and any(isinstance(p, FakeQuant) for p in m.parametrizations.weight):
+            chain = m.parametrizations.weight if parametrize.is_parametrized(m, "weight") else []
+            if any(isinstance(p, FakeQuant) for p in chain):
                 raise RuntimeError(f"quant: layer {name} is already fake-quantized (on_fit_start called twice)")
             bn = modules.get(self.fold_pairs[name]) if name in self.fold_pairs else None
             fq = FakeQuant(self.method, self.bits[name], m.weight, symmetric=self.cfg.symmetric,
