@@ -35,6 +35,8 @@ DIED = "no metrics.json: the job died before it finished (killed, out of memory,
 COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
            "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
            "runtime_s", "backend"]
+# metrics.json keys copied as they are.
+MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "runtime_s")
 MAX_HEATMAPS = 6
 
 
@@ -112,9 +114,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
         return row
     row["status"] = "ok" if metrics.get("status") == "ok" else "failed"
     row["bits"] = metrics.get("weight_bits", row["bits"])
-    for key in COLUMNS[8:]:
-        if key in metrics and key != "bits":
-            row[key] = metrics[key]
+    row.update({k: metrics[k] for k in MEASURED if k in metrics})
     row["backend"] = metrics.get("bench/backend")  # the sparse backend the speedups are of
     row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
     if metrics.get("error"):

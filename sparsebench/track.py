@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
