@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Settings that keep end-to-end runs to a few seconds on a 2-core CPU.
 TINY = ["logger=none", "trainer.progress=false", "trainer.epochs=1", "model.width=0.25"]
+# TINY plus a dense fp32 model and no benchmark: tests of the plain training pipeline.
+DENSE = [*TINY, "prune=none", "quant=none", "bench=none"]
 
 
 def compose(*overrides: str):

@@ -15,9 +15,13 @@ def options(group: str):
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
+# Options that only make sense together with another choice.
+COMPANIONS = {("backend", "none"): ["bench=none"]}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = compose(f"{group}={option}")
+    cfg = compose(f"{group}={option}", *COMPANIONS.get((group, option), []))
     validate(cfg)
     if group in ("data", "model"):
         assert cfg[group].name == option

@@ -9,7 +9,7 @@ import torch
 
 import sparsebench.train
 from sparsebench.experiment import run
-from tests.conftest import TINY, compose, run_cli
+from tests.conftest import DENSE, TINY, compose, run_cli
 
 METRIC_KEYS = {"status", "acc_dense", "acc_final", "sparsity", "weight_bits", "dense_bytes",
                "footprint_bytes", "compression", "runtime_s"}
@@ -17,18 +17,24 @@ LAYER_COLUMNS = {"layer", "kind", "in_shape", "out_channels", "kernel", "stride"
                  "backend", "batch", "time_us", "spread_us"}
 
 
-def test_cli_run_writes_the_contracted_files(tmp_path: Path):
-    result = run_cli(*TINY, "trainer.epochs=3", f"hydra.run.dir={tmp_path}")
+def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
+    # The default experiment (agp to 90%, 8-bit QAT, benchmark) with a short schedule.
+    result = run_cli(*TINY, "trainer.epochs=3", "trainer.finetune_epochs=4", "bench=quick",
+                     f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    for name in (".hydra/config.yaml", "manifest.json", "metrics.json", "layers.csv", "dense.pt", "checkpoints/last.pt"):
+    for name in (".hydra/config.yaml", "manifest.json", "metrics.json", "layers.csv", "dense.pt",
+                 "checkpoints/last.pt", "packed.safetensors"):
         assert (tmp_path / name).exists(), name
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert METRIC_KEYS <= metrics.keys()
     assert metrics["status"] == "ok"
-    assert 0.8 < metrics["acc_final"] <= 1.0  # 3 epochs of a quarter-width convnet on digits
-    assert metrics["weight_bits"] == 32 and metrics["sparsity"] == 0.0
+    assert 0.8 < metrics["acc_dense"] <= 1.0  # 3 epochs of a quarter-width convnet on digits
+    assert metrics["acc_final"] > metrics["acc_dense"] - 0.1
+    assert metrics["weight_bits"] == 8 and metrics["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert metrics["compression"] == pytest.approx(metrics["dense_bytes"] / metrics["footprint_bytes"])
+    assert metrics["compression"] > 4  # 8-bit codes of a tenth of the weights, plus indices
+    assert metrics["dense/step_ms"] > 0 and metrics["finetune/step_ms"] > 0
 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["config"]["trainer"]["epochs"] == 3
@@ -38,12 +44,22 @@ def test_cli_run_writes_the_contracted_files(tmp_path: Path):
     with open(tmp_path / "layers.csv") as f:
         rows = list(csv.DictReader(f))
     assert LAYER_COLUMNS <= set(rows[0])
-    assert [r["kind"] for r in rows] == ["conv2d"] * 3 + ["linear"]
-    assert rows[0]["in_shape"] == "1x8x8" and rows[-1]["in_shape"] == "32"  # 128 * width 0.25
+    layers = {r["layer"]: r for r in rows}
+    assert list(layers) == ["block1.conv", "block2.conv", "block3.conv", "fc"]
+    assert layers["block1.conv"]["in_shape"] == "1x8x8" and layers["fc"]["in_shape"] == "32"  # 128 * 0.25
+    assert all(float(r["time_us"]) > 0 for r in rows)  # every layer timed on every backend run here
+    assert {r["backend"] for r in rows} >= {"torch_cpu"}
+
+
+def test_dense_run_reports_neutral_compression_values(tmp_path: Path):
+    metrics = run(compose(*DENSE), tmp_path)
+    assert metrics["sparsity"] == 0.0 and metrics["weight_bits"] == 32
+    assert metrics["footprint_bytes"] == metrics["dense_bytes"] and metrics["compression"] == 1.0
+    assert not (tmp_path / "packed.safetensors").exists()
 
 
 def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatch):
-    overrides = [*TINY, "trainer.epochs=2", "trainer.checkpoint_every=7", "trainer.deterministic=true"]
+    overrides = [*DENSE, "trainer.epochs=2", "trainer.checkpoint_every=7", "trainer.deterministic=true"]
     reference = run(compose(*overrides), tmp_path / "uninterrupted")
 
     save = sparsebench.train.atomic_torch_save
@@ -67,21 +83,21 @@ def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatc
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):
-    result = run_cli(*TINY, "trainer.resume=true", f"hydra.run.dir={tmp_path}")
+    result = run_cli(*DENSE, "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert "trainer.resume=true: no checkpoint at" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_init_from_skips_dense_training_and_keeps_the_weights(tmp_path: Path):
-    first = run(compose(*TINY), tmp_path / "dense")
-    again = run(compose(*TINY, f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}"), tmp_path / "shared")
+    first = run(compose(*DENSE), tmp_path / "dense")
+    again = run(compose(*DENSE, f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}"), tmp_path / "shared")
     assert again["acc_dense"] == first["acc_final"]
     assert not (tmp_path / "shared" / "checkpoints").exists()
 
 
 def test_init_from_a_mismatched_model_is_a_clear_error(tmp_path: Path):
-    run(compose(*TINY), tmp_path / "dense")
-    result = run_cli(*TINY, "model.width=0.5", f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}",
+    run(compose(*DENSE), tmp_path / "dense")
+    result = run_cli(*DENSE, "model.width=0.5", f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}",
                      f"hydra.run.dir={tmp_path / 'other'}")
     assert result.returncode == 2
     assert "trainer.init_from=" in result.stderr and "do not fit model=convnet" in result.stderr
@@ -90,7 +106,7 @@ def test_init_from_a_mismatched_model_is_a_clear_error(tmp_path: Path):
 def test_wandb_offline_writes_run_files_without_network(tmp_path: Path, monkeypatch):
     # An unroutable server: any attempt to reach W&B would fail the run.
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    result = run_cli(*[o for o in TINY if not o.startswith("logger")], "logger=wandb", f"hydra.run.dir={tmp_path}")
+    result = run_cli(*[o for o in DENSE if not o.startswith("logger")], "logger=wandb", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
