@@ -67,7 +67,8 @@ class MagnitudePruner(TrainHook):
                                                      {n: self.masks[n] for n in pooled if n in self.masks}))
         self.progress = progress
         self.apply_masks()
-        log.debug("pruning after step %d: progress %.4f, sparsity %.4f", self.step, progress, self.sparsity())
+        if log.isEnabledFor(logging.DEBUG):  # counting zeros syncs a GPU: only when asked for
+            log.debug("pruning after step %d: progress %.4f, sparsity %.4f", self.step, progress, self.sparsity())
 
     @torch.no_grad()
     def apply_masks(self) -> None:
