@@ -188,8 +188,8 @@ def test_corrupt_or_mismatched_files_are_refused_with_a_clear_message(tmp_path: 
 
 
 def test_agp_pruning_with_8bit_qat_keeps_exact_zeros_and_reports_the_footprint(tmp_path: Path):
-    metrics = run(compose(*TINY, "bench=none", "trainer.finetune_epochs=2", "prune=agp", "prune.end=1", "quant=linear"),
-                  tmp_path)
+    metrics = run(compose(*TINY, "bench=none", "data.batch_size=128", "trainer.finetune_epochs=2", "prune=agp",
+                          "prune.end=1", "quant=linear"), tmp_path)
     assert metrics["weight_bits"] == 8 and metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
     masks = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["hooks"]["prune"]["masks"]
