@@ -6,7 +6,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,12 +14,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sparsebench import sweep
+from sparsebench.cli import CONF_DIR, run_checked
 from sparsebench.config import register_schema
 from sparsebench.errors import ConfigError
 
-# Installed wheels carry the configs inside the package; a source checkout has them at the top.
-_HERE = Path(__file__).resolve().parent
-CONF_DIR = str(next((p for p in (_HERE / "conf", _HERE.parent / "conf") if p.is_dir()), _HERE / "conf"))
 log = logging.getLogger("sparsebench")
 
 register_schema()
@@ -67,38 +65,8 @@ def app(cfg: DictConfig) -> Optional[float]:
     return metrics.get("acc_final")
 
 
-def precheck(overrides: List[str]) -> Optional[str]:
-    """Compose the config once up front so a bad override becomes one line, not Hydra's page."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("config", overrides=overrides)
-    except MissingConfigException as e:
-        group, _, choice = (e.missing_cfg_file or "").rpartition("/")
-        if group and e.options:
-            return f"{group}={choice} is not allowed: one of {', '.join(sorted(e.options))}"
-        return str(e).splitlines()[0]
-    except HydraException as e:
-        headline = str(e).splitlines()[0]
-        if e.__cause__ is None:
-            return headline
-        detail = getattr(e.__cause__, "msg", None) or str(e.__cause__)
-        return f"{headline}: {detail.splitlines()[0]}"
-    return None
-
-
 def main() -> None:
-    args = sys.argv[1:]
-    # Plain single runs are checked first; flags (-m, --cfg, --help) go straight to Hydra.
-    plain = [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
-    if not any(a.startswith("-") for a in args):
-        problem = precheck(plain)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
-    app()
+    run_checked(app, "config")
     # A multirun goes through every job, then exits 1 if any failed (SweepReport counted them).
     if sweep.LAST_SWEEP.get("failed"):
         sys.exit(1)

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
-from sparsebench.errors import ConfigError, require as _require  # noqa: F401 (ConfigError re-exported)
+from sparsebench.errors import require as _require
 from sparsebench.prune.config import PruneConfig, validate_prune
 from sparsebench.quant.config import QuantConfig, validate_quant
 

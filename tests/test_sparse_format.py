@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from sparsebench.sparse import format as fmt
 from sparsebench.sparse.bench import codebook_codes, linear_codes, random_layer, random_sparse_weight
-from sparsebench.sparse.format import PackedLayer, load_packed, pack_codes, pack_weight, save_packed, unpack_codes
-from sparsebench.sparse.ops import reference_conv2d, reference_linear, sparse_conv2d, sparse_linear, validate_conv2d
+from sparsebench.sparse.format import load_packed, pack_codes, pack_weight, save_packed, unpack_codes
+from sparsebench.sparse.ops import reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
 
 
 def sparse_weight(shape, sparsity=0.7, seed=0):

@@ -27,11 +27,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
+from sparsebench.cli import CONF_DIR, run_checked
 from sparsebench.config import DataConfig, LoggerConfig, ModelConfig
 from sparsebench.errors import ConfigError, require
 
-_HERE = Path(__file__).resolve().parent.parent
-CONF_DIR = str(next((p for p in (_HERE / "conf", _HERE.parent / "conf") if p.is_dir()), _HERE / "conf"))
 log = logging.getLogger("sparsebench.bench")
 
 VALUE_BITS = (32, 16, 8, 4, 2)
@@ -277,34 +276,8 @@ def app(cfg: DictConfig) -> Optional[float]:
     return None
 
 
-def precheck(overrides: List[str]) -> Optional[str]:
-    """Compose once up front so a bad override is one line, not Hydra's page."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("bench_cli", overrides=overrides)
-    except MissingConfigException as e:
-        group, _, choice = (e.missing_cfg_file or "").rpartition("/")
-        if group and e.options:
-            return f"{group}={choice} is not allowed: one of {', '.join(sorted(e.options))}"
-        return str(e).splitlines()[0]
-    except HydraException as e:
-        cause = e.__cause__
-        detail = (getattr(cause, "msg", None) or str(cause)).splitlines()[0] if cause is not None else ""
-        return str(e).splitlines()[0] + (f": {detail}" if detail else "")
-    return None
-
-
 def main() -> None:
-    args = sys.argv[1:]
-    if not any(a.startswith("-") for a in args):
-        problem = precheck([a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
-    app()
+    run_checked(app, "bench_cli")
 
 
 if __name__ == "__main__":

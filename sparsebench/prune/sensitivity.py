@@ -9,8 +9,6 @@ sparsity), ``sensitivity.png`` (accuracy vs sparsity, a line per layer) and
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -20,7 +18,7 @@ from torch import nn
 
 from sparsebench.prune.masks import magnitude_mask, weight_param
 from sparsebench.prune.selection import prunable_layers
-from sparsebench.track import atomic_write_text, write_csv
+from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
 
 
 def sensitivity_study(cfg: Any, model: nn.Module, evaluate: Callable[[], float], acc_dense: float,
@@ -50,7 +48,7 @@ def sensitivity_study(cfg: Any, model: nn.Module, evaluate: Callable[[], float],
             for name, accs in table.items()]
     run_dir = Path(run_dir)
     write_csv(run_dir / "sensitivity.csv", rows)
-    _atomic_write_bytes(run_dir / "sensitivity.png", plot_png(table, acc_dense, tolerance))
+    atomic_write_bytes(run_dir / "sensitivity.png", plot_png(table, acc_dense, tolerance))
     atomic_write_text(run_dir / "sensitivity_overrides.yaml", overrides_yaml(safe, tolerance))
     if tracker is not None:
         tracker.table("sensitivity", rows)
@@ -98,15 +96,3 @@ def plot_png(table: Dict[str, Dict[float, float]], acc_dense: float, tolerance: 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

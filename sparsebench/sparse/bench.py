@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.sparse.format import PackedLayer, pack_weight
-from sparsebench.sparse.ops import conv_output_size, kernels_available, sparse_conv2d, sparse_conv2d_into
+from sparsebench.sparse.ops import conv_output_size, kernels_available, sparse_conv2d_into
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""What every Hydra command of the package shares: where the configs are, and the
+one-line report of a bad override before Hydra starts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+# Installed wheels carry the configs inside the package; a source checkout has them at the top.
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = str(next((p for p in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if p.is_dir()), _PACKAGE / "conf"))
+
+
+def precheck(config_name: str, overrides: List[str]) -> Optional[str]:
+    """Compose the config once up front so a bad override becomes one line, not Hydra's page."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as e:
+        group, _, choice = (e.missing_cfg_file or "").rpartition("/")
+        if group and e.options:
+            return f"{group}={choice} is not allowed: one of {', '.join(sorted(e.options))}"
+        return str(e).splitlines()[0]
+    except HydraException as e:
+        headline = str(e).splitlines()[0]
+        if e.__cause__ is None:
+            return headline
+        detail = getattr(e.__cause__, "msg", None) or str(e.__cause__)
+        return f"{headline}: {detail.splitlines()[0]}"
+    return None
+
+
+def run_checked(app: Callable[[], object], config_name: str) -> None:
+    """Run a Hydra app; a plain single run's overrides are checked first (flags such as -m,
+    --cfg and --help go straight to Hydra)."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        problem = precheck(config_name, [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+    app()
