@@ -23,10 +23,7 @@ def compose(*overrides: str):
     """The config the CLI would build for these overrides (schema-checked by OmegaConf)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from sparsebench.cli import CONF_DIR
-    from sparsebench.config import register_schema
-
-    register_schema()
+    from sparsebench.__main__ import CONF_DIR  # importing the app registers its schema and resolvers
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=False)

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sparsebench import sweep
-from sparsebench.cli import CONF_DIR
+from sparsebench.__main__ import CONF_DIR  # importing the app registers its schema and resolvers
 from tests.conftest import TINY, compose as compose_job, run_cli
 
 # Seconds per job on a CPU: no benchmark, one short retraining epoch with pruning and QAT.
