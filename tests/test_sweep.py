@@ -15,12 +15,10 @@ from omegaconf import OmegaConf
 
 from sparsebench import sweep
 from sparsebench.__main__ import CONF_DIR  # importing the app registers its schema and resolvers
-from tests.conftest import TINY, compose as compose_job, run_cli
+from tests.conftest import DENSE, TINY, compose as compose_job, run_cli
 
 # Seconds per job on a CPU: no benchmark, one short retraining epoch with pruning and QAT.
 COMPRESS = [*TINY, "bench=none", "trainer.finetune_epochs=1", "prune.end=1"]
-# Dense jobs only, for the tests about the sweep machinery rather than compression.
-DENSE = [*TINY, "bench=none", "prune=none", "quant=none"]
 
 
 def jobs_of(sweep_dir: Path) -> list:
