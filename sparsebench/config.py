@@ -64,6 +64,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
     progress: bool = True
     compile: bool = False  # torch.compile the model for training
+    cpu_threads: Optional[int] = 1  # torch threads on a CPU run (small CNNs: 1 is as fast and robust to a busy host); null: torch's default
 
 
 @dataclass
@@ -125,6 +126,7 @@ def validate(cfg: Any) -> None:
     _require(cfg.model.width > 0, "model.width", cfg.model.width, "a number > 0")
 
     t = cfg.trainer
+    _require(t.cpu_threads is None or t.cpu_threads >= 1, "trainer.cpu_threads", t.cpu_threads, "null or an integer >= 1")
     for key in ("epochs", "finetune_epochs", "checkpoint_every"):
         _require(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0")
     _require(t.lr > 0, "trainer.lr", t.lr, "a number > 0")

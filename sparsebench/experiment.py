@@ -60,6 +60,8 @@ def pick_device(name: str) -> torch.device:
 def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     t = cfg.trainer
     device = pick_device(t.device)
+    if device.type == "cpu" and t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     resume = _load_resume(checkpoint) if t.resume else None
