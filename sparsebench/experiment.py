@@ -121,7 +121,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
         "acc_dense": acc_dense,
         "acc_final": acc_final,
         "sparsity": layers.sparsity(model, prunable),
-        "weight_bits": cfg.quant.bits,
+        "weight_bits": _mean_bits(rows),
         "dense_bytes": dense_bytes,
         "footprint_bytes": footprint,
         "compression": dense_bytes / max(footprint, 1),
@@ -134,6 +134,14 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     write_csv(run_dir / "layers.csv", layer_rows)
     tracker.table("layers", layer_rows)  # with the timings: the W&B table of layer x backend x batch
     return summary
+
+
+def _mean_bits(rows: list) -> float:
+    """Bits per stored weight, weighted by non-zeros: the quantizer's width, or the mix of a
+    mixed-precision run (32 when nothing is quantized)."""
+    nnz = sum(r["nnz"] for r in rows)
+    mean = sum(r["bits"] * r["nnz"] for r in rows) / max(nnz, 1)
+    return int(mean) if float(mean).is_integer() else round(mean, 3)
 
 
 def _join_bench(rows: list, bench_rows: list) -> list:

@@ -112,3 +112,14 @@ def test_wandb_offline_writes_run_files_without_network(tmp_path: Path, monkeypa
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb")), "no offline W&B log file"
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_weight_bits_of_a_mixed_precision_run_is_the_nnz_weighted_mean(tmp_path: Path):
+    metrics = run(compose(*TINY, "trainer.finetune_epochs=4", "bench=none", "quant.bits=4",
+                          "++quant.overrides={fc:8}"), tmp_path)
+    with open(tmp_path / "layers.csv") as f:
+        rows = {r["layer"]: r for r in csv.DictReader(f)}
+    assert {r["bits"] for r in rows.values()} == {"4", "8"}
+    nnz = {name: int(r["nnz"]) for name, r in rows.items()}
+    expected = (8 * nnz["fc"] + 4 * (sum(nnz.values()) - nnz["fc"])) / sum(nnz.values())
+    assert metrics["weight_bits"] == pytest.approx(expected, abs=1e-3) and 4 < metrics["weight_bits"] < 8
