@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsebench import layers
+from sparsebench.bench import benchmark_model
 from sparsebench.config import validate
-from sparsebench.errors import ConfigError
 from sparsebench.data import Batches, Dataset, load_dataset
+from sparsebench.errors import ConfigError
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner, sensitivity_study
-from sparsebench.bench import benchmark_model
 from sparsebench.quant import build_quantizer, export_model
 from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
 from sparsebench.train import atomic_torch_save, evaluate, fit, seed_everything
@@ -76,7 +76,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train, test = _batches(data, cfg, device, channels_last)
-    hooks = [h for h in (build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)) if h is not None]
+    pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
+    hooks = [h for h in (pruner, quantizer) if h is not None]
 
     # Dense training (or a shared dense model from trainer.init_from).
     timings: Dict[str, float] = {}  # the last epoch's time per step of each phase
@@ -116,11 +117,10 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
                                                 sample, device)
     dense_bytes = sum(r["dense_bytes"] for r in rows)
     footprint = sum(r["footprint_bytes"] for r in rows)
-    prunable = getattr(hooks[0], "layer_names", None) if hooks else None
     summary = {
         "acc_dense": acc_dense,
         "acc_final": acc_final,
-        "sparsity": layers.sparsity(model, prunable),
+        "sparsity": layers.sparsity(model, pruner.layer_names if pruner is not None else None),
         "weight_bits": _mean_bits(rows),
         "dense_bytes": dense_bytes,
         "footprint_bytes": footprint,
