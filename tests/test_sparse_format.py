@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.sparse import format as fmt
-from sparsebench.sparse.bench import codebook_codes, linear_codes, random_layer, random_sparse_weight
+from sparsebench.sparse.synthetic import codebook_codes, linear_codes, random_layer, random_sparse_weight
 from sparsebench.sparse.format import load_packed, pack_codes, pack_weight, save_packed, unpack_codes
 from sparsebench.sparse.ops import reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
 
@@ -292,29 +292,3 @@ def test_no_gpu_gives_one_clear_line():
     conv = random_layer((4, 3, 3, 3), 0.5, padding=1, seed=9)
     with pytest.raises(ConfigError, match="backend direct_sparse needs a CUDA GPU and the compiled sparsebench._C"):
         sparse_conv2d(torch.randn(1, 3, 8, 8), conv)
-
-
-def test_bench_helpers_on_the_cpu(tmp_path):
-    import csv as _csv
-
-    from sparsebench.sparse import bench
-    assert bench.n_rotations(1) == 16 and bench.n_rotations(10**12) == 2
-    assert bench.n_rotations(60 * 2**20) == 3  # one copy is one L2: three copies cover 3x
-    assert bench.geomean([2.0, 8.0, "", -1.0]) == pytest.approx(4.0)
-    conv2 = bench.LAYERS[0]
-    assert (conv2.padding, conv2.out_hw) == (1, 32)
-    assert conv2.flops(1) == 2 * 64 * 32 * 32 * 64 * 9
-    assert bench.LAYERS[-1].out_hw == 28  # the stride-2 layer
-    rows = [dict(layer="l", kind="conv2d", in_shape="3x8x8", out_channels=4, kernel="3x3", stride=1, sparsity=0.9,
-                 bits=32, backend="direct_sparse", batch=1, time_us=5.0, spread_us=0.1,
-                 speedup_vs_cudnn_fp32=2.0, speedup_vs_cudnn_tf32=1.0, speedup_vs_cudnn_fp16=0.5,
-                 speedup_vs_csr_spmm=4.0, gflops_effective=1.0, weight_bytes=10, rel_err=1e-7, plan="p", graph=True)]
-    path = tmp_path / "bench.csv"
-    bench.write_csv(str(path), rows)
-    with open(path) as f:
-        got = list(_csv.DictReader(f))
-    assert list(got[0])[:13] == ["layer", "kind", "in_shape", "out_channels", "kernel", "stride", "sparsity", "bits",
-                                 "backend", "batch", "time_us", "spread_us", "speedup_vs_cudnn_fp32"]
-    assert float(got[0]["time_us"]) == 5.0
-    (s,) = bench.summarize(rows)
-    assert (s["gm_vs_cudnn_fp32"], s["gm_vs_csr_spmm"], s["min_vs_cudnn_fp32"]) == (2.0, 4.0, 2.0)

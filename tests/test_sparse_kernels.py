@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsebench.sparse.bench import random_layer
+from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.ops import kernels_available, sparse_conv2d, sparse_conv2d_into, sparse_linear
 
 pytestmark = [pytest.mark.cuda,

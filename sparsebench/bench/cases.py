@@ -16,6 +16,7 @@ from torch import nn
 
 from sparsebench import layers as layer_facts
 from sparsebench.sparse.format import PackedLayer, pack_codes, pack_weight
+from sparsebench.sparse.synthetic import linear_codes, random_sparse_weight
 
 
 @dataclass
@@ -108,44 +109,20 @@ def cases_from_model(model: nn.Module, sample: torch.Tensor,
 # ------------------------------------------------------------------ synthetic layers (kernel sweep)
 
 
-def random_sparse_weight(shape: Sequence[int], sparsity: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian (Kaiming-scaled) weights with exactly round(sparsity * numel) zeros at random places."""
-    n = math.prod(shape)
-    fan_in = n // shape[0]
-    w = torch.randn(n, generator=generator) * math.sqrt(2.0 / fan_in)
-    zero = torch.randperm(n, generator=generator)[: int(round(sparsity * n))]
-    w[zero] = 0.0
-    w[w == 0] = 0.0  # normalise -0.0
-    return w.reshape(tuple(shape))
-
-
-def quantize_linear(weight: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel codes and scales; kept weights never round to code 0."""
-    rows = weight.shape[0]
-    flat = weight.reshape(rows, -1)
-    qmax = (1 << (bits - 1)) - 1
-    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / qmax
-    codes = torch.round(flat / scale[:, None]).clamp(-qmax, qmax).to(torch.int64)
-    kept = flat != 0
-    codes = torch.where(kept & (codes == 0), torch.sign(flat).to(torch.int64), codes)
-    codes = torch.where(kept, codes, torch.zeros_like(codes))
-    return codes.reshape(weight.shape), scale
-
-
 def synthetic_case(name: str, kind: str, c_in: int, c_out: int, kernel: int, hw: int, stride: int, padding: int,
                    sparsity: float, bits: int, generator: torch.Generator) -> LayerCase:
     """A layer of the given shape with a random unstructured mask; bits 32 = fp32 values, 16 = fp16, else codes."""
     shape = (c_out, c_in, kernel, kernel) if kind == "conv2d" else (c_out, c_in)
-    w = random_sparse_weight(shape, sparsity, generator)
+    w = random_sparse_weight(shape, sparsity, generator) * math.sqrt(2.0 / math.prod(shape[1:]))  # Kaiming scale
     geo = dict(stride=stride, padding=padding) if kind == "conv2d" else {}
     if bits == 32:
         packed = pack_weight(w, **geo)
     elif bits == 16:
         packed = pack_weight(w, value_dtype=torch.float16, **geo)
     else:
-        codes, scale = quantize_linear(w, bits)
-        decoded = codes.reshape(c_out, -1).to(torch.float32) * scale[:, None]
-        packed = pack_weight(decoded.reshape(shape), bits=bits, codes=codes, scale=scale, **geo)
+        codes, scale, zero_point = linear_codes(w, bits)
+        decoded = (codes.reshape(c_out, -1) - zero_point[:, None]).to(torch.float32) * scale[:, None]
+        packed = pack_weight(decoded.reshape(shape), bits=bits, codes=codes, scale=scale, zero_point=zero_point, **geo)
     in_shape = (c_in, hw, hw) if kind == "conv2d" else (c_in,)
     return case_from_packed(name, packed, in_shape)
 

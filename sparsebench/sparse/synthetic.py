@@ -1,0 +1,67 @@
+"""Random sparse (and quantized) layers, for the kernel tests and the kernel-only benchmark."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from sparsebench.sparse.format import PackedLayer, pack_weight
+
+
+def random_sparse_weight(shape: Sequence[int], sparsity: float, gen: torch.Generator,
+                         empty_rows: int = 0) -> torch.Tensor:
+    """Gaussian weight with exactly round(sparsity * numel) zeros at random places (+ some all-zero rows)."""
+    w = torch.randn(*shape, generator=gen)
+    flat = w.view(-1)
+    nzero = int(round(sparsity * flat.numel()))
+    if nzero:
+        flat[torch.randperm(flat.numel(), generator=gen)[:nzero]] = 0.0
+    if empty_rows:
+        w[torch.randperm(shape[0], generator=gen)[:empty_rows]] = 0.0
+    return w
+
+
+def linear_codes(weight: torch.Tensor, bits: int):
+    """Symmetric per-output-channel linear quantization: (codes, scale, zero_point).
+
+    Zeros stay zero, and a kept weight never rounds to zero (it takes the smallest level of
+    its sign), so the packed layer has exactly the weight's sparsity."""
+    rows = weight.shape[0]
+    qmax = 2 ** (bits - 1) - 1
+    amax = weight.reshape(rows, -1).abs().amax(dim=1).clamp_min(1e-8)
+    scale = amax / qmax
+    shape = (rows,) + (1,) * (weight.dim() - 1)
+    zp = 2 ** (bits - 1)
+    signed = torch.round(weight / scale.reshape(shape)).clamp(-qmax, qmax)
+    signed = torch.where((weight != 0) & (signed == 0), torch.sign(weight), signed)
+    return (signed + zp).to(torch.int32), scale, torch.full((rows,), zp, dtype=torch.int32)
+
+
+def codebook_codes(weight: torch.Tensor, bits: int, gen: torch.Generator):
+    """Nearest-level codes against a random sorted codebook whose level 0 is exactly 0.0."""
+    levels = torch.sort(torch.randn(2**bits, generator=gen)).values * weight.abs().max()
+    levels[0] = 0.0
+    dist = (weight.reshape(-1, 1) - levels[1:].reshape(1, -1)).abs()
+    codes = (dist.argmin(dim=1) + 1).reshape(weight.shape).to(torch.int32)
+    codes[weight == 0] = 0
+    return codes, levels
+
+
+def random_layer(shape: Sequence[int], sparsity: float, *, value: str = "float32", bits: Optional[int] = None,
+                 stride: int = 1, padding: int = 0, bias: bool = True, empty_rows: int = 0,
+                 seed: int = 0) -> PackedLayer:
+    """A random PackedLayer. value: float32 | float16 | linear | codebook (the last two need bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = random_sparse_weight(shape, sparsity, gen, empty_rows)
+    b = torch.randn(shape[0], generator=gen) if bias else None
+    if value in ("float32", "float16"):
+        return pack_weight(w, b, stride=stride, padding=padding,
+                           value_dtype=torch.float32 if value == "float32" else torch.float16)
+    if value == "linear":
+        codes, scale, zp = linear_codes(w, bits)
+        return pack_weight(w, b, stride=stride, padding=padding, bits=bits, codes=codes, scale=scale, zero_point=zp)
+    if value == "codebook":
+        codes, levels = codebook_codes(w, bits, gen)
+        return pack_weight(w, b, stride=stride, padding=padding, bits=bits, codes=codes, codebook=levels)
+    raise ValueError(f"value: expected float32, float16, linear or codebook, got {value!r}")
