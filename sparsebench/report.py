@@ -106,7 +106,8 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
         "method": "+".join(methods) or "dense",
         "prune_method": prune_method,
         "quant_method": quant_method,
-        "target_sparsity": _dig(config, "prune.final_sparsity"),
+        # prune=none keeps any final_sparsity an experiment file set: the target is then 0.
+        "target_sparsity": _dig(config, "prune.final_sparsity") if prune_method != "none" else 0.0,
         "bits": _dig(config, "quant.bits"),
     }
     if metrics is None:

@@ -37,9 +37,21 @@ LAST_SWEEP: Dict[str, Any] = {}
 
 
 def register_resolvers() -> None:
-    """``${sparsebench_gpus:N}`` in configs: the number of visible GPUs, or N without one."""
+    """``${sparsebench_gpus:N}``: the number of visible GPUs, or N without one;
+    ``${sparsebench_dirname:NAME}``: NAME made safe as one path component."""
     if not OmegaConf.has_resolver("sparsebench_gpus"):
         OmegaConf.register_new_resolver("sparsebench_gpus", _visible_gpus)
+    if not OmegaConf.has_resolver("sparsebench_dirname"):
+        OmegaConf.register_new_resolver("sparsebench_dirname", job_dirname)
+
+
+def job_dirname(name: str, limit: int = 200) -> str:
+    """A sweep job's folder name: its overrides, cut with a hash when long. File systems
+    refuse names over 255 bytes, and a sweep with many fixed overrides reaches that."""
+    name = str(name).replace("/", "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def _visible_gpus(fallback: int = 1) -> int:

@@ -197,3 +197,13 @@ def test_report_renders_in_headless_chromium(grid: Path) -> None:
     pixels = image.get_flattened_data() if hasattr(image, "get_flattened_data") else image.getdata()
     saturated = sum(1 for r, g, b in pixels if max(r, g, b) - min(r, g, b) > 60)
     assert saturated > 3000
+
+
+def test_an_unpruned_job_has_target_sparsity_zero(tmp_path: Path) -> None:
+    # An experiment file may set prune.final_sparsity; with prune=none the job's target is 0.
+    job = make_job(tmp_path / "sweep", 0, 0.9, 8)
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"prune": {"method": "none", "final_sparsity": 0.9}, "quant": {"method": "linear", "bits": 8}}))
+    report.write_summary(tmp_path / "sweep" / "summary.csv", report.collect(tmp_path / "sweep"))
+    (row,) = read_summary(tmp_path / "sweep" / "summary.csv")
+    assert (row["prune_method"], float(row["target_sparsity"]), row["method"]) == ("none", 0.0, "linear")

@@ -181,3 +181,14 @@ def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path: Path) -> None
     assert "Joblib.Parallel(n_jobs=2" in done.stderr + done.stdout
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs_of(tmp_path)]
     assert [m["status"] for m in metrics] == ["ok", "ok"] and [r["status"] for r in summary(tmp_path)] == ["ok", "ok"]
+
+
+def test_job_folder_names_stay_short_and_distinct() -> None:
+    from sparsebench.sweep import job_dirname
+
+    assert job_dirname("prune.final_sparsity=0.9,quant.bits=4") == "prune.final_sparsity=0.9,quant.bits=4"
+    fixed = ",".join(f"key{i}=value{i}" for i in range(30))  # 30 fixed overrides: ~400 characters
+    a, b = job_dirname(fixed + ",quant.bits=4"), job_dirname(fixed + ",quant.bits=8")
+    assert len(a) == len(b) == 200 and a != b and a[:180] == b[:180]
+    assert job_dirname(fixed + ",quant.bits=4") == a  # stable, so a resumed sweep finds its folders
+    assert "/" not in job_dirname("data.path=/a/b.npz")
