@@ -36,6 +36,16 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The suite's models are tiny: a second thread gains nothing and costs 3x on a shared CPU
+    (the app's own default is trainer.cpu_threads=1 for the same reason)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

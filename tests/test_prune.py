@@ -22,15 +22,6 @@ from sparsebench.prune.selection import final_targets, prunable_layers
 from sparsebench.train import TrainHook
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny models gain nothing from a second thread, and lose 3x when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def prune_cfg(**kw) -> PruneConfig:
     return PruneConfig(**{"method": "agp", "final_sparsity": 0.9, **kw})
 

@@ -23,15 +23,6 @@ BASE = [*TINY, "prune=none", "quant=none", "bench=none"]
 AGP = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1", "prune.frequency=0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny models gain nothing from a second thread, and lose 3x when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_exp(run_dir: Path, *overrides: str) -> dict:
     return run(compose(*BASE, *overrides), run_dir)
 
