@@ -189,17 +189,23 @@ def _csr_matrix(case: LayerCase, device: torch.device) -> torch.Tensor:
                                        csr.values(), size=dense.shape, check_invariants=False).to(device)
 
 
+def _im2col(case: LayerCase) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [N, C, H, W] -> the conv's input columns [N, C*KH*KW, OH*OW] (the GEMM baselines' im2col)."""
+    kernel = case.packed.kernel_size
+    return lambda x: F.unfold(x, kernel, padding=case.padding, stride=case.stride)
+
+
 def _torch_csr(case: LayerCase, device: torch.device, activations: str) -> Prepared:
     w = _csr_matrix(case, device)
     bias = _bias(case, device, torch.float32)
     co = case.out_channels
     if case.kind == "conv2d":
-        kernel = case.packed.kernel_size
+        im2col = _im2col(case)
         _, oh, ow = case.out_shape()
 
         def run(x: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
-            cols = F.unfold(x, kernel, padding=case.padding, stride=case.stride)  # [N, K, L]
+            cols = im2col(x)
             cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [K, N*L]
             y = (w @ cols).reshape(co, n, oh, ow).transpose(0, 1)
             return y + bias.view(1, -1, 1, 1) if bias is not None else y
@@ -255,13 +261,12 @@ def _semi_structured(case: LayerCase, device: torch.device, activations: str) ->
     wbytes = sum(t.numel() * t.element_size() for t in (getattr(w, "packed", None), getattr(w, "meta", None))
                  if isinstance(t, torch.Tensor)) or co * k
     if case.kind == "conv2d":
-        kernel = case.packed.kernel_size
+        im2col = _im2col(case)
         _, oh, ow = case.out_shape()
 
         def run(x: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
-            cols = F.unfold(x, kernel, padding=case.padding, stride=case.stride)  # [N, K, L]
-            rows = cols.transpose(1, 2).reshape(-1, k)  # [N*L, K]
+            rows = im2col(x).transpose(1, 2).reshape(-1, k)  # [N*L, K]
             y = F.linear(rows, w, bias)  # [N*L, C_out]
             return y.reshape(n, oh, ow, co).permute(0, 3, 1, 2)
     else:
