@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -13,6 +14,25 @@ WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 def weight_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """Every conv and linear layer, by qualified name, in forward-definition order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+
+
+def matching_layers(key: str, names: Sequence[str]) -> List[str]:
+    """The layers a per-layer override key names: the exact name, else every full match of it as a regex."""
+    return [key] if key in names else [n for n in names if re.fullmatch(key, n)]
+
+
+def resolve_overrides(names: Sequence[str], keys: Sequence[str]) -> Tuple[Dict[str, str], List[str]]:
+    """For per-layer overrides (pruning targets, bit-widths) keyed by layer name or regex: the key
+    that sets each layer (an exact name beats any regex, and a later regex an earlier one) and the
+    keys that match no layer, in the order given."""
+    chosen: Dict[str, str] = {}
+    unmatched: List[str] = []
+    for key in [k for k in keys if k not in names] + [k for k in keys if k in names]:
+        hits = matching_layers(key, names)
+        if not hits:
+            unmatched.append(key)
+        chosen.update({n: key for n in hits})
+    return chosen, unmatched
 
 
 def sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Set, Tuple
 from torch import nn
 
 from sparsebench.errors import ConfigError
-from sparsebench.layers import weight_layers
+from sparsebench.layers import matching_layers, resolve_overrides, weight_layers
 from sparsebench.prune.config import load_overrides_file
 
 
@@ -38,10 +38,6 @@ def prunable_layers(model: nn.Module, cfg: Any) -> Dict[str, nn.Module]:
     return {n: every[n] for n in chosen}
 
 
-def _matches(pattern: str, names: List[str]) -> List[str]:
-    return [pattern] if pattern in names else [n for n in names if re.fullmatch(pattern, n)]
-
-
 def final_targets(names: List[str], cfg: Any, all_layers: List[str]) -> Tuple[Dict[str, float], Set[str]]:
     """Each prunable layer's final sparsity, and the set of layers an override set: prune.final_sparsity, then the overrides file,
     then prune.overrides (regexes first, exact names last, so the most specific wins).
@@ -55,19 +51,18 @@ def final_targets(names: List[str], cfg: Any, all_layers: List[str]) -> Tuple[Di
     listing = ", ".join(names)
     from_file = load_overrides_file(cfg.overrides_file)
     for pattern, value in from_file.items():
-        hits = _matches(pattern, names)
-        if not hits and not _matches(pattern, all_layers):
+        hits = matching_layers(pattern, names)
+        if not hits and not matching_layers(pattern, all_layers):
             raise ConfigError(f"prune.overrides_file: {pattern!r} matches no layer of the model; the prunable layers "
                               f"are: {listing}")
         targets.update({n: float(value) for n in hits})
         overridden.update(hits)
     given = dict(cfg.overrides)
-    ordered = [k for k in given if k not in names] + [k for k in given if k in names]
-    for pattern in ordered:
-        hits = _matches(pattern, names)
-        if not hits:
-            raise ConfigError(f"prune.overrides.{pattern}={given[pattern]!r} matches no prunable layer (exact name "
-                              f"or full-match regex); the prunable layers are: {listing}")
-        targets.update({n: float(given[pattern]) for n in hits})
-        overridden.update(hits)
+    chosen, unmatched = resolve_overrides(names, list(given))
+    if unmatched:
+        pattern = unmatched[0]
+        raise ConfigError(f"prune.overrides.{pattern}={given[pattern]!r} matches no prunable layer (exact name "
+                          f"or full-match regex); the prunable layers are: {listing}")
+    targets.update({n: float(given[key]) for n, key in chosen.items()})
+    overridden.update(chosen)
     return targets, overridden

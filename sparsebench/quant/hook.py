@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsebench.errors import ConfigError
-from sparsebench.layers import weight_layers
+from sparsebench.layers import resolve_overrides, weight_layers
 from sparsebench.quant.config import FP32
 from sparsebench.quant.fake_quant import FakeQuant
 from sparsebench.quant.fold import bn_pairs
@@ -35,16 +34,12 @@ def layer_bits(cfg: Any, names: List[str]) -> Dict[str, Tuple[int, str]]:
     it (an exact name first, else the last matching regex, full match). 32 keeps a layer fp32.
     An override that names no layer is refused."""
     overrides = {str(k): int(v) for k, v in cfg.overrides.items()}
-    for pattern in overrides:
-        if pattern not in names and not any(re.fullmatch(pattern, n) for n in names):
-            raise ConfigError(f"quant.overrides.{pattern}: matches no conv/linear layer of this model "
-                              f"(full match; the layers are: {', '.join(names)})")
-    chosen = {}
-    for name in names:
-        regex = [p for p in overrides if p != name and re.fullmatch(p, name)]
-        pattern = name if name in overrides else (regex[-1] if regex else None)
-        chosen[name] = (overrides[pattern], f"quant.overrides.{pattern}") if pattern else (int(cfg.bits), "quant.bits")
-    return chosen
+    chosen, unmatched = resolve_overrides(names, list(overrides))
+    if unmatched:
+        raise ConfigError(f"quant.overrides.{unmatched[0]}: matches no conv/linear layer of this model "
+                          f"(full match; the layers are: {', '.join(names)})")
+    return {name: (overrides[chosen[name]], f"quant.overrides.{chosen[name]}") if name in chosen
+            else (int(cfg.bits), "quant.bits") for name in names}
 
 
 def check_codebook_fits(name: str, weight: torch.Tensor, bits: int, key: str) -> None:

@@ -253,20 +253,20 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
 
 def reference_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False) -> torch.Tensor:
     """dequantize + F.conv2d in fp32 on x's device; the result in x's dtype."""
-    if layer.kind != "conv2d":
-        raise ValueError(f"layer: reference_conv2d needs a conv2d layer, got kind {layer.kind!r}")
-    _check_x(x, layer, 4)
-    w = layer.dequantize().to(x.device)
-    b = layer.bias.to(x.device) if layer.bias is not None else None
-    y = F.conv2d(x.float(), w, b, stride=layer.stride, padding=layer.padding)
-    return (F.relu(y) if relu else y).to(x.dtype)
+    return _reference(x, layer, relu, "conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=layer.stride,
+                                                                          padding=layer.padding))
 
 
 def reference_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False) -> torch.Tensor:
-    if layer.kind != "linear":
-        raise ValueError(f"layer: reference_linear needs a linear layer, got kind {layer.kind!r}")
-    _check_x(x, layer, 2)
+    """dequantize + F.linear in fp32 on x's device; the result in x's dtype."""
+    return _reference(x, layer, relu, "linear", F.linear)
+
+
+def _reference(x: torch.Tensor, layer: PackedLayer, relu: bool, kind: str, op) -> torch.Tensor:
+    if layer.kind != kind:
+        raise ValueError(f"layer: reference_{kind} needs a {kind} layer, got kind {layer.kind!r}")
+    _check_x(x, layer, 4 if kind == "conv2d" else 2)
     w = layer.dequantize().to(x.device)
     b = layer.bias.to(x.device) if layer.bias is not None else None
-    y = F.linear(x.float(), w, b)
+    y = op(x.float(), w, b)
     return (F.relu(y) if relu else y).to(x.dtype)
