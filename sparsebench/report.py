@@ -95,6 +95,8 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     config = _load_yaml(job_dir / ".hydra" / "config.yaml") or (_load_metrics(job_dir / "manifest.json") or {}).get("config", {})
     metrics = _load_metrics(job_dir / "metrics.json")
     prune_method = _dig(config, "prune.method") or "none"
+    if not (_dig(config, "prune.final_sparsity") or _dig(config, "prune.overrides") or _dig(config, "prune.overrides_file")):
+        prune_method = "none"  # every target 0: the dense point of a sparsity sweep
     quant_method = _dig(config, "quant.method") or "none"
     methods = [m for m in (prune_method, quant_method) if m != "none"]
     row: Dict[str, Any] = {

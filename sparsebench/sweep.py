@@ -62,7 +62,9 @@ def _visible_gpus(fallback: int = 1) -> int:
 
 def job_type(cfg: Any) -> str:
     """What the job does to the model, e.g. "dense", "agp", "linear", "agp+linear"."""
-    parts = [m for m in (cfg.prune.method, cfg.quant.method) if m != "none"]
+    from sparsebench.prune.config import prunes
+
+    parts = [m for m in (cfg.prune.method if prunes(cfg.prune) else "none", cfg.quant.method) if m != "none"]
     return "+".join(parts) or "dense"
 
 

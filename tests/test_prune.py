@@ -145,7 +145,6 @@ def test_overrides_file_skips_dense_layers_but_not_unknown_names(tmp_path):
     (dict(final_sparsity=1.0), "prune.final_sparsity"),
     (dict(initial_sparsity=-0.1), "prune.initial_sparsity"),
     (dict(start=3, end=2), "prune.end"),
-    (dict(final_sparsity=0.0), "prune.final_sparsity"),  # agp that prunes nothing
     (dict(overrides={"fc": 1.5}), "prune.overrides.fc"),
     (dict(sensitivity=[0.5, 1.0]), "prune.sensitivity"),
 ])
@@ -158,6 +157,14 @@ def test_build_pruner_none_and_layer_names():
     model = convnet()
     assert build_pruner(PruneConfig(method="none"), model) is None
     assert build_pruner(prune_cfg(), model).layer_names == ["block2.conv", "block3.conv"]
+
+
+def test_zero_target_prunes_nothing_unless_a_layer_override_does():
+    """prune.final_sparsity=0 is the dense point of a sparsity sweep: no hook, no retraining."""
+    model = convnet()
+    assert build_pruner(prune_cfg(final_sparsity=0.0), model) is None
+    pruner = build_pruner(prune_cfg(final_sparsity=0.0, overrides={"block3.conv": 0.5}), model)
+    assert pruner.layer_names == ["block2.conv", "block3.conv"] and pruner.final["block3.conv"] == 0.5
 
 
 # ---------------------------------------------------------------- the hook in the training loop

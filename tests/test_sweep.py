@@ -165,6 +165,35 @@ def test_paper_grid_is_sparsity_x_bits_x_method() -> None:
         assert (job.quant.method, job.quant.bits, job.prune.final_sparsity) == (quant, 2, 0.95)
 
 
+@pytest.mark.parametrize("study", ["paper_lenet5_mnist", "paper_vgg16_cifar10", "paper_resnet18_cifar10"])
+def test_paper_study_grid_is_sparsity_x_weight_format(study: str) -> None:
+    hydra = hydra_node(f"experiment={study}")
+    params = {k: str(v).split(",") for k, v in hydra.sweeper.params.items()}
+    assert params == {"prune.final_sparsity": ["0", "0.8", "0.9", "0.95"],
+                      "weights": ["fp32", "linear8", "linear4", "kmeans4"], "trainer.init_from": ["shared"]}
+    from sparsebench.config import validate
+
+    formats = {"fp32": ("none", 32), "linear8": ("linear", 8), "linear4": ("linear", 4), "kmeans4": ("kmeans", 4)}
+    for weights, (method, bits) in formats.items():
+        job = compose_job(f"experiment={study}", f"weights={weights}", "prune.final_sparsity=0")
+        validate(job)
+        assert (job.quant.method, job.quant.bits, job.prune.method) == (method, bits, "agp")
+
+
+def test_paper_grid_from_one_dense_model_with_a_dense_point(tmp_path: Path) -> None:
+    """Sparsity 0 x fp32 is the dense model itself; the other points compress it."""
+    done = run_cli("-m", "experiment=paper_lenet5_mnist", "data=digits", "model=convnet", "data.on_device=false",
+                   *COMPRESS, "prune.final_sparsity=0,0.9", "weights=fp32,kmeans4", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["num"] or "dense": r for r in summary(tmp_path)}
+    assert len(list(tmp_path.glob("dense-*/dense.pt"))) == 1
+    assert [(rows[k]["method"], rows[k]["bits"]) for k in ("dense", "0", "1", "2", "3")] == [
+        ("dense", "32"), ("dense", "32"), ("kmeans", "4"), ("agp", "32"), ("agp+kmeans", "4")]
+    assert rows["0"]["acc_final"] == rows["0"]["acc_dense"] == rows["dense"]["acc_final"]
+    assert float(rows["0"]["sparsity"]) == 0 and float(rows["3"]["sparsity"]) == pytest.approx(0.9, abs=0.01)
+    assert float(rows["3"]["compression"]) > float(rows["2"]["compression"]) > float(rows["1"]["compression"]) > 1
+
+
 def test_launcher_configs_compose() -> None:
     parallel = hydra_node("hydra/launcher=parallel").launcher
     assert parallel._target_.endswith("JoblibLauncher") and parallel.batch_size == "1"  # joblib takes it as a string

@@ -47,6 +47,13 @@ class PruneConfig:
     sensitivity_tolerance: float = 0.01  # accuracy drop (fraction; 0.01 = 1 point) a derived override may cost
 
 
+def prunes(p: Any) -> bool:
+    """Whether ``p`` prunes anything. A method with every target at 0 (``prune.final_sparsity=0``,
+    the dense point of a sparsity sweep) is the same as ``prune=none``."""
+    targets = [p.final_sparsity, *p.overrides.values(), *load_overrides_file(p.overrides_file).values()]
+    return p.method != "none" and any(t > 0 for t in targets)
+
+
 def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
     """Check ``p`` (a PruneConfig); ``finetune_epochs`` lets epoch schedules be checked against the phase."""
     require(p.method in METHODS, "prune.method", p.method, "one of " + ", ".join(METHODS))
@@ -73,12 +80,8 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
-    file_overrides = load_overrides_file(p.overrides_file)
-    if p.method != "none":  # pruning that can prune nothing is a silent no-op: refuse it
-        require(p.final_sparsity > 0 or any(v > 0 for v in {**file_overrides, **p.overrides}.values()),
-                "prune.final_sparsity", p.final_sparsity, f"a fraction in (0, 1) when prune.method={p.method} "
-                "(0 would prune nothing)")
-    if finetune_epochs and p.method != "none" and p.unit == "epoch":
+    load_overrides_file(p.overrides_file)  # a missing or malformed file is refused here, before any training
+    if finetune_epochs and prunes(p) and p.unit == "epoch":
         last = p.start if p.method == "oneshot" else p.end
         key = "prune.start" if p.method == "oneshot" else "prune.end"
         require(last <= finetune_epochs, key, last, f"at most trainer.finetune_epochs ({finetune_epochs}): the "
