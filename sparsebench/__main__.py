@@ -27,6 +27,7 @@ sweep.register_resolvers()
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> Optional[float]:
     from sparsebench.experiment import run  # late: keeps --help and config errors fast
+    from sparsebench.gpushare import GpuShare
 
     import torch
 
@@ -47,7 +48,13 @@ def app(cfg: DictConfig) -> Optional[float]:
                     raise ConfigError("trainer.init_from=shared needs a multirun (-m): it shares one dense "
                                       "model between the jobs of a sweep; give a dense.pt path for a single run")
                 cfg.trainer.init_from = sweep.shared_dense(cfg, Path(hc.sweep.dir), run)
-            metrics = run(cfg, run_dir, hc.overrides.task)
+            # Jobs may share a GPU (n_jobs above the GPU count): they train together, benchmark alone.
+            share = GpuShare(gpu) if gpu is not None else None
+            try:
+                metrics = run(cfg, run_dir, hc.overrides.task, gpu_share=share)
+            finally:
+                if share is not None:
+                    share.close()
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             if multirun:  # this job is recorded as failed; the sweep goes on

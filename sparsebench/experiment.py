@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -15,6 +16,7 @@ from sparsebench.bench import benchmark_model
 from sparsebench.config import validate
 from sparsebench.data import Batches, Dataset, load_dataset
 from sparsebench.errors import ConfigError
+from sparsebench.gpushare import GpuShare
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner, sensitivity_study
 from sparsebench.quant import build_quantizer, export_model
@@ -22,8 +24,11 @@ from sparsebench.track import Tracker, make_tracker, write_csv, write_json, writ
 from sparsebench.train import atomic_torch_save, evaluate, fit, seed_everything
 
 
-def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """Run one experiment into ``run_dir``; metrics.json is written whatever happens."""
+def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optional[GpuShare] = None) -> Dict[str, Any]:
+    """Run one experiment into ``run_dir``; metrics.json is written whatever happens.
+
+    ``gpu_share``: this job's place on a GPU that other sweep jobs use too (its benchmark runs alone).
+    """
     started = time.time()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -35,7 +40,7 @@ def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any
         config = OmegaConf.to_container(cfg, resolve=True)
         write_manifest(run_dir, config, cfg.seed, overrides)
         tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}")
-        metrics.update(_pipeline(cfg, run_dir, tracker))
+        metrics.update(_pipeline(cfg, run_dir, tracker, gpu_share))
         metrics["status"] = "ok"
         exit_code = 0
     except BaseException as e:
@@ -57,7 +62,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
+def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[GpuShare]) -> Dict[str, Any]:
     t = cfg.trainer
     device = pick_device(t.device)
     if device.type == "cpu" and t.cpu_threads:
@@ -78,6 +83,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     train, test = _batches(data, cfg, device, channels_last)
     pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
+    share = [gpu_share] if gpu_share is not None else []  # pauses training while another job benchmarks
 
     # Dense training (or a shared dense model from trainer.init_from).
     timings: Dict[str, float] = {}  # the last epoch's time per step of each phase
@@ -87,7 +93,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     elif resume is not None and resume["phase"] == "finetune":
         acc_dense = resume["extra"]["acc_dense"]
     else:
-        timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=[],
+        timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=share,
                            checkpoint=checkpoint, resume_from=resume, log=tracker.log))
         acc_dense = evaluate(model, test, t.amp)
         atomic_torch_save({"model": model.state_dict(), "acc_dense": acc_dense,
@@ -101,7 +107,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     # Pruning and quantization-aware retraining.
     if hooks:
         timings.update(fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs,
-                           lr=t.finetune_lr or t.lr, hooks=hooks, checkpoint=checkpoint, extra={"acc_dense": acc_dense},
+                           lr=t.finetune_lr or t.lr, hooks=hooks + share, checkpoint=checkpoint,
+                           extra={"acc_dense": acc_dense},
                            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
                            log=tracker.log, step_offset=t.epochs * len(train)))
     acc_final = evaluate(model, test, t.amp)
@@ -113,8 +120,9 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker) -> Dict[str, Any]:
     packed = export_model(model, hooks, packed_path) or {}
     for row in rows:
         row.update({"bits": 32, "footprint_bytes": row["dense_bytes"]}, **packed.get(row["layer"], {}))
-    bench_rows, bench_metrics = benchmark_model(cfg.backend, cfg.bench, model, packed_path if packed else None,
-                                                sample, device)
+    with gpu_share.exclusive() if gpu_share is not None else nullcontext():  # timed with the GPU to itself
+        bench_rows, bench_metrics = benchmark_model(cfg.backend, cfg.bench, model, packed_path if packed else None,
+                                                    sample, device)
     dense_bytes = sum(r["dense_bytes"] for r in rows)
     footprint = sum(r["footprint_bytes"] for r in rows)
     summary = {

@@ -1,0 +1,65 @@
+"""Sweep jobs that share a GPU train side by side but time their benchmarks alone.
+
+Training a small CNN is host-bound, so several jobs on one GPU finish a sweep sooner; but a
+benchmark timed while another job trains would be wrong. Two ``flock`` files per GPU order it:
+
+- ``use``: each job holds it *shared* while it works, *exclusive* while it benchmarks;
+- ``gate``: a benchmark holds it while it waits, so trainers cannot re-take ``use`` and starve it.
+
+Trainers let go of ``use`` for a moment after every optimizer step (``after_step``, as a
+training hook), so a waiting benchmark starts within one step of every other job and they
+pause until it ends. A job never waits for the gate while holding ``use`` (no deadlock), and the
+kernel drops both locks when a job's process dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from torch import nn
+
+from sparsebench.train import TrainHook
+
+
+class GpuShare(TrainHook):
+    """One job's place on a shared GPU. ``exclusive()`` around the benchmark; the hook in every fit."""
+
+    name = "gpu_share"
+
+    def __init__(self, gpu: int, lock_dir: Optional[Path] = None):
+        lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / f"sparsebench-gpus-{os.getuid()}")
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        self._gate = open(lock_dir / f"gpu{gpu}.gate", "w")
+        self._use = open(lock_dir / f"gpu{gpu}.use", "w")
+        self._take_shared()
+
+    def _take_shared(self) -> None:
+        fcntl.flock(self._gate, fcntl.LOCK_EX)  # waits while a benchmark is queued or running
+        fcntl.flock(self._use, fcntl.LOCK_SH)
+        fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        fcntl.flock(self._use, fcntl.LOCK_UN)  # let a waiting benchmark in
+        self._take_shared()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The GPU to this job alone: waits for every other job on it to finish its step."""
+        fcntl.flock(self._use, fcntl.LOCK_UN)  # never wait for the gate while holding `use`
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        fcntl.flock(self._use, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._use, fcntl.LOCK_UN)
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+            self._take_shared()
+
+    def close(self) -> None:
+        self._use.close()
+        self._gate.close()
