@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from sparsebench.track import atomic_write_text, write_csv
+from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
 
 SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
 LAYER_SPEEDUP = "speedup_vs_"
@@ -486,12 +486,21 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
     return "\n".join(out)
 
 
+def plot_filename(index: int, title: str) -> str:
+    """``03-accuracy-speedup-pareto-front.png``: ordered as on the page, named after the plot."""
+    return f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.png"
+
+
 def write_report(sweep_dir: Path, rows: Optional[List[Dict[str, Any]]] = None) -> List[Section]:
-    """Write DIR/summary.csv and DIR/report.html (both atomically); return the plot sections."""
+    """Write DIR/summary.csv, DIR/report.html and the page's figures as DIR/plots/*.png (for
+    papers and docs), each file atomically; return the plot sections."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir) if rows is None else rows
     write_summary(sweep_dir / "summary.csv", rows)
     parts = sections(rows, sweep_dir)
+    for index, part in enumerate(parts, 1):
+        if part.png:
+            atomic_write_bytes(sweep_dir / "plots" / plot_filename(index, part.title), part.png)
     atomic_write_text(sweep_dir / "report.html", render_html(sweep_dir, rows, parts))
     return parts
 
@@ -545,7 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parts = write_report(args.dir, rows)
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"summary: {args.dir / 'summary.csv'} ({len(rows)} jobs, {failed} failed)")
-    print(f"report:  {args.dir / 'report.html'}")
+    print(f"report:  {args.dir / 'report.html'} (figures also in {args.dir / 'plots'}/)")
     if args.wandb:
         print(f"wandb:   {log_wandb(args.dir, rows, parts, mode=args.wandb_mode, project=args.project, entity=args.entity)}")
 

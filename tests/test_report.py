@@ -114,6 +114,11 @@ def test_report_page_is_self_contained_with_every_plot(grid: Path) -> None:
     assert titles[-1] == "Weight footprint"
     pngs = images(page)
     assert len(pngs) == len(parts) == 6 and all(p.format == "PNG" and p.width > 300 for p in pngs)
+    files = sorted((grid / "plots").glob("*.png"))  # the same figures as files, in page order
+    assert [f.name for f in files][:3] == ["01-accuracy-vs-sparsity-per-bit-width.png",
+                                           "02-whole-network-speedup-vs-sparsity-per-baseline.png",
+                                           "03-accuracy-speedup-pareto-front.png"]
+    assert [f.read_bytes() for f in files] == [p.png for p in parts]
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing fetched from elsewhere
     assert "CUDA out of memory" not in page and report.DIED in page  # failed jobs listed with their reason
 
