@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -49,12 +50,8 @@ def app(cfg: DictConfig) -> Optional[float]:
                                       "model between the jobs of a sweep; give a dense.pt path for a single run")
                 cfg.trainer.init_from = sweep.shared_dense(cfg, Path(hc.sweep.dir), run)
             # Jobs may share a GPU (n_jobs above the GPU count): they train together, benchmark alone.
-            share = GpuShare(gpu) if gpu is not None else None
-            try:
+            with GpuShare(gpu) if gpu is not None else nullcontext() as share:
                 metrics = run(cfg, run_dir, hc.overrides.task, gpu_share=share)
-            finally:
-                if share is not None:
-                    share.close()
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             if multirun:  # this job is recorded as failed; the sweep goes on

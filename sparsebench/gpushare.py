@@ -63,3 +63,9 @@ class GpuShare(TrainHook):
     def close(self) -> None:
         self._use.close()
         self._gate.close()
+
+    def __enter__(self) -> "GpuShare":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -84,15 +84,20 @@ def _check_device(x: torch.Tensor, layer: PackedLayer, name: str = "x") -> None:
             raise ValueError(f"layer.{tname}: must be contiguous")
 
 
+def _check_layer_and_x(x: torch.Tensor, layer: PackedLayer, kind: str, dims: int) -> None:
+    """The checks both ops share: a consistent packed layer of ``kind``, and an input that fits it."""
+    if not isinstance(layer, PackedLayer):
+        raise ValueError(f"layer: expected a PackedLayer, got {type(layer).__name__}")
+    if layer.kind != kind:
+        raise ValueError(f"layer: sparse_{kind} needs a {kind} layer, got kind {layer.kind!r}")
+    check_layer(layer, "layer")
+    _check_x(x, layer, dims)
+
+
 def validate_conv2d(x: torch.Tensor, layer: PackedLayer, *, device: bool = True) -> None:
     """All checks sparse_conv2d makes before the kernel call (no device sync, no data reads);
     ``device=False`` leaves out the device/contiguity checks."""
-    if not isinstance(layer, PackedLayer):
-        raise ValueError(f"layer: expected a PackedLayer, got {type(layer).__name__}")
-    if layer.kind != "conv2d":
-        raise ValueError(f"layer: sparse_conv2d needs a conv2d layer, got kind {layer.kind!r}")
-    check_layer(layer, "layer")
-    _check_x(x, layer, 4)
+    _check_layer_and_x(x, layer, "conv2d", 4)
     _, _, kh, kw = layer.weight_shape
     oh = conv_output_size(x.shape[2], kh, layer.stride, layer.padding)
     ow = conv_output_size(x.shape[3], kw, layer.stride, layer.padding)
@@ -105,12 +110,7 @@ def validate_conv2d(x: torch.Tensor, layer: PackedLayer, *, device: bool = True)
 
 
 def validate_linear(x: torch.Tensor, layer: PackedLayer, *, device: bool = True) -> None:
-    if not isinstance(layer, PackedLayer):
-        raise ValueError(f"layer: expected a PackedLayer, got {type(layer).__name__}")
-    if layer.kind != "linear":
-        raise ValueError(f"layer: sparse_linear needs a linear layer, got kind {layer.kind!r}")
-    check_layer(layer, "layer")
-    _check_x(x, layer, 2)
+    _check_layer_and_x(x, layer, "linear", 2)
     if device:
         _check_device(x, layer)
     if x.shape[0] * layer.out_channels >= 2**31:
