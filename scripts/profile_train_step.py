@@ -54,7 +54,7 @@ def main() -> None:
     channels_last = cfg.trainer.channels_last and device.type == "cuda"
     train, test = _batches(data, cfg, device, channels_last)
     print(f"{cfg.model.name} width {cfg.model.width}, batch {cfg.data.batch_size}, amp {cfg.trainer.amp}, "
-          f"channels_last {channels_last}, compile {cfg.trainer.compile}, {device}")
+          f"channels_last {channels_last}, compile {cfg.trainer.compile} ({cfg.trainer.compile_mode}), {device}")
 
     def model_and_hooks(prune: bool, quant: bool):
         model = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,

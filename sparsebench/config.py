@@ -64,6 +64,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
     progress: bool = True
     compile: bool = False  # torch.compile the model for training
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays the step as CUDA graphs
     cpu_threads: Optional[int] = 1  # torch threads on a CPU run (small CNNs: 1 is as fast and robust to a busy host); null: torch's default
 
 
@@ -101,6 +102,7 @@ CHOICES: Dict[str, tuple] = {
     "data.name": DATASETS,
     "trainer.optimizer": ("sgd", "adam"),
     "trainer.scheduler": ("cosine", "step", "constant"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),

@@ -29,6 +29,7 @@ class TrainHook:
     """
 
     name = "hook"
+    paused_s = 0.0  # seconds this hook held the loop waiting on something else (not counted as training time)
 
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         pass
@@ -154,7 +155,9 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
     # Built after the hooks, which may re-parametrize the model's weights.
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    # CUDA-graph modes reuse their output memory: each step must be marked as a new one.
+    graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     step = 0
@@ -178,10 +181,12 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
     model.train()
     for epoch in range(step // steps_per_epoch, epochs):
         start = step - epoch * steps_per_epoch
-        epoch_started = time.perf_counter()
+        epoch_started, paused_before = time.perf_counter(), sum(h.paused_s for h in hooks)
         bar = tqdm(train.epoch(epoch, start), total=steps_per_epoch, initial=start, leave=False,
                    desc=f"{phase} {epoch + 1}/{epochs}", disable=not cfg.progress, dynamic_ncols=True)
         for x, y in bar:
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(train.device, cfg.amp):
                 loss = loss_fn(train_model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -202,9 +207,11 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
                 save(step)
         if train.device.type == "cuda":
             torch.cuda.synchronize(train.device)
-        # Training time only (no evaluation): phases compare per step, e.g. the cost of QAT.
-        epoch_s = time.perf_counter() - epoch_started
-        metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s,
+        # Training time only (no evaluation, no pauses for another job's benchmark): phases
+        # compare per step, e.g. the cost of QAT.
+        paused_s = sum(h.paused_s for h in hooks) - paused_before
+        epoch_s = time.perf_counter() - epoch_started - paused_s
+        metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s, f"{phase}/paused_s": paused_s,
                    f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1),
                    f"{phase}/acc": evaluate(model, test, cfg.amp)}
         for hook in hooks:

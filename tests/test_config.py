@@ -39,6 +39,7 @@ def test_default_config_is_the_embedded_experiment():
     ("quant.bits=0", "quant.bits"),
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.optimizer=lbfgs", "trainer.optimizer"),
+    ("trainer.compile_mode=fast", "trainer.compile_mode"),
     ("model.width=0", "model.width"),
 ])
 def test_validate_names_the_bad_key(override, key):

@@ -51,6 +51,18 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     assert {r["backend"] for r in rows} >= {"torch_cpu"}
 
 
+@pytest.mark.cuda
+def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path):
+    # trainer.compile_mode=reduce-overhead replays forward and backward as CUDA graphs while the
+    # hooks change the weights in place between steps: the masks and the grids must still hold.
+    overrides = [*TINY, "trainer.epochs=3", "trainer.finetune_epochs=4", "bench=none", "trainer.device=cuda",
+                 "trainer.compile=true", "trainer.compile_mode=reduce-overhead", "quant.bits=4"]
+    metrics = run(compose(*overrides), tmp_path)
+    assert metrics["status"] == "ok"
+    assert metrics["acc_dense"] > 0.8 and metrics["acc_final"] > metrics["acc_dense"] - 0.1
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=1e-3) and metrics["weight_bits"] == 4
+
+
 def test_dense_run_reports_neutral_compression_values(tmp_path: Path):
     metrics = run(compose(*DENSE), tmp_path)
     assert metrics["sparsity"] == 0.0 and metrics["weight_bits"] == 32

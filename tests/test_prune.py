@@ -275,3 +275,36 @@ def test_sensitivity_experiment_composes_a_dense_only_study_of_every_layer():
     assert list(cfg.prune.sensitivity) == [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
     assert not cfg.prune.keep_first_dense and not cfg.prune.keep_last_dense
     validate_prune(cfg.prune, cfg.trainer.finetune_epochs)
+
+
+@pytest.mark.cuda
+def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path):
+    # trainer.compile_mode=reduce-overhead: the hooks write masks, weights and grids in place between
+    # graph replays; a replay that missed one would drift from the eager loop.
+    from sparsebench.quant import build_quantizer
+    from sparsebench.train import fit
+    from tests.conftest import compose
+
+    gpu = torch.device("cuda")
+    train, test = _digits_batches()
+    for b in (train, test):
+        b.x, b.y, b.mean, b.std, b.device = b.x.to(gpu), b.y.to(gpu), b.mean.to(gpu), b.std.to(gpu), gpu
+    losses = {}
+    for mode in ("eager", "reduce-overhead"):
+        torch.manual_seed(0)
+        model = convnet().to(gpu)
+        trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
+                                  step_gamma=0.1, label_smoothing=0.0, amp=False, compile=mode != "eager",
+                                  compile_mode=mode, progress=False, checkpoint_every=0)
+        hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer"), model),
+                 build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
+        logged = []
+        fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,
+            checkpoint=tmp_path / f"{mode}.pt", log=lambda m, s: logged.append(m))
+        losses[mode] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
+        acc = logged[-1]["finetune/acc"]
+        losses[mode + "/acc"] = acc
+        assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)
+    assert len(losses["eager"]) == len(losses["reduce-overhead"]) >= 8
+    assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=0.05, abs=0.02)
+    assert losses["reduce-overhead/acc"] == pytest.approx(losses["eager/acc"], abs=0.03)
