@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -45,7 +46,9 @@ class GpuShare(TrainHook):
 
     def after_step(self, step: int, model: nn.Module) -> None:
         fcntl.flock(self._use, fcntl.LOCK_UN)  # let a waiting benchmark in
+        started = time.perf_counter()
         self._take_shared()
+        self.paused_s += time.perf_counter() - started  # fit() leaves it out of the step time
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

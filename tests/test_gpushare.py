@@ -40,8 +40,34 @@ def test_benchmark_runs_alone_and_trainers_resume(tmp_path: Path) -> None:
         share.close()
 
     assert entered - asked < 0.1  # within a step or two of asking, though both trainers never stop
+    for share in trainers:  # the pause is counted, so the training step time leaves it out
+        assert 0.15 <= share.paused_s < 0.15 + 0.1
     overlapping = [s for s in steps if s[1] < left and s[2] > entered]
     assert not overlapping, overlapping[:3]
     for job in (0, 1):  # both trained before and after the benchmark
         assert any(end < entered for j, _, end in steps if j == job)
         assert any(start > left for j, start, _ in steps if j == job)
+
+
+def test_time_paused_by_a_hook_is_not_training_time(tmp_path: Path) -> None:
+    import torch
+    from types import SimpleNamespace
+
+    from sparsebench.data import Batches
+    from sparsebench.train import TrainHook, fit
+
+    class Waits(TrainHook):  # stands in for GpuShare waiting out another job's benchmark
+        def after_step(self, step, model):
+            started = time.perf_counter()
+            time.sleep(0.05)
+            self.paused_s += time.perf_counter() - started
+
+    x, y = torch.randint(0, 255, (64, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (64,))
+    batches = Batches(x, y, torch.zeros(1), torch.ones(1), batch_size=16, shuffle=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    trainer = SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, scheduler="constant",
+                              label_smoothing=0.0, amp=False, compile=False, progress=False, checkpoint_every=0)
+    metrics = fit(model, batches, batches, trainer, phase="p", epochs=1, lr=0.1, hooks=[Waits()],
+                  checkpoint=tmp_path / "last.pt")
+    assert metrics["p/paused_s"] >= 4 * 0.05
+    assert metrics["p/step_ms"] < 25  # a 16x2 linear step; the 50 ms pauses are left out
