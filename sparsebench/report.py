@@ -57,8 +57,14 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
 
 
 def _job_num(job_dir: Path) -> Optional[int]:
+    """Hydra's job number: the folder name's ``N_`` prefix, else (``hydra.sweep.subdir`` renamed the
+    folders) the number in the job's .hydra/hydra.yaml."""
     head = job_dir.name.split("_", 1)[0]
-    return int(head) if head.isdigit() else None
+    if head.isdigit():
+        return int(head)
+    hydra = _load_yaml(job_dir / ".hydra" / "hydra.yaml")
+    num = _dig(hydra, "hydra.job.num") if _dig(hydra, "hydra.mode") == "MULTIRUN" else None
+    return num if isinstance(num, int) else None
 
 
 def _load_yaml(path: Path) -> Any:

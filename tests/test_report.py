@@ -212,3 +212,15 @@ def test_an_unpruned_job_has_target_sparsity_zero(tmp_path: Path) -> None:
     report.write_summary(tmp_path / "sweep" / "summary.csv", report.collect(tmp_path / "sweep"))
     (row,) = read_summary(tmp_path / "sweep" / "summary.csv")
     assert (row["prune_method"], float(row["target_sparsity"]), row["method"]) == ("none", 0.0, "linear")
+
+
+def test_jobs_in_renamed_folders_keep_their_numbers_and_labels(grid: Path) -> None:
+    # hydra.sweep.subdir=job${hydra.job.num} (for file systems that refuse `=` and `,`): the number
+    # comes from each job's .hydra/hydra.yaml.
+    for job in list(grid.glob("*_*")):
+        num = int(job.name.split("_", 1)[0])
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN", "job": {"num": num}}}))
+        job.rename(grid / f"job{num}")
+    rows = report.collect(grid)
+    assert [r["num"] for r in rows] == [0, 1, 2, 3, 4]
+    assert report.job_label(rows[3], report.swept_keys(rows)) == "final_sparsity=0.9 bits=8"
