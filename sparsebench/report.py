@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
 
 SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
+FASTER = re.compile(r"^faster/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")  # "wins/layers" from layers.csv
 LAYER_SPEEDUP = "speedup_vs_"
 DIED = "no metrics.json: the job died before it finished (killed, out of memory, or still running)"
 # Leading summary.csv columns, in this order; speedup columns and the swept keys follow.
@@ -126,6 +127,8 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     row.update({k: metrics[k] for k in MEASURED if k in metrics})
     row["backend"] = metrics.get("bench/backend")  # the sparse backend the speedups are of
     row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
+    for (_, baseline, batch), layers in read_layer_speedups(job_dir, row["backend"]).items():
+        row[f"faster/{baseline}/b{batch}"] = f"{sum(v > 1 for v in layers.values())}/{len(layers)}"
     if metrics.get("error"):
         row["error"] = metrics["error"]
     return row
@@ -153,9 +156,14 @@ def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 
 def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    speedups = sorted({k for r in rows for k in r if SPEEDUP.match(k)}, key=_speedup_order)
     swept = swept_keys(rows)
-    return COLUMNS[:4] + swept + COLUMNS[4:] + speedups + ["error"]
+    return COLUMNS[:4] + swept + COLUMNS[4:] + _keys(rows, SPEEDUP) + _keys(rows, FASTER) + ["error"]
+
+
+def _keys(rows: Sequence[Dict[str, Any]], pattern: "re.Pattern[str]") -> List[str]:
+    """The rows' keys matching ``pattern`` (<kind>/<baseline>/b<batch>), by baseline, then batch."""
+    keys = {k for r in rows for k in r if pattern.match(k)}
+    return sorted(keys, key=lambda k: (pattern.match(k)["baseline"], int(pattern.match(k)["batch"])))
 
 
 def write_summary(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
@@ -166,6 +174,28 @@ def write_summary(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
 def _speedup_order(key: str) -> Tuple[str, int]:
     m = SPEEDUP.match(key)
     return (m["baseline"], int(m["batch"])) if m else (key, 0)
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The finished jobs as a Markdown table for docs: the swept values, top-1 and its change from
+    dense, footprint and compression, whole-network speedups and the layers faster than each baseline."""
+    swept = swept_keys(rows)
+    speedups, faster = _keys(rows, SPEEDUP), _keys(rows, FASTER)
+    head = ([k.rsplit(".", 1)[-1] for k in swept] or ["job"]) + ["top-1", "Δ vs dense", "footprint", "compression"]
+    head += [f"vs {SPEEDUP.match(k)['baseline']} b{SPEEDUP.match(k)['batch']}" for k in speedups]
+    head += [f"layers faster than {FASTER.match(k)['baseline']} b{FASTER.match(k)['batch']}" for k in faster]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _ok(rows, "acc_final"):
+        reference = r.get("num") is None  # the shared dense model
+        label = ([str(r.get(k)) for k in swept] if not reference else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
+        acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
+        delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
+        cells = label + [f"{100 * acc:.2f}%", delta,
+                         f"{(_num(r.get('footprint_bytes')) or 0) / 1e6:.3f} MB", f"{_num(r.get('compression')) or 1:.1f}x"]
+        cells += [f"{_num(r.get(k)):.2f}x" if _num(r.get(k)) is not None else "—" for k in speedups]
+        cells += [str(r.get(k) or "—") for k in faster]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- plots
@@ -265,7 +295,7 @@ def plot_accuracy(rows: Sequence[Dict[str, Any]]) -> Section:
 
 def plot_speedups(rows: Sequence[Dict[str, Any]]) -> Section:
     title = "Whole-network speedup vs sparsity, per baseline"
-    keys = sorted({k for r in rows for k in r if SPEEDUP.match(k)}, key=_speedup_order)
+    keys = _keys(rows, SPEEDUP)
     ok = [r for r in _ok(rows, "sparsity") if any(_num(r.get(k)) is not None for k in keys)]
     if not ok:
         return Section(title, note="No job measured speedups (metrics speedup/<baseline>/b<batch>): run with "
@@ -498,11 +528,12 @@ def plot_filename(index: int, title: str) -> str:
 
 
 def write_report(sweep_dir: Path, rows: Optional[List[Dict[str, Any]]] = None) -> List[Section]:
-    """Write DIR/summary.csv, DIR/report.html and the page's figures as DIR/plots/*.png (for
-    papers and docs), each file atomically; return the plot sections."""
+    """Write DIR/summary.csv, DIR/table.md, DIR/report.html and the page's figures as
+    DIR/plots/*.png (for papers and docs), each file atomically; return the plot sections."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir) if rows is None else rows
     write_summary(sweep_dir / "summary.csv", rows)
+    atomic_write_text(sweep_dir / "table.md", markdown_table(rows))
     parts = sections(rows, sweep_dir)
     for index, part in enumerate(parts, 1):
         if part.png:
@@ -559,7 +590,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(2)
     parts = write_report(args.dir, rows)
     failed = sum(r["status"] != "ok" for r in rows)
-    print(f"summary: {args.dir / 'summary.csv'} ({len(rows)} jobs, {failed} failed)")
+    print(f"summary: {args.dir / 'summary.csv'} ({len(rows)} jobs, {failed} failed; as Markdown: table.md)")
     print(f"report:  {args.dir / 'report.html'} (figures also in {args.dir / 'plots'}/)")
     if args.wandb:
         print(f"wandb:   {log_wandb(args.dir, rows, parts, mode=args.wandb_mode, project=args.project, entity=args.entity)}")
