@@ -162,8 +162,7 @@ def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 def _keys(rows: Sequence[Dict[str, Any]], pattern: "re.Pattern[str]") -> List[str]:
     """The rows' keys matching ``pattern`` (<kind>/<baseline>/b<batch>), by baseline, then batch."""
-    keys = {k for r in rows for k in r if pattern.match(k)}
-    return sorted(keys, key=lambda k: (pattern.match(k)["baseline"], int(pattern.match(k)["batch"])))
+    return sorted({k for r in rows for k in r if pattern.match(k)}, key=_baseline_batch)
 
 
 def write_summary(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
@@ -171,8 +170,8 @@ def write_summary(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
     write_csv(path, [{c: row.get(c) for c in columns} for row in rows])
 
 
-def _speedup_order(key: str) -> Tuple[str, int]:
-    m = SPEEDUP.match(key)
+def _baseline_batch(key: str) -> Tuple[str, int]:
+    m = SPEEDUP.match(key) or FASTER.match(key)
     return (m["baseline"], int(m["batch"])) if m else (key, 0)
 
 
@@ -334,7 +333,7 @@ def primary_speedup(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     counts = Counter(k for r in _ok(rows) for k in r if SPEEDUP.match(k) and _num(r.get(k)) is not None)
     if not counts:
         return None
-    return min(counts, key=lambda k: (-counts[k], _speedup_order(k)[1], _speedup_order(k)[0]))
+    return min(counts, key=lambda k: (-counts[k], _baseline_batch(k)[1], _baseline_batch(k)[0]))
 
 
 def plot_pareto(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
