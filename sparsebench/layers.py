@@ -77,6 +77,7 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
     rows = []
     for name, m in weight_layers(model).items():
         w = m.weight
+        row_nnz = (w.detach().reshape(w.shape[0], -1) != 0).sum(dim=1)
         is_conv = isinstance(m, nn.Conv2d)
         rows.append({
             "layer": name,
@@ -87,7 +88,10 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
             "stride": m.stride[0] if is_conv else None,
             "padding": m.padding[0] if is_conv else None,
             "params": w.numel(),
-            "nnz": int((w != 0).sum()),
+            "nnz": int(row_nnz.sum()),
+            # Row-length skew: a sparse kernel that gives each output channel to one warp waits for the longest row.
+            "row_nnz_max": int(row_nnz.max()),
+            "rows_empty": int((row_nnz == 0).sum()),
             "sparsity": round(float((w == 0).float().mean()), 6),
             "dense_bytes": dense_bytes(m),
         })

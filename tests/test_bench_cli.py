@@ -84,3 +84,24 @@ def test_experiment_with_the_benchmark_on_cpu(tmp_path):
     assert {r["batch"] for r in rows} == {"1", "2"}
     assert all(float(r["time_us"]) > 0 and r["speedup_vs_torch_cpu"] for r in rows)
     assert "direct_sparse skipped" in res.stdout + res.stderr
+
+
+def test_row_skew_gives_uneven_rows_with_the_same_sparsity(tmp_path):
+    # Trained layers keep long rows for some output channels and empty others; the kernels' load
+    # balance needs that case too (docs/kernels.md, "Trained weights: long rows").
+    nnz_max = {}
+    for skew in (0, 2):
+        out = tmp_path / f"skew{skew}"
+        res = run_bench("layers=tiny", "sweep.sparsities=[0.9]", "sweep.bits=[32]", f"sweep.row_skew={skew}",
+                        "bench.baselines=[torch_cpu]", "bench.break_even=false", *FAST, f"hydra.run.dir={out}")
+        assert res.returncode == 0, res.stderr[-2000:]
+        conv = [r for r in read_csv(out / "bench.csv")
+                if r["layer"] == "conv_8x16@8" and r["backend"] == "sparse_reference"]
+        assert [int(r["nnz"]) for r in conv] == [round(0.1 * 16 * 8 * 9)]  # 115 of 1152: the sparsity holds
+        nnz_max[skew] = int(conv[0]["row_nnz_max"])
+    assert nnz_max[0] < 2 * 115 / 16 < 3 * 115 / 16 < nnz_max[2]  # mean row: 7.2 nonzeros
+
+
+def test_negative_row_skew_is_refused(tmp_path):
+    res = run_bench("layers=tiny", "sweep.row_skew=-1", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and "sweep.row_skew=-1" in res.stderr and "a number >= 0" in res.stderr

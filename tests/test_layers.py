@@ -15,3 +15,19 @@ def test_exact_name_beats_regex_and_later_regex_beats_earlier():
 def test_regexes_match_whole_names_and_misses_are_reported_in_order():
     chosen, unmatched = resolve_overrides(NAMES, ["conv", "f", "nope", "fc"])
     assert chosen == {"fc": "fc"} and unmatched == ["conv", "f", "nope"]
+
+
+def test_describe_counts_row_lengths_for_the_kernels_load_balance():
+    import torch
+    from torch import nn
+
+    from sparsebench.layers import describe
+
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0] = 1.0  # 18 nonzeros in row 0
+        conv.weight[2, 1, 0] = 1.0  # 3 in row 2; row 1 is empty
+    row = describe(nn.Sequential(conv), torch.zeros(1, 2, 5, 5))[0]
+    assert (row["nnz"], row["row_nnz_max"], row["rows_empty"], row["params"]) == (21, 18, 1, 54)
+    assert row["sparsity"] == round(33 / 54, 6)

@@ -70,10 +70,12 @@ class LayerCase:
     def facts(self) -> Dict[str, Any]:
         """The layers.csv / bench.csv geometry columns."""
         kh, kw = self.packed.kernel_size
+        row_nnz = self.packed.rowptr[1:] - self.packed.rowptr[:-1]
         return {"layer": self.name, "kind": self.kind, "in_shape": "x".join(map(str, self.in_shape)),
                 "out_channels": self.out_channels, "kernel": f"{kh}x{kw}" if self.kind == "conv2d" else None,
                 "stride": self.stride if self.kind == "conv2d" else None,
                 "sparsity": round(self.sparsity, 6), "bits": self.bits, "nnz": self.packed.nnz,
+                "row_nnz_max": int(row_nnz.max()), "rows_empty": int((row_nnz == 0).sum()),
                 "params": self.packed.out_channels * self.packed.row_length}
 
 
@@ -110,10 +112,12 @@ def cases_from_model(model: nn.Module, sample: torch.Tensor,
 
 
 def synthetic_case(name: str, kind: str, c_in: int, c_out: int, kernel: int, hw: int, stride: int, padding: int,
-                   sparsity: float, bits: int, generator: torch.Generator) -> LayerCase:
-    """A layer of the given shape with a random unstructured mask; bits 32 = fp32 values, 16 = fp16, else codes."""
+                   sparsity: float, bits: int, generator: torch.Generator, row_skew: float = 0.0) -> LayerCase:
+    """A layer of the given shape with a random unstructured mask; bits 32 = fp32 values, 16 = fp16, else codes.
+    ``row_skew``: sigma of lognormal row lengths (0: uniform)."""
     shape = (c_out, c_in, kernel, kernel) if kind == "conv2d" else (c_out, c_in)
-    w = random_sparse_weight(shape, sparsity, generator) * math.sqrt(2.0 / math.prod(shape[1:]))  # Kaiming scale
+    kaiming = math.sqrt(2.0 / math.prod(shape[1:]))
+    w = random_sparse_weight(shape, sparsity, generator, row_skew=row_skew) * kaiming
     geo = dict(stride=stride, padding=padding) if kind == "conv2d" else {}
     if bits == 32:
         packed = pack_weight(w, **geo)

@@ -60,6 +60,7 @@ class LayerSet:
 class SweepConfig:
     sparsities: List[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.98])
     bits: List[int] = field(default_factory=lambda: [32, 8, 4])
+    row_skew: float = 0.0  # 0: uniform random masks; > 0: lognormal row lengths (sigma), like trained layers
 
 
 @dataclass
@@ -85,6 +86,7 @@ def validate(cfg: Any, overrides: Sequence[str] = ()) -> None:
             "a non-empty list of fractions in [0, 1)")
     require(len(s.bits) >= 1 and all(b in VALUE_BITS for b in s.bits), "sweep.bits", list(s.bits),
             "a non-empty list from 32 (fp32 values), 16 (fp16 values), 8, 4, 2 (linear codes)")
+    require(s.row_skew >= 0, "sweep.row_skew", s.row_skew, "a number >= 0 (0: every row about as long)")
     explicit_layers = any(o.split("=")[0].lstrip("+~") == "layers" for o in overrides)
     if cfg.model is not None:
         require(not explicit_layers, "layers", cfg.layers.name if cfg.layers else None,
@@ -166,20 +168,21 @@ def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, 
     with cpu_thread_count(cfg.bench.cpu_threads if plan.device.type == "cpu" else 0):
         for shape, batch, sparsity, bits in tqdm(jobs, desc=f"sparsebench-bench ({plan.sparse})",
                                                  disable=not cfg.bench.progress):
-            rows += _run_case(runner, shape, batch, sparsity, bits, cfg.seed)
+            rows += _run_case(runner, shape, batch, sparsity, bits, cfg.seed, cfg.sweep.row_skew)
     if cfg.bench.break_even and len(sparsities) >= 2:
         add_sweep_break_even(rows, plan.sparse, break_even_sparsity)
     return uniform(rows)
 
 
-def _run_case(runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int) -> List[Dict[str, Any]]:
+def _run_case(runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int,
+              row_skew: float = 0.0) -> List[Dict[str, Any]]:
     import torch
 
     from sparsebench.bench.cases import synthetic_case
 
     g = torch.Generator().manual_seed(seed + int(round(sparsity * 1e4)) * 100 + bits)
     case = synthetic_case(shape["name"], shape["kind"], shape["c_in"], shape["c_out"], shape["kernel"],
-                          shape["hw"], shape["stride"], shape["padding"], sparsity, bits, g)
+                          shape["hw"], shape["stride"], shape["padding"], sparsity, bits, g, row_skew=row_skew)
     rows = runner.run(case, batch, shape_key=shape["name"])
     for r in rows:  # the nominal sparsity (the mask has round(s * numel) zeros; nnz is exact)
         if r["sparsity"] is not None:

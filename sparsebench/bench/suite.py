@@ -122,7 +122,8 @@ class LayerBench:
                 continue
             if key is not None:
                 if not mask_dependent(name):
-                    row.update(sparsity=None, bits=None, nnz=None)  # it ignores the mask and the codes
+                    # It ignores the mask and the codes.
+                    row.update(sparsity=None, bits=None, nnz=None, row_nnz_max=None, rows_empty=None)
                 self._baseline_rows[key] = row
             baseline_times[name] = row["time_us"]
             rows.append(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -10,16 +11,37 @@ from sparsebench.sparse.format import PackedLayer, pack_weight
 
 
 def random_sparse_weight(shape: Sequence[int], sparsity: float, gen: torch.Generator,
-                         empty_rows: int = 0) -> torch.Tensor:
-    """Gaussian weight with exactly round(sparsity * numel) zeros at random places (+ some all-zero rows)."""
+                         empty_rows: int = 0, row_skew: float = 0.0) -> torch.Tensor:
+    """Gaussian weight with exactly round(sparsity * numel) zeros at random places (+ some all-zero rows).
+
+    ``row_skew`` > 0 spreads the nonzeros unevenly over the rows (output channels), as magnitude
+    pruning of a trained layer does: each row's share is lognormal with this sigma."""
     w = torch.randn(*shape, generator=gen)
     flat = w.view(-1)
     nzero = int(round(sparsity * flat.numel()))
-    if nzero:
+    if row_skew > 0:
+        rows = w.view(shape[0], -1)
+        counts = skewed_row_counts(shape[0], rows.shape[1], flat.numel() - nzero, row_skew, gen)
+        for row, keep in zip(rows, counts.tolist()):
+            row[torch.randperm(row.numel(), generator=gen)[keep:]] = 0.0
+    elif nzero:
         flat[torch.randperm(flat.numel(), generator=gen)[:nzero]] = 0.0
     if empty_rows:
         w[torch.randperm(shape[0], generator=gen)[:empty_rows]] = 0.0
     return w
+
+
+def skewed_row_counts(rows: int, row_length: int, nnz: int, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Nonzeros per row summing to exactly ``nnz``, each at most ``row_length``, with lognormal shares."""
+    target = torch.exp(sigma * torch.randn(rows, generator=gen, dtype=torch.float64))
+    target = target / target.sum() * nnz
+    counts = target.floor().clamp(max=row_length).long()
+    while int(counts.sum()) < nnz:  # hand out what rounding and full rows left over, furthest-behind rows first
+        room = counts < row_length
+        behind = torch.where(room, target - counts, torch.tensor(-math.inf, dtype=torch.float64))
+        take = behind.argsort(descending=True)[: min(nnz - int(counts.sum()), int(room.sum()))]
+        counts[take] += 1
+    return counts
 
 
 def linear_codes(weight: torch.Tensor, bits: int):
