@@ -152,7 +152,35 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=exit_code)
 
 
+class HistoryFile(Tracker):
+    """Every logged metrics dict as one JSON line of ``history.jsonl``, whatever the logger, then
+    on to ``inner``: the learning curves of a run without W&B (e.g. on a machine without it).
+
+    Appended and flushed line by line; a resumed run appends too, so the steps between its last
+    checkpoint and the crash appear twice (readers keep the last line of a step)."""
+
+    def __init__(self, path: Path, inner: Tracker):
+        self.path, self.inner = path, inner
+        self.file: Optional[Any] = None  # opened by the first log (a run that logs nothing gets no file)
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        self.file = self.file or open(self.path, "a")
+        self.file.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        self.file.flush()
+        self.inner.log(metrics, step)
+
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        self.inner.summary(metrics)
+
+    def table(self, name: str, rows: Sequence[Dict[str, Any]]) -> None:
+        self.inner.table(name, rows)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.inner.finish(exit_code)
+
+
 def make_tracker(cfg: Any, run_dir: Path, config: Dict[str, Any], name: str) -> Tracker:
-    if cfg.name == "wandb" and cfg.mode != "disabled":
-        return WandbTracker(cfg, run_dir, config, name)
-    return Tracker()
+    inner = WandbTracker(cfg, run_dir, config, name) if cfg.name == "wandb" and cfg.mode != "disabled" else Tracker()
+    return HistoryFile(Path(run_dir) / "history.jsonl", inner)

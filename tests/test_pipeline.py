@@ -36,6 +36,13 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     assert metrics["compression"] > 4  # 8-bit codes of a tenth of the weights, plus indices
     assert metrics["dense/step_ms"] > 0 and metrics["finetune/step_ms"] > 0
 
+    # The learning curves, written whatever the logger: one line per logged dict.
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["dense/epoch"] for h in history if "dense/acc" in h] == [1, 2, 3]
+    assert [h["finetune/epoch"] for h in history if "finetune/acc" in h] == [1, 2, 3, 4]
+    assert history[-1]["finetune/acc"] == pytest.approx(metrics["acc_final"], abs=0.05)
+    assert all(h["step"] <= history[-1]["step"] for h in history)
+
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["config"]["trainer"]["epochs"] == 3
     assert manifest["torch"] == torch.__version__ and manifest["seed"] == 0
