@@ -155,7 +155,9 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
     # Built after the hooks, which may re-parametrize the model's weights.
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    train_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    # Static shapes: the epoch's short last batch gets its own graph instead of turning the batch
+    # dimension symbolic for every step.
+    train_model = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model
     # CUDA-graph modes reuse their output memory: each step must be marked as a new one.
     graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
