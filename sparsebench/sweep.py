@@ -29,8 +29,10 @@ _WANDB_TAG_MAX = 64  # W&B rejects longer tags
 
 # `trainer.init_from=shared`: every job of the sweep starts from one dense model per dense setting.
 SHARED = "shared"
-# Trainer keys that only matter after dense training, so jobs differing in them share one dense model.
-_NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress", "checkpoint_every")
+# Trainer keys that only matter after dense training, or only for how fast it runs (compile,
+# threads): jobs differing in them share one dense model.
+_NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress", "checkpoint_every",
+              "compile", "compile_mode", "cpu_threads")
 
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}
