@@ -292,3 +292,17 @@ def test_no_gpu_gives_one_clear_line():
     conv = random_layer((4, 3, 3, 3), 0.5, padding=1, seed=9)
     with pytest.raises(ConfigError, match="backend direct_sparse needs a CUDA GPU and the compiled sparsebench._C"):
         sparse_conv2d(torch.randn(1, 3, 8, 8), conv)
+
+
+def test_skewed_row_counts_are_exact_capped_and_skew_with_sigma():
+    from sparsebench.sparse.synthetic import skewed_row_counts
+
+    empty = {}
+    for sigma in (0.5, 2.0, 20.0, 400.0):  # 400: exp(sigma * z) would overflow; softmax does not
+        counts = skewed_row_counts(64, 72, 460, sigma, torch.Generator().manual_seed(1))
+        assert int(counts.sum()) == 460 and int(counts.max()) <= 72 and int(counts.min()) >= 0
+        empty[sigma] = int((counts == 0).sum())
+    assert empty[0.5] <= empty[2.0] <= empty[20.0] and empty[20.0] >= 50  # more sigma: fewer, fuller rows
+    assert skewed_row_counts(4, 3, 12, 2.0, torch.Generator()).tolist() == [3, 3, 3, 3]  # every row full
+    with pytest.raises(ValueError, match="does not fit"):
+        skewed_row_counts(4, 3, 13, 2.0, torch.Generator())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -32,15 +31,29 @@ def random_sparse_weight(shape: Sequence[int], sparsity: float, gen: torch.Gener
 
 
 def skewed_row_counts(rows: int, row_length: int, nnz: int, sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """Nonzeros per row summing to exactly ``nnz``, each at most ``row_length``, with lognormal shares."""
-    target = torch.exp(sigma * torch.randn(rows, generator=gen, dtype=torch.float64))
-    target = target / target.sum() * nnz
-    counts = target.floor().clamp(max=row_length).long()
-    while int(counts.sum()) < nnz:  # hand out what rounding and full rows left over, furthest-behind rows first
-        room = counts < row_length
-        behind = torch.where(room, target - counts, torch.tensor(-math.inf, dtype=torch.float64))
-        take = behind.argsort(descending=True)[: min(nnz - int(counts.sum()), int(room.sum()))]
-        counts[take] += 1
+    """Nonzeros per row summing to exactly ``nnz``, each at most ``row_length``, the rows' shares
+    lognormal with ``sigma``. Rows whose share exceeds a full row are filled and the rest is shared
+    again among the others in proportion (water-filling), so more sigma never means flatter rows."""
+    if not 0 <= nnz <= rows * row_length:
+        raise ValueError(f"nnz={nnz} does not fit {rows} rows of {row_length}")
+    weight = torch.softmax(sigma * torch.randn(rows, generator=gen, dtype=torch.float64), 0)  # no overflow
+    counts = torch.zeros(rows, dtype=torch.long)
+    full = torch.zeros(rows, dtype=torch.bool)
+    left = nnz
+    while True:
+        free = (~full).nonzero().flatten()
+        w = weight[free]
+        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / max(len(free), 1))
+        share = w * left
+        over = free[share >= row_length]
+        if len(over) == 0:
+            break
+        full[over], counts[over] = True, row_length
+        left -= row_length * len(over)
+    # Largest remainders round the free rows' shares to whole nonzeros (each stays below a full row).
+    counts[free] = share.floor().long()
+    short = left - int(counts[free].sum())
+    counts[free[(share - share.floor()).argsort(descending=True)[:short]]] += 1
     return counts
 
 
