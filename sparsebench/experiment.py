@@ -39,7 +39,8 @@ def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optio
         validate(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         write_manifest(run_dir, config, cfg.seed, overrides)
-        tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}")
+        tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}",
+                               resume=cfg.trainer.resume)
         metrics.update(_pipeline(cfg, run_dir, tracker, gpu_share))
         metrics["status"] = "ok"
         exit_code = 0

@@ -156,16 +156,17 @@ class HistoryFile(Tracker):
     """Every logged metrics dict as one JSON line of ``history.jsonl``, whatever the logger, then
     on to ``inner``: the learning curves of a run without W&B (e.g. on a machine without it).
 
-    Appended and flushed line by line; a resumed run appends too, so the steps between its last
-    checkpoint and the crash appear twice (readers keep the last line of a step)."""
+    Flushed line by line. Several lines may share a step (the loss and the epoch's metrics):
+    merge them per step. A resumed run (``append``) adds to the file, so the steps between its
+    last checkpoint and the crash appear twice: the later line of a key wins."""
 
-    def __init__(self, path: Path, inner: Tracker):
-        self.path, self.inner = path, inner
+    def __init__(self, path: Path, inner: Tracker, append: bool = False):
+        self.path, self.inner, self.mode = path, inner, "a" if append else "w"
         self.file: Optional[Any] = None  # opened by the first log (a run that logs nothing gets no file)
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
-        self.file = self.file or open(self.path, "a")
-        self.file.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        self.file = self.file or open(self.path, self.mode)
+        self.file.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
         self.file.flush()
         self.inner.log(metrics, step)
 
@@ -181,6 +182,6 @@ class HistoryFile(Tracker):
         self.inner.finish(exit_code)
 
 
-def make_tracker(cfg: Any, run_dir: Path, config: Dict[str, Any], name: str) -> Tracker:
+def make_tracker(cfg: Any, run_dir: Path, config: Dict[str, Any], name: str, resume: bool = False) -> Tracker:
     inner = WandbTracker(cfg, run_dir, config, name) if cfg.name == "wandb" and cfg.mode != "disabled" else Tracker()
-    return HistoryFile(Path(run_dir) / "history.jsonl", inner)
+    return HistoryFile(Path(run_dir) / "history.jsonl", inner, append=resume)

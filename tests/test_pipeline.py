@@ -37,11 +37,11 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     assert metrics["dense/step_ms"] > 0 and metrics["finetune/step_ms"] > 0
 
     # The learning curves, written whatever the logger: one line per logged dict.
-    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert [h["dense/epoch"] for h in history if "dense/acc" in h] == [1, 2, 3]
-    assert [h["finetune/epoch"] for h in history if "finetune/acc" in h] == [1, 2, 3, 4]
-    assert history[-1]["finetune/acc"] == pytest.approx(metrics["acc_final"], abs=0.05)
-    assert all(h["step"] <= history[-1]["step"] for h in history)
+    lines = history(tmp_path)
+    assert [h["dense/epoch"] for h in lines if "dense/acc" in h] == [1, 2, 3]
+    assert [h["finetune/epoch"] for h in lines if "finetune/acc" in h] == [1, 2, 3, 4]
+    assert lines[-1]["finetune/acc"] == pytest.approx(metrics["acc_final"], abs=0.05)
+    assert all(a["step"] <= b["step"] for a, b in zip(lines, lines[1:]))  # in step order
 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["config"]["trainer"]["epochs"] == 3
@@ -70,11 +70,18 @@ def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path):
     assert metrics["sparsity"] == pytest.approx(0.9, abs=1e-3) and metrics["weight_bits"] == 4
 
 
+def history(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
 def test_dense_run_reports_neutral_compression_values(tmp_path: Path):
     metrics = run(compose(*DENSE), tmp_path)
     assert metrics["sparsity"] == 0.0 and metrics["weight_bits"] == 32
     assert metrics["footprint_bytes"] == metrics["dense_bytes"] and metrics["compression"] == 1.0
     assert not (tmp_path / "packed.safetensors").exists()
+    lines = len(history(tmp_path))
+    run(compose(*DENSE), tmp_path)  # a fresh run in the same folder starts a fresh history
+    assert len(history(tmp_path)) == lines
 
 
 def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatch):
@@ -96,6 +103,10 @@ def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatc
 
     resumed = run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
     assert resumed["acc_final"] == reference["acc_final"]
+    # The resumed run added to the history of the crashed one and ends at the same curve.
+    before, after = history(tmp_path / "uninterrupted"), history(tmp_path / "resumed")
+    last_acc = lambda lines: [h["dense/acc"] for h in lines if "dense/acc" in h][-1]  # noqa: E731
+    assert len(after) >= len(before) and last_acc(after) == last_acc(before)
     a = torch.load(tmp_path / "uninterrupted" / "dense.pt")["model"]
     b = torch.load(tmp_path / "resumed" / "dense.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
