@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
 
 SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
-FASTER = re.compile(r"^faster/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")  # "wins/layers" from layers.csv
+FASTER = re.compile(r"^faster/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")  # "W of L" layers, from layers.csv
 LAYER_SPEEDUP = "speedup_vs_"
 DIED = "no metrics.json: the job died before it finished (killed, out of memory, or still running)"
 # Leading summary.csv columns, in this order; speedup columns and the swept keys follow.
@@ -54,18 +54,19 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
             if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())]
     if not subs and (Path(sweep_dir) / ".hydra").is_dir():
         subs = [Path(sweep_dir)]
-    return sorted(subs, key=lambda p: (_job_num(p) is not None, _job_num(p) or 0, p.name))
+    nums = {p: _job_num(p) for p in subs}
+    return sorted(subs, key=lambda p: (nums[p] is not None, nums[p] or 0, p.name))
 
 
 def _job_num(job_dir: Path) -> Optional[int]:
-    """Hydra's job number: the folder name's ``N_`` prefix, else (``hydra.sweep.subdir`` renamed the
-    folders) the number in the job's .hydra/hydra.yaml."""
-    head = job_dir.name.split("_", 1)[0]
-    if head.isdigit():
-        return int(head)
+    """Hydra's job number, from the job's .hydra/hydra.yaml (``hydra.sweep.subdir`` may name the
+    folders anything), else from Hydra's default folder name ``N_<overrides>``."""
     hydra = _load_yaml(job_dir / ".hydra" / "hydra.yaml")
     num = _dig(hydra, "hydra.job.num") if _dig(hydra, "hydra.mode") == "MULTIRUN" else None
-    return num if isinstance(num, int) else None
+    if isinstance(num, int):
+        return num
+    head = job_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def _load_yaml(path: Path) -> Any:
@@ -127,8 +128,9 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     row.update({k: metrics[k] for k in MEASURED if k in metrics})
     row["backend"] = metrics.get("bench/backend")  # the sparse backend the speedups are of
     row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
-    for (_, baseline, batch), layers in read_layer_speedups(job_dir, row["backend"]).items():
-        row[f"faster/{baseline}/b{batch}"] = f"{sum(v > 1 for v in layers.values())}/{len(layers)}"
+    if row["backend"]:  # the sparse backend's layers only (not baselines compared with each other)
+        for (_, baseline, batch), layers in read_layer_speedups(job_dir, row["backend"]).items():
+            row[f"faster/{baseline}/b{batch}"] = f"{sum(v > 1 for v in layers.values())} of {len(layers)}"
     if metrics.get("error"):
         row["error"] = metrics["error"]
     return row
@@ -184,14 +186,18 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     head += [f"vs {SPEEDUP.match(k)['baseline']} b{SPEEDUP.match(k)['batch']}" for k in speedups]
     head += [f"layers faster than {FASTER.match(k)['baseline']} b{FASTER.match(k)['batch']}" for k in faster]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def number(value: Any, fmt: str) -> str:
+        return fmt.format(_num(value)) if _num(value) is not None else "—"
+
     for r in _ok(rows, "acc_final"):
-        reference = r.get("num") is None  # the shared dense model
+        reference = r["job"].startswith("dense-")  # the sweep's shared dense model (trainer.init_from=shared)
         label = ([str(r.get(k)) for k in swept] if not reference else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
         acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
-        cells = label + [f"{100 * acc:.2f}%", delta,
-                         f"{(_num(r.get('footprint_bytes')) or 0) / 1e6:.3f} MB", f"{_num(r.get('compression')) or 1:.1f}x"]
-        cells += [f"{_num(r.get(k)):.2f}x" if _num(r.get(k)) is not None else "—" for k in speedups]
+        footprint = _num(r.get("footprint_bytes"))
+        cells = label + [f"{100 * acc:.2f}%", delta, number(footprint / 1e6 if footprint is not None else None, "{:.3f} MB"),
+                         number(r.get("compression"), "{:.1f}x")]
+        cells += [number(r.get(k), "{:.2f}x") for k in speedups]
         cells += [str(r.get(k) or "—") for k in faster]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -124,7 +124,9 @@ def claim_gpu(n_gpus: int, job_num: int, lock_dir: Optional[Path] = None) -> Ite
 
 
 def dense_key(cfg: Any) -> str:
-    """A short hash of everything that shapes the dense model (data, model, dense trainer settings, seed)."""
+    """A short hash of everything that shapes the dense model (data, model, dense trainer settings, seed).
+    Compile settings are left out: the shared model is trained in the mode of the job that gets
+    to it first, which its dense-<key>/manifest.json records."""
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _NOT_DENSE}
     facts = {"data": OmegaConf.to_container(cfg.data, resolve=True),
              "model": OmegaConf.to_container(cfg.model, resolve=True), "trainer": trainer, "seed": cfg.seed}

@@ -295,7 +295,8 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path):
         model = convnet().to(gpu)
         trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
                                   step_gamma=0.1, label_smoothing=0.0, amp=False, compile=mode != "eager",
-                                  compile_mode=mode, progress=False, checkpoint_every=0)
+                                  compile_mode="default" if mode == "eager" else mode, progress=False,
+                                  checkpoint_every=0)
         hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer"), model),
                  build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
         logged = []

@@ -226,12 +226,16 @@ def test_jobs_in_renamed_folders_keep_their_numbers_and_labels(grid: Path) -> No
     assert report.job_label(rows[3], report.swept_keys(rows)) == "final_sparsity=0.9 bits=8"
 
 
+def markdown_lines(path: Path) -> list:
+    return report.markdown_table(report.collect(path)).splitlines()
+
+
 def test_layer_wins_and_markdown_table(grid: Path) -> None:
     report.write_report(grid)
     rows = read_summary(grid / "summary.csv")
     # Job 3 (0.9 sparsity): its layers run at 0.9, 1.8, 2.7x cuDNN fp32 and a quarter of that vs fp16.
-    assert (rows[3]["faster/cudnn_fp32/b1"], rows[3]["faster/cudnn_fp16/b1"]) == ("2/3", "0/3")
-    assert rows[0]["faster/cudnn_fp32/b1"] == "1/3"  # 0.5, 1.0 (a tie is no win), 1.5
+    assert (rows[3]["faster/cudnn_fp32/b1"], rows[3]["faster/cudnn_fp16/b1"]) == ("2 of 3", "0 of 3")
+    assert rows[0]["faster/cudnn_fp32/b1"] == "1 of 3"  # 0.5, 1.0 (a tie is no win), 1.5
     lines = (grid / "table.md").read_text().splitlines()
     assert lines[0].startswith("| final_sparsity | bits | top-1 | Δ vs dense | footprint | compression |")
     assert "layers faster than cudnn_fp32 b1" in lines[0]
@@ -239,4 +243,8 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     metrics = json.loads(next(grid.glob("3_*/metrics.json")).read_text())
     cells = [c.strip() for c in lines[5].strip("|").split("|")]
     assert cells[:4] == ["0.9", "8", f"{100 * metrics['acc_final']:.2f}%", f"{100 * (metrics['acc_final'] - 0.98):+.2f}"]
-    assert cells[-2:] == ["0/3", "2/3"]  # fp16, fp32: columns by baseline name
+    assert cells[-2:] == ["0 of 3", "2 of 3"]  # fp16, fp32: columns by baseline name
+    # A run directory on its own (no job number) is a job too, not the dense reference.
+    single = grid / "3_prune.final_sparsity=0.9,quant.bits=8"
+    alone = [c.strip() for c in markdown_lines(single)[2].strip("|").split("|")]
+    assert alone[0] == single.name and alone[1:3] == cells[2:4]  # its own top-1 and Δ vs dense
