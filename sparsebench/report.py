@@ -194,9 +194,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         label = ([str(r.get(k)) for k in swept] if not reference else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
         acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
-        footprint = _num(r.get("footprint_bytes"))
-        cells = label + [f"{100 * acc:.2f}%", delta, number(footprint / 1e6 if footprint is not None else None, "{:.3f} MB"),
-                         number(r.get("compression"), "{:.1f}x")]
+        megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
+        cells = label + [f"{100 * acc:.2f}%", delta, number(megabytes, "{:.3f} MB"), number(r.get("compression"), "{:.1f}x")]
         cells += [number(r.get(k), "{:.2f}x") for k in speedups]
         cells += [str(r.get(k) or "—") for k in faster]
         lines.append("| " + " | ".join(cells) + " |")
@@ -461,10 +460,56 @@ def plot_footprint(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Sect
     return Section(title, _png(fig))
 
 
+def read_curves(job_dir: Path) -> Dict[str, List[Tuple[float, float]]]:
+    """history.jsonl -> {phase: [(epoch, test accuracy), ...]} for the dense and finetune phases."""
+    curves: Dict[str, Dict[float, float]] = defaultdict(dict)
+    path = job_dir / "history.jsonl"
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        for phase in ("dense", "finetune"):
+            epoch, acc = _num(entry.get(f"{phase}/epoch")), _num(entry.get(f"{phase}/acc"))
+            if epoch is not None and acc is not None:
+                curves[phase][epoch] = acc  # a resumed run logs some epochs again: the later one wins
+    return {phase: sorted(points.items()) for phase, points in curves.items()}
+
+
+def plot_curves(rows: Sequence[Dict[str, Any]], sweep_dir: Path, swept: Sequence[str]) -> Section:
+    title = "Test accuracy per epoch, dense training and retraining"
+    per_job = {}
+    for r in rows:
+        job_dir = sweep_dir / r["job"] if (sweep_dir / r["job"]).is_dir() else sweep_dir
+        curves = read_curves(job_dir)
+        if curves:
+            per_job[job_label(r, swept)] = curves
+    if not per_job:
+        return Section(title, note="No job wrote history.jsonl (runs log their per-epoch accuracy there, "
+                                      "with or without W&B; older runs have none).")
+    fig = _figure(width=11.0, height=4.2)
+    axes = fig.subplots(1, 2)
+    for ax, phase in zip(axes, ("dense", "finetune")):
+        for label, curves in per_job.items():
+            if phase in curves:
+                epochs, accs = zip(*curves[phase])
+                ax.plot(epochs, accs, lw=1.2, label=label)
+        ax.set_title("dense training" if phase == "dense" else "retraining (pruning, QAT)", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    axes[0].set_ylabel("test accuracy")
+    return Section(title, _png(fig))
+
+
 def sections(rows: Sequence[Dict[str, Any]], sweep_dir: Path) -> List[Section]:
     swept = swept_keys(rows)
     return [plot_accuracy(rows), plot_speedups(rows), plot_pareto(rows, swept),
-            *plot_layer_heatmaps(rows, sweep_dir, swept), plot_footprint(rows, swept)]
+            *plot_layer_heatmaps(rows, sweep_dir, swept), plot_footprint(rows, swept),
+            plot_curves(rows, sweep_dir, swept)]
 
 
 # ---------------------------------------------------------------- the page

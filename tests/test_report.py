@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import csv
 import io
 import json
@@ -111,14 +112,15 @@ def test_report_page_is_self_contained_with_every_plot(grid: Path) -> None:
                           "Accuracy-speedup Pareto front"]
     assert [t for t in titles if t.startswith("Per-layer speedup")] == [
         "Per-layer speedup: direct_sparse vs cudnn_fp16, batch 1", "Per-layer speedup: direct_sparse vs cudnn_fp32, batch 1"]
-    assert titles[-1] == "Weight footprint"
+    assert titles[-2:] == ["Weight footprint", "Test accuracy per epoch, dense training and retraining"]
+    assert "No job wrote history.jsonl" in parts[-1].note and html.escape(parts[-1].note) in page
     pngs = images(page)
-    assert len(pngs) == len(parts) == 6 and all(p.format == "PNG" and p.width > 300 for p in pngs)
+    assert len(pngs) == len(parts) - 1 == 6 and all(p.format == "PNG" and p.width > 300 for p in pngs)
     files = sorted((grid / "plots").glob("*.png"))  # the same figures as files, in page order
     assert [f.name for f in files][:3] == ["01-accuracy-vs-sparsity-per-bit-width.png",
                                            "02-whole-network-speedup-vs-sparsity-per-baseline.png",
                                            "03-accuracy-speedup-pareto-front.png"]
-    assert [f.read_bytes() for f in files] == [p.png for p in parts]
+    assert [f.read_bytes() for f in files] == [p.png for p in parts if p.png]
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing fetched from elsewhere
     assert "CUDA out of memory" not in page and report.DIED in page  # failed jobs listed with their reason
 
@@ -248,3 +250,18 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     single = grid / "3_prune.final_sparsity=0.9,quant.bits=8"
     alone = [c.strip() for c in markdown_lines(single)[2].strip("|").split("|")]
     assert alone[0] == single.name and alone[1:3] == cells[2:4]  # its own top-1 and Δ vs dense
+
+
+def test_learning_curves_from_each_jobs_history(grid: Path) -> None:
+    job = next(grid.glob("1_*"))
+    lines = [{"step": 10, "finetune/loss": 1.0},
+             {"step": 20, "finetune/epoch": 1, "finetune/acc": 0.5},
+             {"step": 40, "finetune/epoch": 2, "finetune/acc": 0.7},
+             {"step": 40, "finetune/epoch": 2, "finetune/acc": 0.8}]  # epoch 2 again after a resume
+    (job / "history.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 4')  # cut short
+    assert report.read_curves(job) == {"finetune": [(1, 0.5), (2, 0.8)]}
+    parts = report.write_report(grid)
+    curves = next(p for p in parts if p.title.startswith("Test accuracy per epoch"))
+    assert curves.png and not curves.note
+    assert (grid / "plots" / report.plot_filename(len(parts), curves.title)).exists()
+    assert report.read_curves(next(grid.glob("0_*"))) == {}  # no history: no curve
