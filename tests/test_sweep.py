@@ -54,7 +54,7 @@ def test_four_job_sweep_gets_four_runs_and_a_report(tmp_path: Path) -> None:
     assert {r["method"] for r in rows} == {"agp+linear"} and {r["status"] for r in rows} == {"ok"}
     assert {"overrides", "acc_dense", "sparsity", "footprint_bytes", "error"} <= set(rows[0])
     page = (tmp_path / "report.html").read_text()
-    assert page.count("src='data:image/png;base64,") == 3  # accuracy, Pareto (compression), footprint
+    assert page.count("src='data:image/png;base64,") == 4  # accuracy, Pareto (compression), footprint, curves
     assert "No job measured speedups" in page
 
 
