@@ -9,8 +9,8 @@ benchmark timed while another job trains would be wrong. Two ``flock`` files per
 Trainers let go of ``use`` for a moment after every optimizer step (``after_step``, as a
 training hook), so a waiting benchmark starts within one step of every other job and they
 pause until it ends. A trainer that sees the gate taken first waits for its queued GPU work,
-so none of it runs inside the benchmark. A job never waits for the gate while holding ``use`` (no deadlock), and the
-kernel drops both locks when a job's process dies.
+so none of it runs inside the benchmark. A job never waits for the gate while holding ``use``
+(no deadlock), and the kernel drops both locks when a job's process dies.
 """
 
 from __future__ import annotations
