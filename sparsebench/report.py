@@ -120,6 +120,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
         "target_sparsity": _dig(config, "prune.final_sparsity") if prune_method != "none" else 0.0,
         "bits": _dig(config, "quant.bits"),
     }
+    row["_curves"] = read_curves(job_dir)  # a job that died may still have logged its epochs
     if metrics is None:
         row["error"] = DIED
         return row
@@ -128,8 +129,9 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     row.update({k: metrics[k] for k in MEASURED if k in metrics})
     row["backend"] = metrics.get("bench/backend")  # the sparse backend the speedups are of
     row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
+    row["_layers"] = read_layer_speedups(job_dir, row["backend"])  # for the counts below and the heatmaps
     if row["backend"]:  # the sparse backend's layers only (not baselines compared with each other)
-        for (_, baseline, batch), layers in read_layer_speedups(job_dir, row["backend"]).items():
+        for (_, baseline, batch), layers in row["_layers"].items():
             row[f"faster/{baseline}/b{batch}"] = f"{sum(v > 1 for v in layers.values())} of {len(layers)}"
     if metrics.get("error"):
         row["error"] = metrics["error"]
@@ -392,12 +394,11 @@ def read_layer_speedups(job_dir: Path, backend: Optional[str] = None) -> Dict[Tu
     return out
 
 
-def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], sweep_dir: Path, swept: Sequence[str]) -> List[Section]:
+def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> List[Section]:
     title = "Per-layer speedup"
     per_case: Dict[Tuple[str, str, int], Dict[str, Dict[str, float]]] = defaultdict(dict)
     for r in _ok(rows):
-        job_dir = sweep_dir / r["job"] if (sweep_dir / r["job"]).is_dir() else sweep_dir
-        for case, layer_values in read_layer_speedups(job_dir, r.get("backend")).items():
+        for case, layer_values in r.get("_layers", {}).items():
             per_case[case][job_label(r, swept)] = layer_values
     if not per_case:
         return [Section(title, note="No layers.csv has speedup_vs_<baseline> columns (no benchmark ran).")]
@@ -478,14 +479,9 @@ def read_curves(job_dir: Path) -> Dict[str, List[Tuple[float, float]]]:
     return {phase: sorted(points.items()) for phase, points in curves.items()}
 
 
-def plot_curves(rows: Sequence[Dict[str, Any]], sweep_dir: Path, swept: Sequence[str]) -> Section:
+def plot_curves(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
     title = "Test accuracy per epoch, dense training and retraining"
-    per_job = {}
-    for r in rows:
-        job_dir = sweep_dir / r["job"] if (sweep_dir / r["job"]).is_dir() else sweep_dir
-        curves = read_curves(job_dir)
-        if curves:
-            per_job[job_label(r, swept)] = curves
+    per_job = {job_label(r, swept): r["_curves"] for r in rows if r.get("_curves")}
     if not per_job:
         return Section(title, note="No job wrote history.jsonl (runs log their per-epoch accuracy there, "
                                       "with or without W&B; older runs have none).")
@@ -505,11 +501,10 @@ def plot_curves(rows: Sequence[Dict[str, Any]], sweep_dir: Path, swept: Sequence
     return Section(title, _png(fig))
 
 
-def sections(rows: Sequence[Dict[str, Any]], sweep_dir: Path) -> List[Section]:
+def sections(rows: Sequence[Dict[str, Any]]) -> List[Section]:
     swept = swept_keys(rows)
     return [plot_accuracy(rows), plot_speedups(rows), plot_pareto(rows, swept),
-            *plot_layer_heatmaps(rows, sweep_dir, swept), plot_footprint(rows, swept),
-            plot_curves(rows, sweep_dir, swept)]
+            *plot_layer_heatmaps(rows, swept), plot_footprint(rows, swept), plot_curves(rows, swept)]
 
 
 # ---------------------------------------------------------------- the page
@@ -584,7 +579,7 @@ def write_report(sweep_dir: Path, rows: Optional[List[Dict[str, Any]]] = None) -
     rows = collect(sweep_dir) if rows is None else rows
     write_summary(sweep_dir / "summary.csv", rows)
     atomic_write_text(sweep_dir / "table.md", markdown_table(rows))
-    parts = sections(rows, sweep_dir)
+    parts = sections(rows)
     for index, part in enumerate(parts, 1):
         if part.png:
             atomic_write_bytes(sweep_dir / "plots" / plot_filename(index, part.title), part.png)
