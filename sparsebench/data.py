@@ -231,12 +231,12 @@ class Batches:
     """
 
     def __init__(self, x: Tensor, y: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
-                 shuffle: bool, augment: bool = False, seed: int = 0, device: torch.device = torch.device("cpu"),
-                 channels_last: bool = False):
+                 shuffle: bool, augment: bool = False, cutout: int = 0, seed: int = 0,
+                 device: torch.device = torch.device("cpu"), channels_last: bool = False):
         self.x, self.y = x, y
         self.mean = mean.view(1, -1, 1, 1).to(device)
         self.std = std.view(1, -1, 1, 1).to(device)
-        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
+        self.batch_size, self.shuffle, self.augment, self.cutout, self.seed = batch_size, shuffle, augment, cutout, seed
         self.device, self.channels_last = device, channels_last
 
     def __len__(self) -> int:
@@ -251,8 +251,12 @@ class Batches:
             sel = order[idx] if order is not None else idx
             x, y = self.x[sel], self.y[sel]
             if self.augment:
-                x = random_crop_flip(x, torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + epoch * 7919 + b))
+                g = torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + epoch * 7919 + b)
+                x = random_crop_flip(x, g)
+                keep = cutout_mask(x.shape, self.cutout, g) if self.cutout else None
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+            if self.augment and self.cutout:
+                x.mul_(keep.to(self.device, non_blocking=True))  # 0 after normalising: the mean colour
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
@@ -274,3 +278,14 @@ def random_crop_flip(x: Tensor, g: torch.Generator, pad: int = 4) -> Tensor:
     batch = torch.arange(n, device=x.device)[:, None, None]
     # Advanced indices around a slice put the indexed dims first: N x H x W x C.
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def cutout_mask(shape: torch.Size, size: int, g: torch.Generator) -> Tensor:
+    """N x 1 x H x W float mask, 0 on one size x size square per image (centre anywhere, clipped at the border)."""
+    n, _, h, w = shape
+    cy = torch.randint(0, h, (n, 1), generator=g, device=g.device)
+    cx = torch.randint(0, w, (n, 1), generator=g, device=g.device)
+    ys = torch.arange(h, device=g.device) - cy + size // 2  # inside when 0 <= ys < size
+    xs = torch.arange(w, device=g.device) - cx + size // 2
+    inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
+    return (~inside).float()[:, None]

@@ -164,7 +164,7 @@ def _join_bench(rows: list, bench_rows: list) -> list:
 def _batches(data: Dataset, cfg: Any, device: torch.device, channels_last: bool) -> tuple:
     common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     train = Batches(data.x_train, data.y_train, batch_size=cfg.data.batch_size, shuffle=True,
-                    augment=cfg.data.augment, seed=cfg.seed, **common)
+                    augment=cfg.data.augment, cutout=cfg.data.cutout, seed=cfg.seed, **common)
     test = Batches(data.x_test, data.y_test, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)
     return train, test
 

@@ -111,3 +111,32 @@ def test_random_crop_flip_moves_pixels_but_keeps_shape():
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
     out = data.random_crop_flip(x, torch.Generator().manual_seed(1), pad=2)
     assert out.shape == x.shape and not torch.equal(out, x)
+
+
+def test_cutout_zeroes_one_clipped_square_per_image():
+    mask = data.cutout_mask(torch.Size([200, 3, 32, 32]), 16, torch.Generator().manual_seed(0))
+    assert mask.shape == (200, 1, 32, 32)
+    holes = (mask == 0).squeeze(1)
+    rows, cols = holes.any(2).sum(1), holes.any(1).sum(1)
+    assert torch.equal(holes.sum((1, 2)), rows * cols)  # one rectangle per image
+    assert rows.max() == 16 and cols.max() == 16 and rows.min() >= 8 and cols.min() >= 8  # clipped at most to half
+    assert (rows * cols < 256).any()  # some squares hang over the border
+
+
+def test_cutout_batches_keep_the_order_and_blank_to_the_mean():
+    ds = load("data=digits")
+    plain = data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 100, shuffle=True, augment=True, seed=3)
+    cut = data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 100, shuffle=True, augment=True, cutout=4, seed=3)
+    (xp, yp), (xc, yc) = next(iter(plain.epoch(1))), next(iter(cut.epoch(1)))
+    assert torch.equal(yp, yc)  # same images, same crops: cutout only blanks
+    changed = xp != xc
+    assert changed.any() and (xc[changed] == 0).all()
+    per_image = changed.any(1).flatten(1).sum(1)
+    assert per_image.max() <= 16
+
+
+def test_cutout_without_augment_is_refused():
+    from sparsebench.config import validate
+
+    with pytest.raises(ValueError, match="data.cutout"):
+        validate(compose("data=digits", "data.cutout=8"))
