@@ -29,7 +29,8 @@ P* ptr(uintptr_t v) {
 ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW,
                    int stride, int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits,
                    uintptr_t row_order, uintptr_t values, int value_kind, int bits, uintptr_t scale,
-                   uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant, int64_t nnz) {
+                   uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant, int64_t nnz,
+                   int64_t max_row) {
   if (act_dtype < kF32 || act_dtype > kBF16) throw std::invalid_argument("act_dtype: expected 0 (f32), 1 (f16), 2 (bf16)");
   if (value_kind < kValF32 || value_kind > kValCodebook) throw std::invalid_argument("value_kind: expected 0..3");
   if (col_bits != 16 && col_bits != 32) throw std::invalid_argument("col_bits: expected 16 or 32");
@@ -56,6 +57,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   a.relu = relu ? 1 : 0;
   a.variant = variant;
   a.nnz = nnz;
+  a.max_row = max_row;
   return a;
 }
 
@@ -70,6 +72,7 @@ py::dict plan_dict(const Plan& p) {
   d["CC"] = p.CC;
   d["chunks"] = p.chunks;
   d["rows_per_block"] = p.rows_per_block;
+  d["warps_per_row"] = p.warps_per_row;
   d["threads"] = p.threads;
   d["smem_bytes"] = p.smem_bytes;
   d["blocks"] = p.blocks;
@@ -87,51 +90,58 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
          int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits, uintptr_t row_order,
          uintptr_t values, int value_kind, int bits, uintptr_t scale, uintptr_t zero_point, uintptr_t codebook,
-         uintptr_t bias, bool relu, int variant, int64_t nnz, uintptr_t stream) {
+         uintptr_t bias, bool relu, int variant, int64_t nnz, int64_t max_row, uintptr_t stream) {
         const ConvArgs a = make_args(x, out, act_dtype, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, rowptr, colidx,
                                      col_bits, row_order, values, value_kind, bits, scale, zero_point, codebook, bias,
-                                     relu, variant, nnz);
+                                     relu, variant, nnz, max_row);
         const std::string err = launch_conv(a, reinterpret_cast<void*>(stream));
         if (!err.empty()) throw std::runtime_error("sparsebench._C.conv2d: " + err);
       },
       "Direct sparse convolution (linear = 1x1 conv on a 1x1 image) on the given CUDA stream. "
       "Pointers are device addresses; 0 means absent for row_order/scale/zero_point/codebook/bias; "
-      "nnz is the number of stored nonzeros (used to pick the blocking).",
+      "nnz and max_row (the longest row's nonzeros) pick the blocking; 0 means unknown.",
       py::arg("x"), py::arg("out"), py::arg("act_dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
       py::arg("CO"), py::arg("KH"), py::arg("KW"), py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"),
       py::arg("rowptr"), py::arg("colidx"), py::arg("col_bits"), py::arg("row_order"), py::arg("values"),
       py::arg("value_kind"), py::arg("bits"), py::arg("scale"), py::arg("zero_point"), py::arg("codebook"),
-      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"), py::arg("stream"));
+      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"), py::arg("max_row"), py::arg("stream"));
 
   m.def(
       "plan",
       [](int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW, int variant,
-         int64_t nnz) {
+         int64_t nnz, int64_t max_row) {
         ConvArgs a;
         a.nnz = nnz;
+        a.max_row = max_row;
         a.N = N; a.C = C; a.H = H; a.W = W; a.CO = CO; a.KH = KH; a.KW = KW;
         a.stride = stride; a.pad = pad; a.OH = OH; a.OW = OW; a.variant = variant;
         return plan_dict(make_plan(a));
       },
       "The kernel and blocking conv2d would use for this geometry (queries the device's SM count).",
       py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("CO"), py::arg("KH"), py::arg("KW"),
-      py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"), py::arg("variant") = 0, py::arg("nnz") = 0);
+      py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"), py::arg("variant") = 0, py::arg("nnz") = 0,
+      py::arg("max_row") = 0);
 
   m.def(
       "set_tuning",
-      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width) {
+      [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width,
+         int rowsplit_warps_per_row) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
+        if (rowsplit_warps_per_row != 0 && rowsplit_warps_per_row != 1 && rowsplit_warps_per_row != 2 &&
+            rowsplit_warps_per_row != 4)
+          throw std::invalid_argument("rowsplit_warps_per_row: expected 0 (automatic), 1, 2 or 4");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
         t.blocks_per_sm = blocks_per_sm;
         t.min_reuse = std::max(1, min_reuse);
         t.virtual_width = virtual_width ? 1 : 0;
+        t.rowsplit_warps_per_row = rowsplit_warps_per_row;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
-      py::arg("virtual_width") = 1);
+      py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0);
 
   m.def("get_tuning", []() {
     py::dict d;
@@ -140,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
     d["blocks_per_sm"] = tuning().blocks_per_sm;
     d["min_reuse"] = tuning().min_reuse;
     d["virtual_width"] = tuning().virtual_width;
+    d["rowsplit_warps_per_row"] = tuning().rowsplit_warps_per_row;
     return d;
   });
 
@@ -153,7 +164,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime_compiled"] = cuda_runtime_version_compiled();
     d["cuda_runtime"] = cuda_runtime_version();
     d["cuda_driver"] = cuda_driver_version();
-    d["kernels"] = py::make_tuple("conv_stage<V=1,2,4>", "conv_rowsplit<P=16>");
+    d["kernels"] = py::make_tuple("conv_stage<V=1,2,4>", "conv_rowsplit<P=16,WPR=1,2,4>");
     return d;
   });
 }

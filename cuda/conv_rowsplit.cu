@@ -1,22 +1,30 @@
 // Direct sparse convolution for few output pixels (deep layers at small batch, linear layers
-// at small batch): one warp per output channel and per 16 output pixels; the row's nonzeros
-// are split across the lanes (each lane keeps 16 partial sums), then a reduce-scatter of
-// 16 shuffles leaves pixel (lane >> 1) in each even lane. Input is read through L1.
+// at small batch): WPR warps per output channel and per 16 output pixels; the row's nonzeros
+// are split across the WPR*32 lanes (each lane keeps 16 partial sums), then a reduce-scatter of
+// 16 shuffles leaves pixel (lane >> 1) in each even lane, and with WPR > 1 the warps of a row
+// add their sums through shared memory in a fixed order. Input is read through L1.
+// WPR > 1 is for rows too long or too few for one warp each: a trained layer keeps a few long
+// rows, and each row's nonzeros are one lane's serial chain of dependent loads.
 #include "kernels.cuh"
 
 namespace sparsebench {
 
-template <typename T>
+template <typename T, int WPR>
 __global__ void __launch_bounds__(kRowSplitWarps * 32)
     conv_rowsplit_kernel(const ConvArgs a, const FastDiv div_ohw, const FastDiv div_ow, const FastDiv div_kk,
                          const FastDiv div_kw, const int M) {
   constexpr int P = kRowSplitPixels;
   static_assert(P == 16, "the reduce-scatter below is written for 16 pixels");
+  static_assert(kRowSplitWarps % WPR == 0, "a block holds whole rows");
   constexpr unsigned FULL = 0xffffffffu;
-  const int lane = threadIdx.x & 31;
-  const int rr = blockIdx.y * kRowSplitWarps + (threadIdx.x >> 5);
-  if (rr >= a.CO) return;  // the whole warp leaves together
-  const int row = block_row(a, rr);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int part = warp % WPR;  // which share of the row's nonzeros this warp sums
+  const int rr = blockIdx.y * (kRowSplitWarps / WPR) + warp / WPR;
+  // With one warp per row a warp past the last row leaves; with several, it stays for the
+  // block-wide barrier and sums nothing.
+  if (WPR == 1 && rr >= a.CO) return;
+  const bool live = rr < a.CO;
+  const int row = live ? block_row(a, rr) : 0;
   const int m0 = blockIdx.x * P;
   const int OHW = a.OH * a.OW, HW = a.H * a.W;
 
@@ -41,8 +49,8 @@ __global__ void __launch_bounds__(kRowSplitWarps * 32)
   float acc[P];
 #pragma unroll
   for (int p = 0; p < P; ++p) acc[p] = 0.f;
-  const int end = __ldg(a.rowptr + row + 1);
-  for (int k = __ldg(a.rowptr + row) + lane; k < end; k += 32) {
+  const int end = live ? __ldg(a.rowptr + row + 1) : 0;
+  for (int k = (live ? __ldg(a.rowptr + row) : 0) + part * 32 + lane; k < end; k += WPR * 32) {
     const int col = load_col(a, k);
     const int ci = div_kk.div(col), rem = col - ci * (a.KH * a.KW);
     const int kh = div_kw.div(rem), kw = rem - kh * a.KW;
@@ -77,8 +85,17 @@ __global__ void __launch_bounds__(kRowSplitWarps * 32)
   float v = (hi ? v2[1] : v2[0]) + __shfl_xor_sync(FULL, hi ? v2[0] : v2[1], 2);
   v += __shfl_xor_sync(FULL, v, 1);
 
+  if (WPR > 1) {  // the row's warps add up in shared memory, in warp order (deterministic)
+    __shared__ float partial[kRowSplitWarps][P];
+    if ((lane & 1) == 0) partial[warp][lane >> 1] = v;
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int w = 1; w < WPR; ++w) v += partial[warp + w][(lane >> 1) & 15];
+  }
+
   const int m = m0 + ((lane >> 1) & 15);
-  if ((lane & 1) == 0 && m < M) {
+  if (live && (lane & 1) == 0 && m < M) {
     const int n = div_ohw.div(m), rem = m - n * OHW;
     v += a.bias ? __ldg(a.bias + row) : 0.f;
     if (a.relu) v = v < 0.f ? 0.f : v;
@@ -87,21 +104,34 @@ __global__ void __launch_bounds__(kRowSplitWarps * 32)
   }
 }
 
-template <typename T>
+template <typename T, int WPR>
 static void launch_rowsplit_t(const ConvArgs& a, cudaStream_t stream) {
   const int M = a.N * a.OH * a.OW;
+  constexpr int rows_per_block = kRowSplitWarps / WPR;
   const dim3 grid(static_cast<unsigned>((M + kRowSplitPixels - 1) / kRowSplitPixels),
-                  static_cast<unsigned>((a.CO + kRowSplitWarps - 1) / kRowSplitWarps));
-  conv_rowsplit_kernel<T><<<grid, kRowSplitWarps * 32, 0, stream>>>(
+                  static_cast<unsigned>((a.CO + rows_per_block - 1) / rows_per_block));
+  conv_rowsplit_kernel<T, WPR><<<grid, kRowSplitWarps * 32, 0, stream>>>(
       a, FastDiv(a.OH * a.OW), FastDiv(a.OW), FastDiv(a.KH * a.KW), FastDiv(a.KW), M);
 }
 
-std::string launch_rowsplit(const ConvArgs& a, cudaStream_t stream) {
-  if ((a.CO + kRowSplitWarps - 1) / kRowSplitWarps > 65535) return "row-split kernel: too many output channels";
+template <int WPR>
+static void launch_rowsplit_w(const ConvArgs& a, cudaStream_t stream) {
   switch (a.act_dtype) {
-    case kF32: launch_rowsplit_t<float>(a, stream); break;
-    case kF16: launch_rowsplit_t<__half>(a, stream); break;
-    default: launch_rowsplit_t<__nv_bfloat16>(a, stream); break;
+    case kF32: launch_rowsplit_t<float, WPR>(a, stream); break;
+    case kF16: launch_rowsplit_t<__half, WPR>(a, stream); break;
+    default: launch_rowsplit_t<__nv_bfloat16, WPR>(a, stream); break;
+  }
+}
+
+std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t stream) {
+  if (warps_per_row != 1 && warps_per_row != 2 && warps_per_row != 4)
+    return "row-split kernel: warps_per_row must be 1, 2 or 4";
+  const int rows_per_block = kRowSplitWarps / warps_per_row;
+  if ((a.CO + rows_per_block - 1) / rows_per_block > 65535) return "row-split kernel: too many output channels";
+  switch (warps_per_row) {
+    case 1: launch_rowsplit_w<1>(a, stream); break;
+    case 2: launch_rowsplit_w<2>(a, stream); break;
+    default: launch_rowsplit_w<4>(a, stream); break;
   }
   return "";
 }

@@ -39,13 +39,42 @@ static ConvArgs flatten(const ConvArgs& a, bool& flat) {
   return g;
 }
 
+// Warps per row for the row-split kernel. Each lane's share of a row is a serial chain of
+// dependent loads, so more warps per row help in two cases: the grid has too few warps to hide
+// load latency (but not when rows are shorter than the lanes: the added warps get no nonzero),
+// or the longest row is more than twice a resident warp's fair share of the work (trained layers:
+// magnitude pruning leaves rows several times the mean). Uniform long rows on a full grid gain
+// nothing from splitting and pay the partial-sum reduction. The grid holds kRowSplitWarps / wpr
+// rows per block in y (at most 65535 blocks), which caps wpr.
+static int rowsplit_warps_per_row(const ConvArgs& a, int64_t tiles) {
+  const int64_t want_warps = 16ll * sm_count();
+  const double resident = 32.0 * sm_count();  // 64 registers x 128 threads: 8 blocks of 4 warps per SM
+  const double mean_row = a.nnz > 0 ? static_cast<double>(a.nnz) / a.CO : 1e9;  // unknown: assume long
+  const double work = static_cast<double>(a.nnz) * tiles;  // row-tile steps of the whole layer
+  auto longest_row_dominates = [&](int w) {
+    const double warps = std::min(static_cast<double>(a.CO) * tiles * w, resident);
+    return a.max_row > 0 && a.nnz > 0 && static_cast<double>(a.max_row) / w > 2.0 * work / warps;
+  };
+  int wpr = tuning().rowsplit_warps_per_row;
+  if (!wpr) {
+    wpr = 1;
+    while (wpr < kRowSplitWarps &&
+           ((a.CO * tiles * wpr < want_warps && mean_row > 32.0 * wpr) || longest_row_dominates(wpr)))
+      wpr *= 2;
+  }
+  while (wpr > 1 && cdiv(a.CO, kRowSplitWarps / wpr) > 65535) wpr /= 2;
+  return wpr;
+}
+
 static Plan rowsplit_plan(const ConvArgs& a) {
   Plan p;
   p.variant = kRowSplit;
-  p.rows_per_block = kRowSplitWarps;
-  p.threads = kRowSplitWarps * 32;
   const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW;
-  p.blocks = cdiv(M, kRowSplitPixels) * cdiv(a.CO, kRowSplitWarps);
+  const int64_t tiles = cdiv(M, kRowSplitPixels);
+  p.warps_per_row = rowsplit_warps_per_row(a, tiles);
+  p.rows_per_block = kRowSplitWarps / p.warps_per_row;
+  p.threads = kRowSplitWarps * 32;
+  p.blocks = tiles * cdiv(a.CO, p.rows_per_block);
   return p;
 }
 
@@ -176,7 +205,7 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   if (!want_rowsplit(g) && stage_plan(g, p, t))
     err = launch_stage(g, t, p, stream);
   else
-    err = launch_rowsplit(g, stream);
+    err = launch_rowsplit(g, rowsplit_plan(g).warps_per_row, stream);
   if (!err.empty()) return err;
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : std::string("kernel launch failed: ") + cudaGetErrorString(e);

@@ -21,9 +21,9 @@ struct StageCfg {
 constexpr int kStageWarps = 16;
 
 std::string launch_stage(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream);
-std::string launch_rowsplit(const ConvArgs& a, cudaStream_t stream);
+std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t stream);
 
-// Row-split kernel blocking: warps per block and output pixels per warp.
+// Row-split kernel blocking: warps per block (1, 2 or 4 of them per row) and output pixels per warp.
 constexpr int kRowSplitWarps = 4;
 constexpr int kRowSplitPixels = 16;
 

@@ -30,13 +30,15 @@ struct ConvArgs {
   const float* bias = nullptr;  // may be null
   int relu = 0;
   int variant = kAuto;
-  int64_t nnz = 0;  // nonzeros stored (a planning hint; 0 = unknown)
+  int64_t nnz = 0;      // nonzeros stored (a planning hint; 0 = unknown)
+  int64_t max_row = 0;  // nonzeros of the longest row (a planning hint; 0 = unknown)
 };
 
 // The launch plan the dispatcher picks (exposed for benchmarks and docs).
 struct Plan {
   int variant = kRowSplit;
   int V = 0, TH = 0, TW = 0, TWv = 0, NI = 0, CC = 0, chunks = 0, rows_per_block = 0, threads = 0;
+  int warps_per_row = 1;  // row-split: warps that share one output channel's nonzeros
   int64_t smem_bytes = 0;
   int64_t blocks = 0;
   bool flattened = false;  // a 1x1/stride-1/no-padding conv treated as one long image row
@@ -48,6 +50,7 @@ struct Tuning {
   int min_reuse = 24;             // FMAs each staged input value should feed (sets rows per block)
   int virtual_width = 1;          // let lanes sweep halo columns to avoid shared-memory bank conflicts
   int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
+  int rowsplit_warps_per_row = 0; // 1, 2 or 4 warps per output channel; 0: by rows and row length
 };
 
 Tuning& tuning();

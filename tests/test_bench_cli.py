@@ -107,3 +107,9 @@ def test_row_skew_gives_uneven_rows_with_the_same_sparsity(tmp_path):
 def test_negative_row_skew_is_refused(tmp_path):
     res = run_bench("layers=tiny", "sweep.row_skew=-1", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and "sweep.row_skew=-1" in res.stderr and "a number >= 0" in res.stderr
+
+
+def test_bad_warps_per_row_is_refused(tmp_path):
+    res = run_bench("layers=tiny", "backend.rowsplit_warps_per_row=3", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2
+    assert "backend.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4" in res.stderr

@@ -306,3 +306,13 @@ def test_skewed_row_counts_are_exact_capped_and_skew_with_sigma():
     assert skewed_row_counts(4, 3, 12, 2.0, torch.Generator()).tolist() == [3, 3, 3, 3]  # every row full
     with pytest.raises(ValueError, match="does not fit"):
         skewed_row_counts(4, 3, 13, 2.0, torch.Generator())
+
+
+def test_longest_row_is_read_once_and_travels_with_the_layer():
+    from sparsebench.sparse.synthetic import random_layer
+
+    layer = random_layer((40, 16, 3, 3), 0.8, empty_rows=3, row_skew=1.0, seed=2)
+    counts = layer.rowptr[1:] - layer.rowptr[:-1]
+    assert layer.row_nnz_max == int(counts.max()) > 2 * float(counts.float().mean())
+    moved = layer.to("meta")  # no data on meta tensors: the count must come along, not be re-read
+    assert moved.row_nnz_max == layer.row_nnz_max

@@ -18,6 +18,7 @@ class BackendConfig:
     name: str = "none"  # the backend under test: none | direct_sparse | torch_csr | sparse_reference
     activations: str = "fp32"  # fp32 | fp16 | bf16 (direct_sparse; the others compute in their own dtype)
     fallback: bool = True  # where it cannot run (no GPU/kernels): time sparse_reference on the CPU instead
+    rowsplit_warps_per_row: int = 0  # direct_sparse: warps per output channel in the row-split kernel; 0 = auto
 
 
 @dataclass
@@ -39,6 +40,8 @@ class BenchConfig:
 def validate_bench(backend: Any, bench: Any) -> None:
     require(backend.name in SPARSE_BACKEND_NAMES, "backend.name", backend.name,
             "one of " + ", ".join(SPARSE_BACKEND_NAMES))
+    require(backend.rowsplit_warps_per_row in (0, 1, 2, 4), "backend.rowsplit_warps_per_row",
+            backend.rowsplit_warps_per_row, "0 (automatic), 1, 2 or 4")
     require(backend.activations in ("fp32", "fp16", "bf16"), "backend.activations", backend.activations, "fp32, fp16 or bf16")
     require(backend.activations == "fp32" or backend.name in ("none", "direct_sparse"), "backend.activations",
             backend.activations, f"fp32 for backend {backend.name} (fp16/bf16 activations are direct_sparse only)")

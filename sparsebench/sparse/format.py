@@ -18,6 +18,7 @@ One ``PackedLayer`` holds a conv2d or linear weight with only its nonzeros store
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +77,12 @@ class PackedLayer:
     @property
     def nnz(self) -> int:
         return int(self.colidx.numel())
+
+    @functools.cached_property
+    def row_nnz_max(self) -> int:
+        """Nonzeros of the longest row: the kernels split long rows across warps. Read from rowptr
+        once (a device sync for a GPU layer), so ``to()`` hands it on and the op never syncs."""
+        return int((self.rowptr[1:] - self.rowptr[:-1]).max()) if self.out_channels else 0
 
     @property
     def sparsity(self) -> float:
@@ -138,8 +145,9 @@ class PackedLayer:
         return 4 * (n + (self.out_channels if self.bias is not None else 0))
 
     def to(self, device) -> "PackedLayer":
-        moved = {name: t.to(device) for name, t in self.tensors().items()}
-        return dataclasses.replace(self, **moved)
+        moved = dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
+        moved.row_nnz_max = self.row_nnz_max  # cached_property: settable, read here where it is cheap
+        return moved
 
     def geometry(self) -> Dict[str, Any]:
         return {"kind": self.kind, "weight_shape": list(self.weight_shape), "stride": self.stride,

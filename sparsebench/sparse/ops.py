@@ -126,33 +126,34 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
-            zero_point, codebook, bias, value_kind, bits, relu, variant) -> None:
+            zero_point, codebook, bias, value_kind, bits, relu, variant, max_row) -> None:
     if out.numel() == 0:
         return
     _C.conv2d(x.data_ptr(), out.data_ptr(), ACT_DTYPES[x.dtype], n, c, h, w, co, kh, kw, stride, padding, oh, ow,
               rowptr.data_ptr(), colidx.data_ptr(), 16 if colidx.dtype == torch.int16 else 32, row_order.data_ptr(),
               values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook), _ptr(bias),
-              bool(relu), variant, colidx.numel(), torch.cuda.current_stream(x.device).cuda_stream)
+              bool(relu), variant, colidx.numel(), max_row, torch.cuda.current_stream(x.device).cuda_stream)
 
 
 @torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
 def _sparse_conv2d_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
                       values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
                       codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], weight_shape: List[int],
-                      stride: int, padding: int, value_kind: int, bits: int, relu: bool, variant: int) -> torch.Tensor:
+                      stride: int, padding: int, value_kind: int, bits: int, relu: bool, variant: int,
+                      max_row: int) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight_shape
     oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     out = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
         _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
-                zero_point, codebook, bias, value_kind, bits, relu, variant)
+                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row)
     return out
 
 
 @_sparse_conv2d_op.register_fake
 def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, weight_shape, stride, padding,
-      value_kind, bits, relu, variant):
+      value_kind, bits, relu, variant, max_row):
     n, _, h, w = x.shape
     co, _, kh, kw = weight_shape
     return x.new_empty((n, co, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)))
@@ -162,18 +163,18 @@ def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, w
 def _sparse_linear_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
                       values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
                       codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
-                      value_kind: int, bits: int, relu: bool, variant: int) -> torch.Tensor:
+                      value_kind: int, bits: int, relu: bool, variant: int, max_row: int) -> torch.Tensor:
     b, c = x.shape
     out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
         _launch(x, out, b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1, rowptr, colidx, row_order, values, scale,
-                zero_point, codebook, bias, value_kind, bits, relu, variant)
+                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row)
     return out
 
 
 @_sparse_linear_op.register_fake
 def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, out_features, value_kind, bits,
-      relu, variant):
+      relu, variant, max_row):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -192,7 +193,7 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     return _sparse_conv2d_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
                              layer.zero_point, layer.codebook, layer.bias, list(layer.weight_shape), layer.stride,
                              layer.padding, VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu),
-                             _variant_code(variant))
+                             _variant_code(variant), layer.row_nnz_max)
 
 
 def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
@@ -202,7 +203,8 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     _check_device(x, layer)
     return _sparse_linear_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
                              layer.zero_point, layer.codebook, layer.bias, layer.out_channels,
-                             VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu), _variant_code(variant))
+                             VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu), _variant_code(variant),
+                             layer.row_nnz_max)
 
 
 def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
@@ -229,7 +231,7 @@ def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, r
     with torch.cuda.device(x.device):
         _launch(x, out, n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, layer.rowptr,
                 layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point, layer.codebook, layer.bias,
-                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, _variant_code(variant))
+                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, _variant_code(variant), layer.row_nnz_max)
     return out
 
 
@@ -244,7 +246,7 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
         oh = conv_output_size(h, kh, layer.stride, layer.padding)
         ow = conv_output_size(w, kw, layer.stride, layer.padding)
     return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
-                   layer.nnz)
+                   layer.nnz, layer.row_nnz_max)
 
 
 # ---------------------------------------------------------------------------------------

@@ -85,10 +85,10 @@ def codebook_codes(weight: torch.Tensor, bits: int, gen: torch.Generator):
 
 def random_layer(shape: Sequence[int], sparsity: float, *, value: str = "float32", bits: Optional[int] = None,
                  stride: int = 1, padding: int = 0, bias: bool = True, empty_rows: int = 0,
-                 seed: int = 0) -> PackedLayer:
+                 row_skew: float = 0.0, seed: int = 0) -> PackedLayer:
     """A random PackedLayer. value: float32 | float16 | linear | codebook (the last two need bits)."""
     gen = torch.Generator().manual_seed(seed)
-    w = random_sparse_weight(shape, sparsity, gen, empty_rows)
+    w = random_sparse_weight(shape, sparsity, gen, empty_rows, row_skew)
     b = torch.randn(shape[0], generator=gen) if bias else None
     if value in ("float32", "float16"):
         return pack_weight(w, b, stride=stride, padding=padding,
