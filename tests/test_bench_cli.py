@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, TINY, run_cli
 
 FAST = ["bench.repeats=20", "bench.warmup=1", "bench.progress=false"]
@@ -109,7 +111,22 @@ def test_negative_row_skew_is_refused(tmp_path):
     assert res.returncode == 2 and "sweep.row_skew=-1" in res.stderr and "a number >= 0" in res.stderr
 
 
-def test_bad_warps_per_row_is_refused(tmp_path):
-    res = run_bench("layers=tiny", "backend.rowsplit_warps_per_row=3", f"hydra.run.dir={tmp_path}")
-    assert res.returncode == 2
-    assert "backend.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4" in res.stderr
+@pytest.mark.parametrize("override, message", [
+    ("+backend.tuning.rowsplit_warps_per_row=3", "backend.tuning.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4"),
+    ("+backend.tuning.warps=2", "backend.tuning.warps=2 is not allowed: a knob of the kernels: smem_budget, "),
+    ("+backend.tuning.blocks_per_sm=0", "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
+])
+def test_bad_kernel_tuning_is_refused(tmp_path, override, message):
+    res = run_bench("layers=tiny", override, f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and message in res.stderr
+
+
+def test_kernel_tuning_knobs_are_the_modules_own():
+    from sparsebench.bench.config import KERNEL_TUNING
+    from sparsebench.sparse.ops import _C
+
+    if _C is None:
+        pytest.skip("sparsebench._C is not built here")
+    defaults = _C.get_tuning()
+    assert set(defaults) == set(KERNEL_TUNING)
+    assert all(KERNEL_TUNING[knob][1](value) for knob, value in defaults.items())  # every default passes its own check

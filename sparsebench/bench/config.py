@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, Dict, List
 
 from sparsebench.errors import require
 
@@ -12,13 +12,24 @@ BACKEND_NAMES = ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "direct_sparse", "tor
                  "torch_cpu", "sparse_reference")
 SPARSE_BACKEND_NAMES = ("none", "direct_sparse", "torch_csr", "sparse_reference")
 
+# The CUDA dispatcher's knobs (`_C.set_tuning`, docs/kernels.md) and what each accepts; a knob
+# left out of backend.tuning keeps its default.
+KERNEL_TUNING = {
+    "smem_budget": ("8192..232448 (bytes of shared memory a staged block may use)", lambda v: 8192 <= v <= 227 * 1024),
+    "rowsplit_max_pixels": ("an integer >= 0 (output pixels up to which the row-split kernel runs)", lambda v: v >= 0),
+    "blocks_per_sm": ("1..32", lambda v: 1 <= v <= 32),
+    "min_reuse": ("an integer >= 1 (FMAs per staged input value)", lambda v: v >= 1),
+    "virtual_width": ("0 or 1", lambda v: v in (0, 1)),
+    "rowsplit_warps_per_row": ("0 (automatic), 1, 2 or 4", lambda v: v in (0, 1, 2, 4)),
+}
+
 
 @dataclass
 class BackendConfig:
     name: str = "none"  # the backend under test: none | direct_sparse | torch_csr | sparse_reference
     activations: str = "fp32"  # fp32 | fp16 | bf16 (direct_sparse; the others compute in their own dtype)
     fallback: bool = True  # where it cannot run (no GPU/kernels): time sparse_reference on the CPU instead
-    rowsplit_warps_per_row: int = 0  # direct_sparse: warps per output channel in the row-split kernel; 0 = auto
+    tuning: Dict[str, int] = field(default_factory=dict)  # direct_sparse: dispatcher knobs (KERNEL_TUNING), e.g. +backend.tuning.min_reuse=48
 
 
 @dataclass
@@ -40,8 +51,9 @@ class BenchConfig:
 def validate_bench(backend: Any, bench: Any) -> None:
     require(backend.name in SPARSE_BACKEND_NAMES, "backend.name", backend.name,
             "one of " + ", ".join(SPARSE_BACKEND_NAMES))
-    require(backend.rowsplit_warps_per_row in (0, 1, 2, 4), "backend.rowsplit_warps_per_row",
-            backend.rowsplit_warps_per_row, "0 (automatic), 1, 2 or 4")
+    for knob, value in backend.tuning.items():
+        require(knob in KERNEL_TUNING, f"backend.tuning.{knob}", value, "a knob of the kernels: " + ", ".join(KERNEL_TUNING))
+        require(KERNEL_TUNING[knob][1](value), f"backend.tuning.{knob}", value, KERNEL_TUNING[knob][0])
     require(backend.activations in ("fp32", "fp16", "bf16"), "backend.activations", backend.activations, "fp32, fp16 or bf16")
     require(backend.activations == "fp32" or backend.name in ("none", "direct_sparse"), "backend.activations",
             backend.activations, f"fp32 for backend {backend.name} (fp16/bf16 activations are direct_sparse only)")

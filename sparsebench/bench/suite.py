@@ -44,10 +44,10 @@ def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Pla
         log.warning("bench: backend %s skipped: %s; timing %s instead", sparse, reason, CPU_FALLBACK)
         skipped[sparse] = reason
         sparse, activations, device = CPU_FALLBACK, "fp32", torch.device("cpu")
-    if sparse == "direct_sparse":  # the kernels' dispatcher knob, process-wide (compare values with -m)
+    if sparse == "direct_sparse":  # the dispatcher's knobs are process-wide: set all, so a serial sweep's next job starts clean
         from sparsebench.sparse.ops import _C
 
-        _C.set_tuning(**{**_C.get_tuning(), "rowsplit_warps_per_row": backend_cfg.rowsplit_warps_per_row})
+        _C.set_tuning(**backend_cfg.tuning)
     baselines = []
     for name in bench_cfg.baselines:
         if name == sparse or name in baselines:
