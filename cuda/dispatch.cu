@@ -43,7 +43,8 @@ static ConvArgs flatten(const ConvArgs& a, bool& flat) {
 // dependent loads, so more warps per row help in two cases: the grid has too few warps to hide
 // load latency (but not when rows are shorter than the lanes: the added warps get no nonzero),
 // or the longest row is more than twice a resident warp's fair share of the work (trained layers:
-// magnitude pruning leaves rows several times the mean). Uniform long rows on a full grid gain
+// magnitude pruning leaves rows several times the mean) and long enough to give every lane of the
+// doubled warps two nonzeros or more. Uniform long rows on a full grid gain
 // nothing from splitting and pay the partial-sum reduction. The grid holds kRowSplitWarps / wpr
 // rows per block in y (at most 65535 blocks), which caps wpr.
 static int rowsplit_warps_per_row(const ConvArgs& a, int64_t tiles) {
@@ -53,7 +54,7 @@ static int rowsplit_warps_per_row(const ConvArgs& a, int64_t tiles) {
   const double work = static_cast<double>(a.nnz) * tiles;  // row-tile steps of the whole layer
   auto longest_row_dominates = [&](int w) {
     const double warps = std::min(static_cast<double>(a.CO) * tiles * w, resident);
-    return a.max_row > 0 && a.nnz > 0 && static_cast<double>(a.max_row) / w > 2.0 * work / warps;
+    return a.nnz > 0 && a.max_row > 64 * w && static_cast<double>(a.max_row) / w > 2.0 * work / warps;
   };
   int wpr = tuning().rowsplit_warps_per_row;
   if (!wpr) {

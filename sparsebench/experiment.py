@@ -162,6 +162,9 @@ def _join_bench(rows: list, bench_rows: list) -> list:
 
 
 def _batches(data: Dataset, cfg: Any, device: torch.device, channels_last: bool) -> tuple:
+    side = min(data.x_train.shape[-2:])
+    if cfg.data.cutout > side:  # only known once the images are: a larger square blanks most of every image
+        raise ConfigError(f"data.cutout={cfg.data.cutout} is not allowed: at most the image side ({side} here)")
     common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     train = Batches(data.x_train, data.y_train, batch_size=cfg.data.batch_size, shuffle=True,
                     augment=cfg.data.augment, cutout=cfg.data.cutout, seed=cfg.seed, **common)

@@ -111,13 +111,15 @@ def test_negative_row_skew_is_refused(tmp_path):
     assert res.returncode == 2 and "sweep.row_skew=-1" in res.stderr and "a number >= 0" in res.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+backend.tuning.rowsplit_warps_per_row=3", "backend.tuning.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4"),
-    ("+backend.tuning.warps=2", "backend.tuning.warps=2 is not allowed: a knob of the kernels: smem_budget, "),
-    ("+backend.tuning.blocks_per_sm=0", "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
+@pytest.mark.parametrize("overrides, message", [
+    (["+backend.tuning.rowsplit_warps_per_row=3"], "backend.tuning.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4"),
+    (["+backend.tuning.warps=2"], "backend.tuning.warps=2 is not allowed: a knob of the kernels: smem_budget, "),
+    (["+backend.tuning.blocks_per_sm=0"], "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
+    (["+backend.tuning.rowsplit_max_pixels=3000000000"], "backend.tuning.rowsplit_max_pixels=3000000000 is not allowed"),
+    (["backend=torch_csr", "+backend.tuning.min_reuse=4"], "only with backend=direct_sparse"),
 ])
-def test_bad_kernel_tuning_is_refused(tmp_path, override, message):
-    res = run_bench("layers=tiny", override, f"hydra.run.dir={tmp_path}")
+def test_bad_kernel_tuning_is_refused(tmp_path, overrides, message):
+    res = run_bench("layers=tiny", *overrides, f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and message in res.stderr
 
 

@@ -140,3 +140,11 @@ def test_cutout_without_augment_is_refused():
 
     with pytest.raises(ValueError, match="data.cutout"):
         validate(compose("data=digits", "data.cutout=8"))
+
+
+def test_cutout_larger_than_the_images_is_refused(tmp_path):
+    from tests.conftest import DENSE, run_cli
+
+    res = run_cli(*DENSE, "data=digits", "data.augment=true", "data.cutout=9", f"hydra.run.dir={tmp_path}")
+    assert res.returncode != 0
+    assert "data.cutout=9 is not allowed: at most the image side (8 here)" in res.stderr

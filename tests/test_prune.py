@@ -305,10 +305,10 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path):
         losses[mode, seed] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
         acc[mode, seed] = logged[-1]["finetune/acc"]
         assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)
-    print("final accuracy", acc)
     assert len(losses["eager", 0]) == len(losses["reduce-overhead", 0]) >= 8
     assert losses["reduce-overhead", 0] == pytest.approx(losses["eager", 0], rel=0.05, abs=0.02)
     # A 2-epoch 4-bit model on 360 test images moves by a few points with any change of rounding,
-    # so the graphed run must land as close to the eager one as another seed does (or 3 points).
+    # so the graphed run may differ from the eager one by twice what another seed moves it, but
+    # by no less than 3 points and no more than 6.
     seed_spread = abs(acc["eager", 1] - acc["eager", 0])
-    assert abs(acc["reduce-overhead", 0] - acc["eager", 0]) <= max(0.03, 2 * seed_spread)
+    assert abs(acc["reduce-overhead", 0] - acc["eager", 0]) <= min(0.06, max(0.03, 2 * seed_spread))

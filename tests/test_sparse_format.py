@@ -1,5 +1,6 @@
 """The packed sparse format on the CPU: packing, decoding, sizes, files, and the ops' validation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -308,11 +309,14 @@ def test_skewed_row_counts_are_exact_capped_and_skew_with_sigma():
         skewed_row_counts(4, 3, 13, 2.0, torch.Generator())
 
 
-def test_longest_row_is_read_once_and_travels_with_the_layer():
+def test_longest_row_is_counted_where_the_layer_is_built_and_travels_with_it():
     from sparsebench.sparse.synthetic import random_layer
 
     layer = random_layer((40, 16, 3, 3), 0.8, empty_rows=3, row_skew=1.0, seed=2)
     counts = layer.rowptr[1:] - layer.rowptr[:-1]
-    assert layer.row_nnz_max == int(counts.max()) > 2 * float(counts.float().mean())
+    assert layer._row_nnz_max == int(counts.max()) > 2 * float(counts.float().mean())  # counted at build
     moved = layer.to("meta")  # no data on meta tensors: the count must come along, not be re-read
     assert moved.row_nnz_max == layer.row_nnz_max
+    thinned = dataclasses.replace(layer, rowptr=torch.zeros(41, dtype=torch.int32), colidx=layer.colidx[:0],
+                                  values=layer.values[:0])
+    assert thinned.row_nnz_max == 0  # a replaced rowptr is counted afresh

@@ -53,7 +53,9 @@ def validate_bench(backend: Any, bench: Any) -> None:
             "one of " + ", ".join(SPARSE_BACKEND_NAMES))
     for knob, value in backend.tuning.items():
         require(knob in KERNEL_TUNING, f"backend.tuning.{knob}", value, "a knob of the kernels: " + ", ".join(KERNEL_TUNING))
-        require(KERNEL_TUNING[knob][1](value), f"backend.tuning.{knob}", value, KERNEL_TUNING[knob][0])
+        require(KERNEL_TUNING[knob][1](value) and value < 2**31, f"backend.tuning.{knob}", value, KERNEL_TUNING[knob][0])
+        require(backend.name == "direct_sparse", f"backend.tuning.{knob}", value,
+                f"only with backend=direct_sparse (the knobs are its kernels'; backend is {backend.name})")
     require(backend.activations in ("fp32", "fp16", "bf16"), "backend.activations", backend.activations, "fp32, fp16 or bf16")
     require(backend.activations == "fp32" or backend.name in ("none", "direct_sparse"), "backend.activations",
             backend.activations, f"fp32 for backend {backend.name} (fp16/bf16 activations are direct_sparse only)")

@@ -44,10 +44,11 @@ def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Pla
         log.warning("bench: backend %s skipped: %s; timing %s instead", sparse, reason, CPU_FALLBACK)
         skipped[sparse] = reason
         sparse, activations, device = CPU_FALLBACK, "fp32", torch.device("cpu")
-    if sparse == "direct_sparse":  # the dispatcher's knobs are process-wide: set all, so a serial sweep's next job starts clean
+    if "direct_sparse" in (sparse, *bench_cfg.baselines) and not BACKENDS["direct_sparse"].unavailable(device):
+        # The dispatcher's knobs are process-wide: set all of them, so a serial sweep's next job starts clean.
         from sparsebench.sparse.ops import _C
 
-        _C.set_tuning(**backend_cfg.tuning)
+        _C.set_tuning(**(backend_cfg.tuning if sparse == "direct_sparse" else {}))
     baselines = []
     for name in bench_cfg.baselines:
         if name == sparse or name in baselines:

@@ -18,7 +18,6 @@ One ``PackedLayer`` holds a conv2d or linear weight with only its nonzeros store
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -55,6 +54,10 @@ class PackedLayer:
     codebook: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        # The longest row, counted where it is free (a GPU rowptr is counted on first use instead).
+        self._row_nnz_max: Optional[int] = _longest_row(self.rowptr) if self.rowptr.device.type == "cpu" else None
+
     # -- geometry ---------------------------------------------------------------------
     @property
     def out_channels(self) -> int:
@@ -78,11 +81,13 @@ class PackedLayer:
     def nnz(self) -> int:
         return int(self.colidx.numel())
 
-    @functools.cached_property
+    @property
     def row_nnz_max(self) -> int:
-        """Nonzeros of the longest row: the kernels split long rows across warps. Read from rowptr
-        once (a device sync for a GPU layer), so ``to()`` hands it on and the op never syncs."""
-        return int((self.rowptr[1:] - self.rowptr[:-1]).max()) if self.out_channels else 0
+        """Nonzeros of the longest row: the kernels split long rows across warps. Counted once, on the
+        CPU where the layer is built or loaded; ``to()`` hands it on (replacing ``rowptr`` later does not)."""
+        if self._row_nnz_max is None:
+            self._row_nnz_max = _longest_row(self.rowptr)
+        return self._row_nnz_max
 
     @property
     def sparsity(self) -> float:
@@ -146,13 +151,17 @@ class PackedLayer:
 
     def to(self, device) -> "PackedLayer":
         moved = dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
-        moved.row_nnz_max = self.row_nnz_max  # cached_property: settable, read here where it is cheap
+        moved._row_nnz_max = self.row_nnz_max
         return moved
 
     def geometry(self) -> Dict[str, Any]:
         return {"kind": self.kind, "weight_shape": list(self.weight_shape), "stride": self.stride,
                 "padding": self.padding, "value_kind": self.value_kind, "bits": self.bits,
                 "index_bits": self.index_bits, "nnz": self.nnz}
+
+
+def _longest_row(rowptr: torch.Tensor) -> int:
+    return int((rowptr[1:] - rowptr[:-1]).max()) if rowptr.numel() > 1 else 0
 
 
 # ---------------------------------------------------------------------------------------

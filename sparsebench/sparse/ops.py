@@ -178,6 +178,15 @@ def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, o
     return x.new_empty((x.shape[0], out_features))
 
 
+def _max_row_hint(layer: PackedLayer) -> int:
+    """The longest row for the dispatcher; 0 (unknown) rather than a device sync while capturing or compiling."""
+    if layer._row_nnz_max is not None:
+        return layer._row_nnz_max
+    if layer.rowptr.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+        return 0
+    return layer.row_nnz_max
+
+
 def _variant_code(variant: str) -> int:
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
@@ -193,7 +202,7 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     return _sparse_conv2d_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
                              layer.zero_point, layer.codebook, layer.bias, list(layer.weight_shape), layer.stride,
                              layer.padding, VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu),
-                             _variant_code(variant), layer.row_nnz_max)
+                             _variant_code(variant), _max_row_hint(layer))
 
 
 def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
@@ -204,7 +213,7 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     return _sparse_linear_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
                              layer.zero_point, layer.codebook, layer.bias, layer.out_channels,
                              VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu), _variant_code(variant),
-                             layer.row_nnz_max)
+                             _max_row_hint(layer))
 
 
 def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
@@ -231,7 +240,7 @@ def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, r
     with torch.cuda.device(x.device):
         _launch(x, out, n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, layer.rowptr,
                 layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point, layer.codebook, layer.bias,
-                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, _variant_code(variant), layer.row_nnz_max)
+                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, _variant_code(variant), _max_row_hint(layer))
     return out
 
 
@@ -246,7 +255,7 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
         oh = conv_output_size(h, kh, layer.stride, layer.padding)
         ow = conv_output_size(w, kw, layer.stride, layer.padding)
     return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
-                   layer.nnz, layer.row_nnz_max)
+                   layer.nnz, _max_row_hint(layer))
 
 
 # ---------------------------------------------------------------------------------------

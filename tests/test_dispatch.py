@@ -1,0 +1,44 @@
+"""The kernels' dispatcher (cuda/dispatch.cu) through ``_C.plan``: no GPU needed, since planning
+only reads the SM count (an H200's 132 when no device answers). Needs the compiled module."""
+
+import pytest
+
+from sparsebench.sparse.ops import _C
+from sparsebench.sparse.synthetic import random_layer
+
+pytestmark = pytest.mark.skipif(_C is None, reason="sparsebench._C is not built here")
+
+
+def plan(x_shape, layer):
+    kh, kw = layer.kernel_size
+    if layer.kind == "linear":
+        (n, c), h, w, oh, ow = x_shape, 1, 1, 1, 1
+    else:
+        n, c, h, w = x_shape
+        oh, ow = h + 2 * layer.padding - kh + 1, w + 2 * layer.padding - kw + 1
+    return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, 0,
+                   layer.nnz, layer.row_nnz_max)
+
+
+@pytest.fixture
+def tuning():
+    yield _C.set_tuning
+    _C.set_tuning()
+
+
+def test_warps_per_row_follow_the_grid_and_the_longest_row(tuning):
+    deep = random_layer((512, 512, 3, 3), 0.9, padding=1, seed=1)  # 512 rows of ~461 nonzeros
+    assert plan((1, 512, 2, 2), deep)["warps_per_row"] == 4  # 512 warps cannot fill the GPU
+    assert plan((64, 512, 2, 2), deep)["warps_per_row"] == 1  # 8192 warps of even work: no split
+    skewed = random_layer((512, 512, 3, 3), 0.9, padding=1, row_skew=1.5, seed=1)
+    assert skewed.row_nnz_max > 8 * skewed.nnz / 512
+    assert plan((64, 512, 2, 2), skewed)["warps_per_row"] == 4  # the longest row would be the tail
+    many = random_layer((256, 64, 3, 3), 0.9, padding=1, seed=2)  # ~58 nonzeros a row, 32 pixel tiles
+    p = plan((32, 64, 4, 4), many)
+    assert (p["variant"], p["warps_per_row"], p["rows_per_block"]) == ("rowsplit", 1, 4)
+    for seed in range(5):  # ~8 nonzeros a row, the longest several times that: added lanes would idle
+        classifier = random_layer((10, 84), 0.9, row_skew=1.0, seed=seed)
+        assert plan((1, 84), classifier)["warps_per_row"] == 1
+    wide = random_layer((66000, 300), 0.1, seed=4)
+    tuning(rowsplit_warps_per_row=4)  # 66000 rows at one per warp of a 4-warp block: the grid's y limit allows 2
+    assert plan((1, 300), wide)["warps_per_row"] == 2
