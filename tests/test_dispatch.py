@@ -1,23 +1,12 @@
-"""The kernels' dispatcher (cuda/dispatch.cu) through ``_C.plan``: no GPU needed, since planning
+"""The kernels' dispatcher (cuda/dispatch.cu) through ``kernel_plan``: no GPU needed, since planning
 only reads the SM count (an H200's 132 when no device answers). Needs the compiled module."""
 
 import pytest
 
-from sparsebench.sparse.ops import _C
+from sparsebench.sparse.ops import _C, kernel_plan as plan
 from sparsebench.sparse.synthetic import random_layer
 
 pytestmark = pytest.mark.skipif(_C is None, reason="sparsebench._C is not built here")
-
-
-def plan(x_shape, layer):
-    kh, kw = layer.kernel_size
-    if layer.kind == "linear":
-        (n, c), h, w, oh, ow = x_shape, 1, 1, 1, 1
-    else:
-        n, c, h, w = x_shape
-        oh, ow = h + 2 * layer.padding - kh + 1, w + 2 * layer.padding - kw + 1
-    return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, 0,
-                   layer.nnz, layer.row_nnz_max)
 
 
 @pytest.fixture

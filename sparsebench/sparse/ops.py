@@ -245,8 +245,10 @@ def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, r
 
 
 def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
-    """The kernel and blocking the dispatcher picks for this input shape (needs the GPU)."""
-    require_kernels()
+    """The kernel and blocking the dispatcher picks for this input shape. Needs the compiled module,
+    not a GPU: without one it plans for an H200's 132 SMs."""
+    if _C is None:
+        raise ConfigError(f"kernel_plan needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
     kh, kw = layer.kernel_size
     if layer.kind == "linear":
         n, c, h, w, oh, ow = x_shape[0], x_shape[1], 1, 1, 1, 1
