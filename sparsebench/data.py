@@ -250,12 +250,13 @@ class Batches:
             idx = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             sel = order[idx] if order is not None else idx
             x, y = self.x[sel], self.y[sel]
+            keep = None
             if self.augment:
                 g = torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + epoch * 7919 + b)
                 x = random_crop_flip(x, g)
                 keep = cutout_mask(x.shape, self.cutout, g) if self.cutout else None
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
-            if self.augment and self.cutout:
+            if keep is not None:
                 x.mul_(keep.to(self.device, non_blocking=True))  # 0 after normalising: the mean colour
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
