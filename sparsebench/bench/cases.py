@@ -70,12 +70,11 @@ class LayerCase:
     def facts(self) -> Dict[str, Any]:
         """The layers.csv / bench.csv geometry columns."""
         kh, kw = self.packed.kernel_size
-        row_nnz = self.packed.rowptr[1:] - self.packed.rowptr[:-1]
         return {"layer": self.name, "kind": self.kind, "in_shape": "x".join(map(str, self.in_shape)),
                 "out_channels": self.out_channels, "kernel": f"{kh}x{kw}" if self.kind == "conv2d" else None,
                 "stride": self.stride if self.kind == "conv2d" else None,
                 "sparsity": round(self.sparsity, 6), "bits": self.bits, "nnz": self.packed.nnz,
-                "row_nnz_max": int(row_nnz.max()), "rows_empty": int((row_nnz == 0).sum()),
+                "row_nnz_max": self.packed.row_nnz_max, "rows_empty": int((self.packed.row_nnz() == 0).sum()),
                 "params": self.packed.out_channels * self.packed.row_length}
 
 

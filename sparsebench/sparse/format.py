@@ -56,7 +56,7 @@ class PackedLayer:
 
     def __post_init__(self) -> None:
         # The longest row, counted where it is free (a GPU rowptr is counted on first use instead).
-        self._row_nnz_max: Optional[int] = _longest_row(self.rowptr) if self.rowptr.device.type == "cpu" else None
+        self._row_nnz_max: Optional[int] = self._longest_row() if self.rowptr.device.type == "cpu" else None
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -86,7 +86,7 @@ class PackedLayer:
         """Nonzeros of the longest row: the kernels split long rows across warps. Counted once, on the
         CPU where the layer is built or loaded; ``to()`` hands it on (replacing ``rowptr`` later does not)."""
         if self._row_nnz_max is None:
-            self._row_nnz_max = _longest_row(self.rowptr)
+            self._row_nnz_max = self._longest_row()
         return self._row_nnz_max
 
     @property
@@ -103,9 +103,16 @@ class PackedLayer:
         cols = self.colidx.to(torch.int64)
         return cols & 0xFFFF if self.index_bits == 16 else cols
 
+    def row_nnz(self) -> torch.Tensor:
+        """Nonzeros of every row (output channel), int64 [C_out]."""
+        return (self.rowptr[1:] - self.rowptr[:-1]).to(torch.int64)
+
+    def _longest_row(self) -> int:
+        return int(self.row_nnz().max()) if self.out_channels else 0
+
     def rows(self) -> torch.Tensor:
         """The row (output channel) of every nonzero, int64 [nnz]."""
-        counts = (self.rowptr[1:] - self.rowptr[:-1]).to(torch.int64)
+        counts = self.row_nnz()
         return torch.repeat_interleave(torch.arange(self.out_channels, device=counts.device), counts)
 
     def codes(self) -> torch.Tensor:
@@ -158,10 +165,6 @@ class PackedLayer:
         return {"kind": self.kind, "weight_shape": list(self.weight_shape), "stride": self.stride,
                 "padding": self.padding, "value_kind": self.value_kind, "bits": self.bits,
                 "index_bits": self.index_bits, "nnz": self.nnz}
-
-
-def _longest_row(rowptr: torch.Tensor) -> int:
-    return int((rowptr[1:] - rowptr[:-1]).max()) if rowptr.numel() > 1 else 0
 
 
 # ---------------------------------------------------------------------------------------
