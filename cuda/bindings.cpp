@@ -26,17 +26,36 @@ P* ptr(uintptr_t v) {
   return reinterpret_cast<P*>(v);
 }
 
+void check_plan(int plan) {
+  if (plan < -1 || plan >= plan_candidate_count())
+    throw std::invalid_argument("plan: expected -1 (the dispatcher's rule) or a candidate id 0.." +
+                                std::to_string(plan_candidate_count() - 1));
+}
+
+py::dict knobs_dict(const Tuning& t) {
+  py::dict d;
+  d["smem_budget"] = t.smem_budget;
+  d["rowsplit_max_pixels"] = t.rowsplit_max_pixels;
+  d["blocks_per_sm"] = t.blocks_per_sm;
+  d["min_reuse"] = t.min_reuse;
+  d["virtual_width"] = t.virtual_width;
+  d["rowsplit_warps_per_row"] = t.rowsplit_warps_per_row;
+  d["stage_v"] = t.stage_v;
+  return d;
+}
+
 ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW,
                    int stride, int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits,
                    uintptr_t row_order, uintptr_t values, int value_kind, int bits, uintptr_t scale,
                    uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant, int64_t nnz,
-                   int64_t max_row) {
+                   int64_t max_row, int plan) {
   if (act_dtype < kF32 || act_dtype > kBF16) throw std::invalid_argument("act_dtype: expected 0 (f32), 1 (f16), 2 (bf16)");
   if (value_kind < kValF32 || value_kind > kValCodebook) throw std::invalid_argument("value_kind: expected 0..3");
   if (col_bits != 16 && col_bits != 32) throw std::invalid_argument("col_bits: expected 16 or 32");
   if (value_kind >= kValLinear && bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits: expected 2, 4 or 8");
   if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (stage), 2 (rowsplit)");
   if (stride < 1 || pad < 0 || KH < 1 || KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
+  check_plan(plan);
   ConvArgs a;
   a.x = ptr<const void>(x);
   a.out = ptr<void>(out);
@@ -58,6 +77,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   a.variant = variant;
   a.nnz = nnz;
   a.max_row = max_row;
+  a.plan = plan;
   return a;
 }
 
@@ -90,29 +110,33 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
          int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits, uintptr_t row_order,
          uintptr_t values, int value_kind, int bits, uintptr_t scale, uintptr_t zero_point, uintptr_t codebook,
-         uintptr_t bias, bool relu, int variant, int64_t nnz, int64_t max_row, uintptr_t stream) {
+         uintptr_t bias, bool relu, int variant, int64_t nnz, int64_t max_row, int plan, uintptr_t stream) {
         const ConvArgs a = make_args(x, out, act_dtype, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, rowptr, colidx,
                                      col_bits, row_order, values, value_kind, bits, scale, zero_point, codebook, bias,
-                                     relu, variant, nnz, max_row);
+                                     relu, variant, nnz, max_row, plan);
         const std::string err = launch_conv(a, reinterpret_cast<void*>(stream));
         if (!err.empty()) throw std::runtime_error("sparsebench._C.conv2d: " + err);
       },
       "Direct sparse convolution (linear = 1x1 conv on a 1x1 image) on the given CUDA stream. "
       "Pointers are device addresses; 0 means absent for row_order/scale/zero_point/codebook/bias; "
-      "nnz and max_row (the longest row's nonzeros) pick the blocking; 0 means unknown.",
+      "nnz and max_row (the longest row's nonzeros) pick the blocking; 0 means unknown. "
+      "plan: a candidate id from plan_candidates() to run instead of the dispatcher's rule (-1).",
       py::arg("x"), py::arg("out"), py::arg("act_dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
       py::arg("CO"), py::arg("KH"), py::arg("KW"), py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"),
       py::arg("rowptr"), py::arg("colidx"), py::arg("col_bits"), py::arg("row_order"), py::arg("values"),
       py::arg("value_kind"), py::arg("bits"), py::arg("scale"), py::arg("zero_point"), py::arg("codebook"),
-      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"), py::arg("max_row"), py::arg("stream"));
+      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"), py::arg("max_row"), py::arg("plan"),
+      py::arg("stream"));
 
   m.def(
       "plan",
       [](int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW, int variant,
-         int64_t nnz, int64_t max_row) {
+         int64_t nnz, int64_t max_row, int plan) {
+        check_plan(plan);
         ConvArgs a;
         a.nnz = nnz;
         a.max_row = max_row;
+        a.plan = plan;
         a.N = N; a.C = C; a.H = H; a.W = W; a.CO = CO; a.KH = KH; a.KW = KW;
         a.stride = stride; a.pad = pad; a.OH = OH; a.OW = OW; a.variant = variant;
         return plan_dict(make_plan(a));
@@ -120,17 +144,35 @@ PYBIND11_MODULE(_C, m) {
       "The kernel and blocking conv2d would use for this geometry (queries the device's SM count).",
       py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("CO"), py::arg("KH"), py::arg("KW"),
       py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"), py::arg("variant") = 0, py::arg("nnz") = 0,
-      py::arg("max_row") = 0);
+      py::arg("max_row") = 0, py::arg("plan") = -1);
+
+  m.def(
+      "plan_candidates",
+      []() {
+        py::list out;
+        for (int id = 0; id < plan_candidate_count(); ++id) {
+          Tuning t;
+          int variant = kAuto;
+          plan_candidate(id, t, variant);
+          py::dict d = knobs_dict(t);
+          d["variant"] = variant == kStage ? "stage" : "rowsplit";
+          out.append(d);
+        }
+        return out;
+      },
+      "The plans an autotuner may time, by id: each the current knobs with a few changed, and a kernel.");
 
   m.def(
       "set_tuning",
       [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width,
-         int rowsplit_warps_per_row) {
+         int rowsplit_warps_per_row, int stage_v) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         if (rowsplit_warps_per_row != 0 && rowsplit_warps_per_row != 1 && rowsplit_warps_per_row != 2 &&
             rowsplit_warps_per_row != 4)
           throw std::invalid_argument("rowsplit_warps_per_row: expected 0 (automatic), 1, 2 or 4");
+        if (stage_v != 0 && stage_v != 1 && stage_v != 2 && stage_v != 4)
+          throw std::invalid_argument("stage_v: expected 0 (automatic), 1, 2 or 4");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
@@ -138,21 +180,13 @@ PYBIND11_MODULE(_C, m) {
         t.min_reuse = std::max(1, min_reuse);
         t.virtual_width = virtual_width ? 1 : 0;
         t.rowsplit_warps_per_row = rowsplit_warps_per_row;
+        t.stage_v = stage_v;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
-      py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0);
+      py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0, py::arg("stage_v") = 0);
 
-  m.def("get_tuning", []() {
-    py::dict d;
-    d["smem_budget"] = tuning().smem_budget;
-    d["rowsplit_max_pixels"] = tuning().rowsplit_max_pixels;
-    d["blocks_per_sm"] = tuning().blocks_per_sm;
-    d["min_reuse"] = tuning().min_reuse;
-    d["virtual_width"] = tuning().virtual_width;
-    d["rowsplit_warps_per_row"] = tuning().rowsplit_warps_per_row;
-    return d;
-  });
+  m.def("get_tuning", []() { return knobs_dict(tuning()); });
 
   m.def("build_info", []() {
     const std::string sha = SPARSEBENCH_SRC_SHA256;

@@ -1,6 +1,7 @@
 // Picks the kernel and its blocking for one call, and launches it. Host code only; no
 // allocation and no synchronisation, so every call can be captured in a CUDA graph.
 #include <algorithm>
+#include <string>
 
 #include "kernels.cuh"
 
@@ -47,7 +48,7 @@ static ConvArgs flatten(const ConvArgs& a, bool& flat) {
 // doubled warps two nonzeros or more. Uniform long rows on a full grid gain
 // nothing from splitting and pay the partial-sum reduction. The grid holds kRowSplitWarps / wpr
 // rows per block in y (at most 65535 blocks), which caps wpr.
-static int rowsplit_warps_per_row(const ConvArgs& a, int64_t tiles) {
+static int rowsplit_warps_per_row(const ConvArgs& a, const Tuning& tu, int64_t tiles) {
   const int64_t want_warps = 16ll * sm_count();
   const double resident = 32.0 * sm_count();  // 64 registers x 128 threads: 8 blocks of 4 warps per SM
   const double mean_row = a.nnz > 0 ? static_cast<double>(a.nnz) / a.CO : 1e9;  // unknown: assume long
@@ -56,7 +57,7 @@ static int rowsplit_warps_per_row(const ConvArgs& a, int64_t tiles) {
     const double warps = std::min(static_cast<double>(a.CO) * tiles * w, resident);
     return a.nnz > 0 && a.max_row > 64 * w && static_cast<double>(a.max_row) / w > 2.0 * work / warps;
   };
-  int wpr = tuning().rowsplit_warps_per_row;
+  int wpr = tu.rowsplit_warps_per_row;
   if (!wpr) {
     wpr = 1;
     while (wpr < kRowSplitWarps &&
@@ -67,12 +68,12 @@ static int rowsplit_warps_per_row(const ConvArgs& a, int64_t tiles) {
   return wpr;
 }
 
-static Plan rowsplit_plan(const ConvArgs& a) {
+static Plan rowsplit_plan(const ConvArgs& a, const Tuning& tu) {
   Plan p;
   p.variant = kRowSplit;
   const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW;
   const int64_t tiles = cdiv(M, kRowSplitPixels);
-  p.warps_per_row = rowsplit_warps_per_row(a, tiles);
+  p.warps_per_row = rowsplit_warps_per_row(a, tu, tiles);
   p.rows_per_block = kRowSplitWarps / p.warps_per_row;
   p.threads = kRowSplitWarps * 32;
   p.blocks = tiles * cdiv(a.CO, p.rows_per_block);
@@ -82,11 +83,11 @@ static Plan rowsplit_plan(const ConvArgs& a) {
 // Tile shape for 32*V lanes: whole output rows first, then several rows, then several images.
 // TWv is the lanes per tile row: with stride 1 and rows that would wrap inside a warp, lanes
 // also cover the KW-1 halo columns so a warp's shared loads hit 32 consecutive words.
-static void tile_shape(const ConvArgs& a, int V, int& TW, int& TWv, int& TH, int& NI) {
+static void tile_shape(const ConvArgs& a, const Tuning& tu, int V, int& TW, int& TWv, int& TH, int& NI) {
   const int PT = 32 * V;
   TW = std::min(a.OW, PT);
   TWv = TW;
-  if (tuning().virtual_width && a.stride == 1 && a.KW > 1 && TW % 32 != 0) {
+  if (tu.virtual_width && a.stride == 1 && a.KW > 1 && TW % 32 != 0) {
     if (TW + a.KW - 1 > PT) TW = PT - (a.KW - 1);
     TWv = TW + a.KW - 1;
   }
@@ -94,8 +95,7 @@ static void tile_shape(const ConvArgs& a, int V, int& TW, int& TWv, int& TH, int
   NI = std::max(1, std::min(a.N, PT / (TWv * TH)));
 }
 
-static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
-  const Tuning& tu = tuning();
+static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t) {
   const int KK = a.KH * a.KW;
   const int64_t want_blocks = static_cast<int64_t>(tu.blocks_per_sm) * sm_count();
   // Rows per block: enough that each staged input value feeds ~min_reuse FMAs (each row uses
@@ -105,12 +105,12 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   const int64_t rg_min = std::min<int64_t>(
       a.CO, std::max<int64_t>(2 * kStageWarps, static_cast<int64_t>(tu.min_reuse / (KK * density) + 0.5)));
   const int64_t max_groups = std::max<int64_t>(1, a.CO / rg_min);
-  int V = 4, TW = 1, TWv = 1, TH = 1, NI = 1;
+  int V = tu.stage_v ? tu.stage_v : 4, TW = 1, TWv = 1, TH = 1, NI = 1;
   int64_t tiles = 1;
   for (;; V /= 2) {
-    tile_shape(a, V, TW, TWv, TH, NI);
+    tile_shape(a, tu, V, TW, TWv, TH, NI);
     tiles = cdiv(a.N, NI) * cdiv(a.OH, TH) * cdiv(a.OW, TW);
-    if (V == 1 || tiles * max_groups >= want_blocks) break;
+    if (tu.stage_v || V == 1 || tiles * max_groups >= want_blocks) break;
   }
   const int PT = 32 * V;
   int64_t groups = std::min(max_groups, std::max<int64_t>(1, cdiv(want_blocks, tiles)));
@@ -177,17 +177,60 @@ static bool stage_plan(const ConvArgs& a, Plan& p, StageCfg& t) {
   return true;
 }
 
-static bool want_rowsplit(const ConvArgs& g) {
+static bool want_rowsplit(const ConvArgs& g, const Tuning& tu) {
   const int64_t M = static_cast<int64_t>(g.N) * g.OH * g.OW;
-  return g.variant == kRowSplit || (g.variant == kAuto && M <= tuning().rowsplit_max_pixels);
+  return g.variant == kRowSplit || (g.variant == kAuto && M <= tu.rowsplit_max_pixels);
+}
+
+// Candidate plans: every combination of a few values of the staged kernel's knobs, then the
+// row-split kernel at each warps-per-row. Values bracket the defaults (docs/kernels.md).
+namespace {
+constexpr int kCandV[] = {4, 2, 1};
+constexpr int kCandWidth[] = {1, 0};
+constexpr int kCandReuse[] = {12, 24, 48};
+constexpr int kCandBudget[] = {100 * 1024, 200 * 1024};
+constexpr int kCandBlocks[] = {1, 2, 4};
+constexpr int kCandWarps[] = {1, 2, 4};
+constexpr int kStageCandidates = 3 * 2 * 3 * 2 * 3;
+}  // namespace
+
+int plan_candidate_count() { return kStageCandidates + 3; }
+
+bool plan_candidate(int id, Tuning& knobs, int& variant) {
+  if (id < 0 || id >= plan_candidate_count()) return false;
+  knobs = tuning();
+  if (id >= kStageCandidates) {
+    variant = kRowSplit;
+    knobs.rowsplit_warps_per_row = kCandWarps[id - kStageCandidates];
+    return true;
+  }
+  variant = kStage;
+  knobs.blocks_per_sm = kCandBlocks[id % 3];
+  id /= 3;
+  knobs.smem_budget = kCandBudget[id % 2];
+  id /= 2;
+  knobs.min_reuse = kCandReuse[id % 3];
+  id /= 3;
+  knobs.virtual_width = kCandWidth[id % 2];
+  knobs.stage_v = kCandV[id / 2];
+  return true;
+}
+
+// The call's knobs and kernel choice: the process-wide ones, or those of its candidate plan.
+static bool call_knobs(const ConvArgs& a, ConvArgs& g, Tuning& tu, bool& flat) {
+  g = flatten(a, flat);
+  tu = tuning();
+  return a.plan < 0 || plan_candidate(a.plan, tu, g.variant);
 }
 
 Plan make_plan(const ConvArgs& a) {
+  ConvArgs g;
+  Tuning tu;
   bool flat = false;
-  const ConvArgs g = flatten(a, flat);
   Plan p;
   StageCfg t;
-  if (want_rowsplit(g) || !stage_plan(g, p, t)) p = rowsplit_plan(g);
+  if (!call_knobs(a, g, tu, flat)) return p;
+  if (want_rowsplit(g, tu) || !stage_plan(g, tu, p, t)) p = rowsplit_plan(g, tu);
   p.flattened = flat;
   return p;
 }
@@ -198,15 +241,17 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   if (static_cast<int64_t>(a.N) * a.C * a.H * a.W >= (1ll << 31) ||
       static_cast<int64_t>(a.N) * a.CO * a.OH * a.OW >= (1ll << 31))
     return "tensors of 2**31 or more elements are not supported";
+  ConvArgs g;
+  Tuning tu;
   bool flat = false;
-  const ConvArgs g = flatten(a, flat);
+  if (!call_knobs(a, g, tu, flat)) return "plan: expected -1 or a candidate id below " + std::to_string(plan_candidate_count());
   Plan p;
   StageCfg t;
   std::string err;
-  if (!want_rowsplit(g) && stage_plan(g, p, t))
+  if (!want_rowsplit(g, tu) && stage_plan(g, tu, p, t))
     err = launch_stage(g, t, p, stream);
   else
-    err = launch_rowsplit(g, rowsplit_plan(g).warps_per_row, stream);
+    err = launch_rowsplit(g, rowsplit_plan(g, tu).warps_per_row, stream);
   if (!err.empty()) return err;
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : std::string("kernel launch failed: ") + cudaGetErrorString(e);

@@ -32,6 +32,7 @@ struct ConvArgs {
   int variant = kAuto;
   int64_t nnz = 0;      // nonzeros stored (a planning hint; 0 = unknown)
   int64_t max_row = 0;  // nonzeros of the longest row (a planning hint; 0 = unknown)
+  int plan = -1;        // one of plan_candidate(): its knobs and kernel instead of the rule's (-1: the rule)
 };
 
 // The launch plan the dispatcher picks (exposed for benchmarks and docs).
@@ -51,9 +52,15 @@ struct Tuning {
   int virtual_width = 1;          // let lanes sweep halo columns to avoid shared-memory bank conflicts
   int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
   int rowsplit_warps_per_row = 0; // 1, 2 or 4 warps per output channel; 0: by rows and row length
+  int stage_v = 0;                // pixels per lane of the staged kernel (1, 2 or 4); 0: the widest that fills the GPU
 };
 
 Tuning& tuning();
+// The plans an autotuner may time for one call: candidate `id` (0 <= id < plan_candidate_count())
+// is the process-wide knobs with a few of them changed, and a kernel (kStage or kRowSplit).
+// Several ids may give the same launch for a given shape. False for an id out of range.
+int plan_candidate_count();
+bool plan_candidate(int id, Tuning& knobs, int& variant);
 Plan make_plan(const ConvArgs& a);
 // Launches on `stream` (a cudaStream_t); returns an error string, empty on success.
 std::string launch_conv(const ConvArgs& a, void* stream);

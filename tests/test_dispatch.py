@@ -31,3 +31,37 @@ def test_warps_per_row_follow_the_grid_and_the_longest_row(tuning):
     wide = random_layer((66000, 300), 0.1, seed=4)
     tuning(rowsplit_warps_per_row=4)  # 66000 rows at one per warp of a 4-warp block: the grid's y limit allows 2
     assert plan((1, 300), wide)["warps_per_row"] == 2
+
+
+def test_plan_candidates_are_distinct_knob_settings_that_the_plans_follow():
+    from sparsebench.sparse.ops import plan_candidates
+
+    candidates = plan_candidates()
+    keys = [tuple(sorted(c.items())) for c in candidates]
+    assert len(set(keys)) == len(candidates) > 100
+    assert {c["variant"] for c in candidates} == {"stage", "rowsplit"}
+    layer = random_layer((128, 128, 3, 3), 0.9, padding=1, seed=3)
+    shape = (32, 128, 28, 28)
+    for i, c in enumerate(candidates):
+        p = plan(shape, layer, plan=i)
+        assert p["variant"] == c["variant"]
+        if c["variant"] == "stage":
+            assert p["V"] == c["stage_v"] and p["smem_bytes"] <= c["smem_budget"]
+            assert p["TWv"] == (30 if c["virtual_width"] else 28)  # 28-wide rows: lanes sweep the 2 halo columns
+        else:
+            assert p["warps_per_row"] == c["rowsplit_warps_per_row"]
+    distinct = {tuple(sorted(plan(shape, layer, plan=i).items())) for i in range(-1, len(candidates))}
+    assert 8 <= len(distinct) < len(candidates)  # many candidates coincide on one shape
+    assert plan(shape, layer) == plan(shape, layer, plan=-1)
+    with pytest.raises(ValueError, match=r"plan: expected -1 .* 0\.\.110, got 111"):
+        plan(shape, layer, plan=len(candidates))
+
+
+def test_stage_v_knob(tuning):
+    layer = random_layer((256, 128, 3, 3), 0.9, padding=1, seed=6)
+    assert plan((32, 128, 8, 8), layer)["V"] == 2  # the rule: the widest V whose grid still fills the GPU
+    tuning(stage_v=4)
+    assert plan((32, 128, 8, 8), layer)["V"] == 4
+    assert _C.get_tuning()["stage_v"] == 4
+    with pytest.raises(ValueError, match="stage_v: expected 0"):
+        tuning(stage_v=3)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.sparse.synthetic import random_layer
-from sparsebench.sparse.ops import kernels_available, sparse_conv2d, sparse_conv2d_into, sparse_linear
+from sparsebench.sparse.ops import (autotune_plan, kernel_plan, kernels_available, plan_candidates, set_autotune,
+                                   sparse_conv2d, sparse_conv2d_into, sparse_linear)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C")]
@@ -140,6 +141,67 @@ def test_wide_layer_with_int32_indices():
     assert layer.colidx.dtype == torch.int32
     x = torch.randn(3, 70000, device="cuda")
     check(sparse_linear(x, layer), reference(x, layer), torch.float32)
+
+
+PLAN_SHAPES = [  # (weight shape, stride, padding, input shape): 3x3, stride-2, 1x1 (flattened), odd sizes, a linear
+    ((70, 33, 3, 3), 1, 1, (5, 33, 14, 14)),
+    ((64, 48, 3, 3), 2, 1, (8, 48, 17, 17)),
+    ((96, 80, 1, 1), 1, 0, (3, 80, 9, 9)),
+    ((17, 7, 5, 5), 1, 2, (2, 7, 11, 11)),
+    ((40, 300), 1, 0, (33, 300)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLAN_SHAPES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_candidate_plan(case, dtype):
+    wshape, stride, pad, xshape = PLAN_SHAPES[case]
+    layer = random_layer(wshape, 0.9, value="linear", bits=4, stride=stride, padding=pad, empty_rows=3,
+                         seed=case).to("cuda")
+    x = torch.randn(xshape, device="cuda").to(dtype)
+    ref = reference(x, layer, relu=True)
+    distinct = {}
+    for plan in range(-1, len(plan_candidates())):
+        distinct.setdefault(tuple(sorted(kernel_plan(xshape, layer, plan=plan).items())), plan)
+    assert len(distinct) >= 4
+    for plan in distinct.values():
+        layer.tuned_plans = {(tuple(xshape), dtype, x.device.index): plan}  # what autotuning would leave
+        out = torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)
+        sparse_conv2d_into(out, x, layer, relu=True)
+        check(out, ref, dtype)
+
+
+@pytest.fixture
+def autotune():
+    set_autotune(True)
+    yield
+    set_autotune(False)
+
+
+def test_autotune_keeps_the_fastest_plan_per_input_shape(autotune):
+    layer = random_layer((128, 64, 3, 3), 0.9, padding=1, seed=16).to("cuda")
+    x = torch.randn(16, 64, 14, 14, device="cuda")
+    check(sparse_conv2d(x, layer), reference(x, layer), torch.float32)  # the first call tunes
+    key = ((16, 64, 14, 14), torch.float32, x.device.index)
+    assert list(layer.tuned_plans) == [key]
+    result = autotune_plan(x, layer)
+    assert result["timed"] >= 4 and 0 < result["us"] <= result["rule_us"]
+    assert layer.tuned_plans[key] == result["plan"]
+    # Under capture an input shape never seen runs the rule, without timing; a tuned one its plan.
+    small = torch.randn(2, 64, 14, 14, device="cuda")
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_small = sparse_conv2d(small, layer)
+        y = sparse_conv2d(x, layer)
+    g.replay()
+    torch.cuda.synchronize()
+    assert list(layer.tuned_plans) == [key]
+    check(y, reference(x, layer), torch.float32)
+    check(y_small, reference(small, layer), torch.float32)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        with pytest.raises(RuntimeError, match="cannot time while a CUDA graph is being captured"):
+            autotune_plan(x, layer)
 
 
 def test_runs_on_the_current_stream():

@@ -44,6 +44,7 @@ class Prepared:
     context: Callable[[], ContextManager] = contextlib.nullcontext
     dtype: torch.dtype = torch.float32  # activations, for the rest of a network around this layer
     channels_last: bool = False
+    columns: Callable[[], Dict[str, object]] = dict  # extra result columns, read after the timed runs
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,14 @@ def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> P
     # The kernels read NCHW-contiguous input; inside a network a view may arrive (e.g. after flatten).
     return Prepared(run=lambda x: op(x if x.is_contiguous() else x.contiguous(), layer), convert=_to(device, dtype),
                     weight=case.weight, tol=TOLERANCE[activations], weight_bytes=layer.footprint_bytes(),
-                    act_bytes=torch.empty((), dtype=dtype).element_size(), sparse=True, dtype=dtype)
+                    act_bytes=torch.empty((), dtype=dtype).element_size(), sparse=True, dtype=dtype,
+                    columns=lambda: {"kernel_plan": _tuned_plan(layer)})
+
+
+def _tuned_plan(layer) -> int:
+    """The candidate plan the autotuner chose for the one input shape this layer ran on (-1: the rule)."""
+    plans = set(layer.tuned_plans.values())
+    return plans.pop() if len(plans) == 1 else -1
 
 
 register(Backend("direct_sparse", ("cuda",), True, _direct_sparse, _direct_unavailable,

@@ -21,6 +21,7 @@ KERNEL_TUNING = {
     "min_reuse": ("an integer >= 1 (FMAs per staged input value)", lambda v: v >= 1),
     "virtual_width": ("0 or 1", lambda v: v in (0, 1)),
     "rowsplit_warps_per_row": ("0 (automatic), 1, 2 or 4", lambda v: v in (0, 1, 2, 4)),
+    "stage_v": ("0 (automatic), 1, 2 or 4 (output pixels per lane of the staged kernel)", lambda v: v in (0, 1, 2, 4)),
 }
 
 
@@ -30,6 +31,7 @@ class BackendConfig:
     activations: str = "fp32"  # fp32 | fp16 | bf16 (direct_sparse; the others compute in their own dtype)
     fallback: bool = True  # where it cannot run (no GPU/kernels): time sparse_reference on the CPU instead
     tuning: Dict[str, int] = field(default_factory=dict)  # direct_sparse: dispatcher knobs (KERNEL_TUNING), e.g. +backend.tuning.min_reuse=48
+    autotune: bool = True  # direct_sparse: time candidate plans per layer and input shape first (as cuDNN's benchmark mode)
 
 
 @dataclass

@@ -46,9 +46,10 @@ def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Pla
         sparse, activations, device = CPU_FALLBACK, "fp32", torch.device("cpu")
     if "direct_sparse" in (sparse, *bench_cfg.baselines) and not BACKENDS["direct_sparse"].unavailable(device):
         # The dispatcher's knobs are process-wide: set all of them, so a serial sweep's next job starts clean.
-        from sparsebench.sparse.ops import _C
+        from sparsebench.sparse.ops import _C, set_autotune
 
         _C.set_tuning(**(backend_cfg.tuning if sparse == "direct_sparse" else {}))
+        set_autotune(backend_cfg.autotune if sparse == "direct_sparse" else True)
     baselines = []
     for name in bench_cfg.baselines:
         if name == sparse or name in baselines:
@@ -96,7 +97,7 @@ class LayerBench:
             return None
         error = check(case, name, prepared, inputs[0], batch, self._reference(case, prepared.weight, inputs[0]))
         timing = time_prepared(prepared, inputs, self.device, self.settings)
-        return result_row(case, name, batch, timing, prepared, error)
+        return {**result_row(case, name, batch, timing, prepared, error), **prepared.columns()}
 
     def baseline_key(self, name: str, case: LayerCase, batch: int, shape_key: Optional[str]) -> Optional[tuple]:
         """Dense baselines (and 2:4, which uses its own mask) need timing once per layer shape and batch."""

@@ -57,6 +57,9 @@ class PackedLayer:
     def __post_init__(self) -> None:
         # The longest row, counted where it is free (a GPU rowptr is counted on first use instead).
         self._row_nnz_max: Optional[int] = self._longest_row() if self.rowptr.device.type == "cpu" else None
+        # Kernel plans the autotuner measured best, by input (shape, dtype, device); kept in memory only
+        # and not handed on by to(): a plan is timed on one device.
+        self.tuned_plans: Dict[tuple, int] = {}
 
     # -- geometry ---------------------------------------------------------------------
     @property

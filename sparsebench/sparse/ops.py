@@ -9,7 +9,8 @@ the same thing with dequantize + F.conv2d / F.linear, on any device.
 
 from __future__ import annotations
 
-from typing import List, Optional
+import functools
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -126,13 +127,13 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
-            zero_point, codebook, bias, value_kind, bits, relu, variant, max_row) -> None:
+            zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan) -> None:
     if out.numel() == 0:
         return
     _C.conv2d(x.data_ptr(), out.data_ptr(), ACT_DTYPES[x.dtype], n, c, h, w, co, kh, kw, stride, padding, oh, ow,
               rowptr.data_ptr(), colidx.data_ptr(), 16 if colidx.dtype == torch.int16 else 32, row_order.data_ptr(),
               values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook), _ptr(bias),
-              bool(relu), variant, colidx.numel(), max_row, torch.cuda.current_stream(x.device).cuda_stream)
+              bool(relu), variant, colidx.numel(), max_row, plan, torch.cuda.current_stream(x.device).cuda_stream)
 
 
 @torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
@@ -140,20 +141,20 @@ def _sparse_conv2d_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tenso
                       values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
                       codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], weight_shape: List[int],
                       stride: int, padding: int, value_kind: int, bits: int, relu: bool, variant: int,
-                      max_row: int) -> torch.Tensor:
+                      max_row: int, plan: int) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight_shape
     oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     out = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
         _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
-                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row)
+                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan)
     return out
 
 
 @_sparse_conv2d_op.register_fake
 def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, weight_shape, stride, padding,
-      value_kind, bits, relu, variant, max_row):
+      value_kind, bits, relu, variant, max_row, plan):
     n, _, h, w = x.shape
     co, _, kh, kw = weight_shape
     return x.new_empty((n, co, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)))
@@ -163,18 +164,18 @@ def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, w
 def _sparse_linear_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
                       values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
                       codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
-                      value_kind: int, bits: int, relu: bool, variant: int, max_row: int) -> torch.Tensor:
+                      value_kind: int, bits: int, relu: bool, variant: int, max_row: int, plan: int) -> torch.Tensor:
     b, c = x.shape
     out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
         _launch(x, out, b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1, rowptr, colidx, row_order, values, scale,
-                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row)
+                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan)
     return out
 
 
 @_sparse_linear_op.register_fake
 def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, out_features, value_kind, bits,
-      relu, variant, max_row):
+      relu, variant, max_row, plan):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -193,6 +194,26 @@ def _variant_code(variant: str) -> int:
     return VARIANTS[variant]
 
 
+def _geometry(x: torch.Tensor, layer: PackedLayer) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The kernel's (N, C, H, W, OH, OW) for ``x`` (a linear layer is a 1x1 conv on a 1x1 image) and the output shape."""
+    if layer.kind == "linear":
+        return (x.shape[0], x.shape[1], 1, 1, 1, 1), (x.shape[0], layer.out_channels)
+    n, c, h, w = x.shape
+    kh, kw = layer.kernel_size
+    oh = conv_output_size(h, kh, layer.stride, layer.padding)
+    ow = conv_output_size(w, kw, layer.stride, layer.padding)
+    return (n, c, h, w, oh, ow), (n, layer.out_channels, oh, ow)
+
+
+def _launch_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool, variant: int, plan: int) -> None:
+    (n, c, h, w, oh, ow), _ = _geometry(x, layer)
+    kh, kw = layer.kernel_size
+    with torch.cuda.device(x.device):
+        _launch(x, out, n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, layer.rowptr,
+                layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point, layer.codebook, layer.bias,
+                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, variant, _max_row_hint(layer), plan)
+
+
 def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
     """Direct sparse convolution of NCHW ``x`` (fp32/fp16/bf16, CUDA, contiguous) with ``layer``; fp32 accumulation,
     bias and optional ReLU fused; output NCHW in x's dtype."""
@@ -202,7 +223,7 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     return _sparse_conv2d_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
                              layer.zero_point, layer.codebook, layer.bias, list(layer.weight_shape), layer.stride,
                              layer.padding, VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu),
-                             _variant_code(variant), _max_row_hint(layer))
+                             _variant_code(variant), _max_row_hint(layer), _call_plan(x, layer, variant))
 
 
 def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
@@ -213,51 +234,128 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     return _sparse_linear_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
                              layer.zero_point, layer.codebook, layer.bias, layer.out_channels,
                              VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu), _variant_code(variant),
-                             _max_row_hint(layer))
+                             _max_row_hint(layer), _call_plan(x, layer, variant))
+
+
+def _validate_any(x: torch.Tensor, layer: PackedLayer) -> None:
+    if isinstance(layer, PackedLayer) and layer.kind == "linear":
+        validate_linear(x, layer, device=False)
+    else:
+        validate_conv2d(x, layer, device=False)
 
 
 def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
                        variant: str = "auto") -> torch.Tensor:
     """Like sparse_conv2d (a linear layer takes x [batch, in]) but writes into the given ``out``;
     the kernels write every element, so ``out`` may hold garbage (tests poison it with NaN)."""
-    if isinstance(layer, PackedLayer) and layer.kind == "linear":
-        validate_linear(x, layer, device=False)
-        shape = (x.shape[0], layer.out_channels)
-        n, c, h, w, oh, ow = x.shape[0], x.shape[1], 1, 1, 1, 1
-    else:
-        validate_conv2d(x, layer, device=False)
-        n, c, h, w = x.shape
-        _, _, kh, kw = layer.weight_shape
-        oh = conv_output_size(h, kh, layer.stride, layer.padding)
-        ow = conv_output_size(w, kw, layer.stride, layer.padding)
-        shape = (n, layer.out_channels, oh, ow)
+    _validate_any(x, layer)
     require_kernels()
     _check_device(x, layer)
+    _, shape = _geometry(x, layer)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != x.dtype \
             or out.device != x.device or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
-    kh, kw = layer.kernel_size
-    with torch.cuda.device(x.device):
-        _launch(x, out, n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, layer.rowptr,
-                layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point, layer.codebook, layer.bias,
-                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, _variant_code(variant), _max_row_hint(layer))
+    _launch_into(out, x, layer, relu, _variant_code(variant), _call_plan(x, layer, variant))
     return out
 
 
-def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto") -> dict:
-    """The kernel and blocking the dispatcher picks for this input shape. Needs the compiled module,
-    not a GPU: without one it plans for an H200's 132 SMs."""
+# ---------------------------------------------------------------------------------------
+# plans and autotuning
+
+_autotune = False
+
+
+def set_autotune(enabled: bool) -> None:
+    """Like ``torch.backends.cudnn.benchmark``: when on, a layer's first call on each new input shape
+    times the dispatcher's candidate plans (``autotune_plan``: milliseconds, with device syncs) and the
+    layer keeps the fastest for later calls. Calls during CUDA graph capture or torch.compile never time:
+    they use a plan already tuned for that shape, or the dispatcher's rule."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def autotune_enabled() -> bool:
+    return _autotune
+
+
+def _plan_key(x: torch.Tensor) -> tuple:
+    return tuple(x.shape), x.dtype, x.device.index
+
+
+def _call_plan(x: torch.Tensor, layer: PackedLayer, variant: str) -> int:
+    """The candidate plan for this call: -1 (the rule) unless autotuning chose one for this input."""
+    if variant != "auto" or torch.compiler.is_compiling():
+        return -1
+    plan = layer.tuned_plans.get(_plan_key(x))
+    if plan is not None:
+        return plan
+    if not _autotune or torch.cuda.is_current_stream_capturing():
+        return -1
+    return autotune_plan(x, layer)["plan"]
+
+
+def plan_candidates() -> List[Dict[str, Any]]:
+    """The plans the autotuner may pick, by id: the dispatcher's knobs, a few changed, and the kernel."""
+    if _C is None:
+        raise ConfigError(f"plan_candidates needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
+    return list(_C.plan_candidates())
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_count() -> int:
+    return len(plan_candidates())
+
+
+def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = -1) -> dict:
+    """The kernel and blocking the dispatcher picks for this input shape (or candidate ``plan``). Needs the
+    compiled module, not a GPU: without one it plans for an H200's 132 SMs."""
     if _C is None:
         raise ConfigError(f"kernel_plan needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
     kh, kw = layer.kernel_size
-    if layer.kind == "linear":
-        n, c, h, w, oh, ow = x_shape[0], x_shape[1], 1, 1, 1, 1
-    else:
-        n, c, h, w = x_shape
-        oh = conv_output_size(h, kh, layer.stride, layer.padding)
-        ow = conv_output_size(w, kw, layer.stride, layer.padding)
+    (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
+    count = _candidate_count()
+    if not -1 <= plan < count:
+        raise ValueError(f"plan: expected -1 (the dispatcher's rule) or a candidate id 0..{count - 1}, got {plan}")
     return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
-                   layer.nnz, _max_row_hint(layer))
+                   layer.nnz, _max_row_hint(layer), plan)
+
+
+# A candidate replaces the rule only when it is clearly faster: timing noise must not flip plans.
+_AUTOTUNE_MARGIN = 0.03
+
+
+def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, calls: int = 5, rounds: int = 3) -> Dict[str, Any]:
+    """Time the rule and every distinct candidate plan on ``x`` (``rounds`` x ``calls`` back-to-back launches
+    each, best round kept) and remember the fastest in ``layer.tuned_plans`` for inputs of x's shape, dtype and
+    device. Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
+    _validate_any(x, layer)
+    require_kernels()
+    _check_device(x, layer)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("autotune_plan: cannot time while a CUDA graph is being captured; tune before capture")
+    _, shape = _geometry(x, layer)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: Dict[int, float] = {}
+    with torch.cuda.device(x.device):  # plans count this device's SMs
+        distinct: Dict[tuple, int] = {}  # candidates that launch the same grid are timed once
+        for plan in range(-1, _candidate_count()):
+            distinct.setdefault(tuple(sorted(kernel_plan(x.shape, layer, plan=plan).items())), plan)
+        for plan in distinct.values():
+            _launch_into(out, x, layer, False, VARIANTS["auto"], plan)  # warm-up
+            best = float("inf")
+            for _ in range(rounds):
+                start.record()
+                for _ in range(calls):
+                    _launch_into(out, x, layer, False, VARIANTS["auto"], plan)
+                end.record()
+                end.synchronize()
+                best = min(best, 1000.0 * start.elapsed_time(end) / calls)
+            times[plan] = best
+    fastest = min(times, key=times.get)
+    chosen = fastest if times[fastest] < (1.0 - _AUTOTUNE_MARGIN) * times[-1] else -1
+    layer.tuned_plans[_plan_key(x)] = chosen
+    return {"plan": chosen, "us": times[chosen], "rule_us": times[-1], "timed": len(times)}
 
 
 # ---------------------------------------------------------------------------------------
