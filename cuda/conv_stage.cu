@@ -22,7 +22,9 @@ struct __align__(8) Entry {
 
 }  // namespace
 
-template <typename T, int V>
+// LINEAR: lanes' staged pixels are 32 floats apart (stride 1, one image, lanes spanning whole staged
+// rows: TWv == RW), so each of a lane's V loads is one base register plus a constant.
+template <typename T, int V, bool LINEAR>
 __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const ConvArgs a, const StageCfg t) {
   constexpr int NT = kStageWarps * 32;
   constexpr int PT = 32 * V;
@@ -56,7 +58,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
     const int ta = t.div_TWv.div(rem), tb = rem - ta * t.TWv;
     const int n = n0 + img, oh = oh0 + ta, ow = ow0 + tb;
     valid[v] = img < t.NI && tb < t.TW && n < a.N && oh < a.OH && ow < a.OW;
-    sbase[v] = valid[v] ? (img * t.RH + ta * a.stride) * t.RW + tb * a.stride : 0;
+    // LINEAR lanes past the tile read a few floats past the chunk: still inside this block's
+    // shared memory (the entry buffers follow), and their results are discarded.
+    sbase[v] = LINEAR ? pos : valid[v] ? (img * t.RH + ta * a.stride) * t.RW + tb * a.stride : 0;
     obase[v] = valid[v] ? n * a.CO * OHW + oh * a.OW + ow : 0;
   }
   for (int i = tid; i < nrows; i += NT) {
@@ -111,23 +115,31 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
       float part[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) part[v] = 0.f;
+      int k = cur + lane;
+      int col = k < end ? load_col(a, k) : INT_MAX;
+      float w = k < end ? decode_value(a, row, k) : 0.f;
       while (true) {
-        const int k = cur + lane;
-        const int col = k < end ? load_col(a, k) : INT_MAX;
         const bool in = col < col_end;  // columns are sorted: the chunk's ones form a prefix
         const int nin = __popc(__ballot_sync(0xffffffffu, in));
         if (in) {
           const int ci = t.div_KK.div(col), rem = col - ci * KK;
           const int kh = t.div_KW.div(rem), kw = rem - kh * a.KW;
-          ent[lane] = Entry{decode_value(a, row, k), (((ci - c0) * t.NI * t.RH + kh) * t.RW + kw) * 4};
+          ent[lane] = Entry{w, (((ci - c0) * t.NI * t.RH + kh) * t.RW + kw) * 4};
         }
         __syncwarp();
+        if (nin == 32) {  // the next 32 nonzeros load while these 32 are applied
+          k += 32;
+          col = k < end ? load_col(a, k) : INT_MAX;
+          w = k < end ? decode_value(a, row, k) : 0.f;
+        }
 #pragma unroll 8
         for (int j = 0; j < nin; ++j) {
           const Entry e = ent[j];
 #pragma unroll
-          for (int v = 0; v < V; ++v)
-            part[v] = fmaf(e.w, *reinterpret_cast<const float*>(xb[v] + e.off), part[v]);
+          for (int v = 0; v < V; ++v) {
+            const char* p = LINEAR ? xb[0] + e.off + 128 * v : xb[v] + e.off;
+            part[v] = fmaf(e.w, *reinterpret_cast<const float*>(p), part[v]);
+          }
         }
         __syncwarp();
         cur += nin;
@@ -159,9 +171,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
   }
 }
 
-template <typename T, int V>
+template <typename T, int V, bool LINEAR>
 static std::string launch_stage_t(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream) {
-  auto kernel = conv_stage_kernel<T, V>;
+  auto kernel = conv_stage_kernel<T, V, LINEAR>;
   if (p.smem_bytes > 48 * 1024) {
     // Not a stream operation, so it is legal during graph capture.
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -174,20 +186,25 @@ static std::string launch_stage_t(const ConvArgs& a, const StageCfg& t, const Pl
   return "";
 }
 
-template <typename T>
+template <typename T, bool LINEAR>
 static std::string launch_stage_v(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t s) {
   switch (t.V) {
-    case 1: return launch_stage_t<T, 1>(a, t, p, s);
-    case 2: return launch_stage_t<T, 2>(a, t, p, s);
-    default: return launch_stage_t<T, 4>(a, t, p, s);
+    case 1: return launch_stage_t<T, 1, LINEAR>(a, t, p, s);
+    case 2: return launch_stage_t<T, 2, LINEAR>(a, t, p, s);
+    default: return launch_stage_t<T, 4, LINEAR>(a, t, p, s);
   }
+}
+
+template <typename T>
+static std::string launch_stage_l(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t s) {
+  return t.linear ? launch_stage_v<T, true>(a, t, p, s) : launch_stage_v<T, false>(a, t, p, s);
 }
 
 std::string launch_stage(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t s) {
   switch (a.act_dtype) {
-    case kF32: return launch_stage_v<float>(a, t, p, s);
-    case kF16: return launch_stage_v<__half>(a, t, p, s);
-    default: return launch_stage_v<__nv_bfloat16>(a, t, p, s);
+    case kF32: return launch_stage_l<float>(a, t, p, s);
+    case kF16: return launch_stage_l<__half>(a, t, p, s);
+    default: return launch_stage_l<__nv_bfloat16>(a, t, p, s);
   }
 }
 

@@ -152,6 +152,7 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   t.tiles_h = static_cast<int>(cdiv(a.OH, TH));
   t.stage = static_cast<int>(stage);
   t.xs = static_cast<int>(xs);
+  t.linear = a.stride == 1 && NI == 1 && TWv == RW;
   t.div_RW = FastDiv(RW);
   t.div_RH = FastDiv(RH);
   t.div_NI = FastDiv(NI);

@@ -15,6 +15,7 @@ struct StageCfg {
   int TWv;    // lanes per tile row: TW, or RW when lanes also sweep the halo columns (no bank conflicts)
   int stage;  // floats per staged channel: NI * RH * RW
   int xs;     // floats reserved for the staged input (CC * stage, rounded up to 4)
+  bool linear;  // stride 1, one image, TWv == RW: lane pixels sit 32 floats apart in the staged rows
   FastDiv div_RW, div_RH, div_NI, div_KK, div_KW, div_TWv, div_THTWv, div_tiles_w, div_tiles_h;
 };
 

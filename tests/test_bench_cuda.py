@@ -62,6 +62,16 @@ def test_every_gpu_backend_passes_the_check_and_is_timed(bits, activations):
     # TF32 really is off for cudnn_fp32 and on for cudnn_tf32: their errors differ by orders of magnitude.
     assert by["cudnn_fp32"]["max_rel_error"] < 1e-5 < by["cudnn_tf32"]["max_rel_error"]
     assert "break_even_vs_cudnn_fp16" in by["direct_sparse"]
+    # Autotuned by default (like cuDNN's benchmark mode): the row names the candidate plan it ran (-1: the rule).
+    assert -1 <= by["direct_sparse"]["kernel_plan"] < 111
+
+
+def test_autotune_off_runs_the_rule():
+    backend, bench = cfgs(baselines=["cudnn_fp32"])
+    backend.autotune = False
+    case = synthetic_case("vgg.conv5", "conv2d", 128, 256, 3, 8, 1, 1, 0.9, 32, torch.Generator().manual_seed(0))
+    rows = LayerBench(plan_backends(backend, bench, GPU), TimingSettings(warmup=3, repeats=20)).run(case, 32)
+    assert rows[0]["backend"] == "direct_sparse" and rows[0]["kernel_plan"] == -1
 
 
 def test_benchmark_model_on_gpu_uses_cuda_graphs_on_both_sides():

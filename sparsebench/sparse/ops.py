@@ -324,10 +324,13 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = 
 _AUTOTUNE_MARGIN = 0.03
 
 
-def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, calls: int = 5, rounds: int = 3) -> Dict[str, Any]:
-    """Time the rule and every distinct candidate plan on ``x`` (``rounds`` x ``calls`` back-to-back launches
-    each, best round kept) and remember the fastest in ``layer.tuned_plans`` for inputs of x's shape, dtype and
-    device. Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
+def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, repeats: int = 10) -> Dict[str, Any]:
+    """Time the rule and every distinct candidate plan on ``x`` as the benchmark times a layer (median of
+    ``repeats`` runs, L2 flushed before each, the GPU kept ahead of the host) and remember the fastest in
+    ``layer.tuned_plans`` for inputs of x's shape, dtype and device.
+    Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
+    from sparsebench.bench.timing import time_cuda  # the harness's own clock (imported late: bench imports ops)
+
     _validate_any(x, layer)
     require_kernels()
     _check_device(x, layer)
@@ -335,23 +338,14 @@ def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, calls: int = 5, rounds
         raise RuntimeError("autotune_plan: cannot time while a CUDA graph is being captured; tune before capture")
     _, shape = _geometry(x, layer)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times: Dict[int, float] = {}
     with torch.cuda.device(x.device):  # plans count this device's SMs
         distinct: Dict[tuple, int] = {}  # candidates that launch the same grid are timed once
         for plan in range(-1, _candidate_count()):
             distinct.setdefault(tuple(sorted(kernel_plan(x.shape, layer, plan=plan).items())), plan)
         for plan in distinct.values():
-            _launch_into(out, x, layer, False, VARIANTS["auto"], plan)  # warm-up
-            best = float("inf")
-            for _ in range(rounds):
-                start.record()
-                for _ in range(calls):
-                    _launch_into(out, x, layer, False, VARIANTS["auto"], plan)
-                end.record()
-                end.synchronize()
-                best = min(best, 1000.0 * start.elapsed_time(end) / calls)
-            times[plan] = best
+            run = functools.partial(_launch_into, out, x, layer, False, VARIANTS["auto"], plan)
+            times[plan] = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
     fastest = min(times, key=times.get)
     chosen = fastest if times[fastest] < (1.0 - _AUTOTUNE_MARGIN) * times[-1] else -1
     layer.tuned_plans[_plan_key(x)] = chosen
