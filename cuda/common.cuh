@@ -21,6 +21,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 
 template <typename T> __device__ __forceinline__ float load_act(const T* p) { return to_f32<T>(__ldg(p)); }
 
+// Four consecutive activations, as one 16-byte (fp32) or 8-byte (fp16/bf16) load: p must be aligned to it.
+template <typename T> __device__ __forceinline__ void load_act4(const T* p, float (&v)[4]);
+template <> __device__ __forceinline__ void load_act4<float>(const float* p, float (&v)[4]) {
+  const float4 q = __ldg(reinterpret_cast<const float4*>(p));
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+template <typename T> __device__ __forceinline__ void load_act4(const T* p, float (&v)[4]) {
+  const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+  const T* h = reinterpret_cast<const T*>(&q);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = to_f32<T>(h[i]);
+}
+
 // Division by a divisor fixed at launch (round-up multiply-shift; exact for n < 2^31).
 struct FastDiv {
   uint32_t d = 1, mul = 0, shr = 0;
@@ -42,8 +55,23 @@ __device__ __forceinline__ int load_col(const ConvArgs& a, int k) {
                           : __ldg(static_cast<const int32_t*>(a.colidx) + k);
 }
 
-// The fp32 value of nonzero k of `row`, exactly as PackedLayer.nonzero_values() computes it.
-__device__ __forceinline__ float decode_value(const ConvArgs& a, int row, int k) {
+// A row's dequantization constants, loaded once per row rather than once per nonzero.
+struct RowScale {
+  float scale = 1.f;
+  int zero = 0;
+};
+
+__device__ __forceinline__ RowScale row_scale(const ConvArgs& a, int row) {
+  RowScale r;
+  if (a.value_kind == kValLinear) {
+    r.scale = __ldg(a.scale + row);
+    r.zero = __ldg(a.zero_point + row);
+  }
+  return r;
+}
+
+// The fp32 value of nonzero k (of the row `r` belongs to), exactly as PackedLayer.nonzero_values() computes it.
+__device__ __forceinline__ float decode_value(const ConvArgs& a, const RowScale& r, int k) {
   switch (a.value_kind) {
     case kValF32: return __ldg(static_cast<const float*>(a.values) + k);
     case kValF16: return __half2float(static_cast<const __half*>(a.values)[k]);
@@ -52,7 +80,7 @@ __device__ __forceinline__ float decode_value(const ConvArgs& a, int row, int k)
       const uint32_t byte = __ldg(static_cast<const uint8_t*>(a.values) + (bit >> 3));
       const int code = static_cast<int>((byte >> (bit & 7)) & ((1u << a.bits) - 1));
       if (a.value_kind == kValCodebook) return __ldg(a.codebook + code);
-      return __ldg(a.scale + row) * static_cast<float>(code - __ldg(a.zero_point + row));
+      return r.scale * static_cast<float>(code - r.zero);
     }
   }
 }

@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
     s_cur[i] = __ldg(a.rowptr + row);
     s_end[i] = __ldg(a.rowptr + row + 1);
   }
+  __syncthreads();  // the rows' cursors, read below before the first staging barrier
   // Each lane's pixels as byte addresses into the staged chunk: a tap is then one add away.
   const char* xb[V];
 #pragma unroll
@@ -76,8 +77,28 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
 
   const int KK = a.KH * a.KW;
   const int ih_base = oh0 * a.stride - a.pad, iw_base = ow0 * a.stride - a.pad;
+  Entry* ent = s_ent + warp * 32;
   int chunk = 0;
   for (int c0 = 0; c0 < a.C; c0 += t.CC, ++chunk) {
+    // Each warp keeps the next 32 nonzeros it will apply in flight (column, value), across row
+    // boundaries too: the loads of a row's first nonzeros overlap the staging or the previous row.
+    // A warp's rows are always the same ones (i = warp + 16j), so their cursors are its own.
+    int next = warp, row = 0, end = 0, k = 0, col = INT_MAX;
+    float w = 0.f;
+    RowScale rs;
+    auto fetch = [&]() {
+      col = k < end ? load_col(a, k) : INT_MAX;
+      w = k < end ? decode_value(a, rs, k) : 0.f;
+    };
+    auto fetch_row = [&](int i) {
+      row = s_row[i];
+      end = s_end[i];
+      k = s_cur[i] + lane;
+      rs = row_scale(a, row);
+      fetch();
+    };
+    if (next < nrows) fetch_row(next);
+
     const int ccn = min(t.CC, a.C - c0);
     // Stage [cc][img][r][c]; 8 loads in flight per thread before their stores.
     const int total = ccn * t.stage;
@@ -107,17 +128,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
 
     const int col_end = (c0 + ccn) * KK;
     const bool last = c0 + t.CC >= a.C;
-    Entry* ent = s_ent + warp * 32;
-    for (int i = warp; i < nrows; i += kStageWarps) {
-      const int row = s_row[i];
-      const int end = s_end[i];
-      int cur = s_cur[i];
+    for (int i = next; i < nrows; i += kStageWarps) {
+      const int this_row = row;
+      int cur = k - lane;
       float part[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) part[v] = 0.f;
-      int k = cur + lane;
-      int col = k < end ? load_col(a, k) : INT_MAX;
-      float w = k < end ? decode_value(a, row, k) : 0.f;
       while (true) {
         const bool in = col < col_end;  // columns are sorted: the chunk's ones form a prefix
         const int nin = __popc(__ballot_sync(0xffffffffu, in));
@@ -127,10 +143,11 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
           ent[lane] = Entry{w, (((ci - c0) * t.NI * t.RH + kh) * t.RW + kw) * 4};
         }
         __syncwarp();
-        if (nin == 32) {  // the next 32 nonzeros load while these 32 are applied
+        if (nin == 32) {  // the row goes on: its next 32 nonzeros
           k += 32;
-          col = k < end ? load_col(a, k) : INT_MAX;
-          w = k < end ? decode_value(a, row, k) : 0.f;
+          fetch();
+        } else if (i + kStageWarps < nrows) {  // the row ends in this chunk: the warp's next row
+          fetch_row(i + kStageWarps);
         }
 #pragma unroll 8
         for (int j = 0; j < nin; ++j) {
@@ -155,14 +172,14 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[lane + 32 * v] = part[v];
       } else {
-        const float b = a.bias ? __ldg(a.bias + row) : 0.f;
+        const float b = a.bias ? __ldg(a.bias + this_row) : 0.f;
         T* __restrict__ out = static_cast<T*>(a.out);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           if (valid[v]) {
             float y = part[v] + b;
             if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
-            out[obase[v] + row * OHW] = from_f32<T>(y);
+            out[obase[v] + this_row * OHW] = from_f32<T>(y);
           }
         }
       }

@@ -143,6 +143,19 @@ def test_wide_layer_with_int32_indices():
     check(sparse_linear(x, layer), reference(x, layer), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rowsplit_1x1_vector_loads(dtype):
+    # One image of 14x14, three of 4x4 (tiles inside an image: 4-wide vector loads), two of 14x14 (tiles
+    # cross images: scalar loads), and an input one element off 16-byte alignment (scalar loads).
+    layer = random_layer((37, 64, 1, 1), 0.8, value="linear", bits=4, empty_rows=2, seed=17).to("cuda")
+    for n, hw, offset in ((1, 14, 0), (3, 4, 0), (2, 14, 0), (1, 14, 1)):
+        numel = n * 64 * hw * hw
+        x = torch.randn(numel + offset, device="cuda").to(dtype)[offset:].view(n, 64, hw, hw)
+        out = torch.full((n, 37, hw, hw), float("nan"), device="cuda", dtype=dtype)
+        sparse_conv2d_into(out, x, layer, relu=True, variant="rowsplit")
+        check(out, reference(x, layer, relu=True), dtype)
+
+
 PLAN_SHAPES = [  # (weight shape, stride, padding, input shape): 3x3, stride-2, 1x1 (flattened), odd sizes, a linear
     ((70, 33, 3, 3), 1, 1, (5, 33, 14, 14)),
     ((64, 48, 3, 3), 2, 1, (8, 48, 17, 17)),
