@@ -41,6 +41,7 @@ py::dict knobs_dict(const Tuning& t) {
   d["virtual_width"] = t.virtual_width;
   d["rowsplit_warps_per_row"] = t.rowsplit_warps_per_row;
   d["stage_v"] = t.stage_v;
+  d["min_rows"] = t.min_rows;
   return d;
 }
 
@@ -165,7 +166,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_tuning",
       [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width,
-         int rowsplit_warps_per_row, int stage_v) {
+         int rowsplit_warps_per_row, int stage_v, int min_rows) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         if (rowsplit_warps_per_row != 0 && rowsplit_warps_per_row != 1 && rowsplit_warps_per_row != 2 &&
@@ -173,6 +174,7 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("rowsplit_warps_per_row: expected 0 (automatic), 1, 2 or 4");
         if (stage_v != 0 && stage_v != 1 && stage_v != 2 && stage_v != 4)
           throw std::invalid_argument("stage_v: expected 0 (automatic), 1, 2 or 4");
+        if (min_rows < 1) throw std::invalid_argument("min_rows: expected an integer >= 1");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
@@ -181,10 +183,11 @@ PYBIND11_MODULE(_C, m) {
         t.virtual_width = virtual_width ? 1 : 0;
         t.rowsplit_warps_per_row = rowsplit_warps_per_row;
         t.stage_v = stage_v;
+        t.min_rows = min_rows;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
-      py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0, py::arg("stage_v") = 0);
+      py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0, py::arg("stage_v") = 0, py::arg("min_rows") = 32);
 
   m.def("get_tuning", []() { return knobs_dict(tuning()); });
 

@@ -8,6 +8,7 @@
 // When a tile row is narrower than a warp, lanes sweep the halo columns too (TWv = RW) and
 // discard those outputs: a warp then reads 32 consecutive words, free of bank conflicts.
 #include <climits>
+#include <type_traits>
 
 #include "kernels.cuh"
 
@@ -100,28 +101,41 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
     if (next < nrows) fetch_row(next);
 
     const int ccn = min(t.CC, a.C - c0);
-    // Stage [cc][img][r][c]; 8 loads in flight per thread before their stores.
+    // Stage [cc][img][r][c], zeros where the tile reaches past the image.
     const int total = ccn * t.stage;
-    for (int e0 = tid; e0 < total; e0 += NT * 8) {
-      float vals[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int e = e0 + u * NT;
-        vals[u] = 0.f;
-        if (e < total) {
-          const int t1 = t.div_RW.div(e), c = e - t1 * t.RW;
-          const int t2 = t.div_RH.div(t1), r = t1 - t2 * t.RH;
-          const int cc = t.div_NI.div(t2), img = t2 - cc * t.NI;
-          const int n = n0 + img, ih = ih_base + r, iw = iw_base + c;
-          if (n < a.N && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
-              static_cast<unsigned>(iw) < static_cast<unsigned>(a.W))
-            vals[u] = load_act(x + ((static_cast<size_t>(n) * a.C + c0 + cc) * a.H + ih) * a.W + iw);
-        }
+    auto source = [&](int e, size_t& idx) {
+      const int t1 = t.div_RW.div(e), c = e - t1 * t.RW;
+      const int t2 = t.div_RH.div(t1), r = t1 - t2 * t.RH;
+      const int cc = t.div_NI.div(t2), img = t2 - cc * t.NI;
+      const int n = n0 + img, ih = ih_base + r, iw = iw_base + c;
+      idx = ((static_cast<size_t>(n) * a.C + c0 + cc) * a.H + ih) * a.W + iw;
+      return n < a.N && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
+             static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
+    };
+    if constexpr (std::is_same<T, float>::value) {
+      // Asynchronous copies straight into shared memory: every one of them in flight at once.
+      for (int e = tid; e < total; e += NT) {
+        size_t idx = 0;
+        const bool in = source(e, idx);
+        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(s_x + e));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(in ? x + idx : x), "r"(in ? 4 : 0));
       }
+      asm volatile("cp.async.wait_all;\n" ::);
+    } else {
+      // Converted to fp32 on the way: 8 loads in flight per thread before their stores.
+      for (int e0 = tid; e0 < total; e0 += NT * 8) {
+        float vals[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int e = e0 + u * NT;
-        if (e < total) s_x[e] = vals[u];
+        for (int u = 0; u < 8; ++u) {
+          const int e = e0 + u * NT;
+          size_t idx = 0;
+          vals[u] = e < total && source(e, idx) ? load_act(x + idx) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int e = e0 + u * NT;
+          if (e < total) s_x[e] = vals[u];
+        }
       }
     }
     __syncthreads();

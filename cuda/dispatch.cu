@@ -103,7 +103,7 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   const double dense = static_cast<double>(a.CO) * a.C * KK;
   const double density = a.nnz > 0 ? std::max(1e-4, a.nnz / dense) : 0.1;
   const int64_t rg_min = std::min<int64_t>(
-      a.CO, std::max<int64_t>(2 * kStageWarps, static_cast<int64_t>(tu.min_reuse / (KK * density) + 0.5)));
+      a.CO, std::max<int64_t>(tu.min_rows, static_cast<int64_t>(tu.min_reuse / (KK * density) + 0.5)));
   const int64_t max_groups = std::max<int64_t>(1, a.CO / rg_min);
   int V = tu.stage_v ? tu.stage_v : 4, TW = 1, TWv = 1, TH = 1, NI = 1;
   int64_t tiles = 1;
@@ -114,9 +114,10 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   }
   const int PT = 32 * V;
   int64_t groups = std::min(max_groups, std::max<int64_t>(1, cdiv(want_blocks, tiles)));
-  // Parallelism beats reuse when there would be fewer blocks than SMs.
+  // Parallelism beats reuse when there would be fewer blocks than SMs: then aim for the wanted
+  // blocks per SM with fewer rows per block (down to min_rows), each warp's serial chain shorter.
   if (tiles * groups < sm_count())
-    groups = std::max(groups, std::min(cdiv(sm_count(), tiles), std::max<int64_t>(1, a.CO / (2 * kStageWarps))));
+    groups = std::max(groups, std::min(cdiv(want_blocks, tiles), std::max<int64_t>(1, a.CO / tu.min_rows)));
   int64_t RG = cdiv(a.CO, groups);
   const int RH = (TH - 1) * a.stride + a.KH, RW = (TW - 1) * a.stride + a.KW;
   const int64_t stage = static_cast<int64_t>(NI) * RH * RW;
@@ -128,7 +129,7 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   int64_t CC = a.C, chunks = 1, acc = 0;
   if (round4(a.C * stage) * 4 + ent + rows_bytes(RG) > budget) {
     // Several chunks: partial sums of RG rows x PT pixels wait in shared memory.
-    RG = std::min<int64_t>(RG, std::max<int64_t>(2 * kStageWarps, budget / 2 / (PT * 4)));
+    RG = std::min<int64_t>(RG, std::max<int64_t>(tu.min_rows, budget / 2 / (PT * 4)));
     acc = RG * PT * 4;
     CC = (budget - acc - ent - rows_bytes(RG)) / (stage * 4);
     if (CC < 1) return false;
@@ -191,8 +192,9 @@ constexpr int kCandWidth[] = {1, 0};
 constexpr int kCandReuse[] = {12, 24, 48};
 constexpr int kCandBudget[] = {100 * 1024, 200 * 1024};
 constexpr int kCandBlocks[] = {1, 2, 4};
+constexpr int kCandRows[] = {2 * kStageWarps, kStageWarps};
 constexpr int kCandWarps[] = {1, 2, 4};
-constexpr int kStageCandidates = 3 * 2 * 3 * 2 * 3;
+constexpr int kStageCandidates = 3 * 2 * 3 * 2 * 3 * 2;
 }  // namespace
 
 int plan_candidate_count() { return kStageCandidates + 3; }
@@ -206,6 +208,8 @@ bool plan_candidate(int id, Tuning& knobs, int& variant) {
     return true;
   }
   variant = kStage;
+  knobs.min_rows = kCandRows[id % 2];
+  id /= 2;
   knobs.blocks_per_sm = kCandBlocks[id % 3];
   id /= 3;
   knobs.smem_budget = kCandBudget[id % 2];

@@ -53,6 +53,7 @@ struct Tuning {
   int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
   int rowsplit_warps_per_row = 0; // 1, 2 or 4 warps per output channel; 0: by rows and row length
   int stage_v = 0;                // pixels per lane of the staged kernel (1, 2 or 4); 0: the widest that fills the GPU
+  int min_rows = 32;              // fewest output channels a staged block takes (2 per warp)
 };
 
 Tuning& tuning();

@@ -22,6 +22,7 @@ KERNEL_TUNING = {
     "virtual_width": ("0 or 1", lambda v: v in (0, 1)),
     "rowsplit_warps_per_row": ("0 (automatic), 1, 2 or 4", lambda v: v in (0, 1, 2, 4)),
     "stage_v": ("0 (automatic), 1, 2 or 4 (output pixels per lane of the staged kernel)", lambda v: v in (0, 1, 2, 4)),
+    "min_rows": ("an integer >= 1 (fewest output channels per staged block)", lambda v: v >= 1),
 }
 
 
