@@ -26,10 +26,12 @@ P* ptr(uintptr_t v) {
   return reinterpret_cast<P*>(v);
 }
 
-void check_plan(int plan) {
+void check_plan(int plan, int variant) {
   if (plan < -1 || plan >= plan_candidate_count())
     throw std::invalid_argument("plan: expected -1 (the dispatcher's rule) or a candidate id 0.." +
                                 std::to_string(plan_candidate_count() - 1));
+  if (plan >= 0 && variant != kAuto)
+    throw std::invalid_argument("plan: a candidate plan picks its own kernel; pass variant 0 (auto) with it");
 }
 
 py::dict knobs_dict(const Tuning& t) {
@@ -56,7 +58,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   if (value_kind >= kValLinear && bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits: expected 2, 4 or 8");
   if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (stage), 2 (rowsplit)");
   if (stride < 1 || pad < 0 || KH < 1 || KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
-  check_plan(plan);
+  check_plan(plan, variant);
   ConvArgs a;
   a.x = ptr<const void>(x);
   a.out = ptr<void>(out);
@@ -98,6 +100,8 @@ py::dict plan_dict(const Plan& p) {
   d["smem_bytes"] = p.smem_bytes;
   d["blocks"] = p.blocks;
   d["flattened"] = p.flattened;
+  d["linear"] = p.linear;
+  d["vector_loads"] = p.vector_loads;
   return d;
 }
 
@@ -133,7 +137,7 @@ PYBIND11_MODULE(_C, m) {
       "plan",
       [](int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW, int variant,
          int64_t nnz, int64_t max_row, int plan) {
-        check_plan(plan);
+        check_plan(plan, variant);
         ConvArgs a;
         a.nnz = nnz;
         a.max_row = max_row;
@@ -162,6 +166,8 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       "The plans an autotuner may time, by id: each the current knobs with a few changed, and a kernel.");
+
+  m.def("plan_candidate_count", &plan_candidate_count, "How many candidate plans there are (ids 0..count-1).");
 
   m.def(
       "set_tuning",
@@ -201,7 +207,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime_compiled"] = cuda_runtime_version_compiled();
     d["cuda_runtime"] = cuda_runtime_version();
     d["cuda_driver"] = cuda_driver_version();
-    d["kernels"] = py::make_tuple("conv_stage<V=1,2,4>", "conv_rowsplit<P=16,WPR=1,2,4>");
+    d["kernels"] = py::make_tuple("conv_stage<V=1,2,4; LINEAR>", "conv_rowsplit<P=16; WPR=1,2,4; CONTIGUOUS>");
     return d;
   });
 }

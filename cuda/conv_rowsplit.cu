@@ -5,9 +5,9 @@
 // add their sums through shared memory in a fixed order. Input is read through L1.
 // WPR > 1 is for rows too long or too few for one warp each: a trained layer keeps a few long
 // rows, and each row's nonzeros are one lane's serial chain of dependent loads.
-// CONTIGUOUS: a 1x1 conv on image rows (flattened, stride 1, no padding) whose 16 pixels are
-// consecutive in memory and 16-byte aligned: a lane reads its 16 inputs as 4 vector loads, a
-// quarter of the L1 requests of 16 scalar ones.
+// CONTIGUOUS: a 1x1 conv on image rows whose 16 pixels are consecutive in memory and aligned
+// (contiguous_pixels): a lane reads its 16 inputs as 4 vector loads (16 bytes each in fp32, 8 in
+// fp16/bf16), a quarter of the L1 requests of 16 scalar ones.
 #include <cstdint>
 
 #include "kernels.cuh"
@@ -136,10 +136,7 @@ static void launch_rowsplit_t(const ConvArgs& a, cudaStream_t stream) {
   constexpr int rows_per_block = kRowSplitWarps / WPR;
   const dim3 grid(static_cast<unsigned>((M + kRowSplitPixels - 1) / kRowSplitPixels),
                   static_cast<unsigned>((a.CO + rows_per_block - 1) / rows_per_block));
-  // Tiles of 16 pixels stay inside one image: one image, or images of a multiple of 16 pixels.
-  const bool contiguous = a.KH == 1 && a.KW == 1 && a.stride == 1 && a.pad == 0 && a.H == 1 &&
-                          ((a.N == 1 && a.W % 4 == 0) || a.W % kRowSplitPixels == 0) &&
-                          reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  const bool contiguous = contiguous_pixels(a) && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
   auto kernel = contiguous ? conv_rowsplit_kernel<T, WPR, true> : conv_rowsplit_kernel<T, WPR, false>;
   kernel<<<grid, kRowSplitWarps * 32, 0, stream>>>(a, FastDiv(a.OH * a.OW), FastDiv(a.OW), FastDiv(a.KH * a.KW),
                                                    FastDiv(a.KW), M);

@@ -23,8 +23,8 @@ struct __align__(8) Entry {
 
 }  // namespace
 
-// LINEAR: lanes' staged pixels are 32 floats apart (stride 1, one image, lanes spanning whole staged
-// rows: TWv == RW), so each of a lane's V loads is one base register plus a constant.
+// LINEAR: a lane's V staged pixels are 32 floats apart (stride 1, one image, lanes spanning whole
+// staged rows: TWv == RW), so each of its V loads is one base register plus a constant.
 template <typename T, int V, bool LINEAR>
 __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const ConvArgs a, const StageCfg t) {
   constexpr int NT = kStageWarps * 32;
@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
     const int ta = t.div_TWv.div(rem), tb = rem - ta * t.TWv;
     const int n = n0 + img, oh = oh0 + ta, ow = ow0 + tb;
     valid[v] = img < t.NI && tb < t.TW && n < a.N && oh < a.OH && ow < a.OW;
-    // LINEAR lanes past the tile read a few floats past the chunk: still inside this block's
-    // shared memory (the entry buffers follow), and their results are discarded.
+    // LINEAR lanes past the tile read up to PT + KW - 1 floats past the staged input, into a pad
+    // the dispatcher reserves for them (uninitialised; their results are discarded).
     sbase[v] = LINEAR ? pos : valid[v] ? (img * t.RH + ta * a.stride) * t.RW + tb * a.stride : 0;
     obase[v] = valid[v] ? n * a.CO * OHW + oh * a.OW + ow : 0;
   }
@@ -112,15 +112,21 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
       return n < a.N && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
              static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
     };
-    if constexpr (std::is_same<T, float>::value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    constexpr bool kAsyncCopy = std::is_same<T, float>::value;  // cp.async: sm_80 and newer
+#else
+    constexpr bool kAsyncCopy = false;
+#endif
+    if constexpr (kAsyncCopy) {
       // Asynchronous copies straight into shared memory: every one of them in flight at once.
       for (int e = tid; e < total; e += NT) {
         size_t idx = 0;
         const bool in = source(e, idx);
         const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(s_x + e));
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(in ? x + idx : x), "r"(in ? 4 : 0));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(in ? x + idx : x),
+                     "r"(in ? 4 : 0) : "memory");
       }
-      asm volatile("cp.async.wait_all;\n" ::);
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else {
       // Converted to fp32 on the way: 8 loads in flight per thread before their stores.
       for (int e0 = tid; e0 < total; e0 += NT * 8) {

@@ -12,17 +12,22 @@ Tuning& tuning() {
   return t;
 }
 
-static int sm_count() {
+// An attribute of the current GPU, cached per device; `fallback` (an H200's value) where none answers.
+template <cudaDeviceAttr A>
+static int device_attribute(int fallback) {
   static int cached[64] = {0};
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
   if (!cached[dev]) {
     int v = 0;
-    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-    cached[dev] = v > 0 ? v : 132;
+    cudaDeviceGetAttribute(&v, A, dev);
+    cached[dev] = v > 0 ? v : fallback;
   }
   return cached[dev];
 }
+
+static int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+static int max_block_smem() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(227 * 1024); }
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -77,6 +82,7 @@ static Plan rowsplit_plan(const ConvArgs& a, const Tuning& tu) {
   p.rows_per_block = kRowSplitWarps / p.warps_per_row;
   p.threads = kRowSplitWarps * 32;
   p.blocks = tiles * cdiv(a.CO, p.rows_per_block);
+  p.vector_loads = contiguous_pixels(a);
   return p;
 }
 
@@ -123,21 +129,25 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   const int64_t stage = static_cast<int64_t>(NI) * RH * RW;
   const int64_t ent = kStageWarps * 32 * 8;
   auto rows_bytes = [](int64_t rg) { return (rg * 3 + 3) / 4 * 16; };
-  const int64_t budget = tu.smem_budget;
+  const int64_t budget = std::min<int64_t>(tu.smem_budget, max_block_smem());
   auto round4 = [](int64_t v) { return (v + 3) / 4 * 4; };
+  // Linear lanes (see conv_stage.cu) past the tile read up to PT + KW - 1 floats past the staged
+  // input: a pad keeps those reads off the other warps' buffers.
+  const bool linear = a.stride == 1 && NI == 1 && TWv == RW;
+  const int64_t pad = linear ? PT + a.KW : 0;
 
   int64_t CC = a.C, chunks = 1, acc = 0;
-  if (round4(a.C * stage) * 4 + ent + rows_bytes(RG) > budget) {
+  if (round4(a.C * stage + pad) * 4 + ent + rows_bytes(RG) > budget) {
     // Several chunks: partial sums of RG rows x PT pixels wait in shared memory.
     RG = std::min<int64_t>(RG, std::max<int64_t>(tu.min_rows, budget / 2 / (PT * 4)));
     acc = RG * PT * 4;
-    CC = (budget - acc - ent - rows_bytes(RG)) / (stage * 4);
+    CC = (budget - acc - ent - rows_bytes(RG) - (pad + 3) * 4) / (stage * 4);  // + 3: rounding to 4 floats
     if (CC < 1) return false;
     chunks = cdiv(a.C, CC);
   }
   groups = cdiv(a.CO, RG);
   if (tiles > 0x7fffffff || groups > 65535) return false;
-  const int64_t xs = round4(CC * stage);
+  const int64_t xs = round4(CC * stage + pad);
 
   t.V = V;
   t.TH = TH;
@@ -153,7 +163,7 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   t.tiles_h = static_cast<int>(cdiv(a.OH, TH));
   t.stage = static_cast<int>(stage);
   t.xs = static_cast<int>(xs);
-  t.linear = a.stride == 1 && NI == 1 && TWv == RW;
+  t.linear = linear;
   t.div_RW = FastDiv(RW);
   t.div_RH = FastDiv(RH);
   t.div_NI = FastDiv(NI);
@@ -176,6 +186,7 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   p.threads = kStageWarps * 32;
   p.smem_bytes = xs * 4 + acc + ent + rows_bytes(RG);
   p.blocks = tiles * groups;
+  p.linear = linear;
   return true;
 }
 

@@ -28,4 +28,12 @@ std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t s
 constexpr int kRowSplitWarps = 4;
 constexpr int kRowSplitPixels = 16;
 
+// Row-split: a warp's 16 pixels are contiguous in memory and inside one image (a 1x1 conv on
+// image rows, stride 1, no padding; one image with H*W a multiple of 4, or images of a multiple
+// of 16 pixels), so they can be read as 4 vector loads where x is 16-byte aligned.
+inline bool contiguous_pixels(const ConvArgs& a) {
+  return a.KH == 1 && a.KW == 1 && a.stride == 1 && a.pad == 0 && a.H == 1 &&
+         ((a.N == 1 && a.W % 4 == 0) || a.W % kRowSplitPixels == 0);
+}
+
 }  // namespace sparsebench

@@ -43,6 +43,8 @@ struct Plan {
   int64_t smem_bytes = 0;
   int64_t blocks = 0;
   bool flattened = false;  // a 1x1/stride-1/no-padding conv treated as one long image row
+  bool linear = false;        // staged: a lane's V pixels sit 32 floats apart (one address register)
+  bool vector_loads = false;  // row-split: 16 contiguous pixels read as 4 vector loads (if x is 16-byte aligned)
 };
 
 struct Tuning {
@@ -53,7 +55,7 @@ struct Tuning {
   int blocks_per_sm = 2;          // blocks per SM the staged kernel's grid aims for
   int rowsplit_warps_per_row = 0; // 1, 2 or 4 warps per output channel; 0: by rows and row length
   int stage_v = 0;                // pixels per lane of the staged kernel (1, 2 or 4); 0: the widest that fills the GPU
-  int min_rows = 32;              // fewest output channels a staged block takes (2 per warp)
+  int min_rows = 32;              // fewest output channels a staged block takes (32: 2 per warp)
 };
 
 Tuning& tuning();

@@ -46,6 +46,22 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def kernel_defaults():
+    """Every test starts and ends with the kernels' default knobs and autotuning off (the library's
+    default); the benchmark turns autotuning on process-wide, which must not leak into the next test."""
+    from sparsebench.sparse import ops
+
+    def reset():
+        ops.set_autotune(False)
+        if ops._C is not None:
+            ops._C.set_tuning()
+
+    reset()
+    yield
+    reset()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

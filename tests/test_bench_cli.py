@@ -117,6 +117,7 @@ def test_negative_row_skew_is_refused(tmp_path):
     (["+backend.tuning.blocks_per_sm=0"], "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
     (["+backend.tuning.rowsplit_max_pixels=3000000000"], "backend.tuning.rowsplit_max_pixels=3000000000 is not allowed"),
     (["backend=torch_csr", "+backend.tuning.min_reuse=4"], "only with backend=direct_sparse"),
+    (["+backend.tuning.min_reuse=12"], "backend.tuning.min_reuse=12 is not allowed: only with backend.autotune=false"),
 ])
 def test_bad_kernel_tuning_is_refused(tmp_path, overrides, message):
     res = run_bench("layers=tiny", *overrides, f"hydra.run.dir={tmp_path}")

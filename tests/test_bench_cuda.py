@@ -69,10 +69,15 @@ def test_every_gpu_backend_passes_the_check_and_is_timed(bits, activations):
             assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
     assert "break_even_vs_cudnn_fp16" in by["direct_sparse"]
     # Autotuned by default (like cuDNN's benchmark mode): the row names the candidate plan it ran (-1: the rule).
-    assert -1 <= by["direct_sparse"]["kernel_plan"] < len(plan_candidates())
+    from sparsebench.sparse.ops import autotune_enabled
+
+    assert autotune_enabled() and by["direct_sparse"]["kernel_plan"] in range(-1, len(plan_candidates()))
 
 
-def test_autotune_off_runs_the_rule():
+def test_autotune_off_runs_the_rule(monkeypatch):
+    from sparsebench.sparse import ops
+
+    monkeypatch.setattr(ops, "autotune_plan", lambda *a, **k: pytest.fail("autotune_plan ran with autotune off"))
     backend, bench = cfgs(baselines=["cudnn_fp32"])
     backend.autotune = False
     case = synthetic_case("vgg.conv5", "conv2d", 128, 256, 3, 8, 1, 1, 0.9, 32, torch.Generator().manual_seed(0))

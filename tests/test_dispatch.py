@@ -6,7 +6,16 @@ import pytest
 from sparsebench.sparse.ops import _C, kernel_plan as plan
 from sparsebench.sparse.synthetic import random_layer
 
-pytestmark = pytest.mark.skipif(_C is None, reason="sparsebench._C is not built here")
+
+def _other_gpu() -> bool:
+    """The expected plans are an H200's (132 SMs): what the module assumes without a GPU."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_properties(0).multi_processor_count != 132
+
+
+pytestmark = [pytest.mark.skipif(_C is None, reason="sparsebench._C is not built here"),
+              pytest.mark.skipif(_other_gpu(), reason="the expected plans are for an H200's 132 SMs")]
 
 
 @pytest.fixture
@@ -53,6 +62,8 @@ def test_plan_candidates_are_distinct_knob_settings_that_the_plans_follow():
     distinct = {tuple(sorted(plan(shape, layer, plan=i).items())) for i in range(-1, len(candidates))}
     assert 8 <= len(distinct) < len(candidates)  # many candidates coincide on one shape
     assert plan(shape, layer) == plan(shape, layer, plan=-1)
+    with pytest.raises(ValueError, match="plan: a candidate plan picks its own kernel"):
+        plan(shape, layer, variant="stage", plan=0)
     with pytest.raises(ValueError, match=rf"plan: expected -1 .* 0\.\.{len(candidates) - 1}, got {len(candidates)}"):
         plan(shape, layer, plan=len(candidates))
 
@@ -76,3 +87,15 @@ def test_starved_grids_take_fewer_rows_per_block(tuning):
     tuning(min_rows=16, blocks_per_sm=4)  # aim for 4 blocks per SM: 6 row groups
     assert plan((1, 64, 56, 56), layer)["rows_per_block"] == 43
     assert plan((32, 64, 56, 56), layer)["rows_per_block"] == 256  # a full grid keeps its reuse
+
+
+def test_linear_lanes_and_vector_loads_are_planned_where_they_apply():
+    conv3 = random_layer((128, 128, 3, 3), 0.9, padding=1, seed=8)
+    assert plan((32, 128, 28, 28), conv3)["linear"]  # 28 wide + 2 halo columns: lanes span whole staged rows
+    assert not plan((32, 128, 32, 32), conv3)["linear"]  # 32 wide: no halo sweep, rows of 34 staged floats
+    assert not plan((32, 128, 28, 28), random_layer((128, 128, 3, 3), 0.9, stride=2, padding=1))["linear"]
+    one = random_layer((256, 1024, 1, 1), 0.8, seed=9)
+    assert plan((1, 1024, 14, 14), one)["vector_loads"]  # one image of 196 pixels: 16-pixel tiles inside it
+    assert not plan((2, 1024, 14, 14), one)["vector_loads"]  # tiles would cross images
+    assert plan((2, 1024, 4, 4), one)["vector_loads"]  # images of 16 pixels
+    assert not plan((1, 1024), random_layer((256, 1024), 0.8))["vector_loads"]  # linear: pixels are batch rows

@@ -59,6 +59,8 @@ def validate_bench(backend: Any, bench: Any) -> None:
         require(KERNEL_TUNING[knob][1](value) and value < 2**31, f"backend.tuning.{knob}", value, KERNEL_TUNING[knob][0])
         require(backend.name == "direct_sparse", f"backend.tuning.{knob}", value,
                 f"only with backend=direct_sparse (the knobs are its kernels'; backend is {backend.name})")
+        require(not backend.autotune, f"backend.tuning.{knob}", value,
+                "only with backend.autotune=false (the autotuner sets the knobs itself; add backend.autotune=false)")
     require(backend.activations in ("fp32", "fp16", "bf16"), "backend.activations", backend.activations, "fp32, fp16 or bf16")
     require(backend.activations == "fp32" or backend.name in ("none", "direct_sparse"), "backend.activations",
             backend.activations, f"fp32 for backend {backend.name} (fp16/bf16 activations are direct_sparse only)")

@@ -49,7 +49,7 @@ def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Pla
         from sparsebench.sparse.ops import _C, set_autotune
 
         _C.set_tuning(**(backend_cfg.tuning if sparse == "direct_sparse" else {}))
-        set_autotune(backend_cfg.autotune if sparse == "direct_sparse" else True)
+        set_autotune(backend_cfg.autotune)
     baselines = []
     for name in bench_cfg.baselines:
         if name == sparse or name in baselines:

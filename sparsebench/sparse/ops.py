@@ -3,8 +3,10 @@
 ``sparse_conv2d`` and ``sparse_linear`` check every tensor (ValueError naming it) and then call the
 ``sparsebench::sparse_conv2d`` / ``sparsebench::sparse_linear`` custom ops, which launch the
 ``sparsebench._C`` kernels on the current stream without syncing or allocating (beyond the output),
-so they work under CUDA graphs and torch.compile. ``reference_conv2d`` / ``reference_linear`` compute
-the same thing with dequantize + F.conv2d / F.linear, on any device.
+so they work under CUDA graphs and torch.compile. With ``set_autotune(True)`` a layer's first call on a
+new input shape first times the candidate plans (that call syncs; see ``autotune_plan``).
+``reference_conv2d`` / ``reference_linear`` compute the same thing with dequantize + F.conv2d /
+F.linear, on any device.
 """
 
 from __future__ import annotations
@@ -267,9 +269,10 @@ _autotune = False
 
 def set_autotune(enabled: bool) -> None:
     """Like ``torch.backends.cudnn.benchmark``: when on, a layer's first call on each new input shape
-    times the dispatcher's candidate plans (``autotune_plan``: milliseconds, with device syncs) and the
-    layer keeps the fastest for later calls. Calls during CUDA graph capture or torch.compile never time:
-    they use a plan already tuned for that shape, or the dispatcher's rule."""
+    times the dispatcher's candidate plans (``autotune_plan``: tens of milliseconds, with device syncs)
+    and the layer keeps the fastest for later calls. Calls during CUDA graph capture never time: they
+    use a plan already tuned for that shape, or the dispatcher's rule; under torch.compile the rule runs.
+    The chosen plan can differ between runs (timing noise), and with it the fp32 summation order."""
     global _autotune
     _autotune = bool(enabled)
 
@@ -282,6 +285,11 @@ def _plan_key(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.dtype, x.device.index
 
 
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _call_plan(x: torch.Tensor, layer: PackedLayer, variant: str) -> int:
     """The candidate plan for this call: -1 (the rule) unless autotuning chose one for this input."""
     if variant != "auto" or torch.compiler.is_compiling():
@@ -289,7 +297,7 @@ def _call_plan(x: torch.Tensor, layer: PackedLayer, variant: str) -> int:
     plan = layer.tuned_plans.get(_plan_key(x))
     if plan is not None:
         return plan
-    if not _autotune or torch.cuda.is_current_stream_capturing():
+    if not _autotune or _capturing(x.device):
         return -1
     return autotune_plan(x, layer)["plan"]
 
@@ -301,51 +309,57 @@ def plan_candidates() -> List[Dict[str, Any]]:
     return list(_C.plan_candidates())
 
 
-@functools.lru_cache(maxsize=None)
-def _candidate_count() -> int:
-    return len(plan_candidates())
-
-
 def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = -1) -> dict:
     """The kernel and blocking the dispatcher picks for this input shape (or candidate ``plan``). Needs the
-    compiled module, not a GPU: without one it plans for an H200's 132 SMs."""
+    compiled module, not a GPU: without one it plans for an H200 (132 SMs, 227 KB of shared memory a block)."""
     if _C is None:
         raise ConfigError(f"kernel_plan needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
-    kh, kw = layer.kernel_size
-    (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
-    count = _candidate_count()
+    count = _C.plan_candidate_count()
     if not -1 <= plan < count:
         raise ValueError(f"plan: expected -1 (the dispatcher's rule) or a candidate id 0..{count - 1}, got {plan}")
+    if plan >= 0 and variant != "auto":
+        raise ValueError(f"plan: a candidate plan picks its own kernel; it needs variant 'auto', got {variant!r}")
+    kh, kw = layer.kernel_size
+    (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
     return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
                    layer.nnz, _max_row_hint(layer), plan)
 
 
-# A candidate replaces the rule only when it is clearly faster: timing noise must not flip plans.
+def distinct_plans(x_shape, layer: PackedLayer) -> List[int]:
+    """The rule (-1) and the candidate ids that launch differently for this input shape (many coincide)."""
+    first: Dict[tuple, int] = {}
+    for plan in range(-1, _C.plan_candidate_count()):
+        first.setdefault(tuple(sorted(kernel_plan(x_shape, layer, plan=plan).items())), plan)
+    return list(first.values())
+
+
+# A candidate replaces the rule only when it is more than this much faster: noise must not flip plans.
 _AUTOTUNE_MARGIN = 0.03
 
 
 def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, repeats: int = 10) -> Dict[str, Any]:
     """Time the rule and every distinct candidate plan on ``x`` as the benchmark times a layer (median of
     ``repeats`` runs, L2 flushed before each, the GPU kept ahead of the host) and remember the fastest in
-    ``layer.tuned_plans`` for inputs of x's shape, dtype and device.
-    Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
+    ``layer.tuned_plans`` for inputs of x's shape, dtype and device. A candidate this GPU cannot launch
+    is skipped. Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
     from sparsebench.bench.timing import time_cuda  # the harness's own clock (imported late: bench imports ops)
 
     _validate_any(x, layer)
     require_kernels()
     _check_device(x, layer)
-    if torch.cuda.is_current_stream_capturing():
+    if _capturing(x.device):
         raise RuntimeError("autotune_plan: cannot time while a CUDA graph is being captured; tune before capture")
     _, shape = _geometry(x, layer)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
     times: Dict[int, float] = {}
-    with torch.cuda.device(x.device):  # plans count this device's SMs
-        distinct: Dict[tuple, int] = {}  # candidates that launch the same grid are timed once
-        for plan in range(-1, _candidate_count()):
-            distinct.setdefault(tuple(sorted(kernel_plan(x.shape, layer, plan=plan).items())), plan)
-        for plan in distinct.values():
+    with torch.cuda.device(x.device):  # plans count this device's SMs and shared memory
+        for plan in distinct_plans(x.shape, layer):
             run = functools.partial(_launch_into, out, x, layer, False, VARIANTS["auto"], plan)
-            times[plan] = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
+            try:
+                times[plan] = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
+            except RuntimeError:
+                if plan == -1:
+                    raise
     fastest = min(times, key=times.get)
     chosen = fastest if times[fastest] < (1.0 - _AUTOTUNE_MARGIN) * times[-1] else -1
     layer.tuned_plans[_plan_key(x)] = chosen
