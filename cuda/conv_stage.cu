@@ -3,7 +3,8 @@
 // shared memory CC channels at a time and then reused by every row of the group: each warp
 // walks its rows, decodes 32 of a row's nonzeros at a time (one per lane: column -> shared
 // offset, code -> fp32 value) into a per-warp buffer, and every lane then does V FMAs per
-// nonzero against its own pixels (one broadcast + V conflict-free shared loads).
+// nonzero against its own pixels (one broadcast + V conflict-free shared loads). The next 32
+// nonzeros' loads are in flight meanwhile; fp32 input is staged with cp.async.
 // Partial sums across chunks live in shared memory; with one chunk they never leave registers.
 // When a tile row is narrower than a warp, lanes sweep the halo columns too (TWv = RW) and
 // discard those outputs: a warp then reads 32 consecutive words, free of bank conflicts.
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
     // Each warp keeps the next 32 nonzeros it will apply in flight (column, value), across row
     // boundaries too: the loads of a row's first nonzeros overlap the staging or the previous row.
     // A warp's rows are always the same ones (i = warp + 16j), so their cursors are its own.
-    int next = warp, row = 0, end = 0, k = 0, col = INT_MAX;
+    int row = 0, end = 0, k = 0, col = INT_MAX;
     float w = 0.f;
     RowScale rs;
     auto fetch = [&]() {
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
       rs = row_scale(a, row);
       fetch();
     };
-    if (next < nrows) fetch_row(next);
+    if (warp < nrows) fetch_row(warp);
 
     const int ccn = min(t.CC, a.C - c0);
     // Stage [cc][img][r][c], zeros where the tile reaches past the image.
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
 
     const int col_end = (c0 + ccn) * KK;
     const bool last = c0 + t.CC >= a.C;
-    for (int i = next; i < nrows; i += kStageWarps) {
+    for (int i = warp; i < nrows; i += kStageWarps) {
       const int this_row = row;
       int cur = k - lane;
       float part[V];
