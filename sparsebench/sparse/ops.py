@@ -185,7 +185,7 @@ def _max_row_hint(layer: PackedLayer) -> int:
     """The longest row for the dispatcher; 0 (unknown) rather than a device sync while capturing or compiling."""
     if layer._row_nnz_max is not None:
         return layer._row_nnz_max
-    if layer.rowptr.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+    if layer.rowptr.is_cuda and (torch.compiler.is_compiling() or _capturing(layer.rowptr.device)):
         return 0
     return layer.row_nnz_max
 
@@ -309,27 +309,35 @@ def plan_candidates() -> List[Dict[str, Any]]:
     return list(_C.plan_candidates())
 
 
+def _planner(x_shape, layer: PackedLayer, variant: str = "auto"):
+    """``plan_id -> the dispatcher's plan dict`` for this input shape (geometry and hints worked out once)."""
+    if _C is None:
+        raise ConfigError(f"kernel_plan needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
+    kh, kw = layer.kernel_size
+    (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
+    args = (n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
+            layer.nnz, _max_row_hint(layer))
+    return lambda plan: _C.plan(*args, plan)
+
+
 def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = -1) -> dict:
     """The kernel and blocking the dispatcher picks for this input shape (or candidate ``plan``). Needs the
     compiled module, not a GPU: without one it plans for an H200 (132 SMs, 227 KB of shared memory a block)."""
-    if _C is None:
-        raise ConfigError(f"kernel_plan needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
+    planner = _planner(x_shape, layer, variant)
     count = _C.plan_candidate_count()
     if not -1 <= plan < count:
         raise ValueError(f"plan: expected -1 (the dispatcher's rule) or a candidate id 0..{count - 1}, got {plan}")
     if plan >= 0 and variant != "auto":
         raise ValueError(f"plan: a candidate plan picks its own kernel; it needs variant 'auto', got {variant!r}")
-    kh, kw = layer.kernel_size
-    (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
-    return _C.plan(n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
-                   layer.nnz, _max_row_hint(layer), plan)
+    return planner(plan)
 
 
 def distinct_plans(x_shape, layer: PackedLayer) -> List[int]:
     """The rule (-1) and the candidate ids that launch differently for this input shape (many coincide)."""
+    planner = _planner(x_shape, layer)
     first: Dict[tuple, int] = {}
     for plan in range(-1, _C.plan_candidate_count()):
-        first.setdefault(tuple(sorted(kernel_plan(x_shape, layer, plan=plan).items())), plan)
+        first.setdefault(tuple(sorted(planner(plan).items())), plan)
     return list(first.values())
 
 
