@@ -55,6 +55,20 @@ def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optio
     return metrics
 
 
+class _Phases:
+    """Wall seconds of each phase, as metrics.json's ``phase_s/<name>``: where a job's runtime_s goes
+    (data decoding; compile and evaluation inside the fits; export; the benchmark with its autotuning
+    and, in a sweep sharing the GPU, its wait for the other jobs' benchmarks)."""
+
+    def __init__(self) -> None:
+        self.since, self.seconds = time.perf_counter(), {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[f"phase_s/{name}"] = round(now - self.since, 3)
+        self.since = now
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda: no CUDA GPU is visible here; use trainer.device=auto or cpu")
@@ -71,6 +85,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     seed_everything(cfg.seed, t.deterministic)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     resume = _load_resume(checkpoint) if t.resume else None
+    phases = _Phases()
 
     # Data and model.
     data = load_dataset(cfg.data)
@@ -84,6 +99,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     train, test = _batches(data, cfg, device, channels_last)
     pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
+    phases.done("data")
     share = [gpu_share] if gpu_share is not None else []  # pauses training while another job benchmarks
 
     # Dense training (or a shared dense model from trainer.init_from).
@@ -100,10 +116,12 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
         atomic_torch_save({"model": model.state_dict(), "acc_dense": acc_dense,
                            "model_cfg": OmegaConf.to_container(cfg.model), "data": cfg.data.name},
                           run_dir / "dense.pt")
+    phases.done("dense")
     tracker.log({"acc_dense": acc_dense}, t.epochs * len(train))
     # experiment=sensitivity: prune one layer at a time, write sensitivity.* (prune/); done before a finetune resume.
     if cfg.prune.sensitivity and not (resume is not None and resume["phase"] == "finetune"):
         sensitivity_study(cfg.prune, model, lambda: evaluate(model, test, t.amp), acc_dense, run_dir, tracker)
+        phases.done("sensitivity")
 
     # Pruning and quantization-aware retraining.
     if hooks:
@@ -113,6 +131,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
                            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
                            log=tracker.log, step_offset=t.epochs * len(train)))
     acc_final = evaluate(model, test, t.amp)
+    phases.done("finetune")
 
     # Per-layer facts, the packed export, the benchmark and the run's summary numbers.
     sample = next(iter(test))[0]
@@ -121,9 +140,11 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     packed = export_model(model, hooks, packed_path) or {}
     for row in rows:
         row.update({"bits": 32, "footprint_bytes": row["dense_bytes"]}, **packed.get(row["layer"], {}))
+    phases.done("export")
     with gpu_share.exclusive() if gpu_share is not None else nullcontext():  # timed with the GPU to itself
         bench_rows, bench_metrics = benchmark_model(cfg.backend, cfg.bench, model, packed_path if packed else None,
                                                     sample, device)
+    phases.done("bench")
     dense_bytes = sum(r["dense_bytes"] for r in rows)
     footprint = sum(r["footprint_bytes"] for r in rows)
     summary = {
@@ -137,6 +158,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
         "params": sum(r["params"] for r in rows),
         "device": str(device),
         **{k: round(v, 4) for k, v in timings.items() if k.endswith("step_ms")},
+        **phases.seconds,
         **bench_metrics,
     }
     layer_rows = _join_bench(rows, bench_rows)
