@@ -62,7 +62,8 @@ class TrainerConfig:
     deterministic: bool = False
     init_from: Optional[str] = None  # checkpoint or dense.pt to start from (skips dense training)
     resume: bool = False  # continue from <run_dir>/checkpoints/last.pt
-    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
+    checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: at epoch ends only
+    checkpoint_epochs: int = 1  # a checkpoint at the end of every N-th epoch (and the last): each saves weights + optimizer
     progress: bool = True
     compile: bool = False  # torch.compile the model for training
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays the step as CUDA graphs
@@ -132,6 +133,7 @@ def validate(cfg: Any) -> None:
     _require(t.cpu_threads is None or t.cpu_threads >= 1, "trainer.cpu_threads", t.cpu_threads, "null or an integer >= 1")
     for key in ("epochs", "finetune_epochs", "checkpoint_every"):
         _require(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0")
+    _require(t.checkpoint_epochs >= 1, "trainer.checkpoint_epochs", t.checkpoint_epochs, "an integer >= 1")
     _require(t.lr > 0, "trainer.lr", t.lr, "a number > 0")
     _require(t.finetune_lr is None or t.finetune_lr > 0, "trainer.finetune_lr", t.finetune_lr, "null or a number > 0")
     _require(0 <= t.momentum < 1, "trainer.momentum", t.momentum, "a number in [0, 1)")

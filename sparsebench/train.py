@@ -219,7 +219,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
         for hook in hooks:
             metrics.update(hook.on_epoch_end(epoch, model))
         log(metrics, step_offset + step)
-        save(step)
+        if (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs:
+            save(step)
     for hook in hooks:
         hook.on_fit_end(model)
     return metrics

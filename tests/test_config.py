@@ -35,6 +35,7 @@ def test_default_config_is_the_embedded_experiment():
 
 @pytest.mark.parametrize("override,key", [
     ("trainer.epochs=-1", "trainer.epochs"),
+    ("trainer.checkpoint_epochs=0", "trainer.checkpoint_epochs"),
     ("prune.final_sparsity=1.5", "prune.final_sparsity"),
     ("quant.bits=0", "quant.bits"),
     ("data.batch_size=0", "data.batch_size"),

@@ -116,6 +116,16 @@ def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoint_epochs_saves_every_nth_epoch_and_the_last(tmp_path: Path, monkeypatch):
+    saved = []
+    save = sparsebench.train.atomic_torch_save
+    monkeypatch.setattr(sparsebench.train, "atomic_torch_save",
+                        lambda obj, path: (saved.append(obj["step"]), save(obj, path)))
+    run(compose(*DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=2"), tmp_path)
+    epoch_ends = [h["step"] for h in history(tmp_path) if "dense/epoch" in h]
+    assert len(epoch_ends) == 5 and saved == [epoch_ends[1], epoch_ends[3], epoch_ends[4]]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):
     result = run_cli(*DENSE, "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
