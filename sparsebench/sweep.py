@@ -31,8 +31,8 @@ _WANDB_TAG_MAX = 64  # W&B rejects longer tags
 SHARED = "shared"
 # Trainer keys that only matter after dense training, or only for how fast it runs (compile,
 # threads): jobs differing in them share one dense model.
-_NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress", "checkpoint_every", "checkpoint_epochs",
-              "compile", "compile_mode", "cpu_threads")
+_NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress", "checkpoint_every",
+              "checkpoint_epochs", "compile", "compile_mode", "cpu_threads")
 
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}
