@@ -38,11 +38,16 @@ def app(cfg: DictConfig) -> Optional[float]:
     # Jobs running at once (joblib launcher) each take their own GPU.
     n_gpus = torch.cuda.device_count() if multirun and cfg.trainer.device != "cpu" else 0
     job_num = hc.job.num if multirun else 0  # hydra.job.num is unset in a single run
+    run_dir = Path(hc.runtime.output_dir)
+    if multirun and cfg.trainer.resume:
+        finished = sweep.resume_job(cfg, run_dir)
+        if finished is not None:
+            log.info("job %s finished in an earlier launch; kept as it is (%s)", job_num, run_dir)
+            return finished.get("acc_final")
     with sweep.claim_gpu(n_gpus, job_num) as gpu:
         if n_gpus > 1:
             torch.cuda.set_device(gpu)
             log.info("job %s runs on cuda:%d", job_num, gpu)
-        run_dir = Path(hc.runtime.output_dir)
         try:
             if cfg.trainer.init_from == sweep.SHARED:  # one dense pre-training for the whole sweep
                 if not multirun:

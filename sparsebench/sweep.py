@@ -150,6 +150,21 @@ def dense_config(cfg: Any) -> Any:
     return dense
 
 
+def resume_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """``trainer.resume=true`` on a sweep continues it where it stopped (a crash, a time limit):
+    a job that finished (metrics.json with status ok) is kept as it is and its metrics returned;
+    one with a checkpoint resumes from it; one that never wrote a checkpoint starts afresh."""
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    if metrics.get("status") == "ok":
+        return metrics
+    if not (Path(run_dir) / "checkpoints" / "last.pt").exists():
+        cfg.trainer.resume = False
+    return None
+
+
 def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) -> str:
     """Path of the sweep's dense.pt for this job's dense settings; the first job that asks trains it.
 
@@ -164,8 +179,10 @@ def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) 
     with open(Path(sweep_dir) / f".dense-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
         if not target.exists():
-            log.info("training the shared dense model into %s", run_dir)
-            metrics = run(dense_config(cfg), run_dir, [f"dense_key={key}"])
+            dense = dense_config(cfg)
+            dense.trainer.resume = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").exists()
+            log.info("%s the shared dense model in %s", "resuming" if dense.trainer.resume else "training", run_dir)
+            metrics = run(dense, run_dir, [f"dense_key={key}"])
             if metrics.get("status") != "ok" or not target.exists():
                 raise RuntimeError(f"the shared dense pre-training in {run_dir} failed; see its metrics.json")
     return str(target)

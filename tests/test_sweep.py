@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,28 @@ def test_jobs_share_one_dense_pretraining(tmp_path: Path) -> None:
         assert not any(t.startswith(("logger.", "hydra.", "trainer.init_from")) for t in logger["tags"])
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1
     assert summary(tmp_path)[0]["job"] == dense_runs[0].name  # the dense reference leads the report
+
+
+def test_a_stopped_sweep_continues_where_it_stopped_with_resume(tmp_path: Path) -> None:
+    args = ["-m", *COMPRESS, "trainer.init_from=shared", "prune.final_sparsity=0.5,0.7,0.9",
+            f"hydra.sweep.dir={tmp_path}"]
+    assert run_cli(*args).returncode == 0
+    done, stopped, unstarted = jobs_of(tmp_path)
+    # As a time limit leaves a sweep: one job finished, one killed after its last checkpoint (before
+    # export), one never started; the dense model is done.
+    (stopped / "metrics.json").unlink()
+    (stopped / "packed.safetensors").unlink()
+    shutil.rmtree(unstarted)
+    kept = {p: p.stat().st_mtime_ns for p in (done / "metrics.json", stopped / "checkpoints" / "last.pt",
+                                              next(tmp_path.glob("dense-*/dense.pt")))}
+
+    again = run_cli(*args, "trainer.resume=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # not rerun, not retrained, not re-saved
+    assert [r["status"] for r in summary(tmp_path) if r["num"]] == ["ok", "ok", "ok"]
+    assert (stopped / "packed.safetensors").exists() and (unstarted / "packed.safetensors").exists()
+    metrics = json.loads((unstarted / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
 def test_shared_dense_needs_a_multirun() -> None:
