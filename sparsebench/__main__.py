@@ -39,21 +39,24 @@ def app(cfg: DictConfig) -> Optional[float]:
     n_gpus = torch.cuda.device_count() if multirun and cfg.trainer.device != "cpu" else 0
     job_num = hc.job.num if multirun else 0  # hydra.job.num is unset in a single run
     run_dir = Path(hc.runtime.output_dir)
-    if multirun and cfg.trainer.resume:
-        finished = sweep.resume_job(cfg, run_dir)
-        if finished is not None:
-            log.info("job %s finished in an earlier launch; kept as it is (%s)", job_num, run_dir)
-            return finished.get("acc_final")
+    resuming_sweep = multirun and cfg.trainer.resume
     with sweep.claim_gpu(n_gpus, job_num) as gpu:
         if n_gpus > 1:
             torch.cuda.set_device(gpu)
             log.info("job %s runs on cuda:%d", job_num, gpu)
         try:
+            if resuming_sweep:  # a sweep continued where it stopped: finished jobs are kept
+                finished = sweep.finished_job(cfg, run_dir)
+                if finished is not None:
+                    log.info("job %s finished in an earlier launch; kept as it is (%s)", job_num, run_dir)
+                    return finished.get("acc_final")
             if cfg.trainer.init_from == sweep.SHARED:  # one dense pre-training for the whole sweep
                 if not multirun:
                     raise ConfigError("trainer.init_from=shared needs a multirun (-m): it shares one dense "
                                       "model between the jobs of a sweep; give a dense.pt path for a single run")
-                cfg.trainer.init_from = sweep.shared_dense(cfg, Path(hc.sweep.dir), run)
+                cfg.trainer.init_from = sweep.shared_dense(cfg, Path(hc.sweep.dir), run)  # resumed, if asked
+            if resuming_sweep:
+                sweep.resume_or_start(cfg, run_dir, job_num)
             # Jobs may share a GPU (n_jobs above the GPU count): they train together, benchmark alone.
             with GpuShare(gpu) if gpu is not None else nullcontext() as share:
                 metrics = run(cfg, run_dir, hc.overrides.task, gpu_share=share)

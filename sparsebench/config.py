@@ -62,7 +62,7 @@ class TrainerConfig:
     deterministic: bool = False
     init_from: Optional[str] = None  # checkpoint or dense.pt to start from (skips dense training)
     resume: bool = False  # continue from <run_dir>/checkpoints/last.pt
-    checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: at epoch ends only
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at epoch ends only (checkpoint_epochs)
     checkpoint_epochs: int = 1  # a checkpoint at the end of every N-th epoch and the last one
     progress: bool = True
     compile: bool = False  # torch.compile the model for training

@@ -29,7 +29,7 @@ def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optio
 
     ``gpu_share``: this job's place on a GPU that other sweep jobs use too (its benchmark runs alone).
     """
-    started = time.time()
+    started, phases = time.time(), _Phases()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics: Dict[str, Any] = {"status": "failed"}
@@ -41,7 +41,7 @@ def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optio
         write_manifest(run_dir, config, cfg.seed, overrides)
         tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}",
                                resume=cfg.trainer.resume)
-        metrics.update(_pipeline(cfg, run_dir, tracker, gpu_share))
+        metrics.update(_pipeline(cfg, run_dir, tracker, gpu_share, phases))
         metrics["status"] = "ok"
         exit_code = 0
     except BaseException as e:
@@ -57,8 +57,8 @@ def run(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optio
 
 class _Phases:
     """Wall seconds of each phase, as metrics.json's ``phase_s/<name>``: where a job's runtime_s goes
-    (data decoding; compile and evaluation inside the fits; export; the benchmark with its autotuning
-    and, in a sweep sharing the GPU, its wait for the other jobs' benchmarks)."""
+    (setup; data decoding; compile, evaluation and checkpoints inside the fits; export; the benchmark
+    with its autotuning and, in a sweep sharing the GPU, its wait for the other jobs' benchmarks)."""
 
     def __init__(self) -> None:
         self.since, self.seconds = time.perf_counter(), {}
@@ -77,7 +77,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[GpuShare]) -> Dict[str, Any]:
+def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[GpuShare],
+              phases: _Phases) -> Dict[str, Any]:
     t = cfg.trainer
     device = pick_device(t.device)
     if device.type == "cpu" and t.cpu_threads:
@@ -85,7 +86,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     seed_everything(cfg.seed, t.deterministic)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     resume = _load_resume(checkpoint) if t.resume else None
-    phases = _Phases()
+    phases.done("setup")  # config check, manifest, logger, the checkpoint to resume
 
     # Data and model.
     data = load_dataset(cfg.data)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from sparsebench.errors import ConfigError
+
 log = logging.getLogger("sparsebench")
 
 # Overrides that say where files go, not what the job is: no use as W&B tags.
@@ -150,19 +152,47 @@ def dense_config(cfg: Any) -> Any:
     return dense
 
 
-def resume_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
-    """``trainer.resume=true`` on a sweep continues it where it stopped (a crash, a time limit):
-    a job that finished (metrics.json with status ok) is kept as it is and its metrics returned;
-    one with a checkpoint resumes from it; one that never wrote a checkpoint starts afresh."""
+# ``trainer.resume=true`` on a sweep continues it where it stopped (a crash, a time limit): a job
+# that finished is kept as it is, one with a checkpoint resumes from it, the others start afresh.
+# Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
+# dense model's path is filled in; logger: tags name the overrides, resume among them).
+_RELAUNCH_FREE = ("trainer.resume", "trainer.progress", "trainer.init_from", "bench.progress", "logger.")
+
+
+def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The metrics of this job from an earlier launch of the sweep if it finished there, else None.
+    An earlier launch with another config (the experiment's YAML changed since) is a ConfigError:
+    keeping or resuming that job would mix two recipes."""
+    run_dir = Path(run_dir)
     try:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        earlier = json.loads((run_dir / "manifest.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None  # never started here
+    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(earlier)
+    changed = sorted(k for k in now.keys() | then.keys()
+                     if now.get(k) != then.get(k) and not k.startswith(_RELAUNCH_FREE))
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"trainer.resume=true: {run_dir} ran with {k}={then.get(k)!r}, this launch has "
+                          f"{k}={now.get(k)!r}; give a new hydra.sweep.dir to run the changed config")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        metrics = {}
-    if metrics.get("status") == "ok":
-        return metrics
+        return None
+    return metrics if metrics.get("status") == "ok" else None
+
+
+def resume_or_start(cfg: Any, run_dir: Path, job_num: int) -> None:
+    """A job of a resumed sweep without a checkpoint of its own starts from the beginning."""
     if not (Path(run_dir) / "checkpoints" / "last.pt").exists():
+        log.info("job %s has no checkpoint in %s: it starts from the beginning", job_num, run_dir)
         cfg.trainer.resume = False
-    return None
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
 def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) -> str:
@@ -189,10 +219,15 @@ def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) 
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
-    """metrics.json for a job that failed before experiment.run could write one."""
+    """metrics.json for a job that failed before experiment.run could write one (over a failure of
+    an earlier launch of the sweep, never over a finished job's)."""
     from sparsebench.track import write_json
 
-    if not (Path(run_dir) / "metrics.json").exists():
+    try:
+        finished = json.loads((Path(run_dir) / "metrics.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        finished = False
+    if not finished:
         write_json(Path(run_dir) / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 

@@ -204,7 +204,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
                 loss_value = loss.item()
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 log({f"{phase}/loss": loss_value, f"{phase}/lr": scheduler.get_last_lr()[0]}, step_offset + step)
-            # The end of an epoch is saved after its evaluation, below.
+            # A save due at the end of an epoch comes after its evaluation, below.
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 save(step)
         if train.device.type == "cuda":
@@ -219,7 +219,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
         for hook in hooks:
             metrics.update(hook.on_epoch_end(epoch, model))
         log(metrics, step_offset + step)
-        if (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs:
+        if ((epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs
+                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             save(step)
     for hook in hooks:
         hook.on_fit_end(model)

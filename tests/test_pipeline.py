@@ -36,7 +36,7 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     assert metrics["compression"] > 4  # 8-bit codes of a tenth of the weights, plus indices
     assert metrics["dense/step_ms"] > 0 and metrics["finetune/step_ms"] > 0
     phases = {k: v for k, v in metrics.items() if k.startswith("phase_s/")}  # where runtime_s went
-    assert set(phases) == {f"phase_s/{p}" for p in ("data", "dense", "finetune", "export", "bench")}
+    assert set(phases) == {f"phase_s/{p}" for p in ("setup", "data", "dense", "finetune", "export", "bench")}
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= metrics["runtime_s"]
     assert phases["phase_s/dense"] > 0 and phases["phase_s/finetune"] > 0
 
@@ -121,9 +121,14 @@ def test_checkpoint_epochs_saves_every_nth_epoch_and_the_last(tmp_path: Path, mo
     save = sparsebench.train.atomic_torch_save
     monkeypatch.setattr(sparsebench.train, "atomic_torch_save",
                         lambda obj, path: (saved.append(obj["step"]), save(obj, path)))
-    run(compose(*DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=2"), tmp_path)
-    epoch_ends = [h["step"] for h in history(tmp_path) if "dense/epoch" in h]
+    run(compose(*DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=2"), tmp_path / "a")
+    epoch_ends = [h["step"] for h in history(tmp_path / "a") if "dense/epoch" in h]
     assert len(epoch_ends) == 5 and saved == [epoch_ends[1], epoch_ends[3], epoch_ends[4]]
+    # checkpoint_every still saves on its own steps where they fall on an epoch's end.
+    saved.clear()
+    run(compose(*DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=5",
+                f"trainer.checkpoint_every={2 * epoch_ends[0]}"), tmp_path / "b")
+    assert saved == [epoch_ends[1], epoch_ends[3], epoch_ends[4]]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):

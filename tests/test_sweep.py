@@ -121,6 +121,42 @@ def test_a_stopped_sweep_continues_where_it_stopped_with_resume(tmp_path: Path) 
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
+def test_a_resumed_sweep_resumes_its_shared_dense_model(tmp_path: Path) -> None:
+    args = ["-m", *COMPRESS, "trainer.init_from=shared", "prune.final_sparsity=0.5", f"hydra.sweep.dir={tmp_path}"]
+    assert run_cli(*args).returncode == 0
+    # As if the time limit came during the dense training, after its last checkpoint.
+    dense_dir = next(tmp_path.glob("dense-*"))
+    for stale in [dense_dir / "dense.pt", dense_dir / "metrics.json", *jobs_of(tmp_path)]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    checkpoint = dense_dir / "checkpoints" / "last.pt"
+    written = checkpoint.stat().st_mtime_ns
+
+    again = run_cli(*args, "trainer.resume=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the shared dense model" in again.stdout + again.stderr
+    assert checkpoint.stat().st_mtime_ns == written  # resumed at its last step: not trained again
+    assert (dense_dir / "dense.pt").exists() and [r["status"] for r in summary(tmp_path)] == ["ok", "ok"]
+
+
+def test_a_sweep_resumed_with_another_config_refuses_the_changed_jobs(tmp_path: Path) -> None:
+    args = ["-m", *COMPRESS, "prune.final_sparsity=0.5,0.9", f"hydra.sweep.dir={tmp_path}"]
+    assert run_cli(*args).returncode == 0
+    changed, same = jobs_of(tmp_path)
+    # As if the experiment's YAML had changed since: job 0's earlier launch ran another prune.end.
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["config"]["prune"]["end"] = 0.5
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    kept = (changed / "metrics.json").read_text()
+
+    again = run_cli(*args, "trainer.resume=true")
+    # Job 0 is refused in one line and keeps its earlier files (so the report still counts it ok).
+    assert again.returncode == 0
+    assert (f"error: trainer.resume=true: {changed} ran with prune.end=0.5, this launch has prune.end=1.0; "
+            "give a new hydra.sweep.dir") in again.stderr
+    assert (changed / "metrics.json").read_text() == kept
+    assert "job 1 finished in an earlier launch" in again.stdout + again.stderr
+
+
 def test_shared_dense_needs_a_multirun() -> None:
     done = run_cli(*DENSE, "trainer.init_from=shared", "hydra.run.dir=/tmp/never-made")
     assert done.returncode == 2
