@@ -37,7 +37,8 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     assert metrics["dense/step_ms"] > 0 and metrics["finetune/step_ms"] > 0
     phases = {k: v for k, v in metrics.items() if k.startswith("phase_s/")}  # where runtime_s went
     assert set(phases) == {f"phase_s/{p}" for p in ("setup", "data", "dense", "finetune", "export", "bench")}
-    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= metrics["runtime_s"]
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= metrics["runtime_s"] + 0.01  # each is rounded to the millisecond
     assert phases["phase_s/dense"] > 0 and phases["phase_s/finetune"] > 0
 
     # The learning curves, written whatever the logger: one line per logged dict.
