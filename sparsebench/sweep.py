@@ -175,10 +175,7 @@ def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
         k = changed[0]
         raise ConfigError(f"trainer.resume=true: {run_dir} ran with {k}={then.get(k)!r}, this launch has "
                           f"{k}={now.get(k)!r}; give a new hydra.sweep.dir to run the changed config")
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
+    metrics = _metrics(run_dir)
     return metrics if metrics.get("status") == "ok" else None
 
 
@@ -187,6 +184,14 @@ def resume_or_start(cfg: Any, run_dir: Path, job_num: int) -> None:
     if not (Path(run_dir) / "checkpoints" / "last.pt").exists():
         log.info("job %s has no checkpoint in %s: it starts from the beginning", job_num, run_dir)
         cfg.trainer.resume = False
+
+
+def _metrics(run_dir: Path) -> Dict[str, Any]:
+    """A job folder's metrics.json; empty when it has none (or only part of one)."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -223,11 +228,7 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
     an earlier launch of the sweep, never over a finished job's)."""
     from sparsebench.track import write_json
 
-    try:
-        finished = json.loads((Path(run_dir) / "metrics.json").read_text()).get("status") == "ok"
-    except (OSError, ValueError):
-        finished = False
-    if not finished:
+    if _metrics(run_dir).get("status") != "ok":
         write_json(Path(run_dir) / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
