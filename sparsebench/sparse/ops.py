@@ -239,20 +239,21 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
                              _max_row_hint(layer), _call_plan(x, layer, variant))
 
 
-def _validate_any(x: torch.Tensor, layer: PackedLayer) -> None:
+def _check_call(x: torch.Tensor, layer: PackedLayer) -> None:
+    """The checks of a launch on ``x`` with a conv or linear ``layer``: the tensors, the kernels, the device."""
     if isinstance(layer, PackedLayer) and layer.kind == "linear":
         validate_linear(x, layer, device=False)
     else:
         validate_conv2d(x, layer, device=False)
+    require_kernels()
+    _check_device(x, layer)
 
 
 def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
                        variant: str = "auto") -> torch.Tensor:
     """Like sparse_conv2d (a linear layer takes x [batch, in]) but writes into the given ``out``;
     the kernels write every element, so ``out`` may hold garbage (tests poison it with NaN)."""
-    _validate_any(x, layer)
-    require_kernels()
-    _check_device(x, layer)
+    _check_call(x, layer)
     _, shape = _geometry(x, layer)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != x.dtype \
             or out.device != x.device or not out.is_contiguous():
@@ -302,17 +303,21 @@ def _call_plan(x: torch.Tensor, layer: PackedLayer, variant: str) -> int:
     return autotune_plan(x, layer)["plan"]
 
 
+def _module(caller: str):
+    """The compiled module, for what needs it but not a GPU (planning); a ConfigError without it."""
+    if _C is None:
+        raise ConfigError(f"{caller} needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
+    return _C
+
+
 def plan_candidates() -> List[Dict[str, Any]]:
     """The plans the autotuner may pick, by id: the dispatcher's knobs, a few changed, and the kernel."""
-    if _C is None:
-        raise ConfigError(f"plan_candidates needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
-    return list(_C.plan_candidates())
+    return list(_module("plan_candidates").plan_candidates())
 
 
 def _planner(x_shape, layer: PackedLayer, variant: str = "auto"):
     """``plan_id -> the dispatcher's plan dict`` for this input shape (geometry and hints worked out once)."""
-    if _C is None:
-        raise ConfigError(f"kernel_plan needs the compiled sparsebench._C module; {_IMPORT_ERROR}")
+    _module("kernel_plan")
     kh, kw = layer.kernel_size
     (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
     args = (n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
@@ -352,9 +357,7 @@ def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, repeats: int = 10) -> 
     is skipped. Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
     from sparsebench.bench.timing import time_cuda  # the harness's own clock (imported late: bench imports ops)
 
-    _validate_any(x, layer)
-    require_kernels()
-    _check_device(x, layer)
+    _check_call(x, layer)
     if _capturing(x.device):
         raise RuntimeError("autotune_plan: cannot time while a CUDA graph is being captured; tune before capture")
     _, shape = _geometry(x, layer)
