@@ -173,3 +173,11 @@ def test_weight_bits_of_a_mixed_precision_run_is_the_nnz_weighted_mean(tmp_path:
     nnz = {name: int(r["nnz"]) for name, r in rows.items()}
     expected = (8 * nnz["fc"] + 4 * (sum(nnz.values()) - nnz["fc"])) / sum(nnz.values())
     assert metrics["weight_bits"] == pytest.approx(expected, abs=1e-3) and 4 < metrics["weight_bits"] < 8
+
+
+@pytest.mark.parametrize("method", ["kmeans", "linear"])
+def test_the_exported_model_is_the_one_evaluated_at_the_last_epoch(tmp_path: Path, method: str):
+    metrics = run(compose(*TINY, "trainer.finetune_epochs=3", "prune.end=2", "bench=none",
+                          f"quant={method}", "quant.bits=3"), tmp_path)
+    last_epoch = [h for h in history(tmp_path) if "finetune/acc" in h][-1]
+    assert metrics["acc_final"] == last_epoch["finetune/acc"]

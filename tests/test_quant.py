@@ -272,7 +272,7 @@ def test_kmeans_layer_pruned_below_its_level_count_keeps_one_level_per_value():
 def test_kmeans_codebooks_are_refitted_every_refit_every_epochs():
     model = tiny_convnet()
     hook = build_quantizer(quant_cfg(method="kmeans", bits=3, refit_every=2), model)
-    hook.on_fit_start(model, steps_per_epoch=2, total_steps=8)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=10)
     assert hook.fits == 1  # fitted when QAT starts (step 0)
     fits, books = [], []
     for epoch in range(4):
@@ -283,3 +283,19 @@ def test_kmeans_codebooks_are_refitted_every_refit_every_epochs():
     assert fits == [1, 2, 2, 3]  # after epochs 2 and 4
     assert not torch.equal(books[0], books[1])  # the refit followed the trained weights
     assert torch.equal(books[1], books[2])  # and between refits the codebook stays put
+
+
+def test_kmeans_codebook_is_not_refitted_after_the_last_epoch():
+    # The model evaluated at the last epoch's end is the one baked and exported.
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="kmeans", bits=3, refit_every=1), model)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=4)
+    train_steps(model, hook, {}, steps=2)
+    hook.on_epoch_end(0, model)
+    assert hook.fits == 2  # refitted after the first of two epochs
+    train_steps(model, hook, {}, steps=2)
+    trained = model.fc.weight.detach().clone()
+    hook.on_epoch_end(1, model)
+    assert hook.fits == 2
+    hook.on_fit_end(model)
+    assert torch.equal(model.fc.weight, trained)

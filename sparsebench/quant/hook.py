@@ -73,11 +73,13 @@ class Quantizer(TrainHook):
         self.active = False
         self.start_step = 0
         self.steps_per_epoch = 1
+        self.epochs = 1
         self.fits = 0  # kmeans: codebook fits so far
 
     # -- the training lifecycle ----------------------------------------------------------
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.steps_per_epoch = max(1, steps_per_epoch)
+        self.epochs = max(1, -(-total_steps // self.steps_per_epoch))
         self.start_step = int(math.ceil(self.cfg.start * self.steps_per_epoch))
         modules = dict(model.named_modules())
         self.fake_quants = {}
@@ -104,7 +106,10 @@ class Quantizer(TrainHook):
         if not self.active:
             return {"quant/active": 0.0}
         start_epoch = self.start_step // self.steps_per_epoch
-        if self.method == "kmeans" and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0:
+        # Never after the last epoch: no step would adapt the weights to that codebook, and the model
+        # evaluated at that epoch's end would not be the one exported (VGG-16 at 0%: 91.54 -> 91.09%).
+        last = epoch + 1 >= self.epochs
+        if self.method == "kmeans" and not last and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0:
             self._calibrate(model, warm=True)
         return {"quant/active": 1.0, "quant/max_levels": float(max(self.distinct_levels(model).values(), default=0))}
 
