@@ -120,6 +120,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
         "target_sparsity": _dig(config, "prune.final_sparsity") if prune_method != "none" else 0.0,
         "bits": _dig(config, "quant.bits"),
     }
+    row["_config"] = config  # for a swept key this job did not override (the experiment's value)
     row["_curves"] = read_curves(job_dir)  # a job that died may still have logged its epochs
     if metrics is None:
         row["error"] = DIED
@@ -144,7 +145,7 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     swept = swept_keys(rows)
     for row in rows:
         values = dict(split_override(o) for o in row["_overrides"])
-        row.update({k: values.get(k) for k in swept})
+        row.update({k: values[k] if k in values else _dig(row["_config"], k) for k in swept})
     return rows
 
 

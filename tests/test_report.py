@@ -228,6 +228,19 @@ def test_jobs_in_renamed_folders_keep_their_numbers_and_labels(grid: Path) -> No
     assert report.job_label(rows[3], report.swept_keys(rows)) == "final_sparsity=0.9 bits=8"
 
 
+def test_a_swept_key_one_job_left_at_its_config_value_shows_that_value(grid: Path) -> None:
+    # Two sweeps in one folder, one of them with trainer.finetune_epochs=100: the other jobs ran
+    # the experiment's 60, which their config holds but their overrides do not name.
+    for job in grid.glob("*_*"):
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "trainer": {"finetune_epochs": 60}}))
+    job = next(grid.glob("3_*"))
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + ["trainer.finetune_epochs=100"]))
+    rows = report.collect(grid)
+    assert [str(r["trainer.finetune_epochs"]) for r in rows] == ["60", "60", "60", "100", "60"]
+
+
 def markdown_lines(path: Path) -> list:
     return report.markdown_table(report.collect(path)).splitlines()
 
