@@ -120,7 +120,9 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
         "target_sparsity": _dig(config, "prune.final_sparsity") if prune_method != "none" else 0.0,
         "bits": _dig(config, "quant.bits"),
     }
-    row["_config"] = config  # for a swept key this job did not override (the experiment's value)
+    # For a swept key this job did not set (an experiment file did, or another sweep in the folder swept it).
+    row["_config"] = config
+    row["_choices"] = _dig(_load_yaml(job_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.choices") or {}
     row["_curves"] = read_curves(job_dir)  # a job that died may still have logged its epochs
     if metrics is None:
         row["error"] = DIED
@@ -139,13 +141,22 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     return row
 
 
+def _value_not_overridden(row: Dict[str, Any], key: str) -> Any:
+    """What a job ran for a swept key its overrides do not name: a config group's choice, else a
+    plain config value (None for a subtree, which no table cell can show)."""
+    if key in row["_choices"]:
+        return row["_choices"][key]
+    value = _dig(row["_config"], key)
+    return None if isinstance(value, (dict, list)) else value
+
+
 def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     """Every job of the sweep as a summary row; the keys that differ between jobs get their own column."""
     rows = [read_job(d) for d in job_dirs(Path(sweep_dir))]
     swept = swept_keys(rows)
     for row in rows:
         values = dict(split_override(o) for o in row["_overrides"])
-        row.update({k: values[k] if k in values else _dig(row["_config"], k) for k in swept})
+        row.update({k: values[k] if k in values else _value_not_overridden(row, k) for k in swept})
     return rows
 
 

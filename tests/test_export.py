@@ -33,9 +33,10 @@ def trained(method: str, bits: int = 4, **kw):
     model = tiny_convnet()
     masks = prune_half(model)
     hook = build_quantizer(OmegaConf.structured(QuantConfig(method=method, bits=bits, **kw)), model)
-    hook.on_fit_start(model, steps_per_epoch=4, total_steps=4)
-    train_steps(model, hook, masks, steps=4)
-    hook.on_epoch_end(0, model)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=4)
+    for epoch in range(2):  # two epochs: a k-means codebook is re-fitted (warm) after the first
+        train_steps(model, hook, masks, steps=2)
+        hook.on_epoch_end(epoch, model)
     hook.on_fit_end(model)
     return model.eval(), hook, masks
 

@@ -299,3 +299,13 @@ def test_kmeans_codebook_is_not_refitted_after_the_last_epoch():
     assert hook.fits == 2
     hook.on_fit_end(model)
     assert torch.equal(model.fc.weight, trained)
+    # refit_every=2 over four epochs: after the second, not after the fourth (the last).
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="kmeans", bits=3, refit_every=2), model)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=8)
+    fits = []
+    for epoch in range(4):
+        train_steps(model, hook, {}, steps=2)
+        hook.on_epoch_end(epoch, model)
+        fits.append(hook.fits)
+    assert fits == [1, 2, 2, 2]

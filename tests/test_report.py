@@ -229,16 +229,18 @@ def test_jobs_in_renamed_folders_keep_their_numbers_and_labels(grid: Path) -> No
 
 
 def test_a_swept_key_one_job_left_at_its_config_value_shows_that_value(grid: Path) -> None:
-    # Two sweeps in one folder, one of them with trainer.finetune_epochs=100: the other jobs ran
-    # the experiment's 60, which their config holds but their overrides do not name.
+    # Two sweeps in one folder, one of them with trainer.finetune_epochs=100 quant=kmeans: the other
+    # jobs ran the experiment's 60 and its quant group's choice, which their overrides do not name.
     for job in grid.glob("*_*"):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "trainer": {"finetune_epochs": 60}}))
-    job = next(grid.glob("3_*"))
-    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + ["trainer.finetune_epochs=100"]))
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"quant": "linear"}}}}))
+    other_sweep = next(grid.glob("3_*")) / ".hydra" / "overrides.yaml"
+    other_sweep.write_text(yaml.safe_dump(yaml.safe_load(other_sweep.read_text())
+                                          + ["trainer.finetune_epochs=100", "quant=kmeans"]))
     rows = report.collect(grid)
     assert [str(r["trainer.finetune_epochs"]) for r in rows] == ["60", "60", "60", "100", "60"]
+    assert [r["quant"] for r in rows] == ["linear", "linear", "linear", "kmeans", "linear"]  # the choice, not the subtree
 
 
 def markdown_lines(path: Path) -> list:

@@ -21,7 +21,7 @@ class QuantConfig:
     per_channel: bool = True  # linear: one scale per output channel (pow2/kmeans: always per layer)
     learn_scale: bool = False  # linear: LSQ-style learned scales (else max-abs / min-max statistics)
     start: float = 0.0  # epoch of the finetune phase at which QAT begins (may overlap pruning)
-    refit_every: int = 1  # kmeans: re-fit codebooks every N epochs after QAT begins
+    refit_every: int = 1  # kmeans: re-fit codebooks every N epochs after QAT begins (not after the last)
     kmeans_iters: int = 30  # kmeans: Lloyd iterations per fit
     overrides: Dict[str, int] = field(default_factory=dict)  # layer name or regex -> bits (32: keep fp32)
 

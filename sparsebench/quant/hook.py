@@ -4,7 +4,8 @@ Lifecycle: ``on_fit_start`` registers an (inactive) ``FakeQuant`` per quantized 
 in the weight's parametrization chain, so a pruning mask registered before it is applied
 first and the quantizer sees exact zeros (zero is a level of every grid, so they stay
 zero). At ``quant.start`` epochs the grids are calibrated on the current weights and
-quantization switches on; kmeans codebooks are re-fitted every ``refit_every`` epochs.
+quantization switches on; kmeans codebooks are re-fitted every ``refit_every`` epochs (never
+after the last, so the model evaluated there is the one baked).
 ``on_fit_end`` bakes the quantized weights into the plain parameters (the model leaves
 training with nothing but ordinary conv/linear layers) and keeps the grids for the export.
 """
