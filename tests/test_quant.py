@@ -51,13 +51,13 @@ def prune_half(model: nn.Module) -> dict:
     return masks
 
 
-def train_steps(model: nn.Module, hook, masks: dict, steps: int = 6) -> None:
+def train_steps(model: nn.Module, hook, masks: dict, steps: int = 6, first: int = 1) -> None:
     """A few SGD steps that keep the masks the way the pruner does (zero the original after each step)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x = torch.randn(32, 1, 8, 8)
     y = torch.randint(0, 10, (32,))
     modules = dict(model.named_modules())
-    for step in range(1, steps + 1):
+    for step in range(first, first + steps):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -163,6 +163,30 @@ def test_qat_starts_at_quant_start():
     assert not hook.active and len(torch.unique(model.fc.weight)) > 8  # still full precision
     train_steps(model, hook, {}, steps=3)
     assert hook.active and all(n <= 4 for n in hook.distinct_levels(model).values())
+
+
+def test_kmeans_starting_at_an_epoch_boundary_is_fitted_once_there():
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="kmeans", bits=3, start=2.0), model)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=8)
+    fits = []
+    for epoch in range(4):
+        train_steps(model, hook, {}, steps=2, first=2 * epoch + 1)
+        hook.on_epoch_end(epoch, model)
+        fits.append(hook.fits)
+    assert fits == [0, 1, 2, 2]  # activated at step 4 (fit 1), refitted after epoch 3, not after 2 or 4
+
+
+def test_quant_start_at_the_end_quantizes_after_training_and_says_so(caplog):
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="linear", bits=2, start=2.0), model)
+    hook.on_fit_start(model, steps_per_epoch=2, total_steps=4)
+    train_steps(model, hook, {}, steps=4)
+    assert not hook.active  # no step trains with the grids
+    with caplog.at_level("WARNING"):
+        hook.on_fit_end(model)
+    assert "without quantization-aware retraining" in caplog.text
+    assert len(torch.unique(model.fc.weight)) <= 4 * model.fc.weight.shape[0]  # baked: 2 bits per channel
 
 
 def test_mixed_precision_overrides_by_name_and_regex():

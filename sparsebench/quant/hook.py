@@ -75,11 +75,13 @@ class Quantizer(TrainHook):
         self.start_step = 0
         self.steps_per_epoch = 1
         self.epochs = 1
+        self.total_steps = 1
         self.fits = 0  # kmeans: codebook fits so far
 
     # -- the training lifecycle ----------------------------------------------------------
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.steps_per_epoch = max(1, steps_per_epoch)
+        self.total_steps = total_steps
         self.epochs = max(1, -(-total_steps // self.steps_per_epoch))
         self.start_step = int(math.ceil(self.cfg.start * self.steps_per_epoch))
         modules = dict(model.named_modules())
@@ -100,7 +102,8 @@ class Quantizer(TrainHook):
             self._activate(model)
 
     def after_step(self, step: int, model: nn.Module) -> None:
-        if not self.active and step >= self.start_step:
+        # Not at the very last step: QAT that no step trains is the post-training case of on_fit_end.
+        if not self.active and self.start_step <= step < self.total_steps:
             self._activate(model)
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
@@ -109,8 +112,10 @@ class Quantizer(TrainHook):
         start_epoch = self.start_step // self.steps_per_epoch
         # Never after the last epoch: no step would adapt the weights to that codebook, and the model
         # evaluated at that epoch's end would not be the one exported (VGG-16 at 0%: 91.54 -> 91.09%).
-        last = epoch + 1 >= self.epochs
-        if self.method == "kmeans" and not last and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0:
+        # Nor at the end of the epoch QAT began in the last step of: it was just fitted.
+        last, just_started = epoch + 1 >= self.epochs, epoch + 1 <= start_epoch
+        if (self.method == "kmeans" and not last and not just_started
+                and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0):
             self._calibrate(model, warm=True)
         return {"quant/active": 1.0, "quant/max_levels": float(max(self.distinct_levels(model).values(), default=0))}
 
