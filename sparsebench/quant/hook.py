@@ -112,7 +112,7 @@ class Quantizer(TrainHook):
         start_epoch = self.start_step // self.steps_per_epoch
         # Never after the last epoch: no step would adapt the weights to that codebook, and the model
         # evaluated at that epoch's end would not be the one exported (VGG-16 at 0%: 91.54 -> 91.09%).
-        # Nor at the end of the epoch QAT began in the last step of: it was just fitted.
+        # Nor at the end of the epoch whose last step switched QAT on: the grids were just fitted.
         last, just_started = epoch + 1 >= self.epochs, epoch + 1 <= start_epoch
         if (self.method == "kmeans" and not last and not just_started
                 and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0):
