@@ -20,7 +20,7 @@ from sparsebench.gpushare import GpuShare
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner, sensitivity_study
 from sparsebench.quant import build_quantizer, export_model
-from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
+from sparsebench.track import Tracker, last_checkpoint, make_tracker, write_csv, write_json, write_manifest
 from sparsebench.train import atomic_torch_save, evaluate, fit, seed_everything
 
 
@@ -84,7 +84,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     if device.type == "cpu" and t.cpu_threads:
         torch.set_num_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
-    checkpoint = run_dir / "checkpoints" / "last.pt"
+    checkpoint = last_checkpoint(run_dir)
     resume = _load_resume(checkpoint) if t.resume else None
     phases.done("setup")  # config check, manifest, logger, the checkpoint to resume
 

@@ -54,14 +54,17 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
             if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())]
     if not subs and (Path(sweep_dir) / ".hydra").is_dir():
         subs = [Path(sweep_dir)]
-    nums = {p: _job_num(p) for p in subs}
+    nums = {p: _job_num(p, _hydra_yaml(p)) for p in subs}
     return sorted(subs, key=lambda p: (nums[p] is not None, nums[p] or 0, p.name))
 
 
-def _job_num(job_dir: Path) -> Optional[int]:
+def _hydra_yaml(job_dir: Path) -> Any:
+    return _load_yaml(job_dir / ".hydra" / "hydra.yaml")
+
+
+def _job_num(job_dir: Path, hydra: Any) -> Optional[int]:
     """Hydra's job number, from the job's .hydra/hydra.yaml (``hydra.sweep.subdir`` may name the
     folders anything), else from Hydra's default folder name ``N_<overrides>``."""
-    hydra = _load_yaml(job_dir / ".hydra" / "hydra.yaml")
     num = _dig(hydra, "hydra.job.num") if _dig(hydra, "hydra.mode") == "MULTIRUN" else None
     if isinstance(num, int):
         return num
@@ -102,13 +105,14 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
     config = _load_yaml(job_dir / ".hydra" / "config.yaml") or (_load_metrics(job_dir / "manifest.json") or {}).get("config", {})
     metrics = _load_metrics(job_dir / "metrics.json")
+    hydra = _hydra_yaml(job_dir)
     prune_method = _dig(config, "prune.method") or "none"
     if not (_dig(config, "prune.final_sparsity") or _dig(config, "prune.overrides") or _dig(config, "prune.overrides_file")):
         prune_method = "none"  # every target 0: the dense point of a sparsity sweep
     quant_method = _dig(config, "quant.method") or "none"
     methods = [m for m in (prune_method, quant_method) if m != "none"]
     row: Dict[str, Any] = {
-        "num": _job_num(job_dir),
+        "num": _job_num(job_dir, hydra),
         "job": job_dir.name,
         "status": "failed",
         "overrides": " ".join(str(o) for o in overrides),
@@ -122,7 +126,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     }
     # For a swept key this job did not set (an experiment file did, or another sweep in the folder swept it).
     row["_config"] = config
-    row["_choices"] = _dig(_load_yaml(job_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.choices") or {}
+    row["_choices"] = _dig(hydra, "hydra.runtime.choices") or {}
     row["_curves"] = read_curves(job_dir)  # a job that died may still have logged its epochs
     if metrics is None:
         row["error"] = DIED

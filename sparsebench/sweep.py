@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from sparsebench.errors import ConfigError
+from sparsebench.track import last_checkpoint
 
 log = logging.getLogger("sparsebench")
 
@@ -181,7 +182,7 @@ def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
 
 def resume_or_start(cfg: Any, run_dir: Path, job_num: int) -> None:
     """A job of a resumed sweep without a checkpoint of its own starts from the beginning."""
-    if not (Path(run_dir) / "checkpoints" / "last.pt").exists():
+    if not last_checkpoint(run_dir).exists():
         log.info("job %s has no checkpoint in %s: it starts from the beginning", job_num, run_dir)
         cfg.trainer.resume = False
 
@@ -215,7 +216,7 @@ def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) 
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
         if not target.exists():
             dense = dense_config(cfg)
-            dense.trainer.resume = bool(cfg.trainer.resume) and (run_dir / "checkpoints" / "last.pt").exists()
+            dense.trainer.resume = bool(cfg.trainer.resume) and last_checkpoint(run_dir).exists()
             log.info("%s the shared dense model in %s", "resuming" if dense.trainer.resume else "training", run_dir)
             metrics = run(dense, run_dir, [f"dense_key={key}"])
             if metrics.get("status") != "ok" or not target.exists():

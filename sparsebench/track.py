@@ -17,6 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the checkpoint that ``trainer.resume=true`` continues from."""
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder and rename: readers never see half a file."""
     path = Path(path)

@@ -74,7 +74,6 @@ class Quantizer(TrainHook):
         self.active = False
         self.start_step = 0
         self.steps_per_epoch = 1
-        self.epochs = 1
         self.total_steps = 1
         self.fits = 0  # kmeans: codebook fits so far
 
@@ -82,7 +81,6 @@ class Quantizer(TrainHook):
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = total_steps
-        self.epochs = max(1, -(-total_steps // self.steps_per_epoch))
         self.start_step = int(math.ceil(self.cfg.start * self.steps_per_epoch))
         modules = dict(model.named_modules())
         self.fake_quants = {}
@@ -113,7 +111,8 @@ class Quantizer(TrainHook):
         # Never after the last epoch: no step would adapt the weights to that codebook, and the model
         # evaluated at that epoch's end would not be the one exported (VGG-16 at 0%: 91.54 -> 91.09%).
         # Nor at the end of the epoch whose last step switched QAT on: the grids were just fitted.
-        last, just_started = epoch + 1 >= self.epochs, epoch + 1 <= start_epoch
+        last = (epoch + 1) * self.steps_per_epoch >= self.total_steps
+        just_started = epoch + 1 <= start_epoch
         if (self.method == "kmeans" and not last and not just_started
                 and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0):
             self._calibrate(model, warm=True)
