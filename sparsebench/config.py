@@ -29,6 +29,7 @@ class DataConfig:
     eval_batch_size: int = 1000
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
     cutout: int = 0  # with augment: zero a random square of this side per training image (DeVries & Taylor 2017); 0: off
+    trivialaugment: bool = False  # with augment: one of 14 image operations per training image at a random strength (Müller & Hutter 2021)
     on_device: bool = False  # keep the whole decoded dataset on the training device
     test_fraction: float = 0.2  # digits only: held-out share
     # synthetic only
@@ -145,6 +146,7 @@ def validate(cfg: Any) -> None:
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
     _require(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0 (0: off)")
     _require(d.cutout == 0 or d.augment, "data.cutout", d.cutout, "0 unless data.augment=true (cutout is part of the augmentation)")
+    _require(not d.trivialaugment or d.augment, "data.trivialaugment", d.trivialaugment, "false unless data.augment=true (it is part of the augmentation)")
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     _require(len(d.shape) == 3 and all(s >= 1 for s in d.shape), "data.shape", list(d.shape), "[channels, height, width], each >= 1")
     _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsebench.augment import trivial_augment
 from sparsebench.errors import ConfigError
 
 Arrays = Dict[str, np.ndarray]  # x_train, y_train, x_test, y_test (x: uint8 NCHW, y: int64)
@@ -231,12 +232,13 @@ class Batches:
     """
 
     def __init__(self, x: Tensor, y: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
-                 shuffle: bool, augment: bool = False, cutout: int = 0, seed: int = 0,
+                 shuffle: bool, augment: bool = False, cutout: int = 0, trivialaugment: bool = False, seed: int = 0,
                  device: torch.device = torch.device("cpu"), channels_last: bool = False):
         self.x, self.y = x, y
         self.mean = mean.view(1, -1, 1, 1).to(device)
         self.std = std.view(1, -1, 1, 1).to(device)
         self.batch_size, self.shuffle, self.augment, self.cutout, self.seed = batch_size, shuffle, augment, cutout, seed
+        self.trivialaugment = trivialaugment
         self.device, self.channels_last = device, channels_last
 
     def __len__(self) -> int:
@@ -253,6 +255,8 @@ class Batches:
             keep = None
             if self.augment:
                 g = torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + epoch * 7919 + b)
+                if self.trivialaugment:  # first, as in the paper's CIFAR pipeline: then crop, flip, cutout
+                    x = trivial_augment(x, g)
                 x = random_crop_flip(x, g)
                 keep = cutout_mask(x.shape, self.cutout, g) if self.cutout else None
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)

@@ -190,7 +190,8 @@ def _batches(data: Dataset, cfg: Any, device: torch.device, channels_last: bool)
         raise ConfigError(f"data.cutout={cfg.data.cutout} is not allowed: at most the image side ({side} here)")
     common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     train = Batches(data.x_train, data.y_train, batch_size=cfg.data.batch_size, shuffle=True,
-                    augment=cfg.data.augment, cutout=cfg.data.cutout, seed=cfg.seed, **common)
+                    augment=cfg.data.augment, cutout=cfg.data.cutout, trivialaugment=cfg.data.trivialaugment,
+                    seed=cfg.seed, **common)
     test = Batches(data.x_test, data.y_test, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)
     return train, test
 

@@ -148,3 +148,21 @@ def test_cutout_larger_than_the_images_is_refused(tmp_path):
     res = run_cli(*DENSE, "data=digits", "data.augment=true", "data.cutout=9", f"hydra.run.dir={tmp_path}")
     assert res.returncode != 0
     assert "data.cutout=9 is not allowed: at most the image side (8 here)" in res.stderr
+
+
+def test_trivialaugment_batches_keep_the_order_and_are_reproducible():
+    ds = load("data=digits")
+    make = lambda **kw: data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 100, shuffle=True, augment=True, seed=3, **kw)  # noqa: E731
+    plain, ta = make(), make(trivialaugment=True)
+    (xp, yp), (xt, yt) = next(iter(plain.epoch(1))), next(iter(ta.epoch(1)))
+    assert torch.equal(yp, yt)  # same images in the same order
+    assert (xp != xt).flatten(1).any(1).float().mean() > 0.5  # most images changed by their operation
+    again = list(make(trivialaugment=True).epoch(1, start=2))  # a resumed run sees the same batches
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(ta.epoch(1))[2:], again))
+
+
+def test_trivialaugment_without_augment_is_refused():
+    from sparsebench.config import validate
+
+    with pytest.raises(ValueError, match="data.trivialaugment"):
+        validate(compose("data=digits", "data.trivialaugment=true"))
