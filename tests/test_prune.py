@@ -278,9 +278,12 @@ def test_sensitivity_experiment_composes_a_dense_only_study_of_every_layer():
 
 
 @pytest.mark.cuda
-def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path):
+def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch):
     # trainer.compile_mode=reduce-overhead: the hooks write masks, weights and grids in place between
     # graph replays; a replay that missed one would drift from the eager loop.
+    # cudnn.benchmark (left on by any earlier test's seed_everything) picks convolution algorithms by
+    # timing, so on a busy GPU the two loops could round differently for that reason alone.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     from sparsebench.quant import build_quantizer
     from sparsebench.train import fit
     from tests.conftest import compose
