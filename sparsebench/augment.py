@@ -24,13 +24,20 @@ FILL = 128  # what geometric operations move in: the reference code's mid-grey
 MAX_SHEAR, MAX_ROTATE_DEG, MAX_ENHANCE, MAX_POSTERIZE_DROP = 0.99, 135.0, 0.99, 6  # "wide" ranges; translate: the image side
 
 
-def trivial_augment(x: Tensor, g: torch.Generator) -> Tensor:
-    """x: uint8 N x C x H x W (C = 1 or 3). Returns a new uint8 batch of the same shape."""
+def trivial_augment(x: Tensor, g: torch.Generator, chunk: int | None = None) -> Tensor:
+    """x: uint8 N x C x H x W (C = 1 or 3). Returns a new uint8 batch of the same shape.
+
+    Works through `chunk` images at a time; the result is the same for any chunk. On a GPU the
+    ~100 kernel launches of a chunk cost more than its work (2.3 ms for 256 CIFAR images on an
+    H200, 0.4 of it on the GPU), so chunks are large there; on a CPU small ones stay in cache.
+    """
     n = x.shape[0]
+    chunk = chunk or (4096 if x.is_cuda else 128)
     op = torch.randint(len(OPS), (n,), generator=g, device=x.device)
     level = torch.randint(LEVELS, (n,), generator=g, device=x.device).float() / (LEVELS - 1)
     sign = torch.randint(2, (n,), generator=g, device=x.device).float() * 2 - 1
-    return apply_ops(x, op, level * sign)
+    strength = level * sign
+    return torch.cat([apply_ops(x[i:i + chunk], op[i:i + chunk], strength[i:i + chunk]) for i in range(0, n, chunk)])
 
 
 def apply_ops(x: Tensor, op: Tensor, strength: Tensor) -> Tensor:

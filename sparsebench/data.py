@@ -248,15 +248,16 @@ class Batches:
         g = torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + epoch)
         n = len(self.y)
         order = torch.randperm(n, generator=g, device=self.x.device) if self.shuffle else None
+        # TrivialAugment comes first, as in the paper's CIFAR pipeline (then crop, flip, cutout), and
+        # runs over the whole epoch at once: per mini-batch its launches cost as much as a training step.
+        ta = trivial_augment(self.x[order] if order is not None else self.x, g) if self.augment and self.trivialaugment else None
         for b in range(start, len(self)):
             idx = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             sel = order[idx] if order is not None else idx
-            x, y = self.x[sel], self.y[sel]
+            x, y = (ta[idx] if ta is not None else self.x[sel]), self.y[sel]
             keep = None
             if self.augment:
                 g = torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + epoch * 7919 + b)
-                if self.trivialaugment:  # first, as in the paper's CIFAR pipeline: then crop, flip, cutout
-                    x = trivial_augment(x, g)
                 x = random_crop_flip(x, g)
                 keep = cutout_mask(x.shape, self.cutout, g) if self.cutout else None
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)

@@ -107,6 +107,7 @@ def test_trivial_augment_draws_every_operation_and_is_reproducible():
     assert a.dtype == torch.uint8 and a.shape == x.shape
     changed = (a != x).flatten(1).any(1).float().mean().item()
     assert 0.6 < changed < 0.97  # identity, strength 0 and flat images leave some unchanged
+    assert torch.equal(trivial_augment(x, torch.Generator().manual_seed(5), chunk=7), a)  # chunks change nothing
 
 
 def test_refuses_what_it_cannot_augment():
