@@ -35,7 +35,7 @@ DIED = "no metrics.json: the job died before it finished (killed, out of memory,
 # Leading summary.csv columns, in this order; speedup columns and the swept keys follow.
 COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
            "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
-           "runtime_s", "backend"]
+           "runtime_s", "backend", "noisy_timings"]
 # metrics.json keys copied as they are.
 MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "runtime_s")
 MAX_HEATMAPS = 6
@@ -135,6 +135,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     row["bits"] = metrics.get("weight_bits", row["bits"])
     row.update({k: metrics[k] for k in MEASURED if k in metrics})
     row["backend"] = metrics.get("bench/backend")  # the sparse backend the speedups are of
+    row["noisy_timings"] = metrics.get("bench/noisy") or ""  # "<backend>/b<batch>, ...": timed beside other GPU work
     row.update({k: v for k, v in metrics.items() if SPEEDUP.match(k)})
     row["_layers"] = read_layer_speedups(job_dir, row["backend"])  # for the counts below and the heatmaps
     if row["backend"]:  # the sparse backend's layers only (not baselines compared with each other)
@@ -214,9 +215,16 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
         cells = label + [f"{100 * acc:.2f}%", delta, number(megabytes, "{:.3f} MB"), number(r.get("compression"), "{:.1f}x")]
-        cells += [number(r.get(k), "{:.2f}x") for k in speedups]
+        noisy = set(filter(None, r.get("noisy_timings", "").split(", ")))
+        for k in speedups:
+            baseline, batch = _baseline_batch(k)
+            mark = " (noisy)" if noisy & {f"{baseline}/b{batch}", f"{r.get('backend')}/b{batch}"} else ""
+            cells.append(number(r.get(k), "{:.2f}x") + mark)
         cells += [str(r.get(k) or "—") for k in faster]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("noisy_timings") for r in rows):
+        lines += ["", "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
+                      "the job's metrics.json): something else used the GPU while it was measured."]
     return "\n".join(lines) + "\n"
 
 

@@ -109,6 +109,12 @@ def test_cpu_timing_measures_a_known_duration():
     assert t.p25_us <= t.median_us <= t.p75_us and t.spread_us >= 0
 
 
+def test_a_timing_is_noisy_when_its_quartiles_spread_past_a_tenth_of_the_median():
+    assert not summarize([100.0, 101, 99, 100, 102, 98, 100]).noisy  # an idle device: 2% spread
+    busy = summarize([100.0, 160, 95, 150, 100, 170, 98, 140])  # another job's kernels in some samples
+    assert busy.spread_us > 10 and busy.noisy
+
+
 def test_summarize_median_and_iqr():
     t = summarize([float(v) for v in range(1, 102)])  # 1..101
     assert t.median_us == 51 and t.p25_us == 26 and t.p75_us == 76 and t.spread_us == 50
@@ -227,6 +233,9 @@ def test_benchmark_model_rows_and_metrics_on_cpu(monkeypatch):
                                                                       rel=1e-3)
         assert metrics[f"network_error/sparse_reference/b{b}"] < 1e-5
     assert metrics["bench/backend"] == "sparse_reference" and "cudnn_fp32" in metrics["bench/skipped"]
+    listed = set(filter(None, metrics["bench/noisy"].split(", ")))  # exactly the timings that spread widely
+    assert listed == {f"{k}/b{b}" for k in backends for b in (1, 3)
+                      if metrics[f"latency_spread_us/{k}/b{b}"] > 0.1 * metrics[f"latency_us/{k}/b{b}"]}
 
 
 def test_benchmark_disabled_returns_nothing():

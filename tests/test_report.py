@@ -267,6 +267,25 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     assert alone[0] == single.name and alone[1:3] == cells[2:4]  # its own top-1 and Δ vs dense
 
 
+def test_speedups_timed_beside_other_gpu_work_are_marked_noisy(grid: Path) -> None:
+    job = next(grid.glob("3_*"))
+    metrics = json.loads((job / "metrics.json").read_text())
+    metrics["bench/noisy"] = "cudnn_fp32/b1"  # the baseline's timing spread widely; fp16's did not
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    lines = markdown_lines(grid)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[5].strip("|").split("|")]
+    assert cells[head.index("vs cudnn_fp32 b1")] == f"{metrics['speedup/cudnn_fp32/b1']:.2f}x (noisy)"
+    assert cells[head.index("vs cudnn_fp16 b1")] == f"{metrics['speedup/cudnn_fp16/b1']:.2f}x"
+    assert not any("(noisy)" in line for line in lines[2:5])  # the other jobs' speedups stand
+    assert lines[-1].startswith("(noisy): one of the two timings spread")
+    metrics["bench/noisy"] = "direct_sparse/b1"  # our side noisy: every speedup at that batch is suspect
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    assert markdown_lines(grid)[5].count("(noisy)") == 2
+    report.write_report(grid)
+    assert [r["noisy_timings"] for r in read_summary(grid / "summary.csv")][3] == "direct_sparse/b1"
+
+
 def test_learning_curves_from_each_jobs_history(grid: Path) -> None:
     job = next(grid.glob("1_*"))
     lines = [{"step": 10, "finetune/loss": 1.0},

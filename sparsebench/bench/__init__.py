@@ -72,6 +72,7 @@ def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: tor
         log.info("bench: whole network skips semi_structured_2to4 (it computes its own 2:4-pruned model)")
     ref_net = reference_network(model, cases, plan.device, folded)
     metrics: Dict[str, Any] = {}
+    noisy: List[str] = []
     for batch in bench.batch_sizes:
         x = network_input(sample, batch)
         with torch.no_grad():
@@ -94,8 +95,14 @@ def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: tor
         for name, t in timings.items():
             metrics[f"latency_us/{name}/b{batch}"] = round(t.median_us, 3)
             metrics[f"latency_spread_us/{name}/b{batch}"] = round(t.spread_us, 3)
+            if t.noisy:
+                noisy.append(f"{name}/b{batch}")
+                log.warning("bench: %s at batch %d spread %.0f us around its median %.0f us: something else was "
+                            "using the device; speedups against it are not to be trusted", name, batch,
+                            t.spread_us, t.median_us)
         ours = timings[plan.sparse].median_us
         for name in names[1:]:
             if name in timings:
                 metrics[f"speedup/{name}/b{batch}"] = round(timings[name].median_us / ours, 4)
+    metrics["bench/noisy"] = ", ".join(noisy)  # <backend>/b<batch> whose whole-network timing spread widely
     return metrics

@@ -26,6 +26,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 CACHE_MODES = ("flush", "rotate")
+# An inter-quartile range above this share of the median marks a timing as noisy: on an idle H200
+# the whole-network timings spread by under 2%; one taken beside other GPU work spread by 47%.
+NOISY_SPREAD = 0.10
 # Runs queued behind one GPU sleep; the sleep is sized from the measured host time per run.
 _CHUNK = 16
 _MAX_SLEEP_US = 50_000
@@ -43,6 +46,10 @@ class Timing:
     def spread_us(self) -> float:
         """Inter-quartile range."""
         return self.p75_us - self.p25_us
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread_us > NOISY_SPREAD * self.median_us
 
 
 def summarize(samples_us: Sequence[float]) -> Timing:
