@@ -26,8 +26,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 CACHE_MODES = ("flush", "rotate")
-# An inter-quartile range above this share of the median marks a timing as noisy: on an idle H200
-# the whole-network timings spread by under 2%; one taken beside other GPU work spread by 47%.
+# An inter-quartile range above this share of the median marks a timing as noisy: the whole-network
+# timings of 17 VGG-16 jobs on an H200 spread by at most 1%; those of one job timed beside the GPU
+# test suite by 20-67% (docs/results.md, run F).
 NOISY_SPREAD = 0.10
 # Runs queued behind one GPU sleep; the sleep is sized from the measured host time per run.
 _CHUNK = 16
