@@ -27,7 +27,7 @@ import torch
 
 CACHE_MODES = ("flush", "rotate")
 # An inter-quartile range above this share of the median marks a timing as noisy: the whole-network
-# timings of 17 VGG-16 jobs on an H200 spread by at most 1%; those of one job timed beside the GPU
+# timings of 18 VGG-16 and ResNet-18 jobs on an H200 spread by at most 1%; those of one timed beside the GPU
 # test suite by 20-67% (docs/results.md, run F).
 NOISY_SPREAD = 0.10
 # Runs queued behind one GPU sleep; the sleep is sized from the measured host time per run.
