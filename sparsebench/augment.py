@@ -1,7 +1,9 @@
 """TrivialAugment (Müller & Hutter, ICCV 2021), per image and vectorised over a batch.
 
 Each image gets one of 14 operations at a strength drawn uniformly from 31 levels, with a
-random sign where the operation has one; the ranges are the paper's "wide" ones. The
+random sign where the operation has one. The ranges are torchvision's TrivialAugmentWide
+(solarize threshold 255 * (1 - level), enhance factors 1 +- 0.99 * level), except that
+translations scale with the image (up to its side: 32 pixels on CIFAR, as there). The
 operations follow PIL's (ImageOps, ImageEnhance, Image.transform), which the paper's own
 code applies image by image; here every operation runs on the whole uint8 batch on its
 device and each image keeps the result of its own, so a GPU-resident data set needs no
@@ -33,11 +35,17 @@ def trivial_augment(x: Tensor, g: torch.Generator, chunk: int | None = None) -> 
     """
     n = x.shape[0]
     chunk = chunk or (4096 if x.is_cuda else 128)
-    op = torch.randint(len(OPS), (n,), generator=g, device=x.device)
-    level = torch.randint(LEVELS, (n,), generator=g, device=x.device).float() / (LEVELS - 1)
-    sign = torch.randint(2, (n,), generator=g, device=x.device).float() * 2 - 1
-    strength = level * sign
+    op, strength = draw(n, g, x.device)
     return torch.cat([apply_ops(x[i:i + chunk], op[i:i + chunk], strength[i:i + chunk]) for i in range(0, n, chunk)])
+
+
+def draw(n: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per image: an operation (index into OPS) and a signed strength level / 30, in float64 as
+    PIL gets it from Python (in float32, 16 of the 61 levels put brightness or solarize off PIL's)."""
+    op = torch.randint(len(OPS), (n,), generator=g, device=device)
+    level = torch.randint(LEVELS, (n,), generator=g, device=device).double() / (LEVELS - 1)
+    sign = torch.randint(2, (n,), generator=g, device=device).double() * 2 - 1
+    return op, level * sign
 
 
 def apply_ops(x: Tensor, op: Tensor, strength: Tensor) -> Tensor:
@@ -45,11 +53,12 @@ def apply_ops(x: Tensor, op: Tensor, strength: Tensor) -> Tensor:
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"trivial augment takes uint8 N x C x H x W images with C = 1 or 3, got {x.dtype} {tuple(x.shape)}")
     picked = lambda name: (op == OPS.index(name)).view(-1, 1, 1, 1)  # noqa: E731
+    strength = strength.double()
     s, m = strength.view(-1, 1, 1, 1), strength.abs().view(-1, 1, 1, 1)
     xi = x.long()
     f = x.float()
     gray = _luma(xi)
-    out = torch.where(picked("identity"), f, _geometric(f, op, strength))
+    out = torch.where(picked("identity"), f, _geometric(f, op, strength.float()))
     enhanced = {  # PIL's ImageEnhance: blend the image with a degenerate copy by factor 1 + strength
         "brightness": torch.zeros_like(f),
         "color": gray.expand_as(f),
@@ -57,12 +66,13 @@ def apply_ops(x: Tensor, op: Tensor, strength: Tensor) -> Tensor:
         "sharpness": _smooth(f),
     }
     for name, degenerate in enhanced.items():
-        factor = (1 + MAX_ENHANCE * s.double()).float()  # as PIL's float alpha: 1 - 0.99 in float32 math is below 0.01f
+        factor = (1 + MAX_ENHANCE * s).float()  # PIL's blend takes a C float
         blended = (degenerate + factor * (f - degenerate)).clamp(0, 255).floor()
         out = torch.where(picked(name), blended, out)
     drop = torch.round(MAX_POSTERIZE_DROP * m).long()  # low bits cleared: 0..6, so 8..2 bits kept
     out = torch.where(picked("posterize"), ((xi >> drop) << drop).float(), out)
-    out = torch.where(picked("solarize"), torch.where(f >= 255 * (1 - m), 255 - f, f), out)
+    threshold = torch.ceil(255 * (1 - m)).float()  # pixel values are integers: >= the float64 threshold exactly
+    out = torch.where(picked("solarize"), torch.where(f >= threshold, 255 - f, f), out)
     out = torch.where(picked("autocontrast"), _autocontrast(f), out)
     out = torch.where(picked("equalize"), _equalize(xi), out)
     return out.to(torch.uint8)
@@ -101,14 +111,14 @@ def _luma(xi: Tensor) -> Tensor:
 
 
 def _smooth(f: Tensor) -> Tensor:
-    """PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, over 13), rounded; the border keeps its pixels."""
+    """PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, over 13), rounded; the border keeps its pixels.
+    Integer weights keep the sums exact under any convolution algorithm (TF32 included)."""
     c = f.shape[1]
     kernel = torch.ones(3, 3, device=f.device)
     kernel[1, 1] = 5
-    kernel = (kernel / 13).expand(c, 1, 3, 3)
-    inner = torch.floor(F.conv2d(f, kernel, groups=c) + 0.5)
+    total = F.conv2d(f, kernel.expand(c, 1, 3, 3), groups=c)
     out = f.clone()
-    out[:, :, 1:-1, 1:-1] = inner
+    out[:, :, 1:-1, 1:-1] = torch.div(2 * total + 13, 26, rounding_mode="floor")  # round(total / 13), half up
     return out
 
 
@@ -118,7 +128,8 @@ def _autocontrast(f: Tensor) -> Tensor:
     d = f.double()
     lo = d.amin(dim=(2, 3), keepdim=True)
     hi = d.amax(dim=(2, 3), keepdim=True)
-    scale = 255 / (hi - lo).clamp(min=1)
+    # A true division: `255 / tensor` multiplies by a reciprocal, a last bit off PIL's table.
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)
     stretched = torch.floor(d * scale + -lo * scale).clamp(0, 255).float()
     return torch.where(hi > lo, stretched, f)
 
