@@ -233,6 +233,40 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
         write_json(Path(run_dir) / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
+def own_jobs(rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str],
+             sweeper_params: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The report rows of the jobs this sweep launched, and the shared dense model it used.
+
+    Sweeps may share a folder (and its dense model). A job is this sweep's when it ran with the
+    overrides this sweep gives every job (its command line, and `hydra.sweeper.params` where the
+    command line leaves a key alone), no more, each at a value they allow. Another sweep's job,
+    finished or still running, differs in a key or a value (two sweeps alike in both would write
+    the same job folders). A job whose overrides cannot be read counts as this sweep's.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    lines = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(task_overrides)
+    # Values, not strings: a job's overrides.yaml writes `trainer.resume=True` for `=true`.
+    allowed: Dict[str, Optional[list]] = {}  # None: any value (an interval of an optimizing sweeper)
+    for o in parser.parse_overrides(lines):  # the command line comes last and wins
+        try:
+            allowed[o.get_key_element()] = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+        except HydraException:
+            allowed[o.get_key_element()] = None
+    mine = []
+    for row in rows:
+        try:
+            ran = {o.get_key_element(): o.value() for o in parser.parse_overrides(row.get("_overrides", []))}
+        except HydraException:
+            ran = None
+        if (row["job"].startswith("dense-") or ran is None
+                or (set(ran) == set(allowed) and all(v is None or ran[k] in v for k, v in allowed.items()))):
+            mine.append(row)
+    return mine
+
+
 class SweepReport(Callback):
     """At the end of a multirun: write summary.csv + report.html and count the failed jobs."""
 
@@ -243,9 +277,14 @@ class SweepReport(Callback):
         from sparsebench import report  # late: matplotlib is only needed here
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        rows = report.collect(sweep_dir)
-        failed = [str(r["num"] if r["num"] is not None else r["job"]) for r in rows if r["status"] != "ok"]
-        LAST_SWEEP.update(dir=str(sweep_dir), jobs=len(rows), failed=failed)
+        rows = report.collect(sweep_dir)  # the report covers the folder: every sweep that wrote into it
+        params = OmegaConf.select(config, "hydra.sweeper.params")
+        mine = own_jobs(rows, list(config.hydra.overrides.task), OmegaConf.to_container(params) if params else None)
+        if len(mine) < len(rows):
+            log.info("sweep: %d of the %d jobs in %s are another sweep's (other values); not counted here",
+                     len(rows) - len(mine), len(rows), sweep_dir)
+        failed = [str(r["num"] if r["num"] is not None else r["job"]) for r in mine if r["status"] != "ok"]
+        LAST_SWEEP.update(dir=str(sweep_dir), jobs=len(mine), failed=failed)
         if self.enabled and rows:
             try:
                 report.write_report(sweep_dir, rows)
@@ -253,7 +292,7 @@ class SweepReport(Callback):
                 log.error("could not write the sweep report: %s: %s", type(e).__name__, e)
         where = f"{sweep_dir}/summary.csv" if self.enabled else str(sweep_dir)
         if failed:
-            print(f"sweep: {len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}); see {where}",
+            print(f"sweep: {len(failed)} of {len(mine)} jobs failed (job {', '.join(failed)}); see {where}",
                   file=sys.stderr)
         else:
-            log.info("sweep: all %d jobs ok; see %s", len(rows), where)
+            log.info("sweep: all %d jobs ok; see %s", len(mine), where)

@@ -157,6 +157,39 @@ def test_a_sweep_resumed_with_another_config_refuses_the_changed_jobs(tmp_path: 
     assert "job 1 finished in an earlier launch" in again.stdout + again.stderr
 
 
+def test_a_sweep_counts_only_its_own_jobs_in_a_shared_folder(tmp_path: Path) -> None:
+    # Another sweep writing into the same folder, its job still running: folder made, no metrics.json.
+    other = tmp_path / "s0.9_other"
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["prune.final_sparsity=0.9", "quant.bits=8"]))
+    done = run_cli("-m", *COMPRESS, "prune.final_sparsity=0.5", "quant.bits=4,8", f"hydra.sweep.dir={tmp_path}",
+                   "hydra.sweep.subdir=s${prune.final_sparsity}_${quant.bits}")
+    assert done.returncode == 0, done.stderr[-2000:]  # the other sweep's unfinished job is not a failure here
+    assert "1 of the 3 jobs" in done.stdout + done.stderr
+    assert sorted(r["status"] for r in summary(tmp_path)) == ["failed", "ok", "ok"]  # the report covers the folder
+
+
+def test_own_jobs_match_values_and_keys_as_jobs_record_them() -> None:
+    def row(job: str, *overrides: str) -> dict:
+        return {"job": job, "_overrides": list(overrides)}
+
+    common = ["experiment=paper_vgg16_cifar10", "trainer.resume=True", "bench.baselines=[cudnn_fp32,cudnn_fp16]"]
+    rows = [row("dense-ab12"),
+            *(row(f"s{s}_{w}", f"prune.final_sparsity={s}", f"weights={w}", "trainer.init_from=shared", *common)
+              for s, w in [(0.0, "kmeans4"), (0.9, "kmeans4"), (0.9, "fp32"), (0.95, "kmeans4")]),
+            row("s0.95_kmeans4_ft100", "prune.final_sparsity=0.95", "weights=kmeans4", "trainer.init_from=shared",
+                "trainer.finetune_epochs=100", *common)]
+    params = {"prune.final_sparsity": "0,0.8,0.9,0.95", "weights": "fp32,linear8,linear4,kmeans4", "trainer.init_from": "shared"}
+    task = ["experiment=paper_vgg16_cifar10", "trainer.resume=true", "bench.baselines=[cudnn_fp32,cudnn_fp16]"]
+    jobs = lambda *line: [r["job"] for r in sweep.own_jobs(rows, task + list(line), params)]  # noqa: E731
+    assert jobs("prune.final_sparsity=0,0.9,0.95", "weights=kmeans4") == [
+        "dense-ab12", "s0.0_kmeans4", "s0.9_kmeans4", "s0.95_kmeans4"]  # not fp32, not the 100-epoch one
+    assert jobs("prune.final_sparsity=0.9", "weights=fp32") == ["dense-ab12", "s0.9_fp32"]
+    assert jobs("prune.final_sparsity=0.95", "weights=kmeans4", "trainer.finetune_epochs=100") == [
+        "dense-ab12", "s0.95_kmeans4_ft100"]
+    assert "s0.95_kmeans4_ft100" not in jobs() and len(jobs()) == 5  # the experiment's own grid: all the others
+
+
 def test_shared_dense_needs_a_multirun() -> None:
     done = run_cli(*DENSE, "trainer.init_from=shared", "hydra.run.dir=/tmp/never-made")
     assert done.returncode == 2
