@@ -23,7 +23,8 @@ OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
        "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 LEVELS = 31
 FILL = 128  # what geometric operations move in: the reference code's mid-grey
-MAX_SHEAR, MAX_ROTATE_DEG, MAX_ENHANCE, MAX_POSTERIZE_DROP = 0.99, 135.0, 0.99, 6  # "wide" ranges; translate: the image side
+# The "wide" ranges; translations go up to the image side.
+MAX_SHEAR, MAX_ROTATE_DEG, MAX_ENHANCE, MAX_POSTERIZE_DROP = 0.99, 135.0, 0.99, 6
 
 
 def trivial_augment(x: Tensor, g: torch.Generator, chunk: int | None = None) -> Tensor:
@@ -51,7 +52,8 @@ def draw(n: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, Tens
 def apply_ops(x: Tensor, op: Tensor, strength: Tensor) -> Tensor:
     """Image i gets operation OPS[op[i]] at strength[i] in [-1, 1] (ops without a direction use |strength|)."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"trivial augment takes uint8 N x C x H x W images with C = 1 or 3, got {x.dtype} {tuple(x.shape)}")
+        raise ValueError("trivial augment takes uint8 N x C x H x W images with C = 1 or 3, "
+                         f"got {x.dtype} {tuple(x.shape)}")
     picked = lambda name: (op == OPS.index(name)).view(-1, 1, 1, 1)  # noqa: E731
     strength = strength.double()
     s, m = strength.view(-1, 1, 1, 1), strength.abs().view(-1, 1, 1, 1)

@@ -250,7 +250,9 @@ class Batches:
         order = torch.randperm(n, generator=g, device=self.x.device) if self.shuffle else None
         # TrivialAugment comes first, as in the paper's CIFAR pipeline (then crop, flip, cutout), and
         # runs over the whole epoch at once: per mini-batch its launches cost as much as a training step.
-        ta = trivial_augment(self.x[order] if order is not None else self.x, g) if self.augment and self.trivialaugment else None
+        ta = None
+        if self.augment and self.trivialaugment:
+            ta = trivial_augment(self.x[order] if order is not None else self.x, g)
         for b in range(start, len(self)):
             idx = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             sel = order[idx] if order is not None else idx
