@@ -233,9 +233,7 @@ def test_benchmark_model_rows_and_metrics_on_cpu(monkeypatch):
                                                                       rel=1e-3)
         assert metrics[f"network_error/sparse_reference/b{b}"] < 1e-5
     assert metrics["bench/backend"] == "sparse_reference" and "cudnn_fp32" in metrics["bench/skipped"]
-    listed = set(filter(None, metrics["bench/noisy"].split(", ")))  # exactly the timings that spread widely
-    assert listed == {f"{k}/b{b}" for k in backends for b in (1, 3)
-                      if metrics[f"latency_spread_us/{k}/b{b}"] > 0.1 * metrics[f"latency_us/{k}/b{b}"]}
+    assert metrics["bench/noisy"] == ""  # only GPU timings are judged: a CPU's jitter more
 
 
 def test_benchmark_disabled_returns_nothing():

@@ -103,6 +103,9 @@ def test_benchmark_model_on_gpu_uses_cuda_graphs_on_both_sides():
             assert metrics[f"speedup/{base}/b{b}"] > 0
         assert metrics[f"network_error/direct_sparse/b{b}"] < 1e-3
     assert len(rows) == 14 * 2 * 4  # 13 convs + 1 linear, 2 batches, ours + 3 baselines
+    listed = set(filter(None, metrics["bench/noisy"].split(", ")))  # exactly the timings that spread widely
+    assert listed == {f"{k}/b{b}" for k in ("direct_sparse", "cudnn_fp32", "cudnn_fp16", "torch_csr") for b in (1, 8)
+                      if metrics[f"latency_spread_us/{k}/b{b}"] > 0.1 * metrics[f"latency_us/{k}/b{b}"]}
 
 
 def test_sweep_cli_on_gpu(tmp_path):
