@@ -57,6 +57,7 @@ class TrainerConfig:
     scheduler: str = "cosine"  # cosine | step | constant
     step_gamma: float = 0.1  # step scheduler: multiply by gamma at 50% and 75% of training
     label_smoothing: float = 0.0
+    ema_decay: Optional[float] = None  # dense training ends with an exponential moving average of its weights (e.g. 0.9995)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
     channels_last: bool = True  # on CUDA only
@@ -140,6 +141,7 @@ def validate(cfg: Any) -> None:
     _require(0 <= t.momentum < 1, "trainer.momentum", t.momentum, "a number in [0, 1)")
     _require(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "a number >= 0")
     _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
+    _require(t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "null or a number in (0, 1)")
 
     d = cfg.data
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsebench import layers
+from sparsebench.average import WeightAverage
 from sparsebench.bench import benchmark_model
 from sparsebench.config import validate
 from sparsebench.data import Batches, Dataset, load_dataset
@@ -111,7 +112,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     elif resume is not None and resume["phase"] == "finetune":
         acc_dense = resume["extra"]["acc_dense"]
     else:
-        timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=share,
+        average = [WeightAverage(t.ema_decay, test, "dense", t.amp)] if t.ema_decay else []
+        timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=share + average,
                            checkpoint=checkpoint, resume_from=resume, log=tracker.log))
         acc_dense = evaluate(model, test, t.amp)
         atomic_torch_save({"model": model.state_dict(), "acc_dense": acc_dense,

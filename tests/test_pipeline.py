@@ -75,6 +75,17 @@ def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path):
     assert metrics["sparsity"] == pytest.approx(0.9, abs=1e-3) and metrics["weight_bits"] == 4
 
 
+@pytest.mark.cuda
+def test_cuda_graphed_dense_training_ends_with_the_average(tmp_path: Path):
+    # The average is updated from the model's parameters between graph replays.
+    overrides = [*DENSE, "trainer.epochs=3", "bench=none", "trainer.device=cuda", "trainer.compile=true",
+                 "trainer.compile_mode=reduce-overhead", "trainer.ema_decay=0.9"]
+    metrics = run(compose(*overrides), tmp_path)
+    epochs = [h for h in history(tmp_path) if "dense/acc_ema" in h]
+    assert metrics["status"] == "ok" and len(epochs) == 3
+    assert metrics["acc_dense"] == pytest.approx(epochs[-1]["dense/acc_ema"], abs=0.01) and metrics["acc_dense"] > 0.8
+
+
 def history(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
@@ -89,8 +100,9 @@ def test_dense_run_reports_neutral_compression_values(tmp_path: Path):
     assert len(history(tmp_path)) == lines
 
 
-def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatch):
-    overrides = [*DENSE, "trainer.epochs=2", "trainer.checkpoint_every=7", "trainer.deterministic=true"]
+@pytest.mark.parametrize("extra", [[], ["trainer.ema_decay=0.9"]], ids=["plain", "ema"])
+def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatch, extra):
+    overrides = [*DENSE, "trainer.epochs=2", "trainer.checkpoint_every=7", "trainer.deterministic=true", *extra]
     reference = run(compose(*overrides), tmp_path / "uninterrupted")
 
     save = sparsebench.train.atomic_torch_save
