@@ -205,6 +205,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     head += [f"vs {SPEEDUP.match(k)['baseline']} b{SPEEDUP.match(k)['batch']}" for k in speedups]
     head += [f"layers faster than {FASTER.match(k)['baseline']} b{FASTER.match(k)['batch']}" for k in faster]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    marked = False
     def number(value: Any, fmt: str) -> str:
         return fmt.format(_num(value)) if _num(value) is not None else "—"
 
@@ -218,11 +219,12 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         noisy = set(filter(None, r.get("noisy_timings", "").split(", ")))
         for k in speedups:
             baseline, batch = _baseline_batch(k)
-            mark = " (noisy)" if noisy & {f"{baseline}/b{batch}", f"{r.get('backend')}/b{batch}"} else ""
+            mark = " (noisy)" if noisy & {f"{baseline}/b{batch}", f"{r.get('backend')}/b{batch}"} and r.get(k) else ""
+            marked = marked or bool(mark)
             cells.append(number(r.get(k), "{:.2f}x") + mark)
         cells += [str(r.get(k) or "—") for k in faster]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(r.get("noisy_timings") for r in rows):
+    if marked:
         lines += ["", "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
                       "the job's metrics.json): something else used the GPU while it was measured."]
     return "\n".join(lines) + "\n"

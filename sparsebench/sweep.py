@@ -235,33 +235,35 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 
 def own_jobs(rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str],
              sweeper_params: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """The report rows of the jobs this sweep launched, and the shared dense model it used.
+    """The report rows of the jobs this sweep launched, and the shared dense models in the folder.
 
-    Sweeps may share a folder (and its dense model). A job is this sweep's when it ran with the
-    overrides this sweep gives every job (its command line, and `hydra.sweeper.params` where the
-    command line leaves a key alone), no more, each at a value they allow. Another sweep's job,
-    finished or still running, differs in a key or a value (two sweeps alike in both would write
-    the same job folders). A job whose overrides cannot be read counts as this sweep's.
+    Sweeps may share a folder (and its dense model). A job is this sweep's when its recorded
+    overrides are one of the combinations this sweep gives its jobs: its command line, after
+    `hydra.sweeper.params` for the keys the command line leaves alone, written as Hydra's basic
+    sweeper writes each job's `overrides.yaml`. Another sweep's job, finished or still running,
+    differs in a key or a value. A job without recorded overrides counts as this sweep's.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     lines = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(task_overrides)
-    # Values, not strings: a job's overrides.yaml writes `trainer.resume=True` for `=true`.
-    allowed: Dict[str, Optional[list]] = {}  # None: any value (an interval of an optimizing sweeper)
-    for o in parser.parse_overrides(lines):  # the command line comes last and wins
+    allowed: Dict[str, Optional[set]] = {}  # None: any value (an interval, a glob)
+    for o in parser.parse_overrides(lines):  # the command line comes last and wins, as in the sweeper
+        key = o.get_key_element()
         try:
-            allowed[o.get_key_element()] = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            values = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
+            allowed[key] = {f"{key}={v}" for v in values}
         except HydraException:
-            allowed[o.get_key_element()] = None
+            allowed[key] = None
     mine = []
     for row in rows:
+        recorded = row.get("_overrides") or []
         try:
-            ran = {o.get_key_element(): o.value() for o in parser.parse_overrides(row.get("_overrides", []))}
+            ran = {parser.parse_override(line).get_key_element(): line for line in recorded}
         except HydraException:
-            ran = None
-        if (row["job"].startswith("dense-") or ran is None
+            ran = {}
+        if (row["job"].startswith("dense-") or not ran
                 or (set(ran) == set(allowed) and all(v is None or ran[k] in v for k, v in allowed.items()))):
             mine.append(row)
     return mine
@@ -279,7 +281,11 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         rows = report.collect(sweep_dir)  # the report covers the folder: every sweep that wrote into it
         params = OmegaConf.select(config, "hydra.sweeper.params")
-        mine = own_jobs(rows, list(config.hydra.overrides.task), OmegaConf.to_container(params) if params else None)
+        try:
+            mine = own_jobs(rows, list(config.hydra.overrides.task), OmegaConf.to_container(params) if params else None)
+        except Exception as e:  # Hydra turns a callback's exception into a warning: count every job instead
+            log.error("sweep: could not tell this sweep's jobs from others' (%s: %s); counting all", type(e).__name__, e)
+            mine = rows
         if len(mine) < len(rows):
             log.info("sweep: %d of the %d jobs in %s are another sweep's (other values); not counted here",
                      len(rows) - len(mine), len(rows), sweep_dir)

@@ -176,18 +176,22 @@ def test_own_jobs_match_values_and_keys_as_jobs_record_them() -> None:
     common = ["experiment=paper_vgg16_cifar10", "trainer.resume=True", "bench.baselines=[cudnn_fp32,cudnn_fp16]"]
     rows = [row("dense-ab12"),
             *(row(f"s{s}_{w}", f"prune.final_sparsity={s}", f"weights={w}", "trainer.init_from=shared", *common)
-              for s, w in [(0.0, "kmeans4"), (0.9, "kmeans4"), (0.9, "fp32"), (0.95, "kmeans4")]),
+              for s, w in [("0", "kmeans4"), ("0.9", "kmeans4"), ("0.9", "fp32"), ("0.95", "kmeans4")]),
             row("s0.95_kmeans4_ft100", "prune.final_sparsity=0.95", "weights=kmeans4", "trainer.init_from=shared",
                 "trainer.finetune_epochs=100", *common)]
     params = {"prune.final_sparsity": "0,0.8,0.9,0.95", "weights": "fp32,linear8,linear4,kmeans4", "trainer.init_from": "shared"}
     task = ["experiment=paper_vgg16_cifar10", "trainer.resume=true", "bench.baselines=[cudnn_fp32,cudnn_fp16]"]
     jobs = lambda *line: [r["job"] for r in sweep.own_jobs(rows, task + list(line), params)]  # noqa: E731
     assert jobs("prune.final_sparsity=0,0.9,0.95", "weights=kmeans4") == [
-        "dense-ab12", "s0.0_kmeans4", "s0.9_kmeans4", "s0.95_kmeans4"]  # not fp32, not the 100-epoch one
+        "dense-ab12", "s0_kmeans4", "s0.9_kmeans4", "s0.95_kmeans4"]  # not fp32, not the 100-epoch one
     assert jobs("prune.final_sparsity=0.9", "weights=fp32") == ["dense-ab12", "s0.9_fp32"]
     assert jobs("prune.final_sparsity=0.95", "weights=kmeans4", "trainer.finetune_epochs=100") == [
         "dense-ab12", "s0.95_kmeans4_ft100"]
     assert "s0.95_kmeans4_ft100" not in jobs() and len(jobs()) == 5  # the experiment's own grid: all the others
+    # Quoted sweep values, as Hydra records them; a job with no recorded overrides counts as this sweep's.
+    quoted = [row("0_a", 'trainer.init_from="/tmp/a b.pt"'), row("1_a", "trainer.init_from=null"), row("2_a")]
+    assert [r["job"] for r in sweep.own_jobs(quoted, ['trainer.init_from="/tmp/a b.pt",null'])] == ["0_a", "1_a", "2_a"]
+    assert [r["job"] for r in sweep.own_jobs(quoted, ["trainer.init_from=null"])] == ["1_a", "2_a"]
 
 
 def test_shared_dense_needs_a_multirun() -> None:

@@ -97,8 +97,8 @@ def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: tor
             metrics[f"latency_spread_us/{name}/b{batch}"] = round(t.spread_us, 3)
             if t.noisy and plan.device.type == "cuda":  # a CPU's timings jitter more: the threshold is a GPU's
                 noisy.append(f"{name}/b{batch}")
-                log.warning("bench: %s at batch %d spread %.0f us around its median %.0f us: something else was "
-                            "using the device; speedups against it are not to be trusted", name, batch,
+                log.warning("bench: %s at batch %d spread %.0f us around its median %.0f us: something else may "
+                            "have been using the device; speedups against it are not to be trusted", name, batch,
                             t.spread_us, t.median_us)
         ours = timings[plan.sparse].median_us
         for name in names[1:]:
