@@ -37,6 +37,11 @@ SHARED = "shared"
 _NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress", "checkpoint_every",
               "checkpoint_epochs", "compile", "compile_mode", "cpu_threads")
 
+# Keys added since sweeps became resumable, with the value that computes what a config did before
+# they existed: at that value they are left out of the dense key and of the relaunch check, so a
+# sweep folder from before them keeps its dense model and finished jobs.
+_ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None}
+
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}
 
@@ -130,10 +135,18 @@ def dense_key(cfg: Any) -> str:
     """A short hash of everything that shapes the dense model (data, model, dense trainer settings, seed).
     Compile settings are left out: the shared model is trained in the mode of the job that gets
     to it first, which its dense-<key>/manifest.json records."""
-    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in _NOT_DENSE}
-    facts = {"data": OmegaConf.to_container(cfg.data, resolve=True),
-             "model": OmegaConf.to_container(cfg.model, resolve=True), "trainer": trainer, "seed": cfg.seed}
+    facts = {group: _without_added_defaults(OmegaConf.to_container(cfg[group], resolve=True), group)
+             for group in ("data", "model", "trainer")}
+    facts["trainer"] = {k: v for k, v in facts["trainer"].items() if k not in _NOT_DENSE}
+    facts["seed"] = cfg.seed
     return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _without_added_defaults(flat: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``flat`` (keys under ``prefix``) less the keys of _ADDED_AT_DEFAULT that hold their old-behaviour value."""
+    dot = f"{prefix}." if prefix else ""
+    return {k: v for k, v in flat.items()
+            if not (f"{dot}{k}" in _ADDED_AT_DEFAULT and v == _ADDED_AT_DEFAULT[f"{dot}{k}"])}
 
 
 def dense_config(cfg: Any) -> Any:
@@ -169,7 +182,8 @@ def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
         earlier = json.loads((run_dir / "manifest.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
         return None  # never started here
-    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(earlier)
+    now = _without_added_defaults(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    then = _without_added_defaults(_flat(earlier))
     changed = sorted(k for k in now.keys() | then.keys()
                      if now.get(k) != then.get(k) and not k.startswith(_RELAUNCH_FREE))
     if changed:

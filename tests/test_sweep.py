@@ -215,6 +215,23 @@ def test_dense_key_ignores_what_happens_after_dense_training() -> None:
     assert (dense.prune.method, dense.quant.method, dense.quant.bits, dense.trainer.finetune_epochs) == ("none", "none", 32, 0)
 
 
+def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) -> None:
+    # The dense keys of these configs before data.trivialaugment and trainer.ema_decay existed (4b42876):
+    # a folder from then finds its dense model. (Changing a default changes them on purpose.)
+    assert sweep.dense_key(compose_job()) == "72707400"
+    assert sweep.dense_key(compose_job("experiment=paper_vgg16_cifar10")) == "9b6ecae9"
+    assert sweep.dense_key(compose_job("trainer.ema_decay=0.999")) != "72707400"
+    # A job finished then, its manifest without the new keys, is kept as finished.
+    cfg = compose_job()
+    earlier = OmegaConf.to_container(cfg, resolve=True)
+    del earlier["data"]["trivialaugment"], earlier["trainer"]["ema_decay"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "acc_final": 0.9}))
+    assert sweep.finished_job(cfg, tmp_path) == {"status": "ok", "acc_final": 0.9}
+    with pytest.raises(ValueError, match="ran with trainer.ema_decay=None, this launch has trainer.ema_decay=0.99"):
+        sweep.finished_job(compose_job("trainer.ema_decay=0.99"), tmp_path)
+
+
 def test_job_defaults_fill_only_what_the_user_left_empty() -> None:
     cfg = compose_job("prune=agp", "quant=linear")
     overrides = ["prune.final_sparsity=0.9", "logger.mode=online", "hydra.sweep.dir=/x", "trainer.init_from=shared",
