@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
@@ -257,9 +259,6 @@ def own_jobs(rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str],
     sweeper writes each job's `overrides.yaml`. Another sweep's job, finished or still running,
     differs in a key or a value. A job without recorded overrides counts as this sweep's.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     parser = OverridesParser.create()
     lines = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(task_overrides)
     allowed: Dict[str, Optional[set]] = {}  # None: any value (an interval, a glob)
