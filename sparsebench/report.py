@@ -488,7 +488,10 @@ def plot_footprint(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Sect
 
 
 def read_curves(job_dir: Path) -> Dict[str, List[Tuple[float, float]]]:
-    """history.jsonl -> {phase: [(epoch, test accuracy), ...]} for the dense and finetune phases."""
+    """history.jsonl -> {phase: [(epoch, test accuracy), ...]} for the dense and finetune phases.
+
+    A phase that kept a moving average of its weights (trainer.ema_decay) also gives "<phase> ema".
+    """
     curves: Dict[str, Dict[float, float]] = defaultdict(dict)
     path = job_dir / "history.jsonl"
     if not path.exists():
@@ -499,9 +502,11 @@ def read_curves(job_dir: Path) -> Dict[str, List[Tuple[float, float]]]:
         except ValueError:  # a line cut short by a crash
             continue
         for phase in ("dense", "finetune"):
-            epoch, acc = _num(entry.get(f"{phase}/epoch")), _num(entry.get(f"{phase}/acc"))
-            if epoch is not None and acc is not None:
-                curves[phase][epoch] = acc  # a resumed run logs some epochs again: the later one wins
+            epoch = _num(entry.get(f"{phase}/epoch"))
+            for key, curve in (("acc", phase), ("acc_ema", f"{phase} ema")):
+                acc = _num(entry.get(f"{phase}/{key}"))
+                if epoch is not None and acc is not None:
+                    curves[curve][epoch] = acc  # a resumed run logs some epochs again: the later one wins
     return {phase: sorted(points.items()) for phase, points in curves.items()}
 
 
@@ -516,8 +521,10 @@ def plot_curves(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
     for ax, phase in zip(axes, ("dense", "finetune")):
         for label, curves in per_job.items():
             if phase in curves:
-                epochs, accs = zip(*curves[phase])
-                ax.plot(epochs, accs, lw=1.2, label=label)
+                (line,) = ax.plot(*zip(*curves[phase]), lw=1.2, label=label)
+                if f"{phase} ema" in curves:  # the moving average, dashed in the job's colour
+                    ax.plot(*zip(*curves[f"{phase} ema"]), lw=1.2, ls="--", color=line.get_color(),
+                            label=f"{label}, moving average")
         ax.set_title("dense training" if phase == "dense" else "retraining (pruning, QAT)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -299,3 +299,15 @@ def test_learning_curves_from_each_jobs_history(grid: Path) -> None:
     assert curves.png and not curves.note
     assert (grid / "plots" / report.plot_filename(len(parts), curves.title)).exists()
     assert report.read_curves(next(grid.glob("0_*"))) == {}  # no history: no curve
+
+
+def test_a_moving_average_gives_its_own_curve(grid: Path) -> None:
+    job = next(grid.glob("1_*"))
+    lines = [{"step": 20, "dense/epoch": 1, "dense/acc": 0.5, "dense/acc_ema": 0.4},
+             {"step": 40, "dense/epoch": 2, "dense/acc": 0.6, "dense/acc_ema": 0.7},
+             {"step": 60, "finetune/epoch": 1, "finetune/acc": 0.65}]
+    (job / "history.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert report.read_curves(job) == {"dense": [(1, 0.5), (2, 0.6)], "dense ema": [(1, 0.4), (2, 0.7)],
+                                       "finetune": [(1, 0.65)]}
+    parts = report.write_report(grid)
+    assert next(p for p in parts if p.title.startswith("Test accuracy per epoch")).png
