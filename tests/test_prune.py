@@ -63,6 +63,23 @@ def test_iterative_and_oneshot_schedules():
     assert build_schedule(cfg, 10, 30) == {10: 1.0}
 
 
+def test_regrowth_adds_a_mask_event_every_frequency_until_regrow_until():
+    cfg = prune_cfg(start=0, end=2, frequency=0.5, unit="epoch", regrow_until=4)
+    assert build_schedule(cfg, 10, 60) == pytest.approx(
+        {0: 0.0, 5: 0.578125, 10: 0.875, 15: 0.984375, 20: 1.0, 25: 1.0, 30: 1.0, 35: 1.0, 40: 1.0})
+    # iterative: re-chosen at the round in force; oneshot: from its cut on
+    cfg = prune_cfg(method="iterative", rounds=2, start=0, end=2, frequency=1, regrow_until=3)
+    assert build_schedule(cfg, 10, 60) == {0: 0.5, 10: 0.5, 20: 1.0, 30: 1.0}
+    assert build_schedule(prune_cfg(method="oneshot", start=1, frequency=1, regrow_until=3), 10, 60) == \
+        {10: 1.0, 20: 1.0, 30: 1.0}
+    with pytest.raises(ConfigError, match=r"prune\.regrow_until=7 .*only 60 steps"):
+        build_schedule(prune_cfg(end=2, regrow_until=7), 10, 60)
+    with pytest.raises(ConfigError, match=r"prune\.regrow_until=1 is not allowed.*>= prune\.end \(2\)"):
+        validate_prune(prune_cfg(end=2, regrow_until=1))
+    with pytest.raises(ConfigError, match=r"prune\.regrow_until=5 .*at most trainer\.finetune_epochs \(4\)"):
+        validate_prune(prune_cfg(end=2, regrow_until=5), finetune_epochs=4)
+
+
 def test_schedule_longer_than_the_phase_is_refused():
     with pytest.raises(ConfigError, match=r"prune\.end=4 .*only 30 steps"):
         build_schedule(prune_cfg(start=0, end=4, unit="epoch"), 10, 30)
@@ -225,6 +242,49 @@ def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay(tmp_pat
     assert all(torch.equal(state["masks"][n], pruner.masks[n]) for n in pruner.layer_names)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_regrowing_masks_train_every_weight_straight_through(scope):
+    """With prune.regrow_until, weight + dormant follows SGD (momentum, weight decay) on the full
+    weights with the gradient taken at the pruned network, and pruned weights come back."""
+    model = convnet()
+    pruner = MagnitudePruner(prune_cfg(start=0, end=4, frequency=1, unit="step", scope=scope, regrow_until=12),
+                             model, weight_decay=5e-3)
+    pruner.on_fit_start(model, steps_per_epoch=4, total_steps=16)
+    names = pruner.layer_names
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-3, nesterov=True)
+    # The reference: the full weights of the prunable layers under the same optimizer, fed the raw gradients.
+    full = {n: (pruner.layers[n].weight + pruner.dormant[n]).detach().clone().requires_grad_() for n in names}
+    ref = torch.optim.SGD(full.values(), lr=0.5, momentum=0.9, weight_decay=5e-3, nesterov=True)
+    torch.manual_seed(3)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    revived = 0
+    for step in range(16):
+        before = {n: m.clone() for n, m in pruner.masks.items()}
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for n in names:
+            full[n].grad = pruner.layers[n].weight.grad.clone()
+        pruner.before_step(step, model)
+        opt.step()
+        ref.step()
+        pruner.after_step(step + 1, model)
+        for n in names:
+            w, mask = pruner.layers[n].weight, pruner.masks[n]
+            torch.testing.assert_close(w + pruner.dormant[n], full[n].detach(), rtol=0, atol=1e-6)
+            assert torch.equal(w == 0, ~mask) and not pruner.dormant[n][mask].any()
+            revived += int((mask & ~before[n]).sum())
+    pruned = {n: int((~pruner.masks[n]).sum()) for n in names}
+    if scope == "layer":  # exact counts, per layer or pooled
+        assert pruned == {n: prune_count(pruner.masks[n].numel(), 0.9) for n in names}
+    else:
+        assert sum(pruned.values()) == prune_count(sum(pruner.masks[n].numel() for n in names), 0.9)
+    assert revived > 0  # masks re-chosen from the full weights let pruned ones back
+    state = pruner.state_dict()
+    other = MagnitudePruner(pruner.cfg, convnet(), weight_decay=5e-3)
+    other.load_state_dict(state)
+    assert all(torch.equal(other.dormant[n], pruner.dormant[n]) for n in names)
+
+
 def test_target_midway_and_overrides_scale_with_the_schedule():
     model = convnet()
     pruner = MagnitudePruner(prune_cfg(initial_sparsity=0.2, start=0, end=4, frequency=1,
@@ -278,7 +338,8 @@ def test_sensitivity_experiment_composes_a_dense_only_study_of_every_layer():
 
 
 @pytest.mark.cuda
-def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch):
+@pytest.mark.parametrize("regrow_until", [None, 1.75])
+def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, regrow_until):
     # trainer.compile_mode=reduce-overhead: the hooks write masks, weights and grids in place between
     # graph replays; a replay that missed one would drift from the eager loop.
     # cudnn.benchmark (left on by any earlier test's seed_everything) picks convolution algorithms by
@@ -300,7 +361,8 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatc
                                   step_gamma=0.1, label_smoothing=0.0, amp=False, compile=mode != "eager",
                                   compile_mode="default" if mode == "eager" else mode, progress=False,
                                   checkpoint_every=0, checkpoint_epochs=1)
-        hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer"), model),
+        hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until),
+                                 model, weight_decay=trainer.weight_decay),
                  build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
         logged = []
         fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,

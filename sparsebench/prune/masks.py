@@ -1,7 +1,8 @@
 """Magnitude masks with exact counts, per layer or with one threshold over many layers.
 
-Masks only grow: weights pruned earlier sort below every live weight, so a later (higher)
-target keeps them pruned even when a live weight is exactly zero too. Sorting is stable, so
+Masks only grow when given the previous mask: weights pruned earlier sort below every live
+weight, so a later (higher) target keeps them pruned even when a live weight is exactly zero
+too (without it, as with ``prune.regrow_until``, every weight competes by magnitude). Sorting is stable, so
 ties are broken the same way on every run.
 """
 
