@@ -99,7 +99,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train, test = _batches(data, cfg, device, channels_last)
-    pruner, quantizer = build_pruner(cfg.prune, model, cfg.trainer.weight_decay), build_quantizer(cfg.quant, model)
+    pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
     phases.done("data")
     share = [gpu_share] if gpu_share is not None else []  # pauses training while another job benchmarks

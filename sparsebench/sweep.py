@@ -42,7 +42,8 @@ _NOT_DENSE = ("finetune_epochs", "finetune_lr", "init_from", "resume", "progress
 # Keys added since sweeps became resumable, with the value that computes what a config did before
 # they existed: at that value they are left out of the dense key and of the relaunch check, so a
 # sweep folder from before them keeps its dense model and finished jobs.
-_ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None, "prune.regrow_until": None}
+_ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None,
+                     "prune.regrow_until": None, "prune.regrow_fraction": 0.3}
 
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}

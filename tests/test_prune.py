@@ -16,7 +16,7 @@ from sparsebench.layers import weight_layers
 from sparsebench.models import build_model
 from sparsebench.prune import MagnitudePruner, build_pruner
 from sparsebench.prune.config import PruneConfig, validate_prune
-from sparsebench.prune.masks import global_magnitude_masks, magnitude_mask, prune_count
+from sparsebench.prune.masks import drop_and_grow, global_magnitude_masks, magnitude_mask, prune_count
 from sparsebench.prune.schedule import agp_progress, build_schedule, progress_at
 from sparsebench.prune.selection import final_targets, prunable_layers
 from sparsebench.train import TrainHook
@@ -242,47 +242,51 @@ def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay(tmp_pat
     assert all(torch.equal(state["masks"][n], pruner.masks[n]) for n in pruner.layer_names)
 
 
+def test_drop_and_grow_swaps_the_weakest_live_weights_for_the_largest_gradients():
+    w = torch.tensor([0.5, -0.1, 0.0, 0.3, 0.0, 0.0, -0.2, 0.0])
+    keep = w != 0  # live: 0, 1, 3, 6
+    grad = torch.tensor([9.0, 9.0, 0.2, 9.0, 0.7, 0.1, 9.0, 0.4])
+    # Half of the 4 live weights go (the smallest: 1 and 6); 4 and 7 have the largest gradients.
+    assert drop_and_grow(w, keep, grad, 0.5).tolist() == [True, False, False, True, True, False, False, True]
+    assert torch.equal(drop_and_grow(w, keep, grad, 0.2), keep)  # int(0.2 * 4) = 0: nothing moves
+    # Never more than the pruned ones, and a just-dropped weight cannot grow back.
+    full = torch.tensor([True, True, True, True, True, True, False, True])
+    assert drop_and_grow(w, full, grad, 0.5).tolist() == [True, True, False, True, True, True, True, True]
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_regrowing_masks_train_every_weight_straight_through(scope):
-    """With prune.regrow_until, weight + dormant follows SGD (momentum, weight decay) on the full
-    weights with the gradient taken at the pruned network, and pruned weights come back."""
+def test_regrowing_masks_keep_the_counts_and_let_pruned_weights_back(scope):
     model = convnet()
-    pruner = MagnitudePruner(prune_cfg(start=0, end=4, frequency=1, unit="step", scope=scope, regrow_until=12),
-                             model, weight_decay=5e-3)
+    pruner = MagnitudePruner(prune_cfg(start=0, end=4, frequency=2, unit="step", scope=scope, regrow_until=12), model)
     pruner.on_fit_start(model, steps_per_epoch=4, total_steps=16)
-    names = pruner.layer_names
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-3, nesterov=True)
-    # The reference: the full weights of the prunable layers under the same optimizer, fed the raw gradients.
-    full = {n: (pruner.layers[n].weight + pruner.dormant[n]).detach().clone().requires_grad_() for n in names}
-    ref = torch.optim.SGD(full.values(), lr=0.5, momentum=0.9, weight_decay=5e-3, nesterov=True)
+    assert [pruner.regrow_fraction(s) for s in (0, 6, 12, 14)] == pytest.approx([0.3, 0.15, 0.0, 0.0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.manual_seed(3)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    revived = 0
+    grown = set()
     for step in range(16):
         before = {n: m.clone() for n, m in pruner.masks.items()}
+        counts = {n: int(m.sum()) for n, m in before.items()}
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        for n in names:
-            full[n].grad = pruner.layers[n].weight.grad.clone()
+        grads = {n: pruner.layers[n].weight.grad.abs().clone() for n in pruner.layer_names}
         pruner.before_step(step, model)
         opt.step()
-        ref.step()
         pruner.after_step(step + 1, model)
-        for n in names:
-            w, mask = pruner.layers[n].weight, pruner.masks[n]
-            torch.testing.assert_close(w + pruner.dormant[n], full[n].detach(), rtol=0, atol=1e-6)
-            assert torch.equal(w == 0, ~mask) and not pruner.dormant[n][mask].any()
-            revived += int((mask & ~before[n]).sum())
-    pruned = {n: int((~pruner.masks[n]).sum()) for n in names}
-    if scope == "layer":  # exact counts, per layer or pooled
-        assert pruned == {n: prune_count(pruner.masks[n].numel(), 0.9) for n in names}
+        for n in pruner.layer_names:
+            new = pruner.masks[n] & ~before.get(n, torch.zeros_like(pruner.masks[n]))
+            if step + 1 > 4 and new.any():  # after the ramp: swaps only, at zero, by gradient
+                assert int(pruner.masks[n].sum()) == counts[n] and step + 1 < 12
+                assert not pruner.layers[n].weight[new].any()
+                assert grads[n][new].min() >= grads[n][~before[n] & ~pruner.masks[n]].max()  # of those pruned before
+                grown.add(step + 1)
+    assert grown == {6, 8, 10}  # every event from the end of the ramp to regrow_until (12: fraction 0)
+    pruned = {n: int((~pruner.masks[n]).sum()) for n in pruner.layer_names}
+    if scope == "layer":
+        assert pruned == {n: prune_count(pruner.masks[n].numel(), 0.9) for n in pruner.layer_names}
     else:
-        assert sum(pruned.values()) == prune_count(sum(pruner.masks[n].numel() for n in names), 0.9)
-    assert revived > 0  # masks re-chosen from the full weights let pruned ones back
-    state = pruner.state_dict()
-    other = MagnitudePruner(pruner.cfg, convnet(), weight_decay=5e-3)
-    other.load_state_dict(state)
-    assert all(torch.equal(other.dormant[n], pruner.dormant[n]) for n in names)
+        assert sum(pruned.values()) == prune_count(sum(m.numel() for m in pruner.masks.values()), 0.9)
+    assert all(torch.equal(pruner.layers[n].weight == 0, ~pruner.masks[n]) for n in pruner.layer_names)
 
 
 def test_target_midway_and_overrides_scale_with_the_schedule():
@@ -362,7 +366,7 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatc
                                   compile_mode="default" if mode == "eager" else mode, progress=False,
                                   checkpoint_every=0, checkpoint_epochs=1)
         hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until),
-                                 model, weight_decay=trainer.weight_decay),
+                                 model),
                  build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
         logged = []
         fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,

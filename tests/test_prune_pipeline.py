@@ -68,7 +68,7 @@ def test_global_scope_pools_the_layers(tmp_path):
 @pytest.mark.parametrize("method, extra", [
     ("iterative", ["prune.rounds=3", "prune.start=0", "prune.end=1"]),
     ("oneshot", ["prune.start=0.5"]),
-    ("agp", ["prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks re-chosen until 1.75
+    ("agp", ["prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
 ])
 def test_iterative_and_oneshot_runs_reach_the_target(tmp_path, method, extra):
     # No dense epochs: the counts do not depend on how well the model was trained.
@@ -79,7 +79,7 @@ def test_iterative_and_oneshot_runs_reach_the_target(tmp_path, method, extra):
         assert zeros(rows[name]) == prune_count(int(rows[name]["params"]), 0.75)
 
 
-@pytest.mark.parametrize("regrow", [[], ["prune.regrow_until=1.8"]])  # with regrowth: events at 54 and 63 too
+@pytest.mark.parametrize("regrow", [[], ["prune.regrow_until=1.8"]])  # regrowing until step 81, across the cut at 57
 def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, regrow):
     args = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1.5", "prune.frequency=0.2", "trainer.checkpoint_every=10",
             "trainer.deterministic=true", "trainer.device=cpu", *regrow]
@@ -109,8 +109,6 @@ def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatc
     assert a["step"] == b["step"] == 2 * 45
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["hooks"]["prune"]["masks"][n], m) for n, m in b["hooks"]["prune"]["masks"].items())
-    assert set(b["hooks"]["prune"]["dormant"]) == ({"block2.conv", "block3.conv"} if regrow else set())
-    assert all(torch.equal(a["hooks"]["prune"]["dormant"][n], d) for n, d in b["hooks"]["prune"]["dormant"].items())
 
 
 def test_prune_from_a_shared_dense_model(tmp_path):

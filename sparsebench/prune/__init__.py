@@ -15,13 +15,12 @@ from sparsebench.train import TrainHook
 __all__ = ["MagnitudePruner", "build_pruner", "sensitivity_study"]
 
 
-def build_pruner(cfg: Any, model: nn.Module, weight_decay: float = 0.0) -> Optional[TrainHook]:
+def build_pruner(cfg: Any, model: nn.Module) -> Optional[TrainHook]:
     """The pruning hook for ``cfg`` (a PruneConfig), or None when it prunes nothing
-    (``prune=none``, or every target 0). ``weight_decay`` (the optimizer's) decays the pruned
-    weights that ``prune.regrow_until`` keeps training.
+    (``prune=none``, or every target 0).
 
     Checks what needs the model (layer regex, overrides) here, before any training.
     """
     if not prunes(cfg):
         return None
-    return MagnitudePruner(cfg, model, weight_decay)
+    return MagnitudePruner(cfg, model)

@@ -34,11 +34,11 @@ class PruneConfig:
     unit: str = "epoch"  # epoch | step
     rounds: int = 1  # iterative: number of prune-then-retrain cycles
     scope: str = "layer"  # layer: every layer to its target | global: one magnitude threshold
-    # Masks that can regrow (after Lin et al. 2020, dynamic pruning with feedback): pruned weights
-    # keep training off the model (straight-through), and until `regrow_until` (a time in `unit`s,
-    # >= the schedule's end) the masks are re-chosen every `frequency` from the magnitudes of all
-    # weights, so a pruned weight whose gradient keeps pushing it comes back. null: masks only grow.
+    # Masks that can regrow (RigL): at every `frequency` until `regrow_until` (a time in `unit`s,
+    # >= the schedule's end) the smallest `regrow_fraction` of each layer's live weights (decaying on
+    # a cosine to 0 then) give way to as many pruned ones with the largest gradients. null: masks only grow.
     regrow_until: Optional[float] = None
+    regrow_fraction: float = 0.3
     keep_first_dense: bool = True  # the first conv stays dense
     keep_last_dense: bool = True  # the classifier stays dense
     layers: Optional[str] = None  # regex (full match) over layer names that may be pruned; None: every conv/linear
@@ -76,11 +76,12 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
         require(p.end > p.start, "prune.end", p.end, f"a number > prune.start ({p.start}) so that "
                 f"prune.rounds={p.rounds} rounds can be spread over [start, end]")
     require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
+    require(0 < p.regrow_fraction < 1, "prune.regrow_fraction", p.regrow_fraction, "a fraction in (0, 1)")
     if p.regrow_until is not None:
         last = p.start if p.method == "oneshot" else p.end
         require(p.regrow_until >= last, "prune.regrow_until", p.regrow_until,
                 f"null or a time >= prune.{'start' if p.method == 'oneshot' else 'end'} ({last}): masks are "
-                "re-chosen from the schedule's first cut until then")
+                "regrown from the schedule's first cut until then")
     require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
     for pattern, value in p.overrides.items():
         require(0 <= value < 1, f"prune.overrides.{pattern}", value, "a fraction in [0, 1)")

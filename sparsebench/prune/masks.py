@@ -1,8 +1,7 @@
 """Magnitude masks with exact counts, per layer or with one threshold over many layers.
 
-Masks only grow when given the previous mask: weights pruned earlier sort below every live
-weight, so a later (higher) target keeps them pruned even when a live weight is exactly zero
-too (without it, as with ``prune.regrow_until``, every weight competes by magnitude). Sorting is stable, so
+Masks only grow: weights pruned earlier sort below every live weight, so a later (higher)
+target keeps them pruned even when a live weight is exactly zero too. Sorting is stable, so
 ties are broken the same way on every run.
 """
 
@@ -69,3 +68,25 @@ def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
         masks[n] = keep[offset:offset + w.numel()].view_as(w).to(w.device)
         offset += w.numel()
     return masks
+
+
+@torch.no_grad()
+def drop_and_grow(weight: Tensor, keep: Tensor, grad: Tensor, fraction: float) -> Tensor:
+    """RigL's mask update (Evci et al. 2020): the ``fraction`` of live weights with the smallest
+    magnitudes make way for as many pruned ones with the largest gradient magnitudes.
+
+    The count of live weights is unchanged; a grown weight enters at its current value (zero: it
+    was pruned), so the network's function does not jump. Just-dropped weights cannot grow back.
+    """
+    live = keep.flatten()
+    n = int(fraction * int(live.sum()))
+    n = min(n, int((~live).sum()))
+    if n == 0:
+        return keep
+    magnitude, gradient = weight.detach().abs().flatten().float(), grad.detach().abs().flatten().float()
+    drop = torch.argsort(magnitude.masked_fill(~live, math.inf), stable=True)[:n]  # the weakest live weights
+    grow = torch.argsort(gradient.masked_fill(live, -1.0), descending=True, stable=True)[:n]  # the most wanted pruned ones
+    new = live.clone()
+    new[drop] = False
+    new[grow] = True
+    return new.view_as(keep)

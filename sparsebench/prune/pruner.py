@@ -6,26 +6,26 @@ have nothing to add), and the weights are zeroed again right after it (momentum 
 from before the cut would otherwise revive them). The model keeps its plain parameters, so
 checkpoints, dense.pt and the export see an ordinary state_dict with real zeros.
 
-With ``regrow_until`` (masks that can regrow) the pruned weights keep training off the model:
-their gradients are left in, so the optimizer step moves them off zero, and that move is added
-to ``dormant`` (the pruned weights' own values; zero where a weight is live) before they are
-zeroed again. The gradient taken at the pruned network so updates every weight
-(straight-through), and each mask event chooses the masks afresh from ``|weight + dormant|``.
-Dormant weights are decayed through their gradient (``weight_decay`` times their value), as SGD
-decays the live ones; without it, noise alone would walk them back over the threshold.
+With ``regrow_until`` the masks can also let pruned weights back (RigL, Evci et al. 2020; with
+gradual pruning as in GraNet, Liu et al. 2021): at each mask event until then, after pruning to
+the event's target, a fraction of each layer's live weights (``regrow_fraction``, decaying on a
+cosine to 0 at ``regrow_until``) with the smallest magnitudes is dropped and as many pruned
+weights with the largest gradients grow back, at zero. The gradient is the last step's, taken
+before its pruned entries are zeroed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from sparsebench.layers import weight_layers
-from sparsebench.prune.masks import global_magnitude_masks, magnitude_mask, weight_param
-from sparsebench.prune.schedule import build_schedule, progress_at
+from sparsebench.prune.masks import drop_and_grow, global_magnitude_masks, magnitude_mask, weight_param
+from sparsebench.prune.schedule import build_schedule, progress_at, to_steps
 from sparsebench.prune.selection import final_targets, prunable_layers
 from sparsebench.train import TrainHook
 
@@ -37,9 +37,8 @@ class MagnitudePruner(TrainHook):
 
     name = "prune"
 
-    def __init__(self, cfg: Any, model: nn.Module, weight_decay: float = 0.0):
+    def __init__(self, cfg: Any, model: nn.Module):
         self.cfg = cfg
-        self.weight_decay = weight_decay  # the optimizer's: applied to dormant weights with regrow_until
         self.layers = prunable_layers(model, cfg)
         self.layer_names = list(self.layers)
         self.final, self.overridden = final_targets(self.layer_names, cfg, list(weight_layers(model)))
@@ -47,8 +46,8 @@ class MagnitudePruner(TrainHook):
         self.initial = {n: min(float(cfg.initial_sparsity), f) for n, f in self.final.items()}
         self.schedule: Dict[int, float] = {}
         self.masks: Dict[str, Tensor] = {}
-        self.regrow = cfg.regrow_until is not None
-        self.dormant: Dict[str, Tensor] = {}  # regrow: the pruned weights' values, kept off the model
+        self.regrow_end = 0  # regrow_until in steps (0: masks only grow)
+        self.grads: Dict[str, Tensor] = {}  # |gradient| of the step before a regrowing mask event
         self.progress: Optional[float] = None  # schedule progress of the masks in force (None: no cut yet)
         self.step = 0  # optimizer steps of the finetune phase seen so far
 
@@ -69,25 +68,29 @@ class MagnitudePruner(TrainHook):
     def update_masks(self, progress: float) -> None:
         """Recompute the masks for ``progress`` from the current magnitudes, and apply them."""
         weights = {n: weight_param(m) for n, m in self.layers.items()}
-        previous = self.masks  # pruned weights stay pruned ...
-        if self.regrow:  # ... unless they may regrow: then every weight competes at its full value
-            weights = {n: w + self.dormant[n] if n in self.dormant else w.clone() for n, w in weights.items()}
-            previous = {}
         pooled = [n for n in self.layer_names if n not in self.overridden] if self.cfg.scope == "global" else []
         for n in self.layer_names:
             if n not in pooled:
-                self.masks[n] = magnitude_mask(weights[n], self.target(n, progress), previous.get(n))
+                self.masks[n] = magnitude_mask(weights[n], self.target(n, progress), self.masks.get(n))
         if pooled:
             self.masks.update(global_magnitude_masks({n: weights[n] for n in pooled}, self.nominal_target(progress),
-                                                     {n: previous[n] for n in pooled if n in previous}))
+                                                     {n: self.masks[n] for n in pooled if n in self.masks}))
+        if self.grads:
+            self.apply_masks()  # grown weights enter at zero, not where old momentum moved them this step
+            fraction = self.regrow_fraction(self.step)
+            for n, grad in self.grads.items():
+                self.masks[n] = drop_and_grow(weights[n], self.masks[n], grad, fraction)
+            self.grads = {}
         self.progress = progress
-        if self.regrow:  # live weights (revived ones too) on the model, pruned ones dormant
-            for n, mask in self.masks.items():
-                weight_param(self.layers[n]).copy_(weights[n].masked_fill(~mask, 0.0))
-                self.dormant[n] = weights[n].masked_fill_(mask, 0.0)
         self.apply_masks()
         if log.isEnabledFor(logging.DEBUG):  # counting zeros syncs a GPU: only when asked for
             log.debug("pruning after step %d: progress %.4f, sparsity %.4f", self.step, progress, self.sparsity())
+
+    def regrow_fraction(self, step: int) -> float:
+        """RigL's cosine decay: ``regrow_fraction`` at step 0, none from ``regrow_until`` on."""
+        if step >= self.regrow_end:
+            return 0.0
+        return 0.5 * float(self.cfg.regrow_fraction) * (1 + math.cos(math.pi * step / self.regrow_end))
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -104,35 +107,28 @@ class MagnitudePruner(TrainHook):
 
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.schedule = build_schedule(self.cfg, steps_per_epoch, total_steps)
-        self.masks, self.dormant = {}, {}
+        if self.cfg.regrow_until is not None:
+            self.regrow_end = to_steps(self.cfg.regrow_until, self.cfg.unit, steps_per_epoch)
+        self.masks, self.grads = {}, {}
         self.progress, self.step = None, 0
         if 0 in self.schedule:  # an event at step 0 prunes before the first update
             self.update_masks(self.schedule[0])
 
     def before_step(self, step: int, model: nn.Module) -> None:
-        if self.regrow:  # pruned weights keep their gradients (after_step moves their update to `dormant`)
-            if self.weight_decay:
-                for n, dormant in self.dormant.items():
-                    grad = weight_param(self.layers[n]).grad
-                    if grad is not None:
-                        grad.add_(dormant, alpha=self.weight_decay)
-            return
+        # The mask event after this step may regrow weights: keep the gradient of the pruned ones too.
+        regrows = step + 1 in self.schedule and self.regrow_fraction(step + 1) > 0
         for n, mask in self.masks.items():
             grad = weight_param(self.layers[n]).grad
             if grad is not None:
+                if regrows:
+                    self.grads[n] = grad.abs()
                 grad.masked_fill_(~mask, 0.0)
 
     def after_step(self, step: int, model: nn.Module) -> None:
         self.step = step
-        if self.regrow:
-            with torch.no_grad():
-                for n, mask in self.masks.items():  # the step moved pruned weights off zero: that is their update
-                    w = weight_param(self.layers[n])
-                    self.dormant[n].add_(w.masked_fill(mask, 0.0))
-                    w.masked_fill_(~mask, 0.0)
         if step in self.schedule:
             self.update_masks(self.schedule[step])
-        elif not self.regrow:
+        else:
             self.apply_masks()
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
@@ -143,13 +139,11 @@ class MagnitudePruner(TrainHook):
         return metrics
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": {n: m.cpu() for n, m in self.masks.items()}, "progress": self.progress, "step": self.step,
-                "dormant": {n: d.cpu() for n, d in self.dormant.items()}}
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()}, "progress": self.progress, "step": self.step}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not state:
             return
         self.masks = {n: m.to(weight_param(self.layers[n]).device) for n, m in state["masks"].items()}
         self.progress, self.step = state["progress"], int(state["step"])
-        self.dormant = {n: d.to(weight_param(self.layers[n]).device) for n, d in state.get("dormant", {}).items()}
         self.apply_masks()

@@ -3,7 +3,7 @@
 A schedule is a map ``{step: progress}``: after ``step`` optimizer steps of the finetune
 phase, every layer is pruned to ``initial + (final - initial) * progress`` (progress in
 [0, 1]). Before the first event nothing is pruned. With ``regrow_until`` the map also has an
-event every ``frequency`` up to then, at the progress in force, where the masks are re-chosen. The map is a pure function of the
+event every ``frequency`` up to then, at the progress in force, where masks regrow. The map is a pure function of the
 config and the phase length, so a resumed run replays exactly the same events.
 """
 
@@ -46,7 +46,7 @@ def build_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Dict[int
         raise ValueError(f"no schedule for prune.method={cfg.method!r}")
     key = "prune.start" if cfg.method == "oneshot" else "prune.end"
     value = cfg.start if cfg.method == "oneshot" else cfg.end
-    if cfg.regrow_until is not None:  # masks re-chosen every `frequency` from the first cut on, at the progress then
+    if cfg.regrow_until is not None:  # masks regrow every `frequency` from the first cut on, at the progress then
         every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch))
         until = to_steps(cfg.regrow_until, cfg.unit, steps_per_epoch)
         ordered = dict(sorted(events.items()))
