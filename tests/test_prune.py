@@ -259,7 +259,10 @@ def test_regrowing_masks_keep_the_counts_and_let_pruned_weights_back(scope):
     model = convnet()
     pruner = MagnitudePruner(prune_cfg(start=0, end=4, frequency=2, unit="step", scope=scope, regrow_until=12), model)
     pruner.on_fit_start(model, steps_per_epoch=4, total_steps=16)
-    assert [pruner.regrow_fraction(s) for s in (0, 6, 12, 14)] == pytest.approx([0.3, 0.15, 0.0, 0.0])
+    assert [pruner.regrow_fraction_at(s) for s in (0, 6, 12, 14)] == pytest.approx([0.3, 0.15, 0.0, 0.0])
+    late = MagnitudePruner(prune_cfg(start=4, end=8, frequency=2, unit="step", regrow_until=12), convnet())
+    late.on_fit_start(model, steps_per_epoch=4, total_steps=16)  # the decay runs from the first cut (4) to 12
+    assert [late.regrow_fraction_at(s) for s in (2, 4, 8, 12)] == pytest.approx([0.0, 0.3, 0.15, 0.0])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.manual_seed(3)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
@@ -281,6 +284,7 @@ def test_regrowing_masks_keep_the_counts_and_let_pruned_weights_back(scope):
                 assert grads[n][new].min() >= grads[n][~before[n] & ~pruner.masks[n]].max()  # of those pruned before
                 grown.add(step + 1)
     assert grown == {6, 8, 10}  # every event from the end of the ramp to regrow_until (12: fraction 0)
+    assert pruner.on_epoch_end(3, model)["sparsity/regrown"] >= 3  # counted over the events (the ramp's too)
     pruned = {n: int((~pruner.masks[n]).sum()) for n in pruner.layer_names}
     if scope == "layer":
         assert pruned == {n: prune_count(pruner.masks[n].numel(), 0.9) for n in pruner.layer_names}
@@ -374,6 +378,8 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatc
         losses[mode, seed] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
         acc[mode, seed] = logged[-1]["finetune/acc"]
         assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)
+        regrown = sum(m.get("sparsity/regrown", 0) for m in logged)
+        assert regrown > 0 if regrow_until else "sparsity/regrown" not in logged[-1]  # graph replays see grown masks
     assert len(losses["eager", 0]) == len(losses["reduce-overhead", 0]) >= 8
     assert losses["reduce-overhead", 0] == pytest.approx(losses["eager", 0], rel=0.05, abs=0.02)
     # A 2-epoch 4-bit model on 360 test images moves by a few points with any change of rounding,

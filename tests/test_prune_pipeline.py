@@ -4,6 +4,7 @@ targets in layers.csv, global scope, every schedule, resume, init_from, sensitiv
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Dict, List
 
@@ -25,6 +26,10 @@ AGP = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1", "prune.frequency
 
 def run_exp(run_dir: Path, *overrides: str) -> dict:
     return run(compose(*BASE, *overrides), run_dir)
+
+
+def history(run_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
 def layer_rows(run_dir: Path) -> Dict[str, dict]:
@@ -70,13 +75,15 @@ def test_global_scope_pools_the_layers(tmp_path):
     ("oneshot", ["prune.start=0.5"]),
     ("agp", ["prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
 ])
-def test_iterative_and_oneshot_runs_reach_the_target(tmp_path, method, extra):
+def test_every_schedule_reaches_the_target(tmp_path, method, extra):
     # No dense epochs: the counts do not depend on how well the model was trained.
     run_exp(tmp_path, f"prune={method}", "trainer.epochs=0", "trainer.finetune_epochs=2", "prune.final_sparsity=0.75",
             *extra)
     rows = layer_rows(tmp_path)
     for name in ("block2.conv", "block3.conv"):
         assert zeros(rows[name]) == prune_count(int(rows[name]["params"]), 0.75)
+    if "prune.regrow_until=1.75" in extra:  # and on the way, weights grew back
+        assert sum(m.get("sparsity/regrown", 0) for m in history(tmp_path)) > 0
 
 
 @pytest.mark.parametrize("regrow", [[], ["prune.regrow_until=1.8"]])  # regrowing until step 81, across the cut at 57
@@ -102,6 +109,8 @@ def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatc
     assert 0 < ckpt["hooks"]["prune"]["progress"] < 1  # interrupted in the middle of the schedule
 
     resumed = run_exp(cut_dir, *args, "trainer.resume=true")
+    regrown = [m["sparsity/regrown"] for m in history(tmp_path / "full") if "sparsity/regrown" in m]
+    assert (len(regrown), sum(regrown) > 0) == ((2, True) if regrow else (0, False))
     for key in ("acc_dense", "acc_final", "sparsity"):
         assert resumed[key] == full[key], key
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -34,9 +34,10 @@ class PruneConfig:
     unit: str = "epoch"  # epoch | step
     rounds: int = 1  # iterative: number of prune-then-retrain cycles
     scope: str = "layer"  # layer: every layer to its target | global: one magnitude threshold
-    # Masks that can regrow (RigL): at every `frequency` until `regrow_until` (a time in `unit`s,
-    # >= the schedule's end) the smallest `regrow_fraction` of each layer's live weights (decaying on
-    # a cosine to 0 then) give way to as many pruned ones with the largest gradients. null: masks only grow.
+    # Masks that can regrow (RigL): at every `frequency` from the first cut until `regrow_until` (a
+    # time in `unit`s, >= the schedule's end) the smallest `regrow_fraction` of each layer's live
+    # weights (decaying on a cosine from the first cut to 0 then) give way to as many pruned ones with
+    # the largest gradients. null: masks only grow.
     regrow_until: Optional[float] = None
     regrow_fraction: float = 0.3
     keep_first_dense: bool = True  # the first conv stays dense
@@ -59,6 +60,14 @@ def prunes(p: Any) -> bool:
     return p.method != "none" and any(t > 0 for t in targets)
 
 
+def schedule_end(p: Any, regrow: bool = True) -> Tuple[str, float]:
+    """The key and value (in ``unit``s) of the last mask event of ``p``'s schedule (``regrow=False``:
+    of its pruning alone)."""
+    if regrow and p.regrow_until is not None:
+        return "prune.regrow_until", p.regrow_until
+    return ("prune.start", p.start) if p.method == "oneshot" else ("prune.end", p.end)
+
+
 def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
     """Check ``p`` (a PruneConfig); ``finetune_epochs`` lets epoch schedules be checked against the phase."""
     require(p.method in METHODS, "prune.method", p.method, "one of " + ", ".join(METHODS))
@@ -78,10 +87,9 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
     require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
     require(0 < p.regrow_fraction < 1, "prune.regrow_fraction", p.regrow_fraction, "a fraction in (0, 1)")
     if p.regrow_until is not None:
-        last = p.start if p.method == "oneshot" else p.end
+        key, last = schedule_end(p, regrow=False)
         require(p.regrow_until >= last, "prune.regrow_until", p.regrow_until,
-                f"null or a time >= prune.{'start' if p.method == 'oneshot' else 'end'} ({last}): masks are "
-                "regrown from the schedule's first cut until then")
+                f"null or a time >= {key} ({last}): masks regrow from the schedule's first cut until then")
     require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
     for pattern, value in p.overrides.items():
         require(0 <= value < 1, f"prune.overrides.{pattern}", value, "a fraction in [0, 1)")
@@ -93,10 +101,7 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
                 raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
     load_overrides_file(p.overrides_file)  # a missing or malformed file is refused here, before any training
     if finetune_epochs and prunes(p) and p.unit == "epoch":
-        last = p.start if p.method == "oneshot" else p.end
-        key = "prune.start" if p.method == "oneshot" else "prune.end"
-        if p.regrow_until is not None:
-            last, key = p.regrow_until, "prune.regrow_until"
+        key, last = schedule_end(p)
         require(last <= finetune_epochs, key, last, f"at most trainer.finetune_epochs ({finetune_epochs}): the "
                 f"schedule must finish inside the finetune phase (raise trainer.finetune_epochs or lower {key})")
     for value in p.sensitivity:

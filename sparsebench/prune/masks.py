@@ -1,8 +1,10 @@
-"""Magnitude masks with exact counts, per layer or with one threshold over many layers.
+"""Magnitude masks with exact counts, per layer or with one threshold over many layers, and
+RigL's drop-and-grow update.
 
-Masks only grow: weights pruned earlier sort below every live weight, so a later (higher)
-target keeps them pruned even when a live weight is exactly zero too. Sorting is stable, so
-ties are broken the same way on every run.
+Magnitude masks only grow: weights pruned earlier sort below every live weight, so a later
+(higher) target keeps them pruned even when a live weight is exactly zero too; only
+``drop_and_grow`` lets a pruned weight back. Sorting is stable, so ties are broken the same way
+on every run.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import math
 from typing import Any, Dict, Optional
 
 from sparsebench.errors import ConfigError
+from sparsebench.prune.config import schedule_end
 
 
 def to_steps(value: float, unit: str, steps_per_epoch: int) -> int:
@@ -32,6 +33,7 @@ def build_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Dict[int
     """``{step: progress}`` for ``cfg`` (a PruneConfig) over a phase of ``total_steps`` steps."""
     start = to_steps(cfg.start, cfg.unit, steps_per_epoch)
     end = to_steps(cfg.end, cfg.unit, steps_per_epoch)
+    every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch))
     if cfg.method == "oneshot":
         events = {start: 1.0}
     elif cfg.method == "iterative":
@@ -39,19 +41,15 @@ def build_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Dict[int
         k = cfg.rounds
         events = {start + int(round(i * (end - start) / max(k - 1, 1))): (i + 1) / k for i in range(k)}
     elif cfg.method == "agp":
-        every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch))
         events = {s: agp_progress(s, start, end) for s in range(start, end, every)}
         events[end] = 1.0
     else:
         raise ValueError(f"no schedule for prune.method={cfg.method!r}")
-    key = "prune.start" if cfg.method == "oneshot" else "prune.end"
-    value = cfg.start if cfg.method == "oneshot" else cfg.end
     if cfg.regrow_until is not None:  # masks regrow every `frequency` from the first cut on, at the progress then
-        every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch))
         until = to_steps(cfg.regrow_until, cfg.unit, steps_per_epoch)
         ordered = dict(sorted(events.items()))
         events.update({s: progress_at(ordered, s) for s in range(min(events), until + 1, every) if s not in events})
-        key, value = "prune.regrow_until", cfg.regrow_until
+    key, value = schedule_end(cfg)
     last = max(events)
     if last > total_steps:
         raise ConfigError(f"{key}={value!r} ({cfg.unit}s) is not allowed: the schedule ends at step {last} but the "
