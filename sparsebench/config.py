@@ -58,6 +58,8 @@ class TrainerConfig:
     step_gamma: float = 0.1  # step scheduler: multiply by gamma at 50% and 75% of training
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # dense training ends with an exponential moving average of its weights (e.g. 0.9995)
+    distill: float = 0.0  # retraining: weight of the dense model's softened outputs in the loss (knowledge distillation; 0: off)
+    distill_temperature: float = 4.0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
     channels_last: bool = True  # on CUDA only
@@ -142,6 +144,10 @@ def validate(cfg: Any) -> None:
     _require(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "a number >= 0")
     _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "null or a number in (0, 1)")
+    _require(0 <= t.distill <= 1, "trainer.distill", t.distill, "a weight in [0, 1] (0: off)")
+    _require(t.distill == 0 or t.epochs > 0 or t.init_from, "trainer.distill", t.distill,
+             "0 unless there is a dense model to learn from (trainer.epochs > 0 or trainer.init_from)")
+    _require(t.distill_temperature > 0, "trainer.distill_temperature", t.distill_temperature, "a number > 0")
 
     d = cfg.data
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")

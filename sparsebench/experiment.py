@@ -93,11 +93,14 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     data = load_dataset(cfg.data)
     if cfg.data.on_device:
         data = data.to(device)
-    model = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                        image_size=data.image_size, width=cfg.model.width).to(device)
     channels_last = t.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+
+    def new_model() -> torch.nn.Module:
+        net = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
+                          image_size=data.image_size, width=cfg.model.width).to(device)
+        return net.to(memory_format=torch.channels_last) if channels_last else net
+
+    model = new_model()
     train, test = _batches(data, cfg, device, channels_last)
     pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
@@ -128,11 +131,15 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
     # Pruning and quantization-aware retraining.
     if hooks:
+        teacher = None
+        if t.distill:  # the dense model, also when resuming: from the file it was shared in or saved to
+            teacher = new_model()
+            _load_weights(teacher, t.init_from or str(run_dir / "dense.pt"), cfg)
         timings.update(fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs,
                            lr=t.finetune_lr or t.lr, hooks=hooks + share, checkpoint=checkpoint,
                            extra={"acc_dense": acc_dense},
                            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
-                           log=tracker.log, step_offset=t.epochs * len(train)))
+                           log=tracker.log, step_offset=t.epochs * len(train), teacher=teacher))
     acc_final = evaluate(model, test, t.amp)
     phases.done("finetune")
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsebench.data import Batches
+from sparsebench.distill import Distillation
 
 LogFn = Callable[[Dict[str, float], int], None]
 
@@ -139,13 +140,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int)
 def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str, epochs: int, lr: float,
         hooks: List[TrainHook], checkpoint: Path, extra: Optional[Dict[str, Any]] = None,
         resume_from: Optional[Dict[str, Any]] = None, log: Optional[LogFn] = None,
-        step_offset: int = 0) -> Dict[str, float]:
+        step_offset: int = 0, teacher: Optional[nn.Module] = None) -> Dict[str, float]:
     """Train ``epochs`` epochs with ``hooks``; checkpoint to ``checkpoint`` as it goes.
 
     ``resume_from`` is a checkpoint of this same phase: the loop continues at its step and
     ends exactly where an uninterrupted run would. ``extra`` rides along in checkpoints
     (e.g. the dense accuracy of an earlier phase). ``step_offset`` shifts logged steps so
-    phases follow each other on one axis. Returns the last epoch's metrics.
+    phases follow each other on one axis. With a ``teacher`` the loss also distils its outputs
+    (``cfg.distill``, ``cfg.distill_temperature``). Returns the last epoch's metrics.
     """
     log = log or (lambda metrics, step: None)
     steps_per_epoch = len(train)
@@ -161,6 +163,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
     # CUDA-graph modes reuse their output memory: each step must be marked as a new one.
     graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    distill = None if teacher is None else Distillation(teacher, cfg.distill, cfg.distill_temperature, loss_fn,
+                                                        cfg.compile_mode if cfg.compile else None)
 
     step = 0
     if resume_from is not None:
@@ -190,7 +194,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
             if graphed:
                 torch.compiler.cudagraph_mark_step_begin()
             with _autocast(train.device, cfg.amp):
-                loss = loss_fn(train_model(x), y)
+                logits = train_model(x)
+                loss = loss_fn(logits, y) if distill is None else distill(logits, y, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for hook in hooks:

@@ -3,6 +3,7 @@ inside the real training loop (pruned weights stay exactly zero)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from types import SimpleNamespace
@@ -346,10 +347,11 @@ def test_sensitivity_experiment_composes_a_dense_only_study_of_every_layer():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("regrow_until", [None, 1.75])
-def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, regrow_until):
+@pytest.mark.parametrize("regrow_until, distill", [(None, 0.0), (1.75, 0.0), (None, 0.5)])
+def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, regrow_until, distill):
     # trainer.compile_mode=reduce-overhead: the hooks write masks, weights and grids in place between
-    # graph replays; a replay that missed one would drift from the eager loop.
+    # graph replays; a replay that missed one would drift from the eager loop. With distill, the
+    # teacher (the starting weights) is compiled and replayed too.
     # cudnn.benchmark (left on by any earlier test's seed_everything) picks convolution algorithms by
     # timing, so on a busy GPU the two loops could round differently for that reason alone.
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -368,13 +370,14 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatc
         trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
                                   step_gamma=0.1, label_smoothing=0.0, amp=False, compile=mode != "eager",
                                   compile_mode="default" if mode == "eager" else mode, progress=False,
-                                  checkpoint_every=0, checkpoint_epochs=1)
+                                  checkpoint_every=0, checkpoint_epochs=1, distill=distill, distill_temperature=4.0)
+        teacher = copy.deepcopy(model) if distill else None
         hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until),
                                  model),
                  build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
         logged = []
         fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,
-            checkpoint=tmp_path / f"{mode}{seed}.pt", log=lambda m, s: logged.append(m))
+            checkpoint=tmp_path / f"{mode}{seed}.pt", log=lambda m, s: logged.append(m), teacher=teacher)
         losses[mode, seed] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
         acc[mode, seed] = logged[-1]["finetune/acc"]
         assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)

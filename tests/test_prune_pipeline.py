@@ -86,10 +86,12 @@ def test_every_schedule_reaches_the_target(tmp_path, method, extra):
         assert sum(m.get("sparsity/regrown", 0) for m in history(tmp_path)) > 0
 
 
-@pytest.mark.parametrize("regrow", [[], ["prune.regrow_until=1.8"]])  # regrowing until step 81, across the cut at 57
-def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, regrow):
+# With regrowing masks (until step 81, across the cut at 57) and with the dense model as a teacher
+# (reloaded from the run's dense.pt on resume).
+@pytest.mark.parametrize("extra", [[], ["prune.regrow_until=1.8"], ["trainer.distill=0.5"]])
+def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     args = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1.5", "prune.frequency=0.2", "trainer.checkpoint_every=10",
-            "trainer.deterministic=true", "trainer.device=cpu", *regrow]
+            "trainer.deterministic=true", "trainer.device=cpu", *extra]
     full = run_exp(tmp_path / "full", *args)
 
     cut_dir = tmp_path / "cut"
@@ -110,6 +112,7 @@ def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatc
 
     resumed = run_exp(cut_dir, *args, "trainer.resume=true")
     regrown = [m["sparsity/regrown"] for m in history(tmp_path / "full") if "sparsity/regrown" in m]
+    regrow = "prune.regrow_until=1.8" in extra
     assert (len(regrown), sum(regrown) > 0) == ((2, True) if regrow else (0, False))
     for key in ("acc_dense", "acc_final", "sparsity"):
         assert resumed[key] == full[key], key

@@ -1,0 +1,58 @@
+"""Retraining that distils the dense model (trainer.distill): the loss, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsebench.config import validate
+from sparsebench.distill import Distillation
+from sparsebench.errors import ConfigError
+from sparsebench.experiment import run
+from tests.conftest import TINY, compose
+
+
+def test_the_loss_mixes_labels_and_the_teachers_softened_outputs():
+    torch.manual_seed(0)
+    teacher = nn.Linear(6, 4)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    logits = torch.randn(8, 4, requires_grad=True)
+    task = nn.CrossEntropyLoss()
+    loss = Distillation(teacher, 0.7, 2.0, task)(logits, y, x)
+    p = F.softmax(teacher(x).detach() / 2, dim=1)  # by hand: KL(p || q) per sample, averaged, times T^2
+    kl = (p * (p.log() - F.log_softmax(logits / 2, dim=1))).sum(1).mean()
+    torch.testing.assert_close(loss, 0.3 * task(logits, y) + 0.7 * 4 * kl)
+    assert not teacher.training and not any(q.requires_grad for q in teacher.parameters())
+    loss.backward()  # the gradient reaches the student's logits only
+    assert logits.grad is not None and teacher.weight.grad is None
+    # Weight 0 is the task loss; a student equal to its teacher has no soft loss at any temperature.
+    assert Distillation(nn.Linear(6, 4), 0.0, 4.0, task)(logits, y, x).item() == pytest.approx(task(logits, y).item())
+    same = Distillation(teacher, 1.0, 4.0, task)(teacher(x).detach(), y, x)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_pruned_run_distils_its_dense_model(tmp_path):
+    base = [*TINY, "prune=agp", "quant=none", "bench=none", "trainer.finetune_epochs=2", "prune.end=1",
+            "trainer.deterministic=true", "trainer.device=cpu"]
+    plain = run(compose(*base), tmp_path / "plain")
+    distilled = run(compose(*base, "trainer.distill=0.9"), tmp_path / "distilled")
+    assert distilled["acc_dense"] == plain["acc_dense"]  # the same dense model ...
+    assert distilled["sparsity"] == pytest.approx(plain["sparsity"])
+
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        return [r["finetune/loss"] for r in rows if "finetune/loss" in r]
+    assert losses(tmp_path / "distilled") != pytest.approx(losses(tmp_path / "plain"))  # ... retrained on another loss
+    assert distilled["acc_final"] > 0.5
+
+
+def test_distilling_needs_a_dense_model():
+    with pytest.raises(ConfigError, match=r"trainer\.distill=0\.5 is not allowed: 0 unless there is a dense model"):
+        validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.distill=0.5"))
+    with pytest.raises(ConfigError, match=r"trainer\.distill=1\.5 is not allowed"):
+        validate(compose(*TINY, "trainer.distill=1.5"))
+    validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.init_from=dense.pt", "trainer.distill=0.5"))
