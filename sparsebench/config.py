@@ -58,7 +58,7 @@ class TrainerConfig:
     step_gamma: float = 0.1  # step scheduler: multiply by gamma at 50% and 75% of training
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # dense training ends with an exponential moving average of its weights (e.g. 0.9995)
-    distill: float = 0.0  # retraining: weight of the dense model's softened outputs in the loss (knowledge distillation; 0: off)
+    distill: float = 0.0  # retraining: weight of the dense model's (init_from's, or this run's dense.pt) softened outputs in the loss; 0: off
     distill_temperature: float = 4.0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
@@ -163,7 +163,10 @@ def validate(cfg: Any) -> None:
     validate_prune(cfg.prune, t.finetune_epochs)
     validate_quant(cfg.quant, t.finetune_epochs)
     validate_bench(cfg.backend, cfg.bench)
-    if cfg.prune.method != "none" or cfg.quant.method != "none":
+    retrains = cfg.prune.method != "none" or cfg.quant.method != "none"
+    _require(t.distill == 0 or retrains, "trainer.distill", t.distill,
+             "0 unless pruning or quantization retrains the model (distillation is part of retraining)")
+    if retrains:
         _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,
                  "an integer >= 1 when pruning or quantization is on (they run while retraining)")
 

@@ -85,6 +85,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     if device.type == "cpu" and t.cpu_threads:
         torch.set_num_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
+    if t.compile:  # a sweep's later job in a reused worker: earlier jobs' graphs would count toward dynamo's recompile limit
+        torch.compiler.reset()
     checkpoint = last_checkpoint(run_dir)
     resume = _load_resume(checkpoint) if t.resume else None
     phases.done("setup")  # config check, manifest, logger, the checkpoint to resume
@@ -133,13 +135,18 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     if hooks:
         teacher = None
         if t.distill:  # the dense model, also when resuming: from the file it was shared in or saved to
+            source = t.init_from or str(run_dir / "dense.pt")
+            if not Path(source).expanduser().exists():
+                raise ConfigError(f"trainer.distill={t.distill}: no dense model to learn from at {source} (a run "
+                                  "resumed with distillation needs its dense.pt or trainer.init_from)")
             teacher = new_model()
-            _load_weights(teacher, t.init_from or str(run_dir / "dense.pt"), cfg)
+            _load_weights(teacher, source, cfg)
         timings.update(fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs,
                            lr=t.finetune_lr or t.lr, hooks=hooks + share, checkpoint=checkpoint,
                            extra={"acc_dense": acc_dense},
                            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
                            log=tracker.log, step_offset=t.epochs * len(train), teacher=teacher))
+        del teacher  # not through export and the benchmark
     acc_final = evaluate(model, test, t.amp)
     phases.done("finetune")
 

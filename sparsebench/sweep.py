@@ -162,6 +162,7 @@ def dense_config(cfg: Any) -> Any:
     dense.prune = PruneConfig()
     dense.quant = QuantConfig()
     dense.trainer.finetune_epochs = 0
+    dense.trainer.distill = 0.0
     dense.trainer.init_from = None
     if "enabled" in dense.bench:
         dense.bench.enabled = False

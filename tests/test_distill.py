@@ -35,11 +35,34 @@ def test_the_loss_mixes_labels_and_the_teachers_softened_outputs():
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
+BASE = [*TINY, "prune=agp", "quant=none", "bench=none", "trainer.finetune_epochs=2", "prune.end=1",
+        "trainer.deterministic=true", "trainer.device=cpu"]
+
+
+def test_the_teacher_is_the_dense_model_of_the_run_or_of_init_from(tmp_path, monkeypatch):
+    import sparsebench.train
+
+    teachers = []
+
+    class Recorded(Distillation):
+        def __init__(self, teacher, *args, **kw):
+            teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
+            super().__init__(teacher, *args, **kw)
+
+    monkeypatch.setattr(sparsebench.train, "Distillation", Recorded)
+    run(compose(*BASE, "trainer.distill=0.5"), tmp_path / "own")
+    other = run(compose(*BASE, "seed=1"), tmp_path / "other")  # another dense model, to start from
+    run(compose(*BASE, "trainer.distill=0.5", f"trainer.init_from={tmp_path / 'other' / 'dense.pt'}"), tmp_path / "from")
+    assert other["acc_dense"] > 0 and len(teachers) == 2
+    for teacher, dense in zip(teachers, ("own", "other")):
+        saved = torch.load(tmp_path / dense / "dense.pt", weights_only=False)["model"]
+        assert teacher.keys() == saved.keys() and all(torch.equal(teacher[k], saved[k]) for k in saved)
+    assert not all(torch.equal(teachers[0][k], teachers[1][k]) for k in saved)
+
+
 def test_a_pruned_run_distils_its_dense_model(tmp_path):
-    base = [*TINY, "prune=agp", "quant=none", "bench=none", "trainer.finetune_epochs=2", "prune.end=1",
-            "trainer.deterministic=true", "trainer.device=cpu"]
-    plain = run(compose(*base), tmp_path / "plain")
-    distilled = run(compose(*base, "trainer.distill=0.9"), tmp_path / "distilled")
+    plain = run(compose(*BASE), tmp_path / "plain")
+    distilled = run(compose(*BASE, "trainer.distill=0.9"), tmp_path / "distilled")
     assert distilled["acc_dense"] == plain["acc_dense"]  # the same dense model ...
     assert distilled["sparsity"] == pytest.approx(plain["sparsity"])
 
@@ -50,9 +73,16 @@ def test_a_pruned_run_distils_its_dense_model(tmp_path):
     assert distilled["acc_final"] > 0.5
 
 
-def test_distilling_needs_a_dense_model():
+def test_distilling_needs_a_dense_model(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.distill=0\.5 is not allowed: 0 unless there is a dense model"):
         validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.distill=0.5"))
     with pytest.raises(ConfigError, match=r"trainer\.distill=1\.5 is not allowed"):
         validate(compose(*TINY, "trainer.distill=1.5"))
     validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.init_from=dense.pt", "trainer.distill=0.5"))
+    with pytest.raises(ConfigError, match=r"trainer\.distill=0\.5 is not allowed: 0 unless pruning or quantization"):
+        validate(compose(*TINY, "prune=none", "quant=none", "trainer.distill=0.5"))
+    # Resumed with distillation but without the dense model it would learn from: named, before training.
+    run(compose(*BASE), tmp_path / "run")
+    (tmp_path / "run" / "dense.pt").unlink()
+    with pytest.raises(ConfigError, match=r"trainer\.distill=0\.5: no dense model to learn from at .*dense\.pt"):
+        run(compose(*BASE, "trainer.distill=0.5", "trainer.resume=true"), tmp_path / "run")

@@ -64,11 +64,13 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
 
 
 @pytest.mark.cuda
-def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path):
+@pytest.mark.parametrize("extra", [[], ["trainer.distill=0.5"]])
+def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path, extra):
     # trainer.compile_mode=reduce-overhead replays forward and backward as CUDA graphs while the
     # hooks change the weights in place between steps: the masks and the grids must still hold.
+    # With trainer.distill the dense teacher is compiled and replayed too, in bf16 and channels_last.
     overrides = [*TINY, "trainer.epochs=3", "trainer.finetune_epochs=4", "bench=none", "trainer.device=cuda",
-                 "trainer.compile=true", "trainer.compile_mode=reduce-overhead", "quant.bits=4"]
+                 "trainer.compile=true", "trainer.compile_mode=reduce-overhead", "quant.bits=4", *extra]
     metrics = run(compose(*overrides), tmp_path)
     assert metrics["status"] == "ok"
     assert metrics["acc_dense"] > 0.8 and metrics["acc_final"] > metrics["acc_dense"] - 0.1

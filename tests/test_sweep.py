@@ -205,7 +205,8 @@ def test_shared_dense_needs_a_multirun() -> None:
 def test_dense_key_ignores_what_happens_after_dense_training() -> None:
     base = compose_job("prune=agp", "quant=linear", "trainer.finetune_epochs=4")
     assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "quant.bits=4",
-                                                                "trainer.finetune_epochs=8", "trainer.finetune_lr=0.01"))
+                                                                "trainer.finetune_epochs=8", "trainer.finetune_lr=0.01",
+                                                                "trainer.distill=0.5", "prune.regrow_until=3"))
     # How fast the dense model trains is not what it is: eager and CUDA-graph retraining compare from one model.
     assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "trainer.compile=true",
                                                                 "trainer.compile_mode=reduce-overhead"))
@@ -213,6 +214,7 @@ def test_dense_key_ignores_what_happens_after_dense_training() -> None:
     assert sweep.dense_key(base) != sweep.dense_key(compose_job("prune=agp", "quant=linear", "model.width=0.5"))
     dense = sweep.dense_config(base)
     assert (dense.prune.method, dense.quant.method, dense.quant.bits, dense.trainer.finetune_epochs) == ("none", "none", 32, 0)
+    assert sweep.dense_config(compose_job("prune=agp", "trainer.distill=0.5")).trainer.distill == 0
 
 
 def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) -> None:
@@ -226,6 +228,8 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     cfg = compose_job()
     earlier = OmegaConf.to_container(cfg, resolve=True)
     del earlier["data"]["trivialaugment"], earlier["trainer"]["ema_decay"]
+    del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"]
+    del earlier["prune"]["regrow_until"], earlier["prune"]["regrow_fraction"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "acc_final": 0.9}))
     assert sweep.finished_job(cfg, tmp_path) == {"status": "ok", "acc_final": 0.9}
