@@ -3,8 +3,9 @@
 A schedule is a map ``{step: progress}``: after ``step`` optimizer steps of the finetune
 phase, every layer is pruned to ``initial + (final - initial) * progress`` (progress in
 [0, 1]). Before the first event nothing is pruned. With ``regrow_until`` the map also has an
-event every ``frequency`` up to then, at the progress in force, where masks regrow. The map is a pure function of the
-config and the phase length, so a resumed run replays exactly the same events.
+event every ``frequency`` up to then, at the progress in force, where masks regrow. The map is
+a pure function of the config and the phase length, so a resumed run replays exactly the same
+events.
 """
 
 from __future__ import annotations
