@@ -49,6 +49,7 @@ class MagnitudePruner(TrainHook):
         self.schedule: Dict[int, float] = {}
         self.masks: Dict[str, Tensor] = {}
         self.regrow_end_step = 0  # regrow_until in steps (0: masks only grow)
+        self.first_cut_step = 0  # the schedule's first event, where the regrowth fraction starts to decay
         self.grads: Dict[str, Tensor] = {}  # |gradient| of the step before a regrowing mask event
         self.regrown: Tensor | int = 0  # weights grown back since the last epoch end (a tensor: no sync per event)
         self.progress: Optional[float] = None  # schedule progress of the masks in force (None: no cut yet)
@@ -93,7 +94,7 @@ class MagnitudePruner(TrainHook):
 
     def regrow_fraction_at(self, step: int) -> float:
         """RigL's cosine decay: ``regrow_fraction`` at the first cut, none from ``regrow_until`` on."""
-        first = min(self.schedule, default=0)
+        first = self.first_cut_step
         if step >= self.regrow_end_step or step < first:
             return 0.0
         t = (step - first) / (self.regrow_end_step - first)
@@ -114,6 +115,7 @@ class MagnitudePruner(TrainHook):
 
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.schedule = build_schedule(self.cfg, steps_per_epoch, total_steps)
+        self.first_cut_step = min(self.schedule)
         if self.cfg.regrow_until is not None:
             self.regrow_end_step = to_steps(self.cfg.regrow_until, self.cfg.unit, steps_per_epoch)
         self.masks, self.grads, self.regrown = {}, {}, 0
