@@ -13,7 +13,8 @@ from sparsebench.bench import benchmark_model
 from sparsebench.bench.backends import BACKENDS, Backend, Prepared, prune_2to4
 from sparsebench.bench.cases import cases_from_model, synthetic_case, thin
 from sparsebench.bench.config import BACKEND_NAMES, SPARSE_BACKEND_NAMES, BackendConfig, BenchConfig, validate_bench
-from sparsebench.bench.measure import MismatchError, TimingSettings, break_even_sparsity, check, fit_time_vs_nnz
+from sparsebench.bench.measure import (MismatchError, TimingSettings, break_even_sparsity, check, fit_time_vs_nnz,
+                                      reference_output)
 from sparsebench.bench.suite import LayerBench, plan_backends
 from sparsebench.bench.timing import summarize, time_cpu
 from sparsebench.errors import ConfigError
@@ -188,6 +189,20 @@ def test_a_wrong_backend_is_an_error_not_a_row(monkeypatch):
     plan = plan_backends(backend_cfg(name="sparse_reference"), bench_cfg(baselines=["torch_cpu", "wrong"]), CPU)
     with pytest.raises(MismatchError, match="backend wrong"):
         LayerBench(plan, FAST).run(_case(), 1)
+
+
+def test_a_freed_weight_never_lends_its_reference_to_the_next():
+    # A baseline with its own weight (2:4) is freed before the thinned layer's weight is made; CPython
+    # reuses the freed object's address, so a cache keyed by ids alone returned the 2:4 weight's output
+    # (seen on the H200 as a false direct_sparse "mismatch" of the thinned break-even layer).
+    plan = plan_backends(backend_cfg(name="sparse_reference"), bench_cfg(baselines=["torch_cpu"]), CPU)
+    bench, case = LayerBench(plan, FAST), _case()
+    x = torch.randn(2, *case.in_shape)
+    for scale in range(1, 9):
+        weight = case.weight * scale  # the only new object: it gets a freed address if there is one
+        got = bench._reference(case, weight, x)
+        assert torch.equal(got, reference_output(case, weight, x)), scale
+        del weight, got
 
 
 # ------------------------------------------------------------------ break-even

@@ -72,7 +72,9 @@ class LayerBench:
         self.settings = settings
         self.break_even = break_even
         self.unsupported: Dict[Tuple[str, str], str] = {}
-        self._references: Dict[tuple, torch.Tensor] = {}
+        # (id(weight), id(x)) -> (weight, x, fp64 output): the entry holds the tensors so that their ids
+        # cannot be reused by a later weight (a baseline's own 2:4 weight, freed, then the thinned layer's).
+        self._references: Dict[tuple, tuple] = {}
         self._baseline_rows: Dict[tuple, Dict[str, Any]] = {}
 
     def prepare(self, name: str, case: LayerCase) -> Optional[Prepared]:
@@ -88,8 +90,8 @@ class LayerBench:
         """fp64 dense output, computed once per (weight, input) and shared by the backends that must match it."""
         key = (id(weight), id(x))
         if key not in self._references:
-            self._references[key] = reference_output(case, weight, x, self.device)
-        return self._references[key]
+            self._references[key] = (weight, x, reference_output(case, weight, x, self.device))
+        return self._references[key][2]
 
     def _measure(self, name: str, case: LayerCase, batch: int, inputs) -> Optional[Dict[str, Any]]:
         prepared = self.prepare(name, case)
@@ -114,7 +116,7 @@ class LayerBench:
         and not repeated as rows.
         """
         inputs = make_inputs(case, batch, self.device, self.settings.cache)
-        self._references = {}  # keyed by object ids: valid only while this case's tensors live
+        self._references = {}  # one case's tensors at a time
         ours = self._measure(self.plan.sparse, case, batch, inputs)
         rows = [ours] if ours else []
         baseline_times: Dict[str, float] = {}
