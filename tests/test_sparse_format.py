@@ -69,6 +69,21 @@ def test_codebook_round_trip(bits):
     assert layer.nnz == int((levels[codes.long()] != 0).sum())
 
 
+def test_per_channel_codebook_decodes_each_row_through_its_own_levels():
+    w = sparse_weight((6, 4, 3, 3), 0.5, seed=3)
+    codes, books = codebook_codes(w, 4, torch.Generator().manual_seed(2), per_channel=True)
+    layer = pack_weight(w, bits=4, codes=codes, codebook=books)
+    assert layer.value_kind == "codebook" and layer.codebook.shape == (6, 16)
+    rows = torch.arange(6).reshape(6, 1, 1, 1).expand_as(codes)
+    assert torch.equal(layer.dequantize(), books[rows, codes.long()])
+    assert torch.equal(layer.nonzero_values(), books[layer.rows(), layer.codes()])
+    # Through row 0's codebook alone the other rows come out wrong: the decode really is per row.
+    assert not torch.allclose(layer.dequantize()[1:], books[0][codes.long()][1:])
+    # The footprint counts every row's codebook: 6 x 16 fp32 levels.
+    flat = pack_weight(w, bits=4, codes=codes, codebook=books[0])
+    assert layer.footprint_bytes() - flat.footprint_bytes() == (6 - 1) * 16 * 4
+
+
 def test_per_tensor_scale_broadcasts():
     w = sparse_weight((3, 8), 0.5)
     codes, _, _ = linear_codes(w, 8)
@@ -135,6 +150,13 @@ def test_empty_rows_and_all_zero_weight():
     (dict(bits=4, codes=torch.zeros(2, 3, dtype=torch.int32)), "scale/codebook"),
     (dict(bits=4, codes=torch.zeros(2, 3, dtype=torch.int32), scale=torch.ones(3)), "scale: expected"),
     (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(5)), "codebook: expected 1..4"),
+    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(2, 5)), "codebook: expected 1..4"),
+    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(3, 4)),
+     r"codebook: expected \[levels\] \(one for the layer\) or \[2, levels\] \(one per output channel\), "
+     r"got shape \(3, 4\)"),
+    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(2, 1, 4)), r"got shape \(2, 1, 4\)"),
+    (dict(bits=2, codes=torch.full((2, 3), 3, dtype=torch.int32), codebook=torch.ones(2, 3)),
+     r"codes: expected codebook indices in \[0, 3\)"),
     (dict(scale=1.0), "bits"),
     (dict(value_dtype=torch.bfloat16), "value_dtype"),
     (dict(stride=2), "stride/padding"),
@@ -158,6 +180,7 @@ def variety():
         "conv_f16": random_layer((4, 3, 5, 5), 0.5, value="float16", seed=2),
         "conv_lin4": random_layer((6, 2, 1, 1), 0.3, value="linear", bits=4, seed=3),
         "fc_code2": random_layer((3, 11), 0.6, value="codebook", bits=2, bias=False, seed=4),
+        "conv_code4_rows": random_layer((5, 3, 3, 3), 0.5, value="codebook", bits=4, per_channel=True, seed=5),
     }
 
 
@@ -233,6 +256,22 @@ def test_shape_mismatch_names_layer_and_tensor(tmp_path):
     _rewrite(path, tensors, meta)
     with pytest.raises(ValueError, match=r"conv_lin4\.scale: expected shape \(6,\)"):
         load_packed(path)
+
+
+def test_a_per_channel_codebook_with_the_wrong_rows_or_dims_is_refused(tmp_path):
+    path = tmp_path / "p.safetensors"
+    save_packed(path, variety(), {})
+    tensors, meta = _read(path)
+    index = json.loads(meta["layers"])
+    for bad, match in ((torch.zeros(4, 16), r"conv_code4_rows\.codebook: expected shape \(5, 16\)"),
+                       (torch.zeros(5, 1, 16), r"conv_code4_rows\.codebook: expected \[levels\] or \[5, levels\]"),
+                       (torch.zeros(5, 32), r"conv_code4_rows\.codebook: .*with 1\.\.16 levels")):
+        tensors["conv_code4_rows/codebook"] = bad
+        index["conv_code4_rows"]["sha256"]["codebook"] = fmt._digest(bad)
+        meta["layers"] = json.dumps(index)
+        _rewrite(path, tensors, meta)
+        with pytest.raises(ValueError, match=match):
+            load_packed(path)
 
 
 def test_inconsistent_row_pointers_are_refused(tmp_path):

@@ -10,7 +10,8 @@ One ``PackedLayer`` holds a conv2d or linear weight with only its nonzeros store
 - values, one of ``value_kind``:
   ``float32`` / ``float16``: the weights themselves;
   ``linear``: ``bits``-wide unsigned codes with ``value = scale[row] * (code - zero_point[row])``;
-  ``codebook``: ``bits``-wide codes with ``value = codebook[code]``.
+  ``codebook``: ``bits``-wide codes with ``value = codebook[code]`` (``codebook`` [levels], one for
+  the layer) or ``value = codebook[row, code]`` (``codebook`` [C_out, levels], one per output channel).
   Codes are packed little-end first into bytes: nonzero k sits at bit ``k*bits`` of the stream.
 - ``bias`` fp32 [C_out] or None, and the geometry (stride, padding; dilation 1, groups 1).
 """
@@ -130,7 +131,7 @@ class PackedLayer:
             return self.values.to(torch.float32)
         codes = self.codes()
         if self.value_kind == "codebook":
-            return self.codebook[codes]
+            return self.codebook[self.rows(), codes] if self.codebook.dim() == 2 else self.codebook[codes]
         rows = self.rows()
         return self.scale[rows] * (codes - self.zero_point[rows].to(torch.int64)).to(torch.float32)
 
@@ -213,7 +214,8 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
 
     Float values: leave ``bits`` None (``value_dtype`` fp32 or fp16). Codes: give ``bits`` (8/4/2) and an
     integer ``codes`` tensor shaped like ``weight`` plus either ``scale`` (+ optional integer
-    ``zero_point``; scalars mean per-tensor) or a ``codebook`` of at most 2**bits levels. Signed codes are
+    ``zero_point``; scalars mean per-tensor) or a ``codebook`` of at most 2**bits levels ([levels] for
+    the layer, or [C_out, levels]: one per output channel). Signed codes are
     shifted into the unsigned range (zero point shifted alike, values unchanged). The stored positions
     are those whose decoded value is nonzero; a zero weight whose code decodes to nonzero is refused.
     """
@@ -273,15 +275,21 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
             value_kind = "codebook"
             if zero_point is not None:
                 raise ValueError("zero_point: only used with scale (linear codes), not with a codebook")
-            codebook_t = torch.as_tensor(codebook).detach().cpu().to(torch.float32).flatten().contiguous()
-            if codebook_t.numel() == 0 or codebook_t.numel() > (1 << bits):
-                raise ValueError(f"codebook: expected 1..{1 << bits} levels for {bits} bits, got {codebook_t.numel()}")
+            codebook_t = torch.as_tensor(codebook).detach().cpu().to(torch.float32).contiguous()
+            per_row = codebook_t.dim() == 2
+            if codebook_t.dim() > 2 or (per_row and codebook_t.shape[0] != rows):
+                raise ValueError(f"codebook: expected [levels] (one for the layer) or [{rows}, levels] (one per "
+                                 f"output channel), got shape {tuple(codebook_t.shape)}")
+            codebook_t = codebook_t if per_row else codebook_t.flatten()
+            n_levels = codebook_t.shape[-1]
+            if n_levels == 0 or n_levels > (1 << bits):
+                raise ValueError(f"codebook: expected 1..{1 << bits} levels for {bits} bits, got {n_levels}")
             if not torch.isfinite(codebook_t).all():
                 raise ValueError("codebook: contains NaN or Inf")
-            if int(c.min()) < 0 or int(c.max()) >= codebook_t.numel():
-                raise ValueError(f"codes: expected codebook indices in [0, {codebook_t.numel()}), "
+            if int(c.min()) < 0 or int(c.max()) >= n_levels:
+                raise ValueError(f"codes: expected codebook indices in [0, {n_levels}), "
                                  f"got [{int(c.min())}, {int(c.max())}]")
-            decoded = codebook_t[c]
+            decoded = codebook_t.gather(1, c) if per_row else codebook_t[c]
         if int(c.min()) < 0 or int(c.max()) >= (1 << bits):
             raise ValueError(f"codes: expected values in [0, {1 << bits}) (or signed [-{1 << (bits - 1)}, "
                              f"{1 << (bits - 1)})) for {bits} bits, got [{int(c.min())}, {int(c.max())}]")
@@ -340,8 +348,9 @@ def expected_shapes(layer: PackedLayer) -> Dict[str, Tuple[Tuple[int, ...], torc
     if layer.value_kind == "linear":
         exp["scale"] = ((rows,), torch.float32)
         exp["zero_point"] = ((rows,), torch.int32)
-    if layer.value_kind == "codebook":
-        exp["codebook"] = ((layer.codebook.numel() if layer.codebook is not None else 0,), torch.float32)
+    if layer.value_kind == "codebook":  # [levels] for the layer, or [rows, levels]: one per output channel
+        book = layer.codebook if layer.codebook is not None else torch.empty(0)
+        exp["codebook"] = ((rows, book.shape[-1]) if book.dim() == 2 else (book.numel(),), torch.float32)
     if layer.bias is not None:
         exp["bias"] = ((rows,), torch.float32)
     return exp
@@ -358,8 +367,10 @@ def check_layer(layer: PackedLayer, name: str = "layer") -> None:
     want_bits = {"float32": (32,), "float16": (16,)}.get(layer.value_kind, CODE_BITS)
     if layer.bits not in want_bits:
         raise ValueError(f"{name}: bits must be one of {want_bits} for value_kind {layer.value_kind!r}, got {layer.bits}")
-    if layer.value_kind == "codebook" and (layer.codebook is None or not 0 < layer.codebook.numel() <= 1 << layer.bits):
-        raise ValueError(f"{name}.codebook: expected 1..{1 << layer.bits} levels")
+    if layer.value_kind == "codebook" and (layer.codebook is None or layer.codebook.dim() not in (1, 2)
+                                           or not 0 < layer.codebook.shape[-1] <= 1 << layer.bits):
+        raise ValueError(f"{name}.codebook: expected [levels] or [{layer.out_channels}, levels] (one per output "
+                         f"channel) with 1..{1 << layer.bits} levels")
     for tname, (shape, dtype) in expected_shapes(layer).items():
         t = getattr(layer, tname)
         if t is None:
@@ -387,8 +398,8 @@ def check_layer_data(layer: PackedLayer, name: str = "layer") -> None:
     order = layer.row_order.to(torch.int64)
     if not torch.equal(torch.sort(order).values, torch.arange(layer.out_channels)):
         raise ValueError(f"{name}.row_order: must be a permutation of 0..{layer.out_channels - 1}")
-    if layer.value_kind == "codebook" and layer.nnz and int(layer.codes().max()) >= layer.codebook.numel():
-        raise ValueError(f"{name}.values: codes index past the {layer.codebook.numel()}-level codebook")
+    if layer.value_kind == "codebook" and layer.nnz and int(layer.codes().max()) >= layer.codebook.shape[-1]:
+        raise ValueError(f"{name}.values: codes index past the {layer.codebook.shape[-1]}-level codebook")
 
 
 # ---------------------------------------------------------------------------------------

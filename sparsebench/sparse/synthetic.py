@@ -73,20 +73,25 @@ def linear_codes(weight: torch.Tensor, bits: int):
     return (signed + zp).to(torch.int32), scale, torch.full((rows,), zp, dtype=torch.int32)
 
 
-def codebook_codes(weight: torch.Tensor, bits: int, gen: torch.Generator):
-    """Nearest-level codes against a random sorted codebook whose level 0 is exactly 0.0."""
-    levels = torch.sort(torch.randn(2**bits, generator=gen)).values * weight.abs().max()
-    levels[0] = 0.0
-    dist = (weight.reshape(-1, 1) - levels[1:].reshape(1, -1)).abs()
-    codes = (dist.argmin(dim=1) + 1).reshape(weight.shape).to(torch.int32)
+def codebook_codes(weight: torch.Tensor, bits: int, gen: torch.Generator, per_channel: bool = False):
+    """Nearest-level codes against a random codebook whose level 0 is exactly 0.0 (the rest sorted):
+    one for the layer, or with ``per_channel`` one per output channel ([C_out, 2**bits], each scaled
+    to its own channel's largest weight)."""
+    rows = weight.reshape(weight.shape[0] if per_channel else 1, -1)
+    levels = torch.sort(torch.randn(rows.shape[0], 2**bits, generator=gen), dim=1).values
+    levels = levels * rows.abs().amax(dim=1, keepdim=True)
+    levels[:, 0] = 0.0
+    dist = (rows[:, :, None] - levels[:, None, 1:]).abs()
+    codes = (dist.argmin(dim=2) + 1).reshape(weight.shape).to(torch.int32)
     codes[weight == 0] = 0
-    return codes, levels
+    return codes, levels if per_channel else levels[0]
 
 
 def random_layer(shape: Sequence[int], sparsity: float, *, value: str = "float32", bits: Optional[int] = None,
                  stride: int = 1, padding: int = 0, bias: bool = True, empty_rows: int = 0,
-                 row_skew: float = 0.0, seed: int = 0) -> PackedLayer:
-    """A random PackedLayer. value: float32 | float16 | linear | codebook (the last two need bits)."""
+                 row_skew: float = 0.0, per_channel: bool = False, seed: int = 0) -> PackedLayer:
+    """A random PackedLayer. value: float32 | float16 | linear | codebook (the last two need bits);
+    ``per_channel``: a codebook per output channel."""
     gen = torch.Generator().manual_seed(seed)
     w = random_sparse_weight(shape, sparsity, gen, empty_rows, row_skew)
     b = torch.randn(shape[0], generator=gen) if bias else None
@@ -97,6 +102,6 @@ def random_layer(shape: Sequence[int], sparsity: float, *, value: str = "float32
         codes, scale, zp = linear_codes(w, bits)
         return pack_weight(w, b, stride=stride, padding=padding, bits=bits, codes=codes, scale=scale, zero_point=zp)
     if value == "codebook":
-        codes, levels = codebook_codes(w, bits, gen)
+        codes, levels = codebook_codes(w, bits, gen, per_channel)
         return pack_weight(w, b, stride=stride, padding=padding, bits=bits, codes=codes, codebook=levels)
     raise ValueError(f"value: expected float32, float16, linear or codebook, got {value!r}")
