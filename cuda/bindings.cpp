@@ -50,13 +50,15 @@ py::dict knobs_dict(const Tuning& t) {
 ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW,
                    int stride, int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits,
                    uintptr_t row_order, uintptr_t values, int value_kind, int bits, uintptr_t scale,
-                   uintptr_t zero_point, uintptr_t codebook, uintptr_t bias, bool relu, int variant, int64_t nnz,
-                   int64_t max_row, int plan) {
+                   uintptr_t zero_point, uintptr_t codebook, int codebook_stride, uintptr_t bias, bool relu,
+                   int variant, int64_t nnz, int64_t max_row, int plan) {
   if (act_dtype < kF32 || act_dtype > kBF16) throw std::invalid_argument("act_dtype: expected 0 (f32), 1 (f16), 2 (bf16)");
   if (value_kind < kValF32 || value_kind > kValCodebook) throw std::invalid_argument("value_kind: expected 0..3");
   if (col_bits != 16 && col_bits != 32) throw std::invalid_argument("col_bits: expected 16 or 32");
   if (value_kind >= kValLinear && bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits: expected 2, 4 or 8");
   if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (stage), 2 (rowsplit)");
+  if (codebook_stride < 0 || (codebook_stride > 0 && (value_kind != kValCodebook || codebook_stride > (1 << bits))))
+    throw std::invalid_argument("codebook_stride: expected 0 (one codebook), or the levels of each row's (1..2**bits)");
   if (stride < 1 || pad < 0 || KH < 1 || KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
   check_plan(plan, variant);
   ConvArgs a;
@@ -75,6 +77,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   a.scale = ptr<const float>(scale);
   a.zero_point = ptr<const int32_t>(zero_point);
   a.codebook = ptr<const float>(codebook);
+  a.codebook_stride = codebook_stride;
   a.bias = ptr<const float>(bias);
   a.relu = relu ? 1 : 0;
   a.variant = variant;
@@ -115,23 +118,26 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
          int pad, int OH, int OW, uintptr_t rowptr, uintptr_t colidx, int col_bits, uintptr_t row_order,
          uintptr_t values, int value_kind, int bits, uintptr_t scale, uintptr_t zero_point, uintptr_t codebook,
-         uintptr_t bias, bool relu, int variant, int64_t nnz, int64_t max_row, int plan, uintptr_t stream) {
+         int codebook_stride, uintptr_t bias, bool relu, int variant, int64_t nnz, int64_t max_row, int plan,
+         uintptr_t stream) {
         const ConvArgs a = make_args(x, out, act_dtype, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, rowptr, colidx,
-                                     col_bits, row_order, values, value_kind, bits, scale, zero_point, codebook, bias,
-                                     relu, variant, nnz, max_row, plan);
+                                     col_bits, row_order, values, value_kind, bits, scale, zero_point, codebook,
+                                     codebook_stride, bias, relu, variant, nnz, max_row, plan);
         const std::string err = launch_conv(a, reinterpret_cast<void*>(stream));
         if (!err.empty()) throw std::runtime_error("sparsebench._C.conv2d: " + err);
       },
       "Direct sparse convolution (linear = 1x1 conv on a 1x1 image) on the given CUDA stream. "
       "Pointers are device addresses; 0 means absent for row_order/scale/zero_point/codebook/bias; "
+      "codebook_stride: levels per output channel's codebook (row r's starts at codebook + r * stride), "
+      "0 for one codebook for the layer; "
       "nnz and max_row (the longest row's nonzeros) pick the blocking; 0 means unknown. "
       "plan: a candidate id from plan_candidates() to run instead of the dispatcher's rule (-1).",
       py::arg("x"), py::arg("out"), py::arg("act_dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
       py::arg("CO"), py::arg("KH"), py::arg("KW"), py::arg("stride"), py::arg("pad"), py::arg("OH"), py::arg("OW"),
       py::arg("rowptr"), py::arg("colidx"), py::arg("col_bits"), py::arg("row_order"), py::arg("values"),
       py::arg("value_kind"), py::arg("bits"), py::arg("scale"), py::arg("zero_point"), py::arg("codebook"),
-      py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"), py::arg("max_row"), py::arg("plan"),
-      py::arg("stream"));
+      py::arg("codebook_stride"), py::arg("bias"), py::arg("relu"), py::arg("variant"), py::arg("nnz"),
+      py::arg("max_row"), py::arg("plan"), py::arg("stream"));
 
   m.def(
       "plan",

@@ -55,23 +55,27 @@ __device__ __forceinline__ int load_col(const ConvArgs& a, int k) {
                           : __ldg(static_cast<const int32_t*>(a.colidx) + k);
 }
 
-// A row's dequantization constants, loaded once per row rather than once per nonzero.
-struct RowScale {
+// A row's dequantization constants, loaded once per row rather than once per nonzero. `offset` is
+// the zero point of linear codes, or where the row's levels start in a per-channel codebook (0 for a
+// layer's one codebook): one field for both, so per-channel codebooks cost the kernels no register.
+struct RowDecode {
   float scale = 1.f;
-  int zero = 0;
+  int offset = 0;
 };
 
-__device__ __forceinline__ RowScale row_scale(const ConvArgs& a, int row) {
-  RowScale r;
+__device__ __forceinline__ RowDecode row_decode(const ConvArgs& a, int row) {
+  RowDecode r;
   if (a.value_kind == kValLinear) {
     r.scale = __ldg(a.scale + row);
-    r.zero = __ldg(a.zero_point + row);
+    r.offset = __ldg(a.zero_point + row);
+  } else if (a.value_kind == kValCodebook) {
+    r.offset = row * a.codebook_stride;
   }
   return r;
 }
 
 // The fp32 value of nonzero k (of the row `r` belongs to), exactly as PackedLayer.nonzero_values() computes it.
-__device__ __forceinline__ float decode_value(const ConvArgs& a, const RowScale& r, int k) {
+__device__ __forceinline__ float decode_value(const ConvArgs& a, const RowDecode& r, int k) {
   switch (a.value_kind) {
     case kValF32: return __ldg(static_cast<const float*>(a.values) + k);
     case kValF16: return __half2float(static_cast<const __half*>(a.values)[k]);
@@ -79,8 +83,8 @@ __device__ __forceinline__ float decode_value(const ConvArgs& a, const RowScale&
       const uint64_t bit = static_cast<uint64_t>(k) * a.bits;
       const uint32_t byte = __ldg(static_cast<const uint8_t*>(a.values) + (bit >> 3));
       const int code = static_cast<int>((byte >> (bit & 7)) & ((1u << a.bits) - 1));
-      if (a.value_kind == kValCodebook) return __ldg(a.codebook + code);
-      return r.scale * static_cast<float>(code - r.zero);
+      if (a.value_kind == kValCodebook) return __ldg(a.codebook + r.offset + code);
+      return r.scale * static_cast<float>(code - r.offset);
     }
   }
 }

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kRowSplitWarps * 32)
 #pragma unroll
   for (int p = 0; p < P; ++p) acc[p] = 0.f;
   const int end = live ? __ldg(a.rowptr + row + 1) : 0;
-  const RowScale rs = live ? row_scale(a, row) : RowScale{};
+  const RowDecode rs = live ? row_decode(a, row) : RowDecode{};
   if (CONTIGUOUS) {  // (kh, kw) = (0, 0): the column is the input channel
     // The 16 pixels lie in one image (host check), from pixel m0 - n*HW of channel row 0.
     const int groups = min(P, M - m0) / 4;  // M is a multiple of 4 here

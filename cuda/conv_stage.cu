@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
     // A warp's rows are always the same ones (i = warp + 16j), so their cursors are its own.
     int row = 0, end = 0, k = 0, col = INT_MAX;
     float w = 0.f;
-    RowScale rs;
+    RowDecode rs;
     auto fetch = [&]() {
       col = k < end ? load_col(a, k) : INT_MAX;
       w = k < end ? decode_value(a, rs, k) : 0.f;
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
       row = s_row[i];
       end = s_end[i];
       k = s_cur[i] + lane;
-      rs = row_scale(a, row);
+      rs = row_decode(a, row);
       fetch();
     };
     if (warp < nrows) fetch_row(warp);

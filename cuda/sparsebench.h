@@ -27,6 +27,7 @@ struct ConvArgs {
   const float* scale = nullptr;
   const int32_t* zero_point = nullptr;
   const float* codebook = nullptr;
+  int codebook_stride = 0;  // per-channel codebooks: row r's levels start at codebook + r * stride; 0: one codebook
   const float* bias = nullptr;  // may be null
   int relu = 0;
   int variant = kAuto;

@@ -111,6 +111,25 @@ def test_every_value_kind_on_a_deep_layer(value, bits, variant):
     check(out, reference(x, layer, relu=True), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["stage", "rowsplit"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_per_channel_codebook_decodes_each_row_through_its_own_levels(bits, variant, dtype):
+    # A [C_out, 2**bits] codebook, each row its own random levels scaled to its channel: a kernel that
+    # decoded every row through row 0's codebook (or the wrong row's) would miss the reference by far.
+    layer = random_layer((96, 80, 3, 3), 0.9, value="codebook", bits=bits, per_channel=True, padding=1,
+                         empty_rows=5, seed=bits).to("cuda")
+    assert layer.codebook.shape == (96, 2**bits)
+    x = torch.randn(6, 80, 6, 6, device="cuda").to(dtype)
+    out = torch.full((6, 96, 6, 6), float("nan"), device="cuda", dtype=dtype)
+    sparse_conv2d_into(out, x, layer, relu=True, variant=variant)
+    check(out, reference(x, layer, relu=True), dtype)
+    fc = random_layer((129, 300), 0.9, value="codebook", bits=bits, per_channel=True, empty_rows=3,
+                      seed=bits).to("cuda")
+    xf = torch.randn(7, 300, device="cuda").to(dtype)
+    check(sparse_linear(xf, fc, relu=True, variant=variant), reference(xf, fc, relu=True), dtype)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99, 1.0])
 @pytest.mark.parametrize("variant", ["stage", "rowsplit"])
 def test_sparsity_extremes_and_empty_layer(sparsity, variant):
@@ -167,10 +186,11 @@ PLAN_SHAPES = [  # (weight shape, stride, padding, input shape): 3x3, stride-2, 
 
 @pytest.mark.parametrize("case", range(len(PLAN_SHAPES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_every_candidate_plan(case, dtype):
+@pytest.mark.parametrize("value", ["linear", "codebook_per_channel"])
+def test_every_candidate_plan(case, dtype, value):
     wshape, stride, pad, xshape = PLAN_SHAPES[case]
-    layer = random_layer(wshape, 0.9, value="linear", bits=4, stride=stride, padding=pad, empty_rows=3,
-                         seed=case).to("cuda")
+    kind = {"value": "linear"} if value == "linear" else {"value": "codebook", "per_channel": True}
+    layer = random_layer(wshape, 0.9, bits=4, stride=stride, padding=pad, empty_rows=3, seed=case, **kind).to("cuda")
     x = torch.randn(xshape, device="cuda").to(dtype)
     ref = reference(x, layer, relu=True)
     plans = distinct_plans(xshape, layer)

@@ -128,14 +128,20 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _codebook_stride(codebook: Optional[torch.Tensor]) -> int:
+    """Levels between one output channel's codebook and the next's: 0 when the layer has one codebook."""
+    return codebook.shape[-1] if codebook is not None and codebook.dim() == 2 else 0
+
+
 def _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
             zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan) -> None:
     if out.numel() == 0:
         return
     _C.conv2d(x.data_ptr(), out.data_ptr(), ACT_DTYPES[x.dtype], n, c, h, w, co, kh, kw, stride, padding, oh, ow,
               rowptr.data_ptr(), colidx.data_ptr(), 16 if colidx.dtype == torch.int16 else 32, row_order.data_ptr(),
-              values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook), _ptr(bias),
-              bool(relu), variant, colidx.numel(), max_row, plan, torch.cuda.current_stream(x.device).cuda_stream)
+              values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook),
+              _codebook_stride(codebook), _ptr(bias), bool(relu), variant, colidx.numel(), max_row, plan,
+              torch.cuda.current_stream(x.device).cuda_stream)
 
 
 @torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
