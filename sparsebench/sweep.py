@@ -44,7 +44,8 @@ _NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature"
 # sweep folder from before them keeps its dense model and finished jobs.
 _ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None,
                      "prune.regrow_until": None, "prune.regrow_fraction": 0.3,
-                     "trainer.distill": 0.0, "trainer.distill_temperature": 4.0}
+                     "trainer.distill": 0.0, "trainer.distill_temperature": 4.0,
+                     "quant.kmeans_per_channel": False}
 
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}

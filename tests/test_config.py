@@ -54,6 +54,7 @@ def test_validate_names_the_bad_key(override, key):
     ("prune.final_sparsity=1.5", "prune.final_sparsity=1.5 is not allowed: a fraction in [0, 1)"),
     ("quant.bits=0", "quant.bits=0 is not allowed"),
     ("trainer.lr=abc", "trainer.lr=abc"),
+    ("quant.kmeans_per_channel=maybe", "quant.kmeans_per_channel=maybe: Value 'maybe' is not a valid bool"),
 ])
 def test_cli_bad_input_is_one_line_without_traceback(override, expected, tmp_path: Path):
     result = run_cli("logger=none", override, f"hydra.run.dir={tmp_path}")

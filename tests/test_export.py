@@ -46,7 +46,7 @@ def trained(method: str, bits: int = 4, **kw):
 
 @pytest.mark.parametrize("method,kw", [
     ("linear", {}), ("linear", {"symmetric": False, "per_channel": False, "learn_scale": True}),
-    ("pow2", {}), ("kmeans", {}), ("linear", {"bits": 3}),
+    ("pow2", {}), ("kmeans", {}), ("kmeans", {"kmeans_per_channel": True}), ("linear", {"bits": 3}),
 ])
 def test_packed_layers_reproduce_the_fake_quantized_model(tmp_path: Path, method, kw):
     model, hook, masks = trained(method, **{"bits": 4, **kw})
@@ -57,12 +57,14 @@ def test_packed_layers_reproduce_the_fake_quantized_model(tmp_path: Path, method
     bits = kw.get("bits", 4)
     for name, layer in layers.items():
         assert facts[name]["bits"] == bits and layer.bits == storage_bits(bits)
-        values = layer.nonzero_values()
-        if layer.value_kind == "codebook":  # every stored value is a codebook level; zero among the levels
-            assert len(layer.codebook) <= 2 ** bits and bool((layer.codebook == 0).any())
-            assert set(values.tolist()) <= set(layer.codebook.tolist())
+        values, rows = layer.nonzero_values(), layer.rows()
+        if layer.value_kind == "codebook":  # every stored value is a level of its row's codebook; zero among them
+            books = layer.codebook.reshape(-1, layer.codebook.shape[-1]).expand(layer.out_channels, -1)
+            assert layer.codebook.dim() == (2 if kw.get("kmeans_per_channel") else 1)
+            assert books.shape[1] <= 2 ** bits and bool((books == 0).any(dim=1).all())
+            for r in range(layer.out_channels):
+                assert set(values[rows == r].tolist()) <= set(books[r].tolist())
         else:  # per channel: at most 2**bits distinct levels, each scale * (integer code - zero point)
-            rows = layer.rows()
             for r in range(layer.out_channels):
                 assert len(torch.unique(values[rows == r])) <= 2 ** bits
         dense = layer.dequantize()
@@ -132,22 +134,24 @@ def test_footprint_of_a_4bit_linear_layer_by_hand(tmp_path: Path):
     assert facts["nnz"] == 12
 
 
-def test_footprint_of_a_2bit_kmeans_conv_with_folded_batchnorm_by_hand(tmp_path: Path):
+@pytest.mark.parametrize("per_channel, codebook_bytes", [(False, 4 * 4), (True, 3 * 4 * 4)])
+def test_footprint_of_a_2bit_kmeans_conv_with_folded_batchnorm_by_hand(tmp_path: Path, per_channel, codebook_bytes):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)).eval()
     with torch.no_grad():
-        w = torch.tensor([-1.0, 1.0, 2.0])[torch.randint(0, 3, (3, 2, 3, 3))]
-        w.view(-1)[torch.randperm(54)[:34]] = 0  # 20 non-zeros, on three values: no code snaps to zero
-        model[0].weight.copy_(w)
-    hook = quantize(model, method="kmeans", bits=2)
+        w = torch.zeros(3, 18)
+        for row, count in zip(w, (7, 7, 6)):  # 20 non-zeros, every row on the three values: no code snaps to zero
+            row[torch.randperm(18)[:count]] = torch.tensor([-1.0, 1.0, 2.0]).repeat(3)[:count]
+        model[0].weight.copy_(w.reshape(3, 2, 3, 3))
+    hook = quantize(model, method="kmeans", bits=2, kmeans_per_channel=per_channel)
     hook.on_fit_end(model)
     facts = export_model(model, [hook], tmp_path / "p.safetensors")["0"]
     assert facts["nnz"] == 20
     assert facts["index_bytes"] == 4 * 4 + 20 * 2 + 3 * 4  # rowptr + 16-bit column indices + row order
     assert facts["value_bytes"] == 5  # 20 codes x 2 bits
-    assert facts["grid_bytes"] == 4 * 4  # a 4-level fp32 codebook
+    assert facts["grid_bytes"] == codebook_bytes  # 4 fp32 levels, for the layer or for each of its 3 channels
     assert facts["bias_bytes"] == 3 * 4  # the folded BatchNorm's shift
-    assert facts["footprint_bytes"] == 28 + 40 + 5 + 16 + 12 == 101
+    assert facts["footprint_bytes"] == 28 + 40 + 5 + codebook_bytes + 12
     assert facts["dense_bytes"] == 4 * (54 + 3) == 228
 
 

@@ -230,11 +230,23 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     del earlier["data"]["trivialaugment"], earlier["trainer"]["ema_decay"]
     del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"]
     del earlier["prune"]["regrow_until"], earlier["prune"]["regrow_fraction"]
+    del earlier["quant"]["kmeans_per_channel"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "acc_final": 0.9}))
     assert sweep.finished_job(cfg, tmp_path) == {"status": "ok", "acc_final": 0.9}
     with pytest.raises(ValueError, match="ran with trainer.ema_decay=None, this launch has trainer.ema_decay=0.99"):
         sweep.finished_job(compose_job("trainer.ema_decay=0.99"), tmp_path)
+    # A k-means job of then (one codebook per layer; quant.per_channel=true recorded but unused) is kept,
+    # and a relaunch asking for per-channel codebooks is told it differs.
+    kmeans = compose_job("quant=kmeans")
+    earlier = OmegaConf.to_container(kmeans, resolve=True)
+    del earlier["quant"]["kmeans_per_channel"]
+    assert earlier["quant"]["per_channel"] is True
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
+    assert sweep.finished_job(kmeans, tmp_path) == {"status": "ok", "acc_final": 0.9}
+    with pytest.raises(ValueError, match="ran with quant.kmeans_per_channel=None, this launch has "
+                                         "quant.kmeans_per_channel=True"):
+        sweep.finished_job(compose_job("quant=kmeans", "quant.kmeans_per_channel=true"), tmp_path)
 
 
 def test_job_defaults_fill_only_what_the_user_left_empty() -> None:

@@ -18,11 +18,14 @@ class QuantConfig:
     method: str = "none"  # none | linear | pow2 | kmeans
     bits: int = 32  # 2..8 for a quantizer; 32 means unquantized
     symmetric: bool = True  # linear: codes centred on zero (else an integer zero point per scale)
-    per_channel: bool = True  # linear: one scale per output channel (pow2/kmeans: always per layer)
+    per_channel: bool = True  # linear: one scale per output channel (pow2: per layer; kmeans: see kmeans_per_channel)
     learn_scale: bool = False  # linear: LSQ-style learned scales (else max-abs / min-max statistics)
     start: float = 0.0  # epoch of the finetune phase at which QAT begins (may overlap pruning)
     refit_every: int = 1  # kmeans: re-fit codebooks every N epochs after QAT begins (not after the last)
     kmeans_iters: int = 30  # kmeans: Lloyd iterations per fit
+    # kmeans: one codebook per output channel instead of one per layer. Its own key rather than
+    # per_channel: that key, true by default, was recorded (and ignored) in every earlier kmeans run.
+    kmeans_per_channel: bool = False
     overrides: Dict[str, int] = field(default_factory=dict)  # layer name or regex -> bits (32: keep fp32)
 
 

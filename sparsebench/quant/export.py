@@ -3,7 +3,8 @@
 Each layer is written in the kernel module's format (``sparsebench.sparse.format``): CSR
 indices of the non-zeros, values as codes at the quantizer's width (rounded up to a width
 the format stores: 2, 4 or 8) with per-channel scale + zero point (linear) or a per-layer
-codebook (pow2, kmeans), and the bias. Unquantized layers keep fp32 values.
+codebook (pow2, kmeans; kmeans_per_channel: one per output channel), and the bias.
+Unquantized layers keep fp32 values.
 
 BatchNorm: a BatchNorm fed only by a conv/linear is folded into that layer (weight scaled
 per output channel, bias = beta - mean * gamma/sqrt(var+eps)), so the packed conv is the

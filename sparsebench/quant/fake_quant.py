@@ -23,7 +23,7 @@ class FakeQuant(nn.Module):
 
     State that the export and checkpoints need lives in buffers (and the LSQ scale in a
     parameter, so the optimizer trains it): ``scale`` / ``zero_point`` for linear and pow2,
-    ``codebook`` for kmeans.
+    ``codebook`` for kmeans ([2**bits] for the layer, or [C_out, 2**bits] with ``per_channel``).
     """
 
     def __init__(self, method: str, bits: int, weight: torch.Tensor, *, symmetric: bool = True,
@@ -31,7 +31,7 @@ class FakeQuant(nn.Module):
         super().__init__()
         self.method, self.bits = method, bits
         self.symmetric = symmetric if method == "linear" else True
-        self.per_channel = per_channel and method == "linear"
+        self.per_channel = per_channel and method in ("linear", "kmeans")  # pow2: one scale per layer
         self.learn_scale = learn_scale and method == "linear"
         self.active = False
         self._bn = (bn,) if bn is not None else ()  # a tuple: not registered, so not in state_dict twice
@@ -43,7 +43,8 @@ class FakeQuant(nn.Module):
             self.register_buffer("scale", ones.clone())
         self.register_buffer("zero_point", torch.zeros(n, device=weight.device))
         if method == "kmeans":
-            self.register_buffer("codebook", torch.zeros(1 << bits, device=weight.device))
+            book_shape = (weight.shape[0], 1 << bits) if self.per_channel else (1 << bits,)
+            self.register_buffer("codebook", torch.zeros(book_shape, device=weight.device))
         # LSQ: gradient of the step size scaled by 1/sqrt(weights per scale * qmax).
         qmax = grids.code_range(bits, self.symmetric)[1]
         self._grad_factor = 1.0 / math.sqrt(max(1, weight.numel() // n) * max(1, qmax))
@@ -60,7 +61,7 @@ class FakeQuant(nn.Module):
 
     # -- the grid ----------------------------------------------------------------------
     def levels(self) -> torch.Tensor:
-        """The sorted level set of pow2 / kmeans (every value a weight may take)."""
+        """The sorted level set of pow2 / kmeans (every value a weight may take): [L], or [C_out, L] per channel."""
         if self.method == "pow2":
             return grids.pow2_levels(self.bits, self.scale)
         if self.method == "kmeans":
@@ -77,16 +78,11 @@ class FakeQuant(nn.Module):
             self.zero_point.copy_(zero_point)
         elif self.method == "pow2":
             self.scale.copy_(wf.abs().amax().clamp(min=torch.finfo(torch.float32).tiny).reshape(1))
-        else:
-            nonzero = wf[wf != 0]
-            n_free = self.codebook.numel() - 1
-            if nonzero.numel() < n_free:  # pruned below the level count while training: one level per value
-                values = torch.unique(nonzero)
-                levels = torch.cat([values, nonzero.new_zeros(1 + n_free - values.numel())])
-                self.codebook.copy_(torch.sort(levels).values)
-                return
-            init = self.codebook if warm and bool((self.codebook != 0).any()) else None
-            self.codebook.copy_(grids.fit_codebook(nonzero, n_free, kmeans_iters, init))
+        else:  # a channel (or layer) pruned below its level count keeps one level per value
+            rows = wf.reshape(wf.shape[0], -1) if self.per_channel else wf[wf != 0].reshape(1, -1)
+            n_free = self.codebook.shape[-1] - 1
+            init = self.codebook if warm else None
+            self.codebook.copy_(grids.fit_codebook(rows, n_free, kmeans_iters, init).reshape(self.codebook.shape))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:

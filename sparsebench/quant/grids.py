@@ -2,7 +2,8 @@
 
 Every grid has zero as an exact level, so a pruned (zero) weight quantizes to exactly zero.
 Values are computed exactly as the packed format decodes them (``scale * (code - zero_point)``
-and ``codebook[code]``), so the export reproduces the fake-quantized weights bit for bit.
+and ``codebook[code]``, or ``codebook[row, code]`` per channel), so the export reproduces the
+fake-quantized weights bit for bit.
 """
 
 from __future__ import annotations
@@ -127,50 +128,78 @@ def pow2_levels(bits: int, scale: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_level(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index into sorted ``levels`` of the level nearest to each weight (ties go to the lower level)."""
-    mids = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(w.detach().float().contiguous(), mids.contiguous())
+    """Index into sorted ``levels`` of the level nearest to each weight (ties go to the lower level).
+
+    ``levels`` [L] is one level set for all of ``w``; [R, L] is one per row of ``w`` viewed as
+    [R, -1] (a codebook per output channel)."""
+    book = levels.reshape(-1, levels.shape[-1])
+    mids = (book[:, 1:] + book[:, :-1]) / 2
+    x = w.detach().float().reshape(book.shape[0], -1)
+    return torch.searchsorted(mids.contiguous(), x.contiguous()).reshape(w.shape)
+
+
+def level_values(levels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The levels at ``index`` (shaped like the weight, from ``nearest_level``): per row for [R, L] levels."""
+    book = levels.reshape(-1, levels.shape[-1])
+    return book.gather(1, index.reshape(book.shape[0], -1)).reshape(index.shape)
 
 
 def level_fake_quant(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """w snapped to its nearest level; straight-through gradient."""
-    return straight_through(w, levels[nearest_level(w, levels)])
+    return straight_through(w, level_values(levels, nearest_level(w, levels)))
 
 
 def fit_codebook(values: torch.Tensor, n_free: int, iters: int = 30,
                  init: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """1-D k-means (Lloyd) of ``values`` with ``n_free`` free centres plus one fixed at exactly 0.
+    """1-D k-means (Lloyd) with ``n_free`` free centres plus one fixed at exactly 0, for each row of ``values``.
 
-    Returns the n_free + 1 sorted levels. Free centres start at the values' quantiles (or at
-    ``init``, e.g. the previous codebook, so refits move smoothly); an empty cluster keeps its centre.
-    Written here rather than with scikit-learn because it is 1-D (sorted buckets, no distance
-    matrix) and runs on the weights' device.
+    ``values`` [R, N] are R independent fits, run together (a per-channel codebook is one row per
+    output channel; a 1-D tensor is one fit); exact zeros (pruned weights) are not fitted. Returns
+    each row's n_free + 1 sorted levels: [R, n_free + 1], or [n_free + 1] for 1-D ``values``.
+    Free centres start at the row's quantiles, or at its ``init`` codebook (the previous fit, so
+    refits move smoothly) when that has a non-zero level and the row has n_free values or more.
+    A row with fewer values than centres starts with a centre on each value (the rest repeat one),
+    so each value keeps its own level; an all-zero row gets all-zero levels; an empty cluster keeps
+    its centre. Written here rather than with scikit-learn because it is 1-D (sorted buckets, no
+    distance matrix), batched over rows and runs on the weights' device.
     """
-    x = values.detach().float().flatten()
-    if x.numel() < n_free:
-        raise ValueError(f"fit_codebook: {x.numel()} values cannot fill {n_free} levels")
-    xs = torch.sort(x).values
-    if init is not None and init.numel() == n_free + 1:
-        centres = _drop_one_zero(init.to(xs))
-    else:
-        pos = ((torch.arange(n_free, device=xs.device, dtype=torch.float64) + 0.5) / n_free * xs.numel()).long()
-        centres = xs[pos.clamp(max=xs.numel() - 1)]
+    x = values.detach().float()
+    rows = x if x.dim() > 1 else x.reshape(1, -1)
+    if rows.shape[1] == 0:  # nothing to fit: all-zero levels, as for an all-zero row
+        rows = rows.new_zeros(rows.shape[0], 1)
+    n_rows, n_levels = rows.shape[0], n_free + 1
+    n = (rows != 0).sum(dim=1)  # values per row
+    # Each row's values sorted ascending, the zeros moved to its end and given no weight (they still
+    # fall in the zero level's cluster, adding nothing to any sum or count).
+    xs = torch.sort(torch.where(rows != 0, rows, torch.inf), dim=1).values
+    weight = torch.isfinite(xs).float()
+    xs = torch.where(weight > 0, xs, 0.0)
+    quantile = (torch.arange(n_free, device=xs.device, dtype=torch.float64) + 0.5) / n_free
+    pos = torch.minimum((quantile * n[:, None]).long(), (n - 1).clamp(min=0)[:, None])
+    centres = xs.gather(1, pos)
+    if init is not None:
+        previous = init.detach().to(xs).reshape(n_rows, n_levels)
+        warm = (previous != 0).any(dim=1) & (n >= n_free)
+        centres = torch.where(warm[:, None], _drop_one_zero(previous), centres)
+    zero = xs.new_zeros(n_rows, 1)
+    first_of_row = (torch.arange(n_rows, device=xs.device) * n_levels)[:, None]  # one flat cluster id per (row, level)
     for _ in range(iters):
-        levels, order = torch.sort(torch.cat([centres, centres.new_zeros(1)]))
-        idx = nearest_level(xs, levels)
-        sums = torch.zeros_like(levels).index_add_(0, idx, xs)
-        counts = torch.zeros_like(levels).index_add_(0, idx, torch.ones_like(xs))
+        levels, order = torch.sort(torch.cat([centres, zero], dim=1), dim=1)
+        cluster = (nearest_level(xs, levels) + first_of_row).flatten()
+        sums = xs.new_zeros(n_rows * n_levels).index_add_(0, cluster, xs.flatten()).reshape(n_rows, n_levels)
+        counts = xs.new_zeros(n_rows * n_levels).index_add_(0, cluster, weight.flatten()).reshape(n_rows, n_levels)
         means = torch.where(counts > 0, sums / counts.clamp(min=1), levels)
-        updated = torch.empty_like(levels)
-        updated[order] = means  # back to (centres..., zero) order
-        new = updated[:-1]
+        updated = torch.empty_like(levels).scatter_(1, order, means)  # back to (centres..., zero) order
+        new = updated[:, :-1]
         if torch.equal(new, centres):
             break
         centres = new
-    return torch.sort(torch.cat([centres, centres.new_zeros(1)])).values
+    fitted = torch.sort(torch.cat([centres, zero], dim=1), dim=1).values
+    return fitted if x.dim() > 1 else fitted.reshape(n_levels)
 
 
 def _drop_one_zero(levels: torch.Tensor) -> torch.Tensor:
-    """The free centres of a codebook: all levels but one exact zero."""
-    zero_at = int(torch.nonzero(levels == 0)[0]) if bool((levels == 0).any()) else int(levels.abs().argmin())
-    return torch.cat([levels[:zero_at], levels[zero_at + 1:]])
+    """The free centres of each row's codebook [R, L]: all levels but its first exact zero (or the one nearest 0)."""
+    zero_at = levels.abs().argmin(dim=1, keepdim=True)
+    keep = torch.ones_like(levels, dtype=torch.bool).scatter_(1, zero_at, False)
+    return levels[keep].reshape(levels.shape[0], -1)

@@ -4,8 +4,9 @@ Lifecycle: ``on_fit_start`` registers an (inactive) ``FakeQuant`` per quantized 
 in the weight's parametrization chain, so a pruning mask registered before it is applied
 first and the quantizer sees exact zeros (zero is a level of every grid, so they stay
 zero). At ``quant.start`` epochs the grids are calibrated on the current weights and
-quantization switches on; kmeans codebooks are re-fitted every ``refit_every`` epochs (never
-after the last, so the model evaluated there is the one baked).
+quantization switches on; kmeans codebooks (one per layer, or per output channel with
+``kmeans_per_channel``) are re-fitted every ``refit_every`` epochs (never after the last, so the
+model evaluated there is the one baked).
 ``on_fit_end`` bakes the quantized weights into the plain parameters (the model leaves
 training with nothing but ordinary conv/linear layers) and keeps the grids for the export.
 """
@@ -44,7 +45,8 @@ def layer_bits(cfg: Any, names: List[str]) -> Dict[str, Tuple[int, str]]:
 
 
 def check_codebook_fits(name: str, weight: torch.Tensor, bits: int, key: str) -> None:
-    """A kmeans layer needs at least as many non-zero weights as free codebook levels."""
+    """A kmeans layer with one codebook needs at least as many non-zero weights as free codebook levels.
+    (Per-channel codebooks need not: a channel with fewer weights than levels gives each its own level.)"""
     nonzero = int((weight != 0).sum())
     levels = (1 << bits) - 1
     if nonzero < levels:
@@ -66,7 +68,8 @@ class Quantizer(TrainHook):
         self.bits = {n: b for n, (b, _) in chosen.items() if b != FP32}
         self.bits_key = {n: key for n, (_, key) in chosen.items()}  # for error messages
         self.fold_pairs = bn_pairs(model)
-        if self.method == "kmeans":
+        self.per_channel_codebooks = self.method == "kmeans" and bool(cfg.kmeans_per_channel)
+        if self.method == "kmeans" and not self.per_channel_codebooks:
             for name, m in weight_layers(model).items():
                 if name in self.bits:
                     check_codebook_fits(name, m.weight, self.bits[name], self.bits_key[name])
@@ -91,8 +94,9 @@ class Quantizer(TrainHook):
             if any(isinstance(p, FakeQuant) for p in chain):
                 raise RuntimeError(f"quant: layer {name} is already fake-quantized (on_fit_start called twice)")
             bn = modules.get(self.fold_pairs[name]) if name in self.fold_pairs else None
+            per_channel = self.per_channel_codebooks if self.method == "kmeans" else self.cfg.per_channel
             fq = FakeQuant(self.method, self.bits[name], m.weight, symmetric=self.cfg.symmetric,
-                           per_channel=self.cfg.per_channel, learn_scale=self.cfg.learn_scale, bn=bn)
+                           per_channel=per_channel, learn_scale=self.cfg.learn_scale, bn=bn)
             parametrize.register_parametrization(m, "weight", fq)
             self.fake_quants[name] = fq
         self.active = False
@@ -138,7 +142,7 @@ class Quantizer(TrainHook):
         for name, fq in self.fake_quants.items():
             w = _input_of(layers[name], fq)
             nonzero = int((w != 0).sum())
-            if self.method == "kmeans" and nonzero < (1 << self.bits[name]) - 1:
+            if self.method == "kmeans" and not self.per_channel_codebooks and nonzero < (1 << self.bits[name]) - 1:
                 # Refused up front on the dense weights; pruning got here later, so warn, not fail the run.
                 log.warning("quant: layer %s has %d non-zero weights after pruning, fewer than its %d codebook "
                             "levels; each keeps its own level", name, nonzero, (1 << self.bits[name]) - 1)
@@ -160,7 +164,7 @@ class Quantizer(TrainHook):
 
     def distinct_levels(self, model: nn.Module) -> Dict[str, int]:
         """Distinct values of each quantized layer's folded, quantized weight (while training):
-        at most 2**bits per scale (per channel for per-channel linear, else per layer)."""
+        at most 2**bits per grid (per channel for per-channel linear or kmeans, else per layer)."""
         layers = weight_layers(model)
         out = {}
         with torch.no_grad():
