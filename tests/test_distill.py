@@ -73,14 +73,21 @@ def test_a_pruned_run_distils_its_dense_model(tmp_path):
     assert distilled["acc_final"] > 0.5
 
 
+def test_a_dense_only_run_leaves_distillation_unused(tmp_path):
+    # A study's config may set trainer.distill; its dense-only run (prune=none quant=none) trains as without it.
+    dense = [*BASE, "prune=none", "trainer.finetune_epochs=0"]
+    plain = run(compose(*dense), tmp_path / "plain")
+    with_distill = run(compose(*dense, "trainer.distill=0.5"), tmp_path / "distill")
+    assert with_distill["status"] == "ok" and with_distill["acc_final"] == plain["acc_final"]
+    assert not any("finetune/loss" in line for line in (tmp_path / "distill" / "history.jsonl").read_text().splitlines())
+
+
 def test_distilling_needs_a_dense_model(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.distill=0\.5 is not allowed: 0 unless there is a dense model"):
         validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.distill=0.5"))
     with pytest.raises(ConfigError, match=r"trainer\.distill=1\.5 is not allowed"):
         validate(compose(*TINY, "trainer.distill=1.5"))
     validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.init_from=dense.pt", "trainer.distill=0.5"))
-    with pytest.raises(ConfigError, match=r"trainer\.distill=0\.5 is not allowed: 0 unless pruning or quantization"):
-        validate(compose(*TINY, "prune=none", "quant=none", "trainer.distill=0.5"))
     # Resumed with distillation but without the dense model it would learn from: named, before training.
     run(compose(*BASE), tmp_path / "run")
     (tmp_path / "run" / "dense.pt").unlink()
