@@ -58,7 +58,7 @@ ConvArgs make_args(uintptr_t x, uintptr_t out, int act_dtype, int N, int C, int 
   if (value_kind >= kValLinear && bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits: expected 2, 4 or 8");
   if (variant < kAuto || variant > kRowSplit) throw std::invalid_argument("variant: expected 0 (auto), 1 (stage), 2 (rowsplit)");
   if (codebook_stride < 0 || (codebook_stride > 0 && (value_kind != kValCodebook || codebook_stride > (1 << bits))))
-    throw std::invalid_argument("codebook_stride: expected 0 (one codebook), or the levels of each row's (1..2**bits)");
+    throw std::invalid_argument("codebook_stride: expected 0 (one codebook for the layer) or 1..2**bits (the levels of each row's codebook)");
   if (stride < 1 || pad < 0 || KH < 1 || KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
   check_plan(plan, variant);
   ConvArgs a;

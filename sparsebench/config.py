@@ -145,8 +145,6 @@ def validate(cfg: Any) -> None:
     _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "null or a number in (0, 1)")
     _require(0 <= t.distill <= 1, "trainer.distill", t.distill, "a weight in [0, 1] (0: off)")
-    _require(t.distill == 0 or t.epochs > 0 or t.init_from, "trainer.distill", t.distill,
-             "0 unless there is a dense model to learn from (trainer.epochs > 0 or trainer.init_from)")
     _require(t.distill_temperature > 0, "trainer.distill_temperature", t.distill_temperature, "a number > 0")
 
     d = cfg.data
@@ -165,6 +163,8 @@ def validate(cfg: Any) -> None:
     validate_bench(cfg.backend, cfg.bench)
     # trainer.distill without pruning or quantization is left unused (a study's dense-only run keeps its config).
     if cfg.prune.method != "none" or cfg.quant.method != "none":
+        _require(t.distill == 0 or t.epochs > 0 or t.init_from, "trainer.distill", t.distill,
+                 "0 unless there is a dense model to learn from (trainer.epochs > 0 or trainer.init_from)")
         _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,
                  "an integer >= 1 when pruning or quantization is on (they run while retraining)")
 

@@ -168,11 +168,11 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
 
     step = 0
     if resume_from is not None:
+        for hook in hooks:  # first: a hook names the config key that differs before a shape mismatch would
+            hook.load_state_dict(resume_from["hooks"].get(hook.name, {}))
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
-        for hook in hooks:
-            hook.load_state_dict(resume_from["hooks"].get(hook.name, {}))
         set_rng_state(resume_from["rng"])
         step = resume_from["step"]
 

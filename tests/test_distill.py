@@ -88,6 +88,7 @@ def test_distilling_needs_a_dense_model(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.distill=1\.5 is not allowed"):
         validate(compose(*TINY, "trainer.distill=1.5"))
     validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.init_from=dense.pt", "trainer.distill=0.5"))
+    validate(compose(*TINY, "prune=none", "quant=none", "trainer.epochs=0", "trainer.distill=0.5"))  # nothing retrains
     # Resumed with distillation but without the dense model it would learn from: named, before training.
     run(compose(*BASE), tmp_path / "run")
     (tmp_path / "run" / "dense.pt").unlink()

@@ -263,6 +263,10 @@ def test_resume_in_the_finetune_phase_reaches_the_same_export(tmp_path: Path, mo
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose(*overrides), tmp_path / "resumed")
     monkeypatch.setattr(sparsebench.train, "atomic_torch_save", save)
+    # Resumed with other codebooks: one line naming the key (and the checkpoint still resumes after).
+    with pytest.raises(ConfigError, match="checkpoint was quantized with quant.kmeans_per_channel=False, this run "
+                                          "asks for quant.kmeans_per_channel=True"):
+        run(compose(*overrides, "trainer.resume=true", "quant.kmeans_per_channel=true"), tmp_path / "resumed")
     resumed = run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
 
     assert resumed["acc_final"] == reference["acc_final"]

@@ -19,7 +19,7 @@ def build_quantizer(cfg: Any, model: nn.Module) -> Optional[TrainHook]:
     """The QAT hook for ``cfg`` (a QuantConfig), or None for ``quant=none``.
 
     Checks what needs the model before any training: per-layer overrides must name a layer,
-    and a kmeans codebook must not have more levels than the layer has non-zero weights.
+    and a layer's one kmeans codebook must not have more levels than the layer has non-zero weights.
     """
     if cfg.method == "none":
         return None

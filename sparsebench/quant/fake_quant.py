@@ -35,7 +35,7 @@ class FakeQuant(nn.Module):
         self.learn_scale = learn_scale and method == "linear"
         self.active = False
         self._bn = (bn,) if bn is not None else ()  # a tuple: not registered, so not in state_dict twice
-        n = weight.shape[0] if self.per_channel else 1
+        n = weight.shape[0] if self.per_channel and method == "linear" else 1  # kmeans: the codebook is per channel
         ones = torch.ones(n, device=weight.device)
         if self.learn_scale:
             self.scale = nn.Parameter(ones.clone())

@@ -94,7 +94,7 @@ class Quantizer(TrainHook):
             if any(isinstance(p, FakeQuant) for p in chain):
                 raise RuntimeError(f"quant: layer {name} is already fake-quantized (on_fit_start called twice)")
             bn = modules.get(self.fold_pairs[name]) if name in self.fold_pairs else None
-            per_channel = self.per_channel_codebooks if self.method == "kmeans" else self.cfg.per_channel
+            per_channel = self.per_channel_codebooks or (self.method != "kmeans" and self.cfg.per_channel)
             fq = FakeQuant(self.method, self.bits[name], m.weight, symmetric=self.cfg.symmetric,
                            per_channel=per_channel, learn_scale=self.cfg.learn_scale, bn=bn)
             parametrize.register_parametrization(m, "weight", fq)
@@ -181,6 +181,7 @@ class Quantizer(TrainHook):
     def state_dict(self) -> Dict[str, Any]:
         return {
             "method": self.method, "bits": dict(self.bits), "active": self.active, "fits": self.fits,
+            "per_channel_codebooks": self.per_channel_codebooks,
             "grids": {name: {k: v.detach().cpu().clone() for k, v in fq.state_dict().items()}
                       for name, fq in self.fake_quants.items()},
         }
@@ -192,6 +193,10 @@ class Quantizer(TrainHook):
             raise ConfigError(f"trainer.resume=true: the checkpoint was quantized with quant.method="
                               f"{state.get('method')} and bits {state.get('bits')}, this run asks for "
                               f"quant.method={self.method} and bits {self.bits}")
+        if state.get("per_channel_codebooks", False) != self.per_channel_codebooks:  # absent: per layer
+            raise ConfigError(f"trainer.resume=true: the checkpoint was quantized with quant.kmeans_per_channel="
+                              f"{state.get('per_channel_codebooks', False)}, this run asks for "
+                              f"quant.kmeans_per_channel={self.per_channel_codebooks}")
         for name, grid in state.get("grids", {}).items():
             if name in self.fake_quants:
                 self.fake_quants[name].load_state_dict(grid)
