@@ -346,12 +346,27 @@ def test_sensitivity_experiment_composes_a_dense_only_study_of_every_layer():
     validate_prune(cfg.prune, cfg.trainer.finetune_epochs)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("regrow_until, distill", [(None, 0.0), (1.75, 0.0), (None, 0.5)])
-def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, regrow_until, distill):
-    # trainer.compile_mode=reduce-overhead: the hooks write masks, weights and grids in place between
-    # graph replays; a replay that missed one would drift from the eager loop. With distill, the
-    # teacher (the starting weights) is compiled and replayed too.
+class _Float64Input(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+@pytest.mark.parametrize("device, mode, regrow_until, distill", [
+    ("cpu", "default", None, 0.0), ("cpu", "default", 1.75, 0.0), ("cpu", "default", None, 0.5),
+    pytest.param("cuda", "reduce-overhead", None, 0.0, marks=pytest.mark.cuda),
+    pytest.param("cuda", "reduce-overhead", 1.75, 0.0, marks=pytest.mark.cuda),
+    pytest.param("cuda", "reduce-overhead", None, 0.5, marks=pytest.mark.cuda),
+])
+def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, device, mode, regrow_until, distill):
+    # The hooks write masks, weights and grids in place between compiled steps (on CUDA, between
+    # CUDA-graph replays); a step that missed one would drift from the eager loop. With distill,
+    # the teacher (the starting weights) is compiled and replayed too.
+    # In float64, so that rounding differences between the two loops stay ~1e-13 instead of
+    # growing into different trajectories: in float32 a 1e-5 relative change of the starting
+    # weights moves this 4-bit pruned loop's losses by 3-6% within two epochs (CPU, eager).
+    # With regrowing masks a rounding-sized change still flips one discrete choice in most
+    # runs (0.44% on the losses, CPU float64), hence a 2% bound there. A mask event one step
+    # late moves the losses by 1.6-3.4% (CPU float64), far outside the 1e-4 bound without regrowth.
     # cudnn.benchmark (left on by any earlier test's seed_everything) picks convolution algorithms by
     # timing, so on a busy GPU the two loops could round differently for that reason alone.
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -359,17 +374,16 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatc
     from sparsebench.train import fit
     from tests.conftest import compose
 
-    gpu = torch.device("cuda")
+    dev = torch.device(device)
     train, test = _digits_batches()
     for b in (train, test):
-        b.x, b.y, b.mean, b.std, b.device = b.x.to(gpu), b.y.to(gpu), b.mean.to(gpu), b.std.to(gpu), gpu
+        b.x, b.y, b.mean, b.std, b.device = b.x.to(dev), b.y.to(dev), b.mean.to(dev), b.std.to(dev), dev
     losses, acc = {}, {}
-    for mode, seed in (("eager", 0), ("eager", 1), ("reduce-overhead", 0)):
-        torch.manual_seed(seed)
-        model = convnet().to(gpu)
+    for loop in ("eager", "compiled"):
+        model = nn.Sequential(_Float64Input(), convnet()).double().to(dev)
         trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-                                  step_gamma=0.1, label_smoothing=0.0, amp=False, compile=mode != "eager",
-                                  compile_mode="default" if mode == "eager" else mode, progress=False,
+                                  step_gamma=0.1, label_smoothing=0.0, amp=False, compile=loop == "compiled",
+                                  compile_mode=mode, progress=False,
                                   checkpoint_every=0, checkpoint_epochs=1, distill=distill, distill_temperature=4.0)
         teacher = copy.deepcopy(model) if distill else None
         hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until),
@@ -377,16 +391,13 @@ def test_cuda_graphed_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatc
                  build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
         logged = []
         fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,
-            checkpoint=tmp_path / f"{mode}{seed}.pt", log=lambda m, s: logged.append(m), teacher=teacher)
-        losses[mode, seed] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
-        acc[mode, seed] = logged[-1]["finetune/acc"]
+            checkpoint=tmp_path / f"{loop}.pt", log=lambda m, s: logged.append(m), teacher=teacher)
+        losses[loop] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
+        acc[loop] = logged[-1]["finetune/acc"]
         assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)
         regrown = sum(m.get("sparsity/regrown", 0) for m in logged)
-        assert regrown > 0 if regrow_until else "sparsity/regrown" not in logged[-1]  # graph replays see grown masks
-    assert len(losses["eager", 0]) == len(losses["reduce-overhead", 0]) >= 8
-    assert losses["reduce-overhead", 0] == pytest.approx(losses["eager", 0], rel=0.05, abs=0.02)
-    # A 2-epoch 4-bit model on 360 test images moves by a few points with any change of rounding,
-    # so the graphed run may differ from the eager one by twice what another seed moves it, but
-    # by no less than 3 points and no more than 6.
-    seed_spread = abs(acc["eager", 1] - acc["eager", 0])
-    assert abs(acc["reduce-overhead", 0] - acc["eager", 0]) <= min(0.06, max(0.03, 2 * seed_spread))
+        assert regrown > 0 if regrow_until else "sparsity/regrown" not in logged[-1]  # compiled steps see grown masks
+    assert len(losses["eager"]) == len(losses["compiled"]) >= 8
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=0.02 if regrow_until else 1e-4)
+    # 360 test images: one image is 0.28 point; after a flipped choice a few images may change.
+    assert abs(acc["compiled"] - acc["eager"]) <= (0.03 if regrow_until else 0.003)
