@@ -161,8 +161,19 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     swept = swept_keys(rows)
     for row in rows:
         values = dict(split_override(o) for o in row["_overrides"])
-        row.update({k: values[k] if k in values else _value_not_overridden(row, k) for k in swept})
+        row.update({k: _one_spelling(values[k] if k in values else _value_not_overridden(row, k)) for k in swept})
     return rows
+
+
+def _one_spelling(value: Any) -> Any:
+    """A swept value as one column shows it: a config's 30.0 and an override's "30" both read "30"."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
