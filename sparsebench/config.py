@@ -58,8 +58,9 @@ class TrainerConfig:
     step_gamma: float = 0.1  # step scheduler: multiply by gamma at 50% and 75% of training
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # dense training ends with an exponential moving average of its weights (e.g. 0.9995)
-    distill: float = 0.0  # retraining: weight of the dense model's (init_from's, or this run's dense.pt) softened outputs in the loss; 0: off
+    distill: float = 0.0  # retraining: weight of the teacher's softened outputs in the loss (teacher, else init_from's or this run's dense.pt); 0: off
     distill_temperature: float = 4.0
+    teacher: Optional[str] = None  # with distill: another run's dense.pt to learn from (any network on the same data); None: this job's dense model
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
     channels_last: bool = True  # on CUDA only
@@ -146,6 +147,8 @@ def validate(cfg: Any) -> None:
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "null or a number in (0, 1)")
     _require(0 <= t.distill <= 1, "trainer.distill", t.distill, "a weight in [0, 1] (0: off)")
     _require(t.distill_temperature > 0, "trainer.distill_temperature", t.distill_temperature, "a number > 0")
+    _require(t.teacher is None or t.distill > 0, "trainer.teacher", t.teacher,
+             "null unless trainer.distill > 0 (only distillation learns from a teacher)")
 
     d = cfg.data
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
@@ -163,8 +166,8 @@ def validate(cfg: Any) -> None:
     validate_bench(cfg.backend, cfg.bench)
     # trainer.distill without pruning or quantization is left unused (a study's dense-only run keeps its config).
     if cfg.prune.method != "none" or cfg.quant.method != "none":
-        _require(t.distill == 0 or t.epochs > 0 or t.init_from, "trainer.distill", t.distill,
-                 "0 unless there is a dense model to learn from (trainer.epochs > 0 or trainer.init_from)")
+        _require(t.distill == 0 or t.epochs > 0 or t.init_from or t.teacher, "trainer.distill", t.distill,
+                 "0 unless there is a dense model to learn from (trainer.epochs > 0, trainer.init_from or trainer.teacher)")
         _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,
                  "an integer >= 1 when pruning or quantization is on (they run while retraining)")
 

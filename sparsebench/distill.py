@@ -1,5 +1,6 @@
-"""Retraining that also learns from the dense model (``trainer.distill``): knowledge
-distillation (Hinton et al. 2015) with the network's own dense weights as the teacher.
+"""Retraining that also learns from a dense model (``trainer.distill``): knowledge
+distillation (Hinton et al. 2015) with the network's own dense weights as the teacher, or
+another run's dense model (``trainer.teacher``, any network on the same data).
 
 The pruned or quantized student is pulled toward the dense model's softened outputs as well as
 the labels, so retraining has a target that carries what the dense weights knew about every

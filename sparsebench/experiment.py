@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -97,15 +97,17 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
         data = data.to(device)
     channels_last = t.channels_last and device.type == "cuda"
 
-    def new_model() -> torch.nn.Module:
-        net = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                          image_size=data.image_size, width=cfg.model.width).to(device)
+    def new_model(spec: Any = cfg.model) -> torch.nn.Module:  # spec: a model config (name, width)
+        net = build_model(spec["name"], in_channels=data.in_channels, num_classes=data.num_classes,
+                          image_size=data.image_size, width=spec.get("width", 1.0)).to(device)
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
     model = new_model()
     train, test = _batches(data, cfg, device, channels_last)
     pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
+    # Another network's dense model to distil, read now: a wrong trainer.teacher fails before any training.
+    other_teacher = _read_teacher(cfg) if hooks and t.distill and t.teacher else None
     phases.done("data")
     share = [gpu_share] if gpu_share is not None else []  # pauses training while another job benchmarks
 
@@ -133,14 +135,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
     # Pruning and quantization-aware retraining.
     if hooks:
-        teacher = None
-        if t.distill:  # the dense model, also when resuming: from the file it was shared in or saved to
-            source = t.init_from or str(run_dir / "dense.pt")
-            if not Path(source).expanduser().exists():
-                raise ConfigError(f"trainer.distill={t.distill}: no dense model to learn from at {source} (a run "
-                                  "resumed with distillation needs its dense.pt or trainer.init_from)")
-            teacher = new_model()
-            _load_weights(teacher, source, cfg)
+        teacher = _teacher(cfg, run_dir, new_model, other_teacher) if t.distill else None
         timings.update(fit(model, train, test, t, phase="finetune", epochs=t.finetune_epochs,
                            lr=t.finetune_lr or t.lr, hooks=hooks + share, checkpoint=checkpoint,
                            extra={"acc_dense": acc_dense},
@@ -217,6 +212,36 @@ def _load_resume(checkpoint: Path) -> Optional[Dict[str, Any]]:
         raise ConfigError(f"trainer.resume=true: no checkpoint at {checkpoint}; resume needs the run directory "
                           f"of an earlier run (hydra.run.dir=<that dir>)")
     return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def _read_teacher(cfg: Any) -> Dict[str, Any]:
+    """trainer.teacher's dense.pt: the weights and the model config of a run on this job's data."""
+    file = Path(cfg.trainer.teacher).expanduser()
+    state = torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else {}
+    spec = state.get("model_cfg") if isinstance(state, dict) else None
+    if spec is None or state.get("data") != cfg.data.name:
+        found = f"model {spec}, data {state.get('data')!r}" if spec else "no run's dense model"
+        raise ConfigError(f"trainer.teacher={cfg.trainer.teacher!r}: not the dense.pt of a run on "
+                          f"data={cfg.data.name} (found {found})")
+    return state
+
+
+def _teacher(cfg: Any, run_dir: Path, new_model: Callable[..., torch.nn.Module],
+             other: Optional[Dict[str, Any]]) -> torch.nn.Module:
+    """Distillation's teacher: ``other`` (trainer.teacher's dense model, of any network), else this
+    job's own dense model, also when resuming: from the file it was shared in (init_from) or saved to."""
+    if other is not None:
+        teacher = new_model(other["model_cfg"])
+        teacher.load_state_dict(other["model"])
+        return teacher
+    t = cfg.trainer
+    source = t.init_from or str(run_dir / "dense.pt")
+    if not Path(source).expanduser().exists():
+        raise ConfigError(f"trainer.distill={t.distill}: no dense model to learn from at {source} (a run "
+                          "resumed with distillation needs its dense.pt or trainer.init_from)")
+    teacher = new_model()
+    _load_weights(teacher, source, cfg)
+    return teacher
 
 
 def _load_weights(model: torch.nn.Module, path: str, cfg: Any) -> None:

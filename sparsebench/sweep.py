@@ -36,8 +36,8 @@ _WANDB_TAG_MAX = 64  # W&B rejects longer tags
 SHARED = "shared"
 # Trainer keys that only matter after dense training, or only for how fast it runs (compile,
 # threads): jobs differing in them share one dense model.
-_NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature", "init_from", "resume", "progress",
-              "checkpoint_every", "checkpoint_epochs", "compile", "compile_mode", "cpu_threads")
+_NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature", "teacher", "init_from", "resume",
+              "progress", "checkpoint_every", "checkpoint_epochs", "compile", "compile_mode", "cpu_threads")
 
 # Keys added since sweeps became resumable, with the value that computes what a config did before
 # they existed: at that value they are left out of the dense key and of the relaunch check, so a
@@ -45,7 +45,7 @@ _NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature"
 _ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None,
                      "prune.regrow_until": None, "prune.regrow_fraction": 0.3,
                      "trainer.distill": 0.0, "trainer.distill_temperature": 4.0,
-                     "quant.kmeans_per_channel": False}
+                     "quant.kmeans_per_channel": False, "trainer.teacher": None}
 
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}

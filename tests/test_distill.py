@@ -39,17 +39,23 @@ BASE = [*TINY, "prune=agp", "quant=none", "bench=none", "trainer.finetune_epochs
         "trainer.deterministic=true", "trainer.device=cpu"]
 
 
-def test_the_teacher_is_the_dense_model_of_the_run_or_of_init_from(tmp_path, monkeypatch):
+@pytest.fixture
+def teachers(monkeypatch):
+    """The state dict of every teacher a run distils, in order."""
     import sparsebench.train
 
-    teachers = []
+    seen = []
 
     class Recorded(Distillation):
         def __init__(self, teacher, *args, **kw):
-            teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
+            seen.append({k: v.clone() for k, v in teacher.state_dict().items()})
             super().__init__(teacher, *args, **kw)
 
     monkeypatch.setattr(sparsebench.train, "Distillation", Recorded)
+    return seen
+
+
+def test_the_teacher_is_the_dense_model_of_the_run_or_of_init_from(tmp_path, teachers):
     run(compose(*BASE, "trainer.distill=0.5"), tmp_path / "own")
     other = run(compose(*BASE, "seed=1"), tmp_path / "other")  # another dense model, to start from
     run(compose(*BASE, "trainer.distill=0.5", f"trainer.init_from={tmp_path / 'other' / 'dense.pt'}"), tmp_path / "from")
@@ -58,6 +64,30 @@ def test_the_teacher_is_the_dense_model_of_the_run_or_of_init_from(tmp_path, mon
         saved = torch.load(tmp_path / dense / "dense.pt", weights_only=False)["model"]
         assert teacher.keys() == saved.keys() and all(torch.equal(teacher[k], saved[k]) for k in saved)
     assert not all(torch.equal(teachers[0][k], teachers[1][k]) for k in saved)
+
+
+def test_the_teacher_may_be_another_networks_dense_model(tmp_path, teachers):
+    dense_only = [*TINY, "prune=none", "quant=none", "bench=none", "trainer.deterministic=true", "trainer.device=cpu"]
+    run(compose(*dense_only, "model.width=0.5"), tmp_path / "wide")  # a wider network on the same data
+    wide = torch.load(tmp_path / "wide" / "dense.pt", weights_only=False)["model"]
+    student = run(compose(*BASE, "trainer.distill=0.5", f"trainer.teacher={tmp_path / 'wide' / 'dense.pt'}"),
+                  tmp_path / "student")
+    own = torch.load(tmp_path / "student" / "dense.pt", weights_only=False)["model"]
+    assert student["status"] == "ok" and len(teachers) == 1
+    assert teachers[0].keys() == wide.keys() and all(torch.equal(teachers[0][k], wide[k]) for k in wide)
+    assert any(wide[k].shape != own[k].shape for k in own)  # not the student's own shape
+
+
+def test_a_teacher_that_cannot_teach_is_named_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer\.teacher='t\.pt' is not allowed: null unless trainer\.distill > 0"):
+        validate(compose(*TINY, "prune=agp", "trainer.teacher=t.pt"))
+    validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.distill=0.5", "trainer.teacher=t.pt"))
+    torch.save({"model": {}, "model_cfg": {"name": "convnet", "width": 0.25}, "data": "cifar10"}, tmp_path / "cifar.pt")
+    for teacher, found in (("missing.pt", "no run's dense model"), ("cifar.pt", "data 'cifar10'")):
+        with pytest.raises(ConfigError, match=rf"trainer\.teacher='.*{teacher}': not the dense\.pt of a run on "
+                                              rf"data=digits \(found .*{found}"):
+            run(compose(*BASE, "trainer.distill=0.5", f"trainer.teacher={tmp_path / teacher}"), tmp_path / "run")
+        assert not (tmp_path / "run" / "dense.pt").exists()  # nothing trained
 
 
 def test_a_pruned_run_distils_its_dense_model(tmp_path):

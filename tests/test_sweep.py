@@ -206,7 +206,8 @@ def test_dense_key_ignores_what_happens_after_dense_training() -> None:
     base = compose_job("prune=agp", "quant=linear", "trainer.finetune_epochs=4")
     assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "quant.bits=4",
                                                                 "trainer.finetune_epochs=8", "trainer.finetune_lr=0.01",
-                                                                "trainer.distill=0.5", "prune.regrow_until=3"))
+                                                                "trainer.distill=0.5", "trainer.teacher=other/dense.pt",
+                                                                "prune.regrow_until=3"))
     # How fast the dense model trains is not what it is: eager and CUDA-graph retraining compare from one model.
     assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "trainer.compile=true",
                                                                 "trainer.compile_mode=reduce-overhead"))
@@ -230,7 +231,7 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     del earlier["data"]["trivialaugment"], earlier["trainer"]["ema_decay"]
     del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"]
     del earlier["prune"]["regrow_until"], earlier["prune"]["regrow_fraction"]
-    del earlier["quant"]["kmeans_per_channel"]
+    del earlier["quant"]["kmeans_per_channel"], earlier["trainer"]["teacher"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "acc_final": 0.9}))
     assert sweep.finished_job(cfg, tmp_path) == {"status": "ok", "acc_final": 0.9}
@@ -240,7 +241,7 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     # and a relaunch asking for per-channel codebooks is told it differs.
     kmeans = compose_job("quant=kmeans")
     earlier = OmegaConf.to_container(kmeans, resolve=True)
-    del earlier["quant"]["kmeans_per_channel"]
+    del earlier["quant"]["kmeans_per_channel"], earlier["trainer"]["teacher"]
     assert earlier["quant"]["per_channel"] is True
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     assert sweep.finished_job(kmeans, tmp_path) == {"status": "ok", "acc_final": 0.9}
@@ -251,7 +252,7 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     # relaunched with the docs' trainer.distill=0, and told what differs without it.
     vgg = compose_job("experiment=paper_vgg16_cifar10", *old_vgg, "trainer.distill=0")
     earlier = OmegaConf.to_container(vgg, resolve=True)
-    del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"]
+    del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"], earlier["trainer"]["teacher"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     assert sweep.finished_job(vgg, tmp_path) == {"status": "ok", "acc_final": 0.9}
     with pytest.raises(ValueError, match="this launch has trainer.distill=0.5"):
