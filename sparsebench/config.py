@@ -147,8 +147,8 @@ def validate(cfg: Any) -> None:
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "null or a number in (0, 1)")
     _require(0 <= t.distill <= 1, "trainer.distill", t.distill, "a weight in [0, 1] (0: off)")
     _require(t.distill_temperature > 0, "trainer.distill_temperature", t.distill_temperature, "a number > 0")
-    _require(t.teacher is None or t.distill > 0, "trainer.teacher", t.teacher,
-             "null unless trainer.distill > 0 (only distillation learns from a teacher)")
+    _require(t.teacher is None or (t.distill > 0 and str(t.teacher).strip() != ""), "trainer.teacher", t.teacher,
+             "null, or a run's dense.pt when trainer.distill > 0 (only distillation learns from a teacher)")
 
     d = cfg.data
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")

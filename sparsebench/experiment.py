@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -106,8 +106,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     train, test = _batches(data, cfg, device, channels_last)
     pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
-    # Another network's dense model to distil, read now: a wrong trainer.teacher fails before any training.
-    other_teacher = _read_teacher(cfg) if hooks and t.distill and t.teacher else None
+    # Another network's dense model to distil, built now: a wrong trainer.teacher fails before any training.
+    other_teacher, acc_teacher = _other_teacher(cfg, new_model) if hooks and t.distill and t.teacher else (None, None)
     phases.done("data")
     share = [gpu_share] if gpu_share is not None else []  # pauses training while another job benchmarks
 
@@ -162,6 +162,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     summary = {
         "acc_dense": acc_dense,
         "acc_final": acc_final,
+        **({"acc_teacher": acc_teacher} if acc_teacher is not None else {}),  # trainer.teacher's own test accuracy
         "sparsity": layers.sparsity(model, pruner.layer_names if pruner is not None else None),
         "weight_bits": _mean_bits(rows),
         "dense_bytes": dense_bytes,
@@ -214,26 +215,31 @@ def _load_resume(checkpoint: Path) -> Optional[Dict[str, Any]]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)
 
 
-def _read_teacher(cfg: Any) -> Dict[str, Any]:
-    """trainer.teacher's dense.pt: the weights and the model config of a run on this job's data."""
+def _other_teacher(cfg: Any, new_model: Callable[..., torch.nn.Module]) -> Tuple[torch.nn.Module, Optional[float]]:
+    """trainer.teacher's dense model (its dense.pt names the network, which may be another than
+    this job's), and its test accuracy as that run measured it."""
+    key = f"trainer.teacher={cfg.trainer.teacher!r}"
     file = Path(cfg.trainer.teacher).expanduser()
     state = torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else {}
     spec = state.get("model_cfg") if isinstance(state, dict) else None
     if spec is None or state.get("data") != cfg.data.name:
         found = f"model {spec}, data {state.get('data')!r}" if spec else "no run's dense model"
-        raise ConfigError(f"trainer.teacher={cfg.trainer.teacher!r}: not the dense.pt of a run on "
-                          f"data={cfg.data.name} (found {found})")
-    return state
+        raise ConfigError(f"{key}: not the dense.pt of a run on data={cfg.data.name} (found {found})")
+    teacher = new_model(spec)
+    try:
+        teacher.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"{key}: its weights do not fit the model it names ({spec}): "
+                          f"{str(e).splitlines()[-1].strip()}") from None
+    return teacher, state.get("acc_dense")
 
 
 def _teacher(cfg: Any, run_dir: Path, new_model: Callable[..., torch.nn.Module],
-             other: Optional[Dict[str, Any]]) -> torch.nn.Module:
-    """Distillation's teacher: ``other`` (trainer.teacher's dense model, of any network), else this
-    job's own dense model, also when resuming: from the file it was shared in (init_from) or saved to."""
+             other: Optional[torch.nn.Module]) -> torch.nn.Module:
+    """Distillation's teacher: ``other`` (trainer.teacher's), else this job's own dense model, also
+    when resuming: from the file it was shared in (init_from) or saved to."""
     if other is not None:
-        teacher = new_model(other["model_cfg"])
-        teacher.load_state_dict(other["model"])
-        return teacher
+        return other
     t = cfg.trainer
     source = t.init_from or str(run_dir / "dense.pt")
     if not Path(source).expanduser().exists():

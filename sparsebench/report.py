@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -24,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
@@ -165,15 +168,20 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def _override_parser() -> OverridesParser:
+    return OverridesParser.create()
+
+
 def _one_spelling(value: Any) -> Any:
-    """A swept value as one column shows it: a config's 30.0 and an override's "30" both read "30"."""
-    if value is None or isinstance(value, bool):
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return value
-    return str(int(number)) if number.is_integer() else repr(number)
+    """A swept value typed as Hydra reads an override, whole floats as ints: an override's "50" and
+    "true" and a config's 30.0 and True read 50, True, 30 and True."""
+    if isinstance(value, str):
+        try:
+            value = _override_parser().parse_override(f"key={value}").value()
+        except HydraException:  # not a value Hydra would parse: shown as written
+            return value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -183,7 +191,7 @@ def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
     keys: List[str] = []
     for values in per_job:
         keys += [k for k in values if k not in keys]
-    seen = {k: {values.get(k) for values in per_job} for k in keys}
+    seen = {k: {repr(_one_spelling(values.get(k))) for values in per_job} for k in keys}
     return [k for k, v in seen.items() if len(v) > 1]
 
 

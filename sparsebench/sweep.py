@@ -164,6 +164,7 @@ def dense_config(cfg: Any) -> Any:
     dense.quant = QuantConfig()
     dense.trainer.finetune_epochs = 0
     dense.trainer.distill = 0.0
+    dense.trainer.teacher = None
     dense.trainer.init_from = None
     if "enabled" in dense.bench:
         dense.bench.enabled = False

@@ -68,24 +68,31 @@ def test_the_teacher_is_the_dense_model_of_the_run_or_of_init_from(tmp_path, tea
 
 def test_the_teacher_may_be_another_networks_dense_model(tmp_path, teachers):
     dense_only = [*TINY, "prune=none", "quant=none", "bench=none", "trainer.deterministic=true", "trainer.device=cpu"]
-    run(compose(*dense_only, "model.width=0.5"), tmp_path / "wide")  # a wider network on the same data
+    teacher = run(compose(*dense_only, "model.width=0.5"), tmp_path / "wide")  # a wider network on the same data
     wide = torch.load(tmp_path / "wide" / "dense.pt", weights_only=False)["model"]
     student = run(compose(*BASE, "trainer.distill=0.5", f"trainer.teacher={tmp_path / 'wide' / 'dense.pt'}"),
                   tmp_path / "student")
     own = torch.load(tmp_path / "student" / "dense.pt", weights_only=False)["model"]
     assert student["status"] == "ok" and len(teachers) == 1
+    assert student["acc_teacher"] == teacher["acc_dense"] != student["acc_dense"]
     assert teachers[0].keys() == wide.keys() and all(torch.equal(teachers[0][k], wide[k]) for k in wide)
     assert any(wide[k].shape != own[k].shape for k in own)  # not the student's own shape
 
 
 def test_a_teacher_that_cannot_teach_is_named_before_training(tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer\.teacher='t\.pt' is not allowed: null unless trainer\.distill > 0"):
+    with pytest.raises(ConfigError, match=r"trainer\.teacher='t\.pt' is not allowed: null, or a run's dense\.pt "
+                                          r"when trainer\.distill > 0"):
         validate(compose(*TINY, "prune=agp", "trainer.teacher=t.pt"))
+    with pytest.raises(ConfigError, match=r"trainer\.teacher='' is not allowed"):
+        validate(compose(*TINY, "prune=agp", "trainer.distill=0.5", "trainer.teacher=''"))
     validate(compose(*TINY, "prune=agp", "trainer.epochs=0", "trainer.distill=0.5", "trainer.teacher=t.pt"))
     torch.save({"model": {}, "model_cfg": {"name": "convnet", "width": 0.25}, "data": "cifar10"}, tmp_path / "cifar.pt")
-    for teacher, found in (("missing.pt", "no run's dense model"), ("cifar.pt", "data 'cifar10'")):
-        with pytest.raises(ConfigError, match=rf"trainer\.teacher='.*{teacher}': not the dense\.pt of a run on "
-                                              rf"data=digits \(found .*{found}"):
+    torch.save({"model": {"fc.weight": torch.zeros(1)}, "model_cfg": {"name": "convnet", "width": 0.5}, "data": "digits"},
+               tmp_path / "odd.pt")
+    for teacher, problem in (("missing.pt", "not the dense.pt of a run on data=digits \\(found no run's dense model"),
+                             ("cifar.pt", "not the dense.pt of a run on data=digits \\(found .*data 'cifar10'"),
+                             ("odd.pt", "its weights do not fit the model it names")):
+        with pytest.raises(ConfigError, match=rf"trainer\.teacher='.*{teacher}': {problem}"):
             run(compose(*BASE, "trainer.distill=0.5", f"trainer.teacher={tmp_path / teacher}"), tmp_path / "run")
         assert not (tmp_path / "run" / "dense.pt").exists()  # nothing trained
 

@@ -365,8 +365,8 @@ def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, d
     # growing into different trajectories: in float32 a 1e-5 relative change of the starting
     # weights moves this 4-bit pruned loop's losses by 3-6% within two epochs (CPU, eager).
     # With regrowing masks a rounding-sized change still flips one discrete choice in most
-    # runs (0.44% on the losses, CPU float64), hence a 2% bound there. A mask event one step
-    # late moves the losses by 1.6-3.4% (CPU float64), far outside the 1e-4 bound without regrowth.
+    # runs (0.44% on the losses, CPU float64), hence a 1% bound there. A mask event one step
+    # late moves the losses by 1.6-6% (CPU float64; 0.6% with distillation), outside both bounds.
     # cudnn.benchmark (left on by any earlier test's seed_everything) picks convolution algorithms by
     # timing, so on a busy GPU the two loops could round differently for that reason alone.
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -398,6 +398,6 @@ def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, d
         regrown = sum(m.get("sparsity/regrown", 0) for m in logged)
         assert regrown > 0 if regrow_until else "sparsity/regrown" not in logged[-1]  # compiled steps see grown masks
     assert len(losses["eager"]) == len(losses["compiled"]) >= 8
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=0.02 if regrow_until else 1e-4)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=0.01 if regrow_until else 1e-4)
     # 360 test images: one image is 0.28 point; after a flipped choice a few images may change.
     assert abs(acc["compiled"] - acc["eager"]) <= (0.03 if regrow_until else 0.003)

@@ -229,21 +229,24 @@ def test_jobs_in_renamed_folders_keep_their_numbers_and_labels(grid: Path) -> No
 
 
 def test_a_swept_key_one_job_left_at_its_config_value_shows_that_value(grid: Path) -> None:
-    # Two sweeps in one folder, one of them with trainer.finetune_epochs=100 prune.end=50 quant=kmeans:
-    # the other jobs ran the experiment's 60 and 30.0 (a float in the schema) and its quant group's
-    # choice, which their overrides do not name.
+    # Two sweeps in one folder, one of them with trainer.finetune_epochs=100 prune.end=50 quant=kmeans
+    # quant.kmeans_per_channel=true: the other jobs ran the experiment's 60 and 30.0 (a float in the
+    # schema), False, and its quant group's choice, which their overrides do not name.
     for job in grid.glob("*_*"):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        config = {**config, "trainer": {"finetune_epochs": 60}, "prune": {**config["prune"], "end": 30.0}}
+        config = {**config, "trainer": {"finetune_epochs": 60}, "prune": {**config["prune"], "end": 30.0},
+                  "quant": {**config["quant"], "kmeans_per_channel": False}}
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"quant": "linear"}}}}))
     other_sweep = next(grid.glob("3_*")) / ".hydra" / "overrides.yaml"
     other_sweep.write_text(yaml.safe_dump(yaml.safe_load(other_sweep.read_text())
-                                          + ["trainer.finetune_epochs=100", "prune.end=50", "quant=kmeans"]))
+                                          + ["trainer.finetune_epochs=100", "prune.end=50", "quant=kmeans",
+                                             "quant.kmeans_per_channel=true"]))
     rows = report.collect(grid)
-    assert [r["trainer.finetune_epochs"] for r in rows] == ["60", "60", "60", "100", "60"]
-    assert [r["prune.end"] for r in rows] == ["30", "30", "30", "50", "30"]  # one spelling per column
-    assert [r["prune.final_sparsity"] for r in rows] == ["0.5", "0.5", "0.9", "0.9", "0.95"]
+    assert [r["trainer.finetune_epochs"] for r in rows] == [60, 60, 60, 100, 60]
+    assert [r["prune.end"] for r in rows] == [30, 30, 30, 50, 30]  # one spelling per column
+    assert [r["prune.final_sparsity"] for r in rows] == [0.5, 0.5, 0.9, 0.9, 0.95]
+    assert [r["quant.kmeans_per_channel"] for r in rows] == [False, False, False, True, False]
     assert [r["quant"] for r in rows] == ["linear", "linear", "linear", "kmeans", "linear"]  # the choice, not the subtree
 
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from sparsebench import sweep
 from sparsebench.__main__ import CONF_DIR  # importing the app registers its schema and resolvers
+from sparsebench.config import validate
 from tests.conftest import DENSE, TINY, compose as compose_job, run_cli
 
 # Seconds per job on a CPU: no benchmark, one short retraining epoch with pruning and QAT.
@@ -216,6 +217,9 @@ def test_dense_key_ignores_what_happens_after_dense_training() -> None:
     dense = sweep.dense_config(base)
     assert (dense.prune.method, dense.quant.method, dense.quant.bits, dense.trainer.finetune_epochs) == ("none", "none", 32, 0)
     assert sweep.dense_config(compose_job("prune=agp", "trainer.distill=0.5")).trainer.distill == 0
+    taught = sweep.dense_config(compose_job("prune=agp", "trainer.distill=0.5", "trainer.teacher=other/dense.pt"))
+    assert taught.trainer.teacher is None
+    validate(taught)  # the shared dense model of a sweep distilling another network's trains as any other
 
 
 def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) -> None:
