@@ -122,6 +122,19 @@ def test_a_stopped_sweep_continues_where_it_stopped_with_resume(tmp_path: Path) 
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
+def test_a_sweep_distils_another_networks_dense_model(tmp_path: Path) -> None:
+    # trainer.teacher is for retraining: the sweep's shared dense model trains without it.
+    teacher = tmp_path / "teacher"
+    assert run_cli(*DENSE, "model.width=0.5", f"hydra.run.dir={teacher}").returncode == 0
+    done = run_cli("-m", *COMPRESS, "trainer.init_from=shared", "trainer.distill=0.5", "prune.final_sparsity=0.5,0.9",
+                   f"trainer.teacher={teacher / 'dense.pt'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["status"] for r in summary(tmp_path / "sweep")] == ["ok", "ok", "ok"]
+    acc_teacher = json.loads((teacher / "metrics.json").read_text())["acc_dense"]
+    assert [json.loads((job / "metrics.json").read_text())["acc_teacher"] for job in jobs_of(tmp_path / "sweep")] \
+        == [acc_teacher, acc_teacher]
+
+
 def test_a_resumed_sweep_resumes_its_shared_dense_model(tmp_path: Path) -> None:
     args = ["-m", *COMPRESS, "trainer.init_from=shared", "prune.final_sparsity=0.5", f"hydra.sweep.dir={tmp_path}"]
     assert run_cli(*args).returncode == 0
