@@ -141,7 +141,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
                            extra={"acc_dense": acc_dense},
                            resume_from=resume if resume is not None and resume["phase"] == "finetune" else None,
                            log=tracker.log, step_offset=t.epochs * len(train), teacher=teacher))
-        del teacher  # not through export and the benchmark
+        del teacher, other_teacher  # not through export and the benchmark
     acc_final = evaluate(model, test, t.amp)
     phases.done("finetune")
 
