@@ -226,11 +226,7 @@ def _other_teacher(cfg: Any, new_model: Callable[..., torch.nn.Module]) -> Tuple
         found = f"model {spec}, data {state.get('data')!r}" if spec else "no run's dense model"
         raise ConfigError(f"{key}: not the dense.pt of a run on data={cfg.data.name} (found {found})")
     teacher = new_model(spec)
-    try:
-        teacher.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"{key}: its weights do not fit the model it names ({spec}): "
-                          f"{str(e).splitlines()[-1].strip()}") from None
+    _fit_weights(teacher, state["model"], key, f"the model it names ({spec})")
     return teacher, state.get("acc_dense")
 
 
@@ -255,9 +251,15 @@ def _load_weights(model: torch.nn.Module, path: str, cfg: Any) -> None:
     if not file.exists():
         raise ConfigError(f"trainer.init_from={path!r}: no such file (give a dense.pt or checkpoints/last.pt of a run)")
     state = torch.load(file, map_location="cpu", weights_only=False)
+    _fit_weights(model, state.get("model", state), f"trainer.init_from={path!r}",
+                 f"model={cfg.model.name} (width {cfg.model.width}) on data={cfg.data.name}")
+
+
+def _fit_weights(model: torch.nn.Module, weights: Dict[str, Any], key: str, expected: str) -> None:
+    """load_state_dict; weights of another shape are named by the config key that gave them."""
     try:
-        model.load_state_dict(state.get("model", state))
+        model.load_state_dict(weights)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ConfigError(f"trainer.init_from={path!r}: its weights do not fit model={cfg.model.name} "
-                          f"(width {cfg.model.width}) on data={cfg.data.name}: {first}") from None
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        raise ConfigError(f"{key}: its weights do not fit {expected}: {first}") from None

@@ -98,9 +98,10 @@ def _dig(tree: Any, dotted: str) -> Any:
     return tree
 
 
-def split_override(override: str) -> Tuple[str, str]:
+def split_override(override: str) -> Tuple[str, Any]:
+    """An override's key and its value, read as _one_spelling reads it."""
     key, _, value = override.partition("=")
-    return key.lstrip("+~"), value
+    return key.lstrip("+~"), _one_spelling(value)
 
 
 def read_job(job_dir: Path) -> Dict[str, Any]:
@@ -164,7 +165,7 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     swept = swept_keys(rows)
     for row in rows:
         values = dict(split_override(o) for o in row["_overrides"])
-        row.update({k: _one_spelling(values[k] if k in values else _value_not_overridden(row, k)) for k in swept})
+        row.update({k: values[k] if k in values else _one_spelling(_value_not_overridden(row, k)) for k in swept})
     return rows
 
 
@@ -191,7 +192,7 @@ def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
     keys: List[str] = []
     for values in per_job:
         keys += [k for k in values if k not in keys]
-    seen = {k: {repr(_one_spelling(values.get(k))) for values in per_job} for k in keys}
+    seen = {k: {repr(values.get(k)) for values in per_job} for k in keys}
     return [k for k, v in seen.items() if len(v) > 1]
 
 
