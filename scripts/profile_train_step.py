@@ -4,7 +4,8 @@
     python scripts/profile_train_step.py model=vgg16 data=synthetic data.batch_size=256 [--steps 40] [--trace]
 
 Runs the real loop (train.fit) on `--steps` synthetic batches per epoch for three epochs and
-reports the last epoch's ms/step for: dense, pruning only, QAT only, pruning + QAT. With
+reports the last epoch's ms/step for: dense, pruning only, QAT only, pruning + QAT, and (asked for
+with --variants) pruning + QAT distilling a dense model of the same network. With
 --trace, one more epoch of the first and the last variant runs under torch.profiler and
 the heaviest ops by GPU and by CPU time are printed (the step is host-bound when CPU time per
 step exceeds GPU time per step).
@@ -56,28 +57,33 @@ def main() -> None:
     print(f"{cfg.model.name} width {cfg.model.width}, batch {cfg.data.batch_size}, amp {cfg.trainer.amp}, "
           f"channels_last {channels_last}, compile {cfg.trainer.compile} ({cfg.trainer.compile_mode}), {device}")
 
-    def model_and_hooks(prune: bool, quant: bool):
+    def new_model() -> torch.nn.Module:
         model = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
                             image_size=data.image_size, width=cfg.model.width).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    def model_and_hooks(prune: bool, quant: bool):
+        model = new_model()
         hooks = [build_pruner(cfg.prune, model) if prune else None, build_quantizer(cfg.quant, model) if quant else None]
         return model, [h for h in hooks if h is not None]
 
     with tempfile.TemporaryDirectory() as tmp:
-        def step_ms(prune: bool, quant: bool, epochs: int = 3) -> float:
+        def step_ms(prune: bool, quant: bool, distill: bool = False, epochs: int = 3) -> float:
             model, hooks = model_and_hooks(prune, quant)
+            # The teacher's weights do not change its cost: an untrained dense model of the same network.
+            teacher = new_model() if distill else None
             metrics = fit(model, train, test, cfg.trainer, phase="p", epochs=epochs, lr=cfg.trainer.lr, hooks=hooks,
-                          checkpoint=Path(tmp) / "last.pt")
+                          checkpoint=Path(tmp) / "last.pt", teacher=teacher)
             return metrics["p/step_ms"]
 
-        variants = {"dense": (False, False), "prune": (True, False), "quant": (False, True), "prune+quant": (True, True)}
+        variants = {"dense": (False, False), "prune": (True, False), "quant": (False, True), "prune+quant": (True, True),
+                    "prune+quant+distill": (True, True, True)}
         chosen = args.variants.split(",")
         base = None
         for name in chosen:
             ms = step_ms(*variants[name])
             base = base or ms
-            print(f"{name:>12}: {ms:8.2f} ms/step  ({ms / base:.2f}x {chosen[0]})", flush=True)
+            print(f"{name:>19}: {ms:8.2f} ms/step  ({ms / base:.2f}x {chosen[0]})", flush=True)
         if args.trace:
             cfg.prune.end = 0  # one cut at the first step: the traced epoch runs at the final sparsity
             for name in (chosen[0], chosen[-1]):

@@ -220,7 +220,9 @@ def _other_teacher(cfg: Any, new_model: Callable[..., torch.nn.Module]) -> Tuple
     this job's), and its test accuracy as that run measured it."""
     key = f"trainer.teacher={cfg.trainer.teacher!r}"
     file = Path(cfg.trainer.teacher).expanduser()
-    state = torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else {}
+    if not file.is_file():
+        raise ConfigError(f"{key}: no such file (give the dense.pt of a run on data={cfg.data.name})")
+    state = torch.load(file, map_location="cpu", weights_only=False)
     spec = state.get("model_cfg") if isinstance(state, dict) else None
     if spec is None or state.get("data") != cfg.data.name:
         found = f"model {spec}, data {state.get('data')!r}" if spec else "no run's dense model"

@@ -218,8 +218,10 @@ def _baseline_batch(key: str) -> Tuple[str, int]:
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     """The finished jobs as a Markdown table for docs: the swept values, top-1 and its change from
-    dense, footprint and compression, whole-network speedups and the layers faster than each baseline."""
-    swept = swept_keys(rows)
+    dense, footprint and compression, whole-network speedups and the layers faster than each baseline.
+    The jobs left out (failed, died, still running) are named below it with their error."""
+    shown = _ok(rows, "acc_final")
+    swept = swept_keys(shown)  # a key only the left-out jobs set gets no column
     speedups, faster = _keys(rows, SPEEDUP), _keys(rows, FASTER)
     head = ([k.rsplit(".", 1)[-1] for k in swept] or ["job"]) + ["top-1", "Δ vs dense", "footprint", "compression"]
     head += [f"vs {SPEEDUP.match(k)['baseline']} b{SPEEDUP.match(k)['batch']}" for k in speedups]
@@ -229,9 +231,9 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     def number(value: Any, fmt: str) -> str:
         return fmt.format(_num(value)) if _num(value) is not None else "—"
 
-    for r in _ok(rows, "acc_final"):
+    for r in shown:
         reference = r["job"].startswith("dense-")  # the sweep's shared dense model (trainer.init_from=shared)
-        label = ([str(r.get(k)) for k in swept] if not reference else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
+        label = ([_spelled(r.get(k)) for k in swept] if not reference else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
         acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
@@ -244,10 +246,19 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             cells.append(number(r.get(k), "{:.2f}x") + mark)
         cells += [str(r.get(k) or "—") for k in faster]
         lines.append("| " + " | ".join(cells) + " |")
+    left_out = [r for r in rows if r not in shown]
+    if left_out:
+        lines += ["", f"Not in the table ({len(left_out)} of {len(rows)} jobs): " + "; ".join(
+            f"`{r['job']}` ({str(r.get('error') or 'no top-1').splitlines()[0]})" for r in left_out) + "."]
     if marked:
         lines += ["", "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
                       "the job's metrics.json): something else used the GPU while it was measured."]
     return "\n".join(lines) + "\n"
+
+
+def _spelled(value: Any) -> str:
+    """A swept value as an override would spell it (null, not Python's None)."""
+    return "null" if value is None else str(value)
 
 
 # ---------------------------------------------------------------- plots

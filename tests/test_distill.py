@@ -89,7 +89,7 @@ def test_a_teacher_that_cannot_teach_is_named_before_training(tmp_path):
     torch.save({"model": {}, "model_cfg": {"name": "convnet", "width": 0.25}, "data": "cifar10"}, tmp_path / "cifar.pt")
     torch.save({"model": {"fc.weight": torch.zeros(1)}, "model_cfg": {"name": "convnet", "width": 0.5}, "data": "digits"},
                tmp_path / "odd.pt")
-    for teacher, problem in (("missing.pt", "not the dense.pt of a run on data=digits \\(found no run's dense model"),
+    for teacher, problem in (("missing.pt", "no such file \\(give the dense.pt of a run on data=digits\\)"),
                              ("cifar.pt", "not the dense.pt of a run on data=digits \\(found .*data 'cifar10'"),
                              ("odd.pt", "its weights do not fit the model it names")):
         with pytest.raises(ConfigError, match=rf"trainer\.teacher='.*{teacher}': {problem}"):

@@ -263,7 +263,8 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     lines = (grid / "table.md").read_text().splitlines()
     assert lines[0].startswith("| final_sparsity | bits | top-1 | Δ vs dense | footprint | compression |")
     assert "layers faster than cudnn_fp32 b1" in lines[0]
-    assert len(lines) == 2 + 4  # header, rule, the four finished jobs (not the one that died)
+    assert len(lines) == 2 + 4 + 2  # header, rule, the four finished jobs, then the one that died, named
+    assert lines[-1] == f"Not in the table (1 of 5 jobs): `{next(grid.glob('4_*')).name}` ({report.DIED})."
     metrics = json.loads(next(grid.glob("3_*/metrics.json")).read_text())
     cells = [c.strip() for c in lines[5].strip("|").split("|")]
     assert cells[:4] == ["0.9", "8", f"{100 * metrics['acc_final']:.2f}%", f"{100 * (metrics['acc_final'] - 0.98):+.2f}"]
@@ -272,6 +273,24 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     single = grid / "3_prune.final_sparsity=0.9,quant.bits=8"
     alone = [c.strip() for c in markdown_lines(single)[2].strip("|").split("|")]
     assert alone[0] == single.name and alone[1:3] == cells[2:4]  # its own top-1 and Δ vs dense
+
+
+def test_a_key_only_left_out_jobs_set_gets_no_column_and_null_reads_null(grid: Path) -> None:
+    def add_overrides(job: Path, *extra: str) -> None:
+        file = job / ".hydra" / "overrides.yaml"
+        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text()) + list(extra)))
+
+    failed = make_job(grid, 5, 0.9, 4, status="failed")  # e.g. its teacher file was missing
+    add_overrides(failed, "trainer.teacher=/runs/r18/dense.pt")
+    lines = markdown_lines(grid)
+    assert "teacher" not in lines[0]
+    assert lines[-1].startswith("Not in the table (2 of 6 jobs): ")
+    assert lines[-1].endswith(f"; `{failed.name}` (RuntimeError: CUDA out of memory).")
+    add_overrides(next(grid.glob("1_*")), "trainer.teacher=/runs/r18/dense.pt")  # now a finished job differs
+    lines = markdown_lines(grid)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    column = [[c.strip() for c in line.strip("|").split("|")][head.index("teacher")] for line in lines[2:6]]
+    assert column == ["null", "/runs/r18/dense.pt", "null", "null"]
 
 
 def test_speedups_timed_beside_other_gpu_work_are_marked_noisy(grid: Path) -> None:

@@ -37,7 +37,7 @@ def validate_quant(q: Any, finetune_epochs: Optional[int] = None) -> None:
     require(q.method in METHODS, "quant.method", q.method, "one of " + ", ".join(METHODS))
     if q.method == "none":
         require(q.bits == FP32, "quant.bits", q.bits,
-                "32 when quant.method=none (choose quant=linear, pow2 or kmeans for 2..8)")
+                "32 when quant.method=none (weights=fp32 sets both; quant=linear, pow2 or kmeans take 2..8)")
         require(not q.overrides, "quant.overrides", dict(q.overrides), "empty when quant.method=none")
     else:
         require(MIN_BITS <= q.bits <= MAX_BITS, "quant.bits", q.bits,
