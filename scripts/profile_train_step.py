@@ -5,7 +5,9 @@
 
 Runs the real loop (train.fit) on `--steps` synthetic batches per epoch for three epochs and
 reports the last epoch's ms/step for: dense, pruning only, QAT only, pruning + QAT, and (asked for
-with --variants) pruning + QAT distilling a dense model of the same network. With
+with --variants) pruning + QAT distilling a dense model of the same network, or `data`: the input
+pipeline alone (shuffle, augmentation, normalisation; the synthetic images are uint8 like CIFAR's,
+so `data.augment=true data.cutout=16 data.trivialaugment=true` costs what it costs there). With
 --trace, one more epoch of the first and the last variant runs under torch.profiler and
 the heaviest ops by GPU and by CPU time are printed (the step is host-bound when CPU time per
 step exceeds GPU time per step).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -76,17 +79,32 @@ def main() -> None:
                           checkpoint=Path(tmp) / "last.pt", teacher=teacher)
             return metrics["p/step_ms"]
 
+        def batch_ms(epochs: int = 3) -> float:
+            for epoch in range(epochs):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                for _ in train.epoch(epoch):
+                    pass
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            return 1e3 * (time.perf_counter() - started) / len(train)
+
         variants = {"dense": (False, False), "prune": (True, False), "quant": (False, True), "prune+quant": (True, True),
                     "prune+quant+distill": (True, True, True)}
         chosen = args.variants.split(",")
+        unknown = [name for name in chosen if name not in variants and name != "data"]
+        if unknown:
+            parser.error(f"--variants: {', '.join(unknown)} not among data, {', '.join(variants)}")
         base = None
         for name in chosen:
-            ms = step_ms(*variants[name])
+            ms = batch_ms() if name == "data" else step_ms(*variants[name])
             base = base or ms
-            print(f"{name:>19}: {ms:8.2f} ms/step  ({ms / base:.2f}x {chosen[0]})", flush=True)
+            print(f"{name:>19}: {ms:8.2f} ms/{'batch' if name == 'data' else 'step'}  ({ms / base:.2f}x {chosen[0]})", flush=True)
         if args.trace:
             cfg.prune.end = 0  # one cut at the first step: the traced epoch runs at the final sparsity
-            for name in (chosen[0], chosen[-1]):
+            traced = [name for name in chosen if name != "data"]
+            for name in dict.fromkeys(traced[:1] + traced[-1:]):
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     step_ms(*variants[name], epochs=1)
                 table = prof.key_averages()

@@ -265,14 +265,14 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     with pytest.raises(ValueError, match="ran with quant.kmeans_per_channel=None, this launch has "
                                          "quant.kmeans_per_channel=True"):
         sweep.finished_job(compose_job("quant=kmeans", "quant.kmeans_per_channel=true"), tmp_path)
-    # A VGG-16 job of runs A-G (no distillation; the config's trainer.distill=0.5 since run H) is kept when
+    # A VGG-16 job of runs A-G (no distillation; the config distils since run H, at 1.0 since run J) is kept when
     # relaunched with the docs' trainer.distill=0, and told what differs without it.
     vgg = compose_job("experiment=paper_vgg16_cifar10", *old_vgg, "trainer.distill=0")
     earlier = OmegaConf.to_container(vgg, resolve=True)
     del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"], earlier["trainer"]["teacher"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     assert sweep.finished_job(vgg, tmp_path) == {"status": "ok", "acc_final": 0.9}
-    with pytest.raises(ValueError, match="this launch has trainer.distill=0.5"):
+    with pytest.raises(ValueError, match="this launch has trainer.distill=1.0"):
         sweep.finished_job(compose_job("experiment=paper_vgg16_cifar10", *old_vgg), tmp_path)
 
 
