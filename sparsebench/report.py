@@ -219,9 +219,10 @@ def _baseline_batch(key: str) -> Tuple[str, int]:
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     """The finished jobs as a Markdown table for docs: the swept values, top-1 and its change from
     dense, footprint and compression, whole-network speedups and the layers faster than each baseline.
-    The jobs left out (failed, died, still running) are named below it with their error."""
+    The jobs left out (failed, died, still running) are named below it with their error. Columns are
+    the keys that differ between the jobs shown: a key only the left-out jobs set gets none."""
     shown = _ok(rows, "acc_final")
-    swept = swept_keys(shown)  # a key only the left-out jobs set gets no column
+    swept = swept_keys(shown)
     speedups, faster = _keys(rows, SPEEDUP), _keys(rows, FASTER)
     head = ([k.rsplit(".", 1)[-1] for k in swept] or ["job"]) + ["top-1", "Δ vs dense", "footprint", "compression"]
     head += [f"vs {SPEEDUP.match(k)['baseline']} b{SPEEDUP.match(k)['batch']}" for k in speedups]
@@ -246,14 +247,21 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             cells.append(number(r.get(k), "{:.2f}x") + mark)
         cells += [str(r.get(k) or "—") for k in faster]
         lines.append("| " + " | ".join(cells) + " |")
-    left_out = [r for r in rows if r not in shown]
+    shown_ids = {id(r) for r in shown}
+    left_out = [r for r in rows if id(r) not in shown_ids]
     if left_out:
         lines += ["", f"Not in the table ({len(left_out)} of {len(rows)} jobs): " + "; ".join(
-            f"`{r['job']}` ({str(r.get('error') or 'no top-1').splitlines()[0]})" for r in left_out) + "."]
+            f"`{r['job']}` ({_first_line(r.get('error') or 'no top-1')})" for r in left_out) + "."]
     if marked:
         lines += ["", "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
                       "the job's metrics.json): something else used the GPU while it was measured."]
     return "\n".join(lines) + "\n"
+
+
+def _first_line(error: Any) -> str:
+    """An error's first non-empty line, as Markdown code (an error may hold <...> that HTML would eat)."""
+    line = next((part for part in str(error).splitlines() if part.strip()), "")
+    return "`" + line.replace("`", "'") + "`"
 
 
 def _spelled(value: Any) -> str:

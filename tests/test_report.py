@@ -264,7 +264,7 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     assert lines[0].startswith("| final_sparsity | bits | top-1 | Δ vs dense | footprint | compression |")
     assert "layers faster than cudnn_fp32 b1" in lines[0]
     assert len(lines) == 2 + 4 + 2  # header, rule, the four finished jobs, then the one that died, named
-    assert lines[-1] == f"Not in the table (1 of 5 jobs): `{next(grid.glob('4_*')).name}` ({report.DIED})."
+    assert lines[-1] == f"Not in the table (1 of 5 jobs): `{next(grid.glob('4_*')).name}` (`{report.DIED}`)."
     metrics = json.loads(next(grid.glob("3_*/metrics.json")).read_text())
     cells = [c.strip() for c in lines[5].strip("|").split("|")]
     assert cells[:4] == ["0.9", "8", f"{100 * metrics['acc_final']:.2f}%", f"{100 * (metrics['acc_final'] - 0.98):+.2f}"]
@@ -285,7 +285,7 @@ def test_a_key_only_left_out_jobs_set_gets_no_column_and_null_reads_null(grid: P
     lines = markdown_lines(grid)
     assert "teacher" not in lines[0]
     assert lines[-1].startswith("Not in the table (2 of 6 jobs): ")
-    assert lines[-1].endswith(f"; `{failed.name}` (RuntimeError: CUDA out of memory).")
+    assert lines[-1].endswith(f"; `{failed.name}` (`RuntimeError: CUDA out of memory`).")
     add_overrides(next(grid.glob("1_*")), "trainer.teacher=/runs/r18/dense.pt")  # now a finished job differs
     lines = markdown_lines(grid)
     head = [c.strip() for c in lines[0].strip("|").split("|")]
