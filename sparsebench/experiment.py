@@ -219,10 +219,7 @@ def _other_teacher(cfg: Any, new_model: Callable[..., torch.nn.Module]) -> Tuple
     """trainer.teacher's dense model (its dense.pt names the network, which may be another than
     this job's), and its test accuracy as that run measured it."""
     key = f"trainer.teacher={cfg.trainer.teacher!r}"
-    file = Path(cfg.trainer.teacher).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{key}: no such file (give the dense.pt of a run on data={cfg.data.name})")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = _read_file(cfg.trainer.teacher, key, f"give the dense.pt of a run on data={cfg.data.name}")
     spec = state.get("model_cfg") if isinstance(state, dict) else None
     if spec is None or state.get("data") != cfg.data.name:
         found = f"model {spec}, data {state.get('data')!r}" if spec else "no run's dense model"
@@ -249,12 +246,18 @@ def _teacher(cfg: Any, run_dir: Path, new_model: Callable[..., torch.nn.Module],
 
 
 def _load_weights(model: torch.nn.Module, path: str, cfg: Any) -> None:
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise ConfigError(f"trainer.init_from={path!r}: no such file (give a dense.pt or checkpoints/last.pt of a run)")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    _fit_weights(model, state.get("model", state), f"trainer.init_from={path!r}",
+    key = f"trainer.init_from={path!r}"
+    state = _read_file(path, key, "give a dense.pt or checkpoints/last.pt of a run")
+    _fit_weights(model, state.get("model", state), key,
                  f"model={cfg.model.name} (width {cfg.model.width}) on data={cfg.data.name}")
+
+
+def _read_file(path: str, key: str, hint: str) -> Any:
+    """A weights file a config key names; a missing one is one line naming the key."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}: no such file ({hint})")
+    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def _fit_weights(model: torch.nn.Module, weights: Dict[str, Any], key: str, expected: str) -> None:
