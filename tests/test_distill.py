@@ -97,6 +97,13 @@ def test_a_teacher_that_cannot_teach_is_named_before_training(tmp_path):
         assert not (tmp_path / "run" / "dense.pt").exists()  # nothing trained
 
 
+def test_a_missing_init_from_file_is_named_as_the_teachers_is(tmp_path):
+    for target in (tmp_path / "missing.pt", tmp_path):  # a folder is no weights file either
+        with pytest.raises(ConfigError, match=r"trainer\.init_from='.*': no such file \(give a dense\.pt or "
+                                              r"checkpoints/last\.pt of a run\)"):
+            run(compose(*BASE, f"trainer.init_from={target}"), tmp_path / "run")
+
+
 def test_a_pruned_run_distils_its_dense_model(tmp_path):
     plain = run(compose(*BASE), tmp_path / "plain")
     distilled = run(compose(*BASE, "trainer.distill=0.9"), tmp_path / "distilled")
