@@ -29,6 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from sparsebench.quant.config import method_reads
 from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
 
 SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
@@ -196,6 +197,18 @@ def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return [k for k, v in seen.items() if len(v) > 1]
 
 
+def applies(row: Dict[str, Any], key: str) -> bool:
+    """Whether a swept key meant anything to this job. Tables and plots leave it blank where it did not
+    (quant.kmeans_per_channel on a linear or fp32 job, prune.scope on an unpruned one); summary.csv keeps
+    what every job's config held."""
+    group, _, name = key.partition(".")
+    if group == "quant" and name:
+        return method_reads(row["quant_method"], name)
+    if group == "prune" and name and name != "final_sparsity":
+        return row["prune_method"] != "none"
+    return True
+
+
 def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
     swept = swept_keys(rows)
     return COLUMNS[:4] + swept + COLUMNS[4:] + _keys(rows, SPEEDUP) + _keys(rows, FASTER) + ["error"]
@@ -234,7 +247,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
 
     for r in shown:
         reference = r["job"].startswith("dense-")  # the sweep's shared dense model (trainer.init_from=shared)
-        label = ([_spelled(r.get(k)) for k in swept] if not reference else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
+        label = ([_spelled(r.get(k)) if applies(r, k) else "" for k in swept] if not reference
+                 else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
         acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
@@ -314,7 +328,7 @@ def _ok(rows: Iterable[Dict[str, Any]], *keys: str) -> List[Dict[str, Any]]:
 
 def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
     """Short name for plots: the swept values ("final_sparsity=0.9 bits=4"), else the job number."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={row.get(k)}" for k in swept if row.get(k) is not None]
+    parts = [f"{k.rsplit('.', 1)[-1]}={row.get(k)}" for k in swept if row.get(k) is not None and applies(row, k)]
     if row.get("num") is None:
         return row["job"]  # a reference run such as dense-<key>
     return " ".join(parts) or f"job {row['num']}"
@@ -555,7 +569,10 @@ def plot_curves(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
     if not per_job:
         return Section(title, note="No job wrote history.jsonl (runs log their per-epoch accuracy there, "
                                       "with or without W&B; older runs have none).")
-    fig = _figure(width=11.0, height=4.2)
+    # Many jobs: each legend goes under its plot, one line a job, and the figure grows to hold it.
+    entries = max(sum((phase in c) + (f"{phase} ema" in c) for c in per_job.values()) for phase in ("dense", "finetune"))
+    below = entries > 6
+    fig = _figure(width=11.0, height=4.2 + (0.12 * entries if below else 0))
     axes = fig.subplots(1, 2)
     for ax, phase in zip(axes, ("dense", "finetune")):
         for label, curves in per_job.items():
@@ -568,7 +585,7 @@ def plot_curves(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, **({"loc": "upper left", "bbox_to_anchor": (0, -0.12), "frameon": False} if below else {}))
     axes[0].set_ylabel("test accuracy")
     return Section(title, _png(fig))
 
@@ -632,7 +649,8 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
         cells = []
         for c in columns:
             cls = "err" if c == "error" else "l" if c in ("status", "method") or c in swept else ""
-            cells.append(f"<td class='{cls}'>{html.escape(_cell(r.get(c)))}</td>")
+            value = r.get(c) if c not in swept or applies(r, c) else None
+            cells.append(f"<td class='{cls}'>{html.escape(_cell(value))}</td>")
         out.append(f"<tr class='{html.escape(r['status'])}'>{''.join(cells)}</tr>")
     out.append("</table></div><p class='meta'>All numbers also in summary.csv beside this page; one folder per job "
                "with metrics.json, layers.csv and manifest.json.</p></body></html>\n")

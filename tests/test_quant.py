@@ -399,3 +399,29 @@ def test_kmeans_codebook_is_not_refitted_after_the_last_epoch():
         hook.on_epoch_end(epoch, model)
         fits.append(hook.fits)
     assert fits == [1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["linear", "pow2", "kmeans"])
+def test_only_the_method_a_key_belongs_to_reads_it(method):
+    # method_reads (reports leave a key blank on jobs that ignore it) must agree with what training does:
+    # changing a key changes a job of its method and leaves every other method's job as it was.
+    from sparsebench.quant.config import ONE_METHOD_KEYS, method_reads
+
+    def trained_output(**kw) -> torch.Tensor:
+        model = tiny_convnet()
+        prune_half(model)
+        hook = build_quantizer(quant_cfg(method=method, bits=3, **kw), model)
+        hook.on_fit_start(model, steps_per_epoch=2, total_steps=6)
+        torch.manual_seed(1)
+        for epoch in range(3):
+            train_steps(model, hook, {}, steps=2, first=2 * epoch + 1)
+            hook.on_epoch_end(epoch, model)
+        return model.eval()(torch.randn(8, 1, 8, 8)).detach()
+
+    changed = {"symmetric": False, "per_channel": False, "learn_scale": True, "refit_every": 2, "kmeans_iters": 2,
+               "kmeans_per_channel": True}
+    assert set(changed) == set(ONE_METHOD_KEYS) and set(ONE_METHOD_KEYS) <= set(QuantConfig.__dataclass_fields__)
+    default = trained_output()
+    for key, value in changed.items():
+        assert torch.equal(trained_output(**{key: value}), default) != method_reads(method, key), (key, value)
+    assert method_reads(method, "bits") and not method_reads("none", "refit_every")

@@ -293,6 +293,34 @@ def test_a_key_only_left_out_jobs_set_gets_no_column_and_null_reads_null(grid: P
     assert column == ["null", "/runs/r18/dense.pt", "null", "null"]
 
 
+def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Path) -> None:
+    # Sweeps that set quant.kmeans_per_channel and prune.scope for every format: a linear job ignores
+    # the first, and the sparsity-0 point (no pruning) the second.
+    for job in grid.glob("[0-3]_*"):
+        file = job / ".hydra" / "overrides.yaml"
+        per_channel, scope = ("false", "global") if job.name.startswith("2_") else ("true", "layer")
+        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text())
+                                       + [f"quant.kmeans_per_channel={per_channel}", f"prune.scope={scope}"]))
+    kmeans, unpruned = next(grid.glob("3_*")), next(grid.glob("0_*"))
+    for job, group, method in ((kmeans, "quant", "kmeans"), (unpruned, "prune", "none")):
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        config[group]["method"] = method
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = markdown_lines(grid)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:6]]
+    assert [(r[head.index("kmeans_per_channel")], r[head.index("scope")]) for r in rows] == [
+        ("", ""), ("", "layer"), ("", "global"), ("True", "layer")]
+    collected = report.collect(grid)
+    swept = report.swept_keys(collected)
+    assert report.job_label(collected[3], swept) == "final_sparsity=0.9 bits=8 kmeans_per_channel=True scope=layer"
+    assert report.job_label(collected[1], swept) == "final_sparsity=0.5 bits=8 scope=layer"
+    report.write_report(grid)
+    summary = read_summary(grid / "summary.csv")  # keeps what each job's config held
+    assert [(r["quant.kmeans_per_channel"], r["prune.scope"]) for r in summary[:4]] == [
+        ("True", "layer"), ("True", "layer"), ("False", "global"), ("True", "layer")]
+
+
 def test_speedups_timed_beside_other_gpu_work_are_marked_noisy(grid: Path) -> None:
     job = next(grid.glob("3_*"))
     metrics = json.loads((job / "metrics.json").read_text())

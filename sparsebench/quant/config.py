@@ -28,6 +28,17 @@ class QuantConfig:
     kmeans_per_channel: bool = False
     overrides: Dict[str, int] = field(default_factory=dict)  # layer name or regex -> bits (32: keep fp32)
 
+# The keys one method reads and the others ignore; every quantizer reads bits, start and overrides.
+ONE_METHOD_KEYS = {"symmetric": "linear", "per_channel": "linear", "learn_scale": "linear",
+                   "refit_every": "kmeans", "kmeans_iters": "kmeans", "kmeans_per_channel": "kmeans"}
+
+
+def method_reads(method: str, key: str) -> bool:
+    """Whether quant.method=``method`` uses quant.``key`` (bits always: 32 is what none means)."""
+    if key == "bits":
+        return True
+    return method != "none" and ONE_METHOD_KEYS.get(key, method) == method
+
 
 def validate_quant(q: Any, finetune_epochs: Optional[int] = None) -> None:
     """Check ``q`` (a QuantConfig) from the config alone; ``finetune_epochs`` bounds ``quant.start``.
