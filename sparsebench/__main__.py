@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from contextlib import nullcontext
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from sparsebench import sweep
 from sparsebench.cli import CONF_DIR, run_checked
 from sparsebench.config import register_schema
-from sparsebench.errors import ConfigError
+from sparsebench.errors import ConfigError, StopRequested
 
 log = logging.getLogger("sparsebench")
 
@@ -78,7 +79,11 @@ def app(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
-    run_checked(app, "config")
+    try:
+        run_checked(app, "config")
+    except StopRequested as e:  # metrics.json says so too; a sweep stops here rather than start its next job
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     # A multirun goes through every job, then exits 1 if any failed (SweepReport counted them).
     if sweep.LAST_SWEEP.get("failed"):
         sys.exit(1)

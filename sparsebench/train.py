@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ from tqdm.auto import tqdm
 
 from sparsebench.data import Batches
 from sparsebench.distill import Distillation
+from sparsebench.errors import StopRequested
 
 LogFn = Callable[[Dict[str, float], int], None]
 
@@ -137,6 +141,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[List[int]]:
+    """While training, SIGTERM (a scheduler's time limit, `timeout`, a kill) asks the loop to save a
+    checkpoint and stop after the step it is in (after the evaluation, if that step ends an epoch), so
+    a resumed run loses nothing. A second SIGTERM acts as it would have without this. Signals reach
+    the main thread only: elsewhere nothing changes."""
+    received: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+
+    def request_stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGTERM, previous)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(phase: str, step: int, total_steps: int, checkpoint: Path) -> StopRequested:
+    return StopRequested(f"SIGTERM during {phase} training: saved step {step} of {total_steps} to {checkpoint}; "
+                         f"trainer.resume=true continues from there")
+
+
 def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str, epochs: int, lr: float,
         hooks: List[TrainHook], checkpoint: Path, extra: Optional[Dict[str, Any]] = None,
         resume_from: Optional[Dict[str, Any]] = None, log: Optional[LogFn] = None,
@@ -185,48 +218,53 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
 
     metrics: Dict[str, float] = {}
     model.train()
-    for epoch in range(step // steps_per_epoch, epochs):
-        start = step - epoch * steps_per_epoch
-        epoch_started, paused_before = time.perf_counter(), sum(h.paused_s for h in hooks)
-        bar = tqdm(train.epoch(epoch, start), total=steps_per_epoch, initial=start, leave=False,
-                   desc=f"{phase} {epoch + 1}/{epochs}", disable=not cfg.progress, dynamic_ncols=True)
-        for x, y in bar:
-            if graphed:
-                torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(train.device, cfg.amp):
-                logits = train_model(x)
-                loss = loss_fn(logits, y) if distill is None else distill(logits, y, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+    with _stop_on_sigterm() as stop:
+        for epoch in range(step // steps_per_epoch, epochs):
+            start = step - epoch * steps_per_epoch
+            epoch_started, paused_before = time.perf_counter(), sum(h.paused_s for h in hooks)
+            bar = tqdm(train.epoch(epoch, start), total=steps_per_epoch, initial=start, leave=False,
+                       desc=f"{phase} {epoch + 1}/{epochs}", disable=not cfg.progress, dynamic_ncols=True)
+            for x, y in bar:
+                if graphed:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with _autocast(train.device, cfg.amp):
+                    logits = train_model(x)
+                    loss = loss_fn(logits, y) if distill is None else distill(logits, y, x)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for hook in hooks:
+                    hook.before_step(step, model)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                for hook in hooks:
+                    hook.after_step(step, model)
+                if step % 10 == 0 or step == total_steps:
+                    loss_value = loss.item()
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                    log({f"{phase}/loss": loss_value, f"{phase}/lr": scheduler.get_last_lr()[0]}, step_offset + step)
+                # A save due at the end of an epoch comes after its evaluation, below.
+                if step % steps_per_epoch and (stop or cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    save(step)
+                    if stop:
+                        raise _stopped(phase, step, total_steps, checkpoint)
+            if train.device.type == "cuda":
+                torch.cuda.synchronize(train.device)
+            # Training time only (no evaluation, no pauses for another job's benchmark): phases
+            # compare per step, e.g. the cost of QAT.
+            paused_s = sum(h.paused_s for h in hooks) - paused_before
+            epoch_s = time.perf_counter() - epoch_started - paused_s
+            metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s, f"{phase}/paused_s": paused_s,
+                       f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1),
+                       f"{phase}/acc": evaluate(model, test, cfg.amp)}
             for hook in hooks:
-                hook.before_step(step, model)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            for hook in hooks:
-                hook.after_step(step, model)
-            if step % 10 == 0 or step == total_steps:
-                loss_value = loss.item()
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-                log({f"{phase}/loss": loss_value, f"{phase}/lr": scheduler.get_last_lr()[0]}, step_offset + step)
-            # A save due at the end of an epoch comes after its evaluation, below.
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                metrics.update(hook.on_epoch_end(epoch, model))
+            log(metrics, step_offset + step)
+            if (stop or (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs
+                    or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 save(step)
-        if train.device.type == "cuda":
-            torch.cuda.synchronize(train.device)
-        # Training time only (no evaluation, no pauses for another job's benchmark): phases
-        # compare per step, e.g. the cost of QAT.
-        paused_s = sum(h.paused_s for h in hooks) - paused_before
-        epoch_s = time.perf_counter() - epoch_started - paused_s
-        metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s, f"{phase}/paused_s": paused_s,
-                   f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1),
-                   f"{phase}/acc": evaluate(model, test, cfg.amp)}
-        for hook in hooks:
-            metrics.update(hook.on_epoch_end(epoch, model))
-        log(metrics, step_offset + step)
-        if ((epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs
-                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save(step)
+                if stop:
+                    raise _stopped(phase, step, total_steps, checkpoint)
     for hook in hooks:
         hook.on_fit_end(model)
     return metrics
