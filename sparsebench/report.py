@@ -204,7 +204,7 @@ def applies(row: Dict[str, Any], key: str) -> bool:
     group, _, name = key.partition(".")
     if group == "quant" and name:
         return method_reads(row["quant_method"], name)
-    if group == "prune" and name and name != "final_sparsity":
+    if group == "prune" and name not in ("", "method", "final_sparsity"):
         return row["prune_method"] != "none"
     return True
 
@@ -334,6 +334,14 @@ def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
     return " ".join(parts) or f"job {row['num']}"
 
 
+def unique_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[int, str]:
+    """Each row's job_label by id(row); a label two jobs share (they differ only in keys neither
+    reads) names the job's folder too, so no plot keyed by label drops one."""
+    labels = [job_label(r, swept) for r in rows]
+    repeated = {label for label, n in Counter(labels).items() if n > 1}
+    return {id(r): f"{label} ({r['job']})" if label in repeated else label for r, label in zip(rows, labels)}
+
+
 def _bits_label(row: Dict[str, Any], several_methods: bool) -> str:
     bits = int(_num(row.get("bits")) or 32)
     if bits >= 32:
@@ -422,7 +430,7 @@ def primary_speedup(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     return min(counts, key=lambda k: (-counts[k], _baseline_batch(k)[1], _baseline_batch(k)[0]))
 
 
-def plot_pareto(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
+def plot_pareto(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Section:
     key = primary_speedup(rows)
     x_key, x_name = (key, f"speedup {key.split('/', 1)[1]} (x)") if key else ("compression", "compression (x, dense fp32 bytes / packed bytes)")
     title = f"Accuracy-{'speedup' if key else 'compression'} Pareto front"
@@ -438,7 +446,7 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
     ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black", lw=1,
             label="Pareto front")
     for i in front:
-        ax.annotate(job_label(ok[i], swept), points[i], fontsize=7, xytext=(4, -10), textcoords="offset points")
+        ax.annotate(labels[id(ok[i])], points[i], fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.set_xscale("log")
     _plain_log_labels(ax.xaxis)
     ax.set_xlabel(x_name + ", log scale")
@@ -473,12 +481,12 @@ def read_layer_speedups(job_dir: Path, backend: Optional[str] = None) -> Dict[Tu
     return out
 
 
-def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> List[Section]:
+def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> List[Section]:
     title = "Per-layer speedup"
     per_case: Dict[Tuple[str, str, int], Dict[str, Dict[str, float]]] = defaultdict(dict)
     for r in _ok(rows):
         for case, layer_values in r.get("_layers", {}).items():
-            per_case[case][job_label(r, swept)] = layer_values
+            per_case[case][labels[id(r)]] = layer_values
     if not per_case:
         return [Section(title, note="No layers.csv has speedup_vs_<baseline> columns (no benchmark ran).")]
     cases = sorted(per_case, key=lambda c: (c[2], c[1], c[0]))
@@ -517,14 +525,14 @@ def _heatmap(title: str, jobs: Dict[str, Dict[str, float]]) -> Section:
                                      "(blue: faster, red: slower; white: equal).")
 
 
-def plot_footprint(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
+def plot_footprint(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Section:
     title = "Weight footprint"
     ok = _ok(rows, "footprint_bytes")
     if not ok:
         return Section(title, note="No finished job reported footprint_bytes.")
     fig = _figure(height=1.4 + 0.3 * len(ok))
     ax = fig.add_subplot()
-    labels = [job_label(r, swept) for r in ok]
+    names = [labels[id(r)] for r in ok]
     ys = range(len(ok))
     dense = [(_num(r.get("dense_bytes")) or 0) / 1024 for r in ok]
     packed = [_num(r["footprint_bytes"]) / 1024 for r in ok]
@@ -533,7 +541,7 @@ def plot_footprint(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Sect
     for y, r, width in zip(ys, ok, packed):
         if _num(r.get("compression")) is not None:
             ax.text(width, y, f" {_num(r['compression']):.1f}x", va="center", fontsize=7)
-    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.set_yticks(list(ys), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("KiB")
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, frameon=False)
@@ -563,9 +571,9 @@ def read_curves(job_dir: Path) -> Dict[str, List[Tuple[float, float]]]:
     return {phase: sorted(points.items()) for phase, points in curves.items()}
 
 
-def plot_curves(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section:
+def plot_curves(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Section:
     title = "Test accuracy per epoch, dense training and retraining"
-    per_job = {job_label(r, swept): r["_curves"] for r in rows if r.get("_curves")}
+    per_job = {labels[id(r)]: r["_curves"] for r in rows if r.get("_curves")}
     if not per_job:
         return Section(title, note="No job wrote history.jsonl (runs log their per-epoch accuracy there, "
                                       "with or without W&B; older runs have none).")
@@ -591,9 +599,9 @@ def plot_curves(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Section
 
 
 def sections(rows: Sequence[Dict[str, Any]]) -> List[Section]:
-    swept = swept_keys(rows)
-    return [plot_accuracy(rows), plot_speedups(rows), plot_pareto(rows, swept),
-            *plot_layer_heatmaps(rows, swept), plot_footprint(rows, swept), plot_curves(rows, swept)]
+    labels = unique_labels(rows, swept_keys(rows))
+    return [plot_accuracy(rows), plot_speedups(rows), plot_pareto(rows, labels),
+            *plot_layer_heatmaps(rows, labels), plot_footprint(rows, labels), plot_curves(rows, labels)]
 
 
 # ---------------------------------------------------------------- the page

@@ -319,6 +319,31 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
     summary = read_summary(grid / "summary.csv")  # keeps what each job's config held
     assert [(r["quant.kmeans_per_channel"], r["prune.scope"]) for r in summary[:4]] == [
         ("True", "layer"), ("True", "layer"), ("False", "global"), ("True", "layer")]
+    # Two jobs that differ only in a key neither reads share a label: plots keyed by it keep both.
+    twin = grid / "5_twin"
+    shutil.copytree(next(grid.glob("1_*")), twin)
+    file = twin / ".hydra" / "overrides.yaml"
+    file.write_text(yaml.safe_dump([o.replace("kmeans_per_channel=true", "kmeans_per_channel=false")
+                                    for o in yaml.safe_load(file.read_text())]))
+    collected = report.collect(grid)
+    labels = report.unique_labels(collected, report.swept_keys(collected))
+    twins = [labels[id(r)] for r in collected if r["job"] in (twin.name, next(grid.glob("1_*")).name)]
+    assert twins[0].startswith("final_sparsity=0.5 bits=8 scope=layer (") and len(set(twins)) == 2
+
+
+def test_a_swept_method_shows_none_where_a_job_has_none(grid: Path) -> None:
+    # prune.method=none,agp: the unpruned job's cell reads none, not blank (method is always read).
+    job = next(grid.glob("0_*"))
+    for path, edit in ((job / ".hydra" / "overrides.yaml", lambda o: o + ["prune.method=none"]),
+                       *((j / ".hydra" / "overrides.yaml", lambda o: o + ["prune.method=agp"]) for j in grid.glob("[1-3]_*"))):
+        path.write_text(yaml.safe_dump(edit(yaml.safe_load(path.read_text()))))
+    config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+    config["prune"]["method"] = "none"
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = markdown_lines(grid)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert [[c.strip() for c in line.strip("|").split("|")][head.index("method")] for line in lines[2:6]] == [
+        "none", "agp", "agp", "agp"]
 
 
 def test_speedups_timed_beside_other_gpu_work_are_marked_noisy(grid: Path) -> None:

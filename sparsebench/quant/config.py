@@ -34,8 +34,8 @@ ONE_METHOD_KEYS = {"symmetric": "linear", "per_channel": "linear", "learn_scale"
 
 
 def method_reads(method: str, key: str) -> bool:
-    """Whether quant.method=``method`` uses quant.``key`` (bits always: 32 is what none means)."""
-    if key == "bits":
+    """Whether quant.method=``method`` uses quant.``key`` (method and bits always: none and 32 say what ran)."""
+    if key in ("method", "bits"):
         return True
     return method != "none" and ONE_METHOD_KEYS.get(key, method) == method
 
