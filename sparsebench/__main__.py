@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -61,6 +62,13 @@ def app(cfg: DictConfig) -> Optional[float]:
             # Jobs may share a GPU (n_jobs above the GPU count): they train together, benchmark alone.
             with GpuShare(gpu) if gpu is not None else nullcontext() as share:
                 metrics = run(cfg, run_dir, hc.overrides.task, gpu_share=share)
+        except StopRequested as e:
+            if "joblib" in str(hc.launcher.get("_target_", "")).lower():
+                # A joblib worker would wait for more work, holding the sweep's pipes and its GPU memory.
+                print(f"stopped: {e}", file=sys.stderr, flush=True)
+                logging.shutdown()
+                os._exit(128 + signal.SIGTERM)
+            raise
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             if multirun:  # this job is recorded as failed; the sweep goes on

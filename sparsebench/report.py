@@ -336,10 +336,11 @@ def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
 
 def unique_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[int, str]:
     """Each row's job_label by id(row); a label two jobs share (they differ only in keys neither
-    reads) names the job's folder too, so no plot keyed by label drops one."""
+    reads) adds the job's number (else its folder), so no plot keyed by label drops one."""
     labels = [job_label(r, swept) for r in rows]
     repeated = {label for label, n in Counter(labels).items() if n > 1}
-    return {id(r): f"{label} ({r['job']})" if label in repeated else label for r, label in zip(rows, labels)}
+    return {id(r): label if label not in repeated else f"{label} (job {r['num']})" if r.get("num") is not None
+            else f"{label} ({r['job']})" for r, label in zip(rows, labels)}
 
 
 def _bits_label(row: Dict[str, Any], several_methods: bool) -> str:

@@ -142,17 +142,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int)
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[List[int]]:
+def _stop_on_sigterm(phase: str) -> Iterator[List[int]]:
     """While training, SIGTERM (a scheduler's time limit, `timeout`, a kill) asks the loop to save a
     checkpoint and stop after the step it is in (after the evaluation, if that step ends an epoch), so
-    a resumed run loses nothing. A second SIGTERM acts as it would have without this. Signals reach
-    the main thread only: elsewhere nothing changes."""
+    a resumed run loses nothing. A second SIGTERM gets the handler from before (by default: the
+    process ends). Left alone: SIGTERM ignored or handled outside Python, and threads other than the
+    main one (signals reach only it)."""
     received: List[int] = []
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
         yield received
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
 
     def request_stop(signum: int, frame: Any) -> None:
         received.append(signum)
@@ -161,6 +161,12 @@ def _stop_on_sigterm() -> Iterator[List[int]]:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         yield received
+    except Exception as e:
+        if received:  # e.g. torch.compile's workers, in the same process group, died of the same SIGTERM
+            raise StopRequested(f"SIGTERM during {phase} training, which then failed before it could save "
+                                f"({type(e).__name__}: {e}); trainer.resume=true continues from the last "
+                                f"checkpoint") from e
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -200,6 +206,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
                                                         cfg.compile_mode if cfg.compile else None)
 
     step = 0
+    metrics: Dict[str, float] = {}  # the last epoch's: a run resumed from its last step returns them too
     if resume_from is not None:
         for hook in hooks:  # first: a hook names the config key that differs before a shape mismatch would
             hook.load_state_dict(resume_from["hooks"].get(hook.name, {}))
@@ -208,17 +215,17 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
         scheduler.load_state_dict(resume_from["scheduler"])
         set_rng_state(resume_from["rng"])
         step = resume_from["step"]
+        metrics = dict(resume_from.get("metrics", {}))
 
     def save(step: int) -> None:
         atomic_torch_save({
             "phase": phase, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": {h.name: h.state_dict() for h in hooks},
-            "rng": rng_state(), "extra": extra or {},
+            "rng": rng_state(), "extra": extra or {}, "metrics": metrics,
         }, checkpoint)
 
-    metrics: Dict[str, float] = {}
     model.train()
-    with _stop_on_sigterm() as stop:
+    with _stop_on_sigterm(phase) as stop:
         for epoch in range(step // steps_per_epoch, epochs):
             start = step - epoch * steps_per_epoch
             epoch_started, paused_before = time.perf_counter(), sum(h.paused_s for h in hooks)
@@ -265,6 +272,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
                 save(step)
                 if stop:
                     raise _stopped(phase, step, total_steps, checkpoint)
+        if stop:  # it came after the last step's check; the last epoch's end saved that step
+            raise _stopped(phase, step, total_steps, checkpoint)
     for hook in hooks:
         hook.on_fit_end(model)
     return metrics

@@ -328,7 +328,7 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
     collected = report.collect(grid)
     labels = report.unique_labels(collected, report.swept_keys(collected))
     twins = [labels[id(r)] for r in collected if r["job"] in (twin.name, next(grid.glob("1_*")).name)]
-    assert twins[0].startswith("final_sparsity=0.5 bits=8 scope=layer (") and len(set(twins)) == 2
+    assert twins == ["final_sparsity=0.5 bits=8 scope=layer (job 1)", "final_sparsity=0.5 bits=8 scope=layer (job 5)"]
 
 
 def test_a_swept_method_shows_none_where_a_job_has_none(grid: Path) -> None:
