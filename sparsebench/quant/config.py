@@ -28,6 +28,7 @@ class QuantConfig:
     kmeans_per_channel: bool = False
     overrides: Dict[str, int] = field(default_factory=dict)  # layer name or regex -> bits (32: keep fp32)
 
+
 # The keys one method reads and the others ignore; every quantizer reads bits, start and overrides.
 ONE_METHOD_KEYS = {"symmetric": "linear", "per_channel": "linear", "learn_scale": "linear",
                    "refit_every": "kmeans", "kmeans_iters": "kmeans", "kmeans_per_channel": "kmeans"}
