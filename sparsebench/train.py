@@ -267,12 +267,13 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
             for hook in hooks:
                 metrics.update(hook.on_epoch_end(epoch, model))
             log(metrics, step_offset + step)
-            if (stop or (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs
+            stopping = bool(stop)  # read once: a SIGTERM from here on is the next step's to handle
+            if (stopping or (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs
                     or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 save(step)
-                if stop:
-                    raise _stopped(phase, step, total_steps, checkpoint)
-        if stop:  # it came after the last step's check; the last epoch's end saved that step
+            if stopping:
+                break
+        if stop:  # at an epoch's end, or after the last epoch's check: the step is saved either way
             raise _stopped(phase, step, total_steps, checkpoint)
     for hook in hooks:
         hook.on_fit_end(model)
