@@ -104,7 +104,9 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
     model = new_model()
     train, test = _batches(data, cfg, device, channels_last)
-    pruner, quantizer = build_pruner(cfg.prune, model), build_quantizer(cfg.quant, model)
+    shape = (1, data.in_channels, data.image_size, data.image_size)
+    pruner = build_pruner(cfg.prune, model, torch.zeros(shape, device=device))
+    quantizer = build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
     # Another network's dense model to distil, built now: a wrong trainer.teacher fails before any training.
     other_teacher, acc_teacher = _other_teacher(cfg, new_model) if hooks and t.distill and t.teacher else (None, None)
@@ -168,6 +170,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
         "dense_bytes": dense_bytes,
         "footprint_bytes": footprint,
         "compression": dense_bytes / max(footprint, 1),
+        # The compute the sparse weights keep: what a batched sparse kernel can hope to save.
+        "macs_kept": _macs(rows, "nnz") / max(_macs(rows, "params"), 1),
         "params": sum(r["params"] for r in rows),
         "device": str(device),
         **{k: round(v, 4) for k, v in timings.items() if k.endswith("step_ms")},
@@ -178,6 +182,11 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     write_csv(run_dir / "layers.csv", layer_rows)
     tracker.table("layers", layer_rows)  # with the timings: the W&B table of layer x backend x batch
     return summary
+
+
+def _macs(rows: list, count: str) -> int:
+    """Multiply-adds per sample of ``count`` weights (``nnz`` or ``params``) of every layer."""
+    return sum(r[count] * r["positions"] for r in rows)
 
 
 def _mean_bits(rows: list) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,11 +53,29 @@ def dense_bytes(module: nn.Module) -> int:
 @torch.no_grad()
 def input_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, List[int]]:
     """Each weight layer's real input shape (batch 1), from one forward pass."""
-    shapes: Dict[str, List[int]] = {}
+    return {name: shapes[0] for name, shapes in io_shapes(model, sample).items()}
+
+
+def positions(model: nn.Module, sample: torch.Tensor) -> Dict[str, int]:
+    """How many times each weight layer applies each of its weights per sample (a weight's
+    multiply-adds): a conv's output height x width, 1 for a linear layer on a vector."""
+    return _positions(model, io_shapes(model, sample))
+
+
+def _positions(model: nn.Module, shapes: Dict[str, Tuple[List[int], List[int]]]) -> Dict[str, int]:
+    # Each output element of a channel uses each of that channel's weights once.
+    return {name: math.prod(shapes[name][1]) // m.weight.shape[0] for name, m in weight_layers(model).items()
+            if name in shapes}
+
+
+@torch.no_grad()
+def io_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, Tuple[List[int], List[int]]]:
+    """Each weight layer's real input and output shapes (batch 1), from one forward pass."""
+    shapes: Dict[str, Tuple[List[int], List[int]]] = {}
 
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            shapes.setdefault(name, list(inputs[0].shape[1:]))
+            shapes.setdefault(name, (list(inputs[0].shape[1:]), list(output.shape[1:])))
         return hook
 
     handles = [m.register_forward_hook(record(name)) for name, m in weight_layers(model).items()]
@@ -73,7 +92,8 @@ def input_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, List[int]]
 
 def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
     """One row per conv/linear layer with the layers.csv geometry columns."""
-    shapes = input_shapes(model, sample)
+    shapes = io_shapes(model, sample)
+    uses = _positions(model, shapes)
     rows = []
     for name, m in weight_layers(model).items():
         w = m.weight
@@ -82,7 +102,7 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
         rows.append({
             "layer": name,
             "kind": "conv2d" if is_conv else "linear",
-            "in_shape": "x".join(map(str, shapes.get(name, []))),
+            "in_shape": "x".join(map(str, shapes[name][0] if name in shapes else [])),
             "out_channels": w.shape[0],
             "kernel": f"{w.shape[2]}x{w.shape[3]}" if is_conv else None,
             "stride": m.stride[0] if is_conv else None,
@@ -93,6 +113,7 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
             "row_nnz_max": int(row_nnz.max()),
             "rows_empty": int((row_nnz == 0).sum()),
             "sparsity": round(float((w == 0).float().mean()), 6),
+            "positions": uses.get(name, 0),  # multiply-adds per weight per sample
             "dense_bytes": dense_bytes(m),
         })
     return rows

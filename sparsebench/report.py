@@ -39,9 +39,10 @@ DIED = "no metrics.json: the job died before it finished (killed, out of memory,
 # Leading summary.csv columns, in this order; speedup columns and the swept keys follow.
 COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
            "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
-           "runtime_s", "backend", "noisy_timings"]
+           "macs_kept", "runtime_s", "backend", "noisy_timings"]
 # metrics.json keys copied as they are.
-MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "runtime_s")
+MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "macs_kept",
+            "runtime_s")
 MAX_HEATMAPS = 6
 
 
@@ -231,13 +232,16 @@ def _baseline_batch(key: str) -> Tuple[str, int]:
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     """The finished jobs as a Markdown table for docs: the swept values, top-1 and its change from
-    dense, footprint and compression, whole-network speedups and the layers faster than each baseline.
+    dense, footprint and compression, the multiply-adds the weights keep, whole-network speedups and the
+    layers faster than each baseline.
     The jobs left out (failed, died, still running) are named below it with their error. Columns are
     the keys that differ between the jobs shown: a key only the left-out jobs set gets none."""
     shown = _ok(rows, "acc_final")
     swept = swept_keys(shown)
     speedups, faster = _keys(rows, SPEEDUP), _keys(rows, FASTER)
+    macs = any(_num(r.get("macs_kept")) is not None for r in shown)  # jobs before macs_kept have none
     head = ([k.rsplit(".", 1)[-1] for k in swept] or ["job"]) + ["top-1", "Δ vs dense", "footprint", "compression"]
+    head += ["MACs kept"] if macs else []
     head += [f"vs {SPEEDUP.match(k)['baseline']} b{SPEEDUP.match(k)['batch']}" for k in speedups]
     head += [f"layers faster than {FASTER.match(k)['baseline']} b{FASTER.match(k)['batch']}" for k in faster]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -253,6 +257,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
         cells = label + [f"{100 * acc:.2f}%", delta, number(megabytes, "{:.3f} MB"), number(r.get("compression"), "{:.1f}x")]
+        cells += [number(r.get("macs_kept"), "{:.1%}")] if macs else []
         noisy = set(filter(None, r.get("noisy_timings", "").split(", ")))
         for k in speedups:
             baseline, batch = _baseline_batch(k)

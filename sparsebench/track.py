@@ -138,7 +138,7 @@ class WandbTracker(Tracker):
         )
         # Final numbers in the runs table without custom panels (a sweep's table: one row a job).
         for key in ("acc_dense", "acc_final", "sparsity", "weight_bits", "compression", "footprint_bytes",
-                    "speedup/*"):
+                    "macs_kept", "speedup/*"):
             self.run.define_metric(key, summary="last")
 
     def log(self, metrics: Dict[str, float], step: int) -> None:

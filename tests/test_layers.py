@@ -31,3 +31,17 @@ def test_describe_counts_row_lengths_for_the_kernels_load_balance():
     row = describe(nn.Sequential(conv), torch.zeros(1, 2, 5, 5))[0]
     assert (row["nnz"], row["row_nnz_max"], row["rows_empty"], row["params"]) == (21, 18, 1, 54)
     assert row["sparsity"] == round(33 / 54, 6)
+
+
+def test_positions_count_each_weights_uses_per_sample():
+    import torch
+    from torch import nn
+
+    from sparsebench.layers import describe, positions
+
+    # 5x5 input, 3x3 kernel: 3x3 outputs; stride 2 with padding 1 on 3x3: 2x2; then a linear layer.
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(16, 5))
+    sample = torch.zeros(1, 2, 5, 5)
+    assert positions(model, sample) == {"0": 9, "1": 4, "3": 1}
+    assert [r["positions"] for r in describe(model, sample)] == [9, 4, 1]
+

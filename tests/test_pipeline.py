@@ -60,6 +60,13 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     layers = {r["layer"]: r for r in rows}
     assert list(layers) == ["block1.conv", "block2.conv", "block3.conv", "fc"]
     assert layers["block1.conv"]["in_shape"] == "1x8x8" and layers["fc"]["in_shape"] == "32"  # 128 * 0.25
+    # macs_kept: the multiply-adds of the non-zero weights, each used at its layer's output positions.
+    assert [int(layers[n]["positions"]) for n in layers] == [64, 64, 16, 1]
+    kept = sum(int(r["nnz"]) * int(r["positions"]) for r in layers.values())
+    dense = sum(int(r["params"]) * int(r["positions"]) for r in layers.values())
+    assert metrics["macs_kept"] == pytest.approx(kept / dense)
+    # block2 and block3 at 90% (and a few 8-bit zeros); block1 and fc stay dense: 0.129 of the whole.
+    assert dense == 72 * 64 + 1152 * 64 + 4608 * 16 + 320 and 0.12 < metrics["macs_kept"] <= 0.1292
     assert all(float(r["time_us"]) > 0 for r in rows)  # every layer timed on every backend run here
     assert {r["backend"] for r in rows} >= {"torch_cpu"}
 
@@ -97,6 +104,7 @@ def test_dense_run_reports_neutral_compression_values(tmp_path: Path):
     metrics = run(compose(*DENSE), tmp_path)
     assert metrics["sparsity"] == 0.0 and metrics["weight_bits"] == 32
     assert metrics["footprint_bytes"] == metrics["dense_bytes"] and metrics["compression"] == 1.0
+    assert metrics["macs_kept"] == 1.0
     assert not (tmp_path / "packed.safetensors").exists()
     lines = len(history(tmp_path))
     run(compose(*DENSE), tmp_path)  # a fresh run in the same folder starts a fresh history

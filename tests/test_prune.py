@@ -123,6 +123,46 @@ def test_global_scope_uses_one_threshold_over_all_layers():
     assert gone.max() <= kept.min()
 
 
+def test_a_layers_scale_moves_the_one_threshold():
+    # Magnitudes 1..100 in both layers; a's count a quarter (a layer used 4x as often per sample, with
+    # macs_exponent 1): below the threshold 20, a loses k = 1..80 (0.25 k <= 20) and b k = 1..20.
+    w = torch.arange(1.0, 101.0)
+    plain = global_magnitude_masks({"a": w, "b": w.clone()}, 0.5)
+    assert int((~plain["a"]).sum()) == int((~plain["b"]).sum()) == 50
+    scaled = global_magnitude_masks({"a": w, "b": w.clone()}, 0.5, scale={"a": 0.25})
+    assert torch.equal(~scaled["a"], w <= 80) and torch.equal(~scaled["b"], w <= 20)
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0])
+def test_macs_exponent_prunes_the_layer_used_most_per_sample_first(exponent):
+    # block2.conv runs at 8x8 (64 uses per weight), block3.conv at 4x4 (16): each block2 weight counts
+    # 4^exponent times less, so the same pooled 80% takes more of block2 and the compute falls further.
+    model, sample = convnet(), torch.zeros(1, 1, 8, 8)
+    zeros = {}
+    for e in (0.0, exponent):
+        net = copy.deepcopy(model)
+        pruner = build_pruner(prune_cfg(method="oneshot", final_sparsity=0.8, scope="global", macs_exponent=e),
+                              net, sample)
+        pruner.on_fit_start(net, steps_per_epoch=10, total_steps=10)
+        zeros[e] = {n: int((net.get_submodule(n).weight == 0).sum()) for n in ("block2.conv", "block3.conv")}
+        assert sum(zeros[e].values()) == prune_count(1152 + 4608, 0.8)
+    assert zeros[exponent]["block2.conv"] > zeros[0.0]["block2.conv"] + 100
+    # Exactly the weights a threshold on |w| / positions^exponent keeps.
+    w2, w3 = model.block2.conv.weight.abs() / 64 ** exponent, model.block3.conv.weight.abs() / 16 ** exponent
+    threshold = torch.cat([w2.flatten(), w3.flatten()]).sort().values[prune_count(5760, 0.8) - 1]
+    assert zeros[exponent] == {"block2.conv": int((w2 <= threshold).sum()), "block3.conv": int((w3 <= threshold).sum())}
+
+
+def test_macs_exponent_needs_the_global_scope_and_a_sample():
+    with pytest.raises(ConfigError, match=re.escape("prune.macs_exponent=0.5 is not allowed: 0 with prune.scope=layer")):
+        validate_prune(prune_cfg(scope="layer", macs_exponent=0.5))
+    with pytest.raises(ConfigError, match=re.escape("prune.macs_exponent=-1.0 is not allowed: a number >= 0")):
+        validate_prune(prune_cfg(scope="global", macs_exponent=-1.0))
+    validate_prune(prune_cfg(scope="global", macs_exponent=0.5))
+    with pytest.raises(ValueError, match="needs a sample input"):
+        build_pruner(prune_cfg(scope="global", macs_exponent=0.5), convnet())
+
+
 # ---------------------------------------------------------------- selection, overrides
 
 

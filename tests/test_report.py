@@ -40,7 +40,8 @@ def make_job(sweep: Path, num: int, sparsity: float, bits: int, *, metrics: bool
     dense, footprint = 100_000, int(100_000 * (1 - sparsity) * bits / 32 * 1.5)
     m = {"status": status, "acc_dense": 0.98, "acc_final": round(0.98 - sparsity ** 4 * (8 / bits) * 0.05, 4),
          "sparsity": sparsity, "weight_bits": bits, "dense_bytes": dense, "footprint_bytes": footprint,
-         "compression": dense / footprint, "runtime_s": 1.5, "bench/backend": "direct_sparse"}
+         "compression": dense / footprint, "macs_kept": round(1.05 - sparsity, 2), "runtime_s": 1.5,
+         "bench/backend": "direct_sparse"}
     if speedups:
         m["speedup/cudnn_fp32/b1"] = round(1 / (1 - sparsity) * 0.4, 3)
         m["speedup/cudnn_fp16/b1"] = round(1 / (1 - sparsity) * 0.1, 3)
@@ -261,13 +262,14 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     assert (rows[3]["faster/cudnn_fp32/b1"], rows[3]["faster/cudnn_fp16/b1"]) == ("2 of 3", "0 of 3")
     assert rows[0]["faster/cudnn_fp32/b1"] == "1 of 3"  # 0.5, 1.0 (a tie is no win), 1.5
     lines = (grid / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| final_sparsity | bits | top-1 | Δ vs dense | footprint | compression |")
+    assert lines[0].startswith("| final_sparsity | bits | top-1 | Δ vs dense | footprint | compression | MACs kept |")
     assert "layers faster than cudnn_fp32 b1" in lines[0]
     assert len(lines) == 2 + 4 + 2  # header, rule, the four finished jobs, then the one that died, named
     assert lines[-1] == f"Not in the table (1 of 5 jobs): `{next(grid.glob('4_*')).name}` (`{report.DIED}`)."
     metrics = json.loads(next(grid.glob("3_*/metrics.json")).read_text())
     cells = [c.strip() for c in lines[5].strip("|").split("|")]
     assert cells[:4] == ["0.9", "8", f"{100 * metrics['acc_final']:.2f}%", f"{100 * (metrics['acc_final'] - 0.98):+.2f}"]
+    assert cells[6] == "15.0%" and rows[3]["macs_kept"] == "0.15"  # the multiply-adds kept, also in summary.csv
     assert cells[-2:] == ["0 of 3", "2 of 3"]  # fp16, fp32: columns by baseline name
     # A run directory on its own (no job number) is a job too, not the dense reference.
     single = grid / "3_prune.final_sparsity=0.9,quant.bits=8"
@@ -390,3 +392,15 @@ def test_a_moving_average_gives_its_own_curve(grid: Path) -> None:
                                        "finetune": [(1, 0.65)]}
     parts = report.write_report(grid)
     assert next(p for p in parts if p.title.startswith("Test accuracy per epoch")).png
+
+
+def test_macs_kept_column_only_where_jobs_measured_it(grid: Path) -> None:
+    files = sorted(grid.glob("[0-3]_*/metrics.json"))
+    for i, file in enumerate(files):  # jobs from before macs_kept: job 0 alone, then all of them
+        metrics = json.loads(file.read_text())
+        del metrics["macs_kept"]
+        file.write_text(json.dumps(metrics))
+        lines = markdown_lines(grid)
+        if i == 0:
+            assert "| MACs kept |" in lines[0] and [c.strip() for c in lines[2].strip("|").split("|")][6] == "—"
+    assert "MACs kept" not in lines[0]

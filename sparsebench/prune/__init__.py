@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
+from sparsebench.layers import positions
 from sparsebench.prune.config import prunes
 from sparsebench.prune.pruner import MagnitudePruner
 from sparsebench.prune.sensitivity import sensitivity_study
@@ -15,12 +16,15 @@ from sparsebench.train import TrainHook
 __all__ = ["MagnitudePruner", "build_pruner", "sensitivity_study"]
 
 
-def build_pruner(cfg: Any, model: nn.Module) -> Optional[TrainHook]:
+def build_pruner(cfg: Any, model: nn.Module, sample: Optional[Tensor] = None) -> Optional[TrainHook]:
     """The pruning hook for ``cfg`` (a PruneConfig), or None when it prunes nothing
-    (``prune=none``, or every target 0).
+    (``prune=none``, or every target 0). ``sample``, an input batch, gives the layers' output
+    sizes that ``prune.macs_exponent`` weighs by.
 
     Checks what needs the model (layer regex, overrides) here, before any training.
     """
     if not prunes(cfg):
         return None
-    return MagnitudePruner(cfg, model)
+    if cfg.macs_exponent and sample is None:
+        raise ValueError("prune.macs_exponent needs a sample input to measure each layer's output size")
+    return MagnitudePruner(cfg, model, positions(model, sample) if cfg.macs_exponent else None)

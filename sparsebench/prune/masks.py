@@ -29,8 +29,8 @@ def prune_count(numel: int, sparsity: float) -> int:
     return min(numel, int(math.floor(sparsity * numel + 0.5)))
 
 
-def _scores(weight: Tensor, previous: Optional[Tensor]) -> Tensor:
-    score = weight.detach().abs().flatten().float()
+def _scores(weight: Tensor, previous: Optional[Tensor], scale: float = 1.0) -> Tensor:
+    score = weight.detach().abs().flatten().float() * scale
     if previous is not None:  # already pruned: below any live weight, so they stay pruned
         score = torch.where(previous.flatten(), score, torch.full_like(score, -1.0))
     return score
@@ -53,15 +53,17 @@ def magnitude_mask(weight: Tensor, sparsity: float, previous: Optional[Tensor] =
 
 @torch.no_grad()
 def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
-                           previous: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+                           previous: Optional[Dict[str, Tensor]] = None,
+                           scale: Optional[Dict[str, float]] = None) -> Dict[str, Tensor]:
     """Keep-masks for ``weights`` that prune ``sparsity`` of all their weights together:
-    one magnitude threshold, so layers end at different sparsities."""
+    one magnitude threshold, so layers end at different sparsities. ``scale`` multiplies a
+    layer's magnitudes before they meet the threshold (default 1)."""
     names: List[str] = list(weights)
     if not names:
         return {}
-    previous = previous or {}
+    previous, scale = previous or {}, scale or {}
     device = weights[names[0]].device
-    scores = torch.cat([_scores(weights[n], previous.get(n)).to(device) for n in names])
+    scores = torch.cat([_scores(weights[n], previous.get(n), scale.get(n, 1.0)).to(device) for n in names])
     k = prune_count(scores.numel(), sparsity)
     keep = _mask_from_order(torch.argsort(scores, stable=True), k, scores.numel(), device)
     masks, offset = {}, 0

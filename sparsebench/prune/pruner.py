@@ -35,15 +35,20 @@ log = logging.getLogger("sparsebench.prune")
 
 
 class MagnitudePruner(TrainHook):
-    """``prune=agp|iterative|oneshot`` with ``scope=layer|global``; ``layer_names`` are the prunable layers."""
+    """``prune=agp|iterative|oneshot`` with ``scope=layer|global``; ``layer_names`` are the prunable layers.
+    ``positions`` (each layer's uses of a weight per sample, ``layers.positions``) is needed with
+    ``macs_exponent``."""
 
     name = "prune"
 
-    def __init__(self, cfg: Any, model: nn.Module):
+    def __init__(self, cfg: Any, model: nn.Module, positions: Optional[Dict[str, int]] = None):
         self.cfg = cfg
         self.layers = prunable_layers(model, cfg)
         self.layer_names = list(self.layers)
         self.final, self.overridden = final_targets(self.layer_names, cfg, list(weight_layers(model)))
+        # One threshold over |w| / positions^macs_exponent (positions: each layer's uses of a weight per sample).
+        exponent = float(cfg.macs_exponent)
+        self.scale = {n: float(positions[n]) ** -exponent for n in self.layer_names} if exponent else {}
         # A layer overridden below the initial sparsity starts at its own target.
         self.initial = {n: min(float(cfg.initial_sparsity), f) for n, f in self.final.items()}
         self.schedule: Dict[int, float] = {}
@@ -78,7 +83,8 @@ class MagnitudePruner(TrainHook):
                 self.masks[n] = magnitude_mask(weights[n], self.target(n, progress), self.masks.get(n))
         if pooled:
             self.masks.update(global_magnitude_masks({n: weights[n] for n in pooled}, self.nominal_target(progress),
-                                                     {n: self.masks[n] for n in pooled if n in self.masks}))
+                                                     {n: self.masks[n] for n in pooled if n in self.masks},
+                                                     self.scale))
         if self.grads:
             self.apply_masks()  # grown weights enter at zero, not where old momentum moved them this step
             fraction = self.regrow_fraction_at(self.step)
