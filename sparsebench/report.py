@@ -249,10 +249,9 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     def number(value: Any, fmt: str) -> str:
         return fmt.format(_num(value)) if _num(value) is not None else "—"
 
+    labels = _table_labels(shown, swept)
     for r in shown:
-        reference = r["job"].startswith("dense-")  # the sweep's shared dense model (trainer.init_from=shared)
-        label = ([_spelled(r.get(k)) if applies(r, k) else "" for k in swept] if not reference
-                 else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
+        reference, label = r["job"].startswith("dense-"), labels[id(r)]
         acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
@@ -275,6 +274,22 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         lines += ["", "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
                       "the job's metrics.json): something else used the GPU while it was measured."]
     return "\n".join(lines) + "\n"
+
+
+def _table_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[int, List[str]]:
+    """Each row's label cells by id(row): the swept values it reads ("dense" for the sweep's shared
+    dense model). Rows that would read alike (they differ only in keys neither reads) end with their job."""
+    labels: Dict[int, List[str]] = {}
+    for r in rows:
+        reference = r["job"].startswith("dense-")  # the sweep's shared dense model (trainer.init_from=shared)
+        labels[id(r)] = ([_spelled(r.get(k)) if applies(r, k) else "" for k in swept] if not reference
+                         else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
+    repeated = {label for label, n in Counter(tuple(v) for v in labels.values()).items() if n > 1}
+    for r in rows:
+        label = labels[id(r)]
+        if tuple(label) in repeated:
+            label[-1] = f"{label[-1]} ({_job_name(r)})".lstrip()
+    return labels
 
 
 def _first_line(error: Any) -> str:
@@ -344,8 +359,11 @@ def unique_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[
     reads) adds the job's number (else its folder), so no plot keyed by label drops one."""
     labels = [job_label(r, swept) for r in rows]
     repeated = {label for label, n in Counter(labels).items() if n > 1}
-    return {id(r): label if label not in repeated else f"{label} (job {r['num']})" if r.get("num") is not None
-            else f"{label} ({r['job']})" for r, label in zip(rows, labels)}
+    return {id(r): label if label not in repeated else f"{label} ({_job_name(r)})" for r, label in zip(rows, labels)}
+
+
+def _job_name(row: Dict[str, Any]) -> str:
+    return f"job {row['num']}" if row.get("num") is not None else row["job"]
 
 
 def _bits_label(row: Dict[str, Any], several_methods: bool) -> str:

@@ -331,6 +331,9 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
     labels = report.unique_labels(collected, report.swept_keys(collected))
     twins = [labels[id(r)] for r in collected if r["job"] in (twin.name, next(grid.glob("1_*")).name)]
     assert twins == ["final_sparsity=0.5 bits=8 scope=layer (job 1)", "final_sparsity=0.5 bits=8 scope=layer (job 5)"]
+    # ... and so do the table's rows, in their last label cell.
+    cells = [[c.strip() for c in line.strip("|").split("|")][:4] for line in markdown_lines(grid)[2:7]]
+    assert [c for c in cells if "job" in c[3]] == [["0.5", "8", "", "layer (job 1)"], ["0.5", "8", "", "layer (job 5)"]]
 
 
 def test_a_swept_method_shows_none_where_a_job_has_none(grid: Path) -> None:
