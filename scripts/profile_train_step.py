@@ -67,7 +67,9 @@ def main() -> None:
 
     def model_and_hooks(prune: bool, quant: bool):
         model = new_model()
-        hooks = [build_pruner(cfg.prune, model) if prune else None, build_quantizer(cfg.quant, model) if quant else None]
+        sample = torch.zeros(1, data.in_channels, data.image_size, data.image_size, device=device)
+        hooks = [build_pruner(cfg.prune, model, sample) if prune else None,
+                 build_quantizer(cfg.quant, model) if quant else None]
         return model, [h for h in hooks if h is not None]
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -104,8 +104,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
     model = new_model()
     train, test = _batches(data, cfg, device, channels_last)
-    shape = (1, data.in_channels, data.image_size, data.image_size)
-    pruner = build_pruner(cfg.prune, model, torch.zeros(shape, device=device))
+    pruner = build_pruner(cfg.prune, model, next(iter(test))[0][:1])
     quantizer = build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
     # Another network's dense model to distil, built now: a wrong trainer.teacher fails before any training.
@@ -186,7 +185,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
 def _macs(rows: list, count: str) -> int:
     """Multiply-adds per sample of ``count`` weights (``nnz`` or ``params``) of every layer."""
-    return sum(r[count] * r["positions"] for r in rows)
+    return sum(r[count] * r["macs_per_weight"] for r in rows)
 
 
 def _mean_bits(rows: list) -> float:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,29 +53,35 @@ def dense_bytes(module: nn.Module) -> int:
 @torch.no_grad()
 def input_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, List[int]]:
     """Each weight layer's real input shape (batch 1), from one forward pass."""
-    return {name: shapes[0] for name, shapes in io_shapes(model, sample).items()}
+    return {name: seen.in_shape for name, seen in trace(model, sample).items()}
 
 
-def positions(model: nn.Module, sample: torch.Tensor) -> Dict[str, int]:
-    """How many times each weight layer applies each of its weights per sample (a weight's
-    multiply-adds): a conv's output height x width, 1 for a linear layer on a vector."""
-    return _positions(model, io_shapes(model, sample))
+def macs_per_weight(model: nn.Module, sample: torch.Tensor) -> Dict[str, int]:
+    """How many multiply-adds each weight of a layer costs per sample: the positions it is applied
+    at (a conv's output height x width, 1 for a linear layer on a vector), over every call."""
+    return {name: seen.macs_per_weight for name, seen in trace(model, sample).items()}
 
 
-def _positions(model: nn.Module, shapes: Dict[str, Tuple[List[int], List[int]]]) -> Dict[str, int]:
-    # Each output element of a channel uses each of that channel's weights once.
-    return {name: math.prod(shapes[name][1]) // m.weight.shape[0] for name, m in weight_layers(model).items()
-            if name in shapes}
+@dataclass
+class Traced:
+    """What one forward pass shows of a weight layer."""
+
+    in_shape: List[int]  # of its first call, without the batch
+    macs_per_weight: int  # summed over its calls
 
 
 @torch.no_grad()
-def io_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, Tuple[List[int], List[int]]]:
-    """Each weight layer's real input and output shapes (batch 1), from one forward pass."""
-    shapes: Dict[str, Tuple[List[int], List[int]]] = {}
+def trace(model: nn.Module, sample: torch.Tensor) -> Dict[str, Traced]:
+    """Each weight layer the forward pass of one sample reaches (batch 1)."""
+    seen: Dict[str, Traced] = {}
 
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            shapes.setdefault(name, (list(inputs[0].shape[1:]), list(output.shape[1:])))
+            uses = output[0].numel() // module.weight.shape[0]  # each output of a channel uses its weights once
+            if name in seen:
+                seen[name].macs_per_weight += uses
+            else:
+                seen[name] = Traced(list(inputs[0].shape[1:]), uses)
         return hook
 
     handles = [m.register_forward_hook(record(name)) for name, m in weight_layers(model).items()]
@@ -87,13 +93,12 @@ def io_shapes(model: nn.Module, sample: torch.Tensor) -> Dict[str, Tuple[List[in
         model.train(was_training)
         for h in handles:
             h.remove()
-    return shapes
+    return seen
 
 
 def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
     """One row per conv/linear layer with the layers.csv geometry columns."""
-    shapes = io_shapes(model, sample)
-    uses = _positions(model, shapes)
+    seen = trace(model, sample)
     rows = []
     for name, m in weight_layers(model).items():
         w = m.weight
@@ -102,7 +107,7 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
         rows.append({
             "layer": name,
             "kind": "conv2d" if is_conv else "linear",
-            "in_shape": "x".join(map(str, shapes[name][0] if name in shapes else [])),
+            "in_shape": "x".join(map(str, seen[name].in_shape if name in seen else [])),
             "out_channels": w.shape[0],
             "kernel": f"{w.shape[2]}x{w.shape[3]}" if is_conv else None,
             "stride": m.stride[0] if is_conv else None,
@@ -113,7 +118,7 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
             "row_nnz_max": int(row_nnz.max()),
             "rows_empty": int((row_nnz == 0).sum()),
             "sparsity": round(float((w == 0).float().mean()), 6),
-            "positions": uses.get(name, 0),  # multiply-adds per weight per sample
+            "macs_per_weight": seen[name].macs_per_weight if name in seen else 0,
             "dense_bytes": dense_bytes(m),
         })
     return rows

@@ -33,15 +33,27 @@ def test_describe_counts_row_lengths_for_the_kernels_load_balance():
     assert row["sparsity"] == round(33 / 54, 6)
 
 
-def test_positions_count_each_weights_uses_per_sample():
+def test_macs_per_weight_counts_every_position_and_call():
     import torch
     from torch import nn
 
-    from sparsebench.layers import describe, positions
+    from sparsebench.layers import describe, macs_per_weight
 
     # 5x5 input, 3x3 kernel: 3x3 outputs; stride 2 with padding 1 on 3x3: 2x2; then a linear layer.
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(16, 5))
     sample = torch.zeros(1, 2, 5, 5)
-    assert positions(model, sample) == {"0": 9, "1": 4, "3": 1}
-    assert [r["positions"] for r in describe(model, sample)] == [9, 4, 1]
+    assert macs_per_weight(model, sample) == {"0": 9, "1": 4, "3": 1}
+    assert [r["macs_per_weight"] for r in describe(model, sample)] == [9, 4, 1]
+
+    class Twice(nn.Module):  # one conv applied twice, a grouped conv, and a layer never called
+        def __init__(self):
+            super().__init__()
+            self.conv, self.grouped, self.unused = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 8, 1, groups=2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.grouped(self.conv(self.conv(x)))
+
+    assert macs_per_weight(Twice(), torch.zeros(1, 4, 6, 6)) == {"conv": 72, "grouped": 36}
+    rows = describe(Twice(), torch.zeros(1, 4, 6, 6))
+    assert [(r["in_shape"], r["macs_per_weight"]) for r in rows] == [("4x6x6", 72), ("4x6x6", 36), ("", 0)]
 

@@ -61,9 +61,9 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     assert list(layers) == ["block1.conv", "block2.conv", "block3.conv", "fc"]
     assert layers["block1.conv"]["in_shape"] == "1x8x8" and layers["fc"]["in_shape"] == "32"  # 128 * 0.25
     # macs_kept: the multiply-adds of the non-zero weights, each used at its layer's output positions.
-    assert [int(layers[n]["positions"]) for n in layers] == [64, 64, 16, 1]
-    kept = sum(int(r["nnz"]) * int(r["positions"]) for r in layers.values())
-    dense = sum(int(r["params"]) * int(r["positions"]) for r in layers.values())
+    assert [int(layers[n]["macs_per_weight"]) for n in layers] == [64, 64, 16, 1]
+    kept = sum(int(r["nnz"]) * int(r["macs_per_weight"]) for r in layers.values())
+    dense = sum(int(r["params"]) * int(r["macs_per_weight"]) for r in layers.values())
     assert metrics["macs_kept"] == pytest.approx(kept / dense)
     # block2 and block3 at 90% (and a few 8-bit zeros); block1 and fc stay dense: 0.129 of the whole.
     assert dense == 72 * 64 + 1152 * 64 + 4608 * 16 + 320 and 0.12 < metrics["macs_kept"] <= 0.1292

@@ -156,11 +156,17 @@ def test_macs_exponent_prunes_the_layer_used_most_per_sample_first(exponent):
 def test_macs_exponent_needs_the_global_scope_and_a_sample():
     with pytest.raises(ConfigError, match=re.escape("prune.macs_exponent=0.5 is not allowed: 0 with prune.scope=layer")):
         validate_prune(prune_cfg(scope="layer", macs_exponent=0.5))
-    with pytest.raises(ConfigError, match=re.escape("prune.macs_exponent=-1.0 is not allowed: a number >= 0")):
-        validate_prune(prune_cfg(scope="global", macs_exponent=-1.0))
+    for bad in (-1.0, 3.0, math.inf):
+        with pytest.raises(ConfigError, match=re.escape(f"prune.macs_exponent={bad} is not allowed: a number in [0, 2]")):
+            validate_prune(prune_cfg(scope="global", macs_exponent=bad))
     validate_prune(prune_cfg(scope="global", macs_exponent=0.5))
     with pytest.raises(ValueError, match="needs a sample input"):
         build_pruner(prune_cfg(scope="global", macs_exponent=0.5), convnet())
+    # A pooled layer the forward pass never reaches has no known compute: named, not a KeyError.
+    model = convnet()
+    model.forward = lambda x: model.fc(torch.zeros(1, 32))  # skips every conv
+    with pytest.raises(ConfigError, match=r"never reaches block2\.conv, block3\.conv"):
+        build_pruner(prune_cfg(scope="global", macs_exponent=0.5), model, torch.zeros(1, 1, 8, 8))
 
 
 # ---------------------------------------------------------------- selection, overrides

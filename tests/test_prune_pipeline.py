@@ -70,6 +70,17 @@ def test_global_scope_pools_the_layers(tmp_path):
     assert abs(float(b2["sparsity"]) - float(b3["sparsity"])) > 0.005  # one threshold, unequal layers
 
 
+def test_macs_exponent_takes_more_of_the_early_layers_compute(tmp_path):
+    # block2.conv runs at 8x8, block3.conv at 4x4: weighing by multiply-adds moves zeros into block2.
+    args = [*AGP, "prune.scope=global", "prune.final_sparsity=0.8", "trainer.epochs=0"]
+    plain = run_exp(tmp_path / "plain", *args)
+    weighed = run_exp(tmp_path / "weighed", *args, "prune.macs_exponent=0.5")
+    a, b = layer_rows(tmp_path / "plain"), layer_rows(tmp_path / "weighed")
+    assert zeros(a["block2.conv"]) + zeros(a["block3.conv"]) == zeros(b["block2.conv"]) + zeros(b["block3.conv"])
+    assert zeros(b["block2.conv"]) > zeros(a["block2.conv"]) + 50
+    assert weighed["sparsity"] == plain["sparsity"] and weighed["macs_kept"] < plain["macs_kept"] - 0.02
+
+
 @pytest.mark.parametrize("method, extra", [
     ("iterative", ["prune.rounds=3", "prune.start=0", "prune.end=1"]),
     ("oneshot", ["prune.start=0.5"]),
@@ -86,9 +97,10 @@ def test_every_schedule_reaches_the_target(tmp_path, method, extra):
         assert sum(m.get("sparsity/regrown", 0) for m in history(tmp_path)) > 0
 
 
-# With regrowing masks (until step 81, across the cut at 57) and with the dense model as a teacher
-# (reloaded from the run's dense.pt on resume).
-@pytest.mark.parametrize("extra", [[], ["prune.regrow_until=1.8"], ["trainer.distill=0.5"]])
+# With regrowing masks (until step 81, across the cut at 57), with the dense model as a teacher
+# (reloaded from the run's dense.pt on resume), and with one threshold weighed by multiply-adds.
+@pytest.mark.parametrize("extra", [[], ["prune.regrow_until=1.8"], ["trainer.distill=0.5"],
+                                   ["prune.scope=global", "prune.macs_exponent=0.5"]])
 def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     args = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1.5", "prune.frequency=0.2", "trainer.checkpoint_every=10",
             "trainer.deterministic=true", "trainer.device=cpu", *extra]

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from sparsebench.layers import positions
+from sparsebench.layers import macs_per_weight
 from sparsebench.prune.config import prunes
 from sparsebench.prune.pruner import MagnitudePruner
 from sparsebench.prune.sensitivity import sensitivity_study
@@ -26,5 +26,5 @@ def build_pruner(cfg: Any, model: nn.Module, sample: Optional[Tensor] = None) ->
     if not prunes(cfg):
         return None
     if cfg.macs_exponent and sample is None:
-        raise ValueError("prune.macs_exponent needs a sample input to measure each layer's output size")
-    return MagnitudePruner(cfg, model, positions(model, sample) if cfg.macs_exponent else None)
+        raise ValueError("prune.macs_exponent needs a sample input to count each weight's multiply-adds")
+    return MagnitudePruner(cfg, model, macs_per_weight(model, sample) if cfg.macs_exponent else None)

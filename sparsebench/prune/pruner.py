@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from sparsebench.errors import ConfigError
 from sparsebench.layers import weight_layers
 from sparsebench.prune.masks import drop_and_grow, global_magnitude_masks, magnitude_mask, weight_param
 from sparsebench.prune.schedule import build_schedule, progress_at, to_steps
@@ -36,19 +37,18 @@ log = logging.getLogger("sparsebench.prune")
 
 class MagnitudePruner(TrainHook):
     """``prune=agp|iterative|oneshot`` with ``scope=layer|global``; ``layer_names`` are the prunable layers.
-    ``positions`` (each layer's uses of a weight per sample, ``layers.positions``) is needed with
-    ``macs_exponent``."""
+    ``macs_per_weight`` (``layers.macs_per_weight``) is needed with ``macs_exponent``."""
 
     name = "prune"
 
-    def __init__(self, cfg: Any, model: nn.Module, positions: Optional[Dict[str, int]] = None):
+    def __init__(self, cfg: Any, model: nn.Module, macs_per_weight: Optional[Dict[str, int]] = None):
         self.cfg = cfg
         self.layers = prunable_layers(model, cfg)
         self.layer_names = list(self.layers)
         self.final, self.overridden = final_targets(self.layer_names, cfg, list(weight_layers(model)))
-        # One threshold over |w| / positions^macs_exponent (positions: each layer's uses of a weight per sample).
-        exponent = float(cfg.macs_exponent)
-        self.scale = {n: float(positions[n]) ** -exponent for n in self.layer_names} if exponent else {}
+        # scope=global: the layers under one threshold (an overridden layer keeps its own target).
+        self.pooled = [n for n in self.layer_names if n not in self.overridden] if cfg.scope == "global" else []
+        self.score_scale = _score_scale(self.pooled, macs_per_weight, float(cfg.macs_exponent))
         # A layer overridden below the initial sparsity starts at its own target.
         self.initial = {n: min(float(cfg.initial_sparsity), f) for n, f in self.final.items()}
         self.schedule: Dict[int, float] = {}
@@ -77,14 +77,14 @@ class MagnitudePruner(TrainHook):
     def update_masks(self, progress: float) -> None:
         """Recompute the masks for ``progress`` from the current magnitudes, and apply them."""
         weights = {n: weight_param(m) for n, m in self.layers.items()}
-        pooled = [n for n in self.layer_names if n not in self.overridden] if self.cfg.scope == "global" else []
         for n in self.layer_names:
-            if n not in pooled:
+            if n not in self.pooled:
                 self.masks[n] = magnitude_mask(weights[n], self.target(n, progress), self.masks.get(n))
-        if pooled:
-            self.masks.update(global_magnitude_masks({n: weights[n] for n in pooled}, self.nominal_target(progress),
-                                                     {n: self.masks[n] for n in pooled if n in self.masks},
-                                                     self.scale))
+        if self.pooled:
+            self.masks.update(global_magnitude_masks({n: weights[n] for n in self.pooled},
+                                                     self.nominal_target(progress),
+                                                     {n: self.masks[n] for n in self.pooled if n in self.masks},
+                                                     self.score_scale))
         if self.grads:
             self.apply_masks()  # grown weights enter at zero, not where old momentum moved them this step
             fraction = self.regrow_fraction_at(self.step)
@@ -164,3 +164,18 @@ class MagnitudePruner(TrainHook):
         self.masks = {n: m.to(weight_param(self.layers[n]).device) for n, m in state["masks"].items()}
         self.progress, self.step = state["progress"], int(state["step"])
         self.apply_masks()
+
+
+def _score_scale(pooled: List[str], macs_per_weight: Optional[Dict[str, int]], exponent: float) -> Dict[str, float]:
+    """What each pooled layer's magnitudes are multiplied by before the one threshold: its weights'
+    multiply-adds to the power -``exponent``, relative to the cheapest layer's (1 at exponent 0)."""
+    if not exponent:
+        return {}
+    missing = [n for n in pooled if not (macs_per_weight or {}).get(n)]
+    if missing:
+        raise ConfigError(f"prune.macs_exponent={exponent}: the forward pass never reaches {', '.join(missing)}, "
+                          "so its compute is unknown (leave it out with prune.layers)")
+    if len(pooled) < 2:
+        log.warning("prune.macs_exponent=%s does nothing: fewer than two layers share the threshold", exponent)
+    cheapest = min((macs_per_weight[n] for n in pooled), default=1)
+    return {n: (macs_per_weight[n] / cheapest) ** -exponent for n in pooled}
