@@ -18,8 +18,8 @@ __all__ = ["MagnitudePruner", "build_pruner", "sensitivity_study"]
 
 def build_pruner(cfg: Any, model: nn.Module, sample: Optional[Tensor] = None) -> Optional[TrainHook]:
     """The pruning hook for ``cfg`` (a PruneConfig), or None when it prunes nothing
-    (``prune=none``, or every target 0). ``sample``, an input batch, gives the layers' output
-    sizes that ``prune.macs_exponent`` weighs by.
+    (``prune=none``, or every target 0). ``sample``, an input batch, shows each weight's
+    multiply-adds, which ``prune.macs_exponent`` weighs by.
 
     Checks what needs the model (layer regex, overrides) here, before any training.
     """
