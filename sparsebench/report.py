@@ -44,6 +44,7 @@ COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant
 MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "macs_kept",
             "runtime_s")
 MAX_HEATMAPS = 6
+GLOBAL_SCOPE_KEYS = ("prune.macs_exponent", "prune.max_layer_sparsity")  # read only under one threshold
 
 
 # ---------------------------------------------------------------- reading a sweep
@@ -200,11 +201,13 @@ def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 def applies(row: Dict[str, Any], key: str) -> bool:
     """Whether a swept key meant anything to this job. Tables and plots leave it blank where it did not
-    (quant.kmeans_per_channel on a linear or fp32 job, prune.scope on an unpruned one); summary.csv keeps
-    what every job's config held."""
+    (quant.kmeans_per_channel on a linear or fp32 job, prune.scope on an unpruned one, prune.macs_exponent
+    with prune.scope=layer); summary.csv keeps what every job's config held."""
     group, _, name = key.partition(".")
     if group == "quant" and name:
         return method_reads(row["quant_method"], name)
+    if key in GLOBAL_SCOPE_KEYS:
+        return row["prune_method"] != "none" and _dig(row.get("_config"), "prune.scope") == "global"
     if group == "prune" and name not in ("", "method", "final_sparsity"):
         return row["prune_method"] != "none"
     return True

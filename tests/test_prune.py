@@ -131,6 +131,9 @@ def test_a_layers_scale_moves_the_one_threshold():
     assert int((~plain["a"]).sum()) == int((~plain["b"]).sum()) == 50
     scaled = global_magnitude_masks({"a": w, "b": w.clone()}, 0.5, scale={"a": 0.25})
     assert torch.equal(~scaled["a"], w <= 80) and torch.equal(~scaled["b"], w <= 20)
+    # A ceiling of 60%: a stops at its 60 smallest, and the threshold takes the other 40 from b.
+    capped = global_magnitude_masks({"a": w, "b": w.clone()}, 0.5, scale={"a": 0.25}, max_layer_sparsity=0.6)
+    assert torch.equal(~capped["a"], w <= 60) and torch.equal(~capped["b"], w <= 40)
 
 
 @pytest.mark.parametrize("exponent", [0.5, 1.0])
@@ -153,13 +156,32 @@ def test_macs_exponent_prunes_the_layer_used_most_per_sample_first(exponent):
     assert zeros[exponent] == {"block2.conv": int((w2 <= threshold).sum()), "block3.conv": int((w3 <= threshold).sum())}
 
 
-def test_macs_exponent_needs_the_global_scope_and_a_sample():
+def test_a_layer_emptied_by_the_threshold_is_named_and_a_ceiling_keeps_it(caplog):
+    # Exponent 2 counts each block2 weight 16x less than a block3 one: at 80% block2 goes entirely.
+    sample = torch.zeros(1, 1, 8, 8)
+    for ceiling, emptied in ((1.0, True), (0.95, False)):
+        model = convnet()
+        pruner = build_pruner(prune_cfg(method="oneshot", final_sparsity=0.8, scope="global", macs_exponent=2,
+                                        max_layer_sparsity=ceiling), model, sample)
+        caplog.clear()
+        pruner.on_fit_start(model, steps_per_epoch=10, total_steps=10)
+        zeros = int((model.block2.conv.weight == 0).sum())
+        assert zeros == (1152 if emptied else prune_count(1152, 0.95))
+        assert ("block2.conv lost every weight" in caplog.text) == emptied
+        assert zeros + int((model.block3.conv.weight == 0).sum()) == prune_count(5760, 0.8)
+
+
+def test_macs_exponent_and_the_ceiling_need_the_global_scope_and_a_sample():
     with pytest.raises(ConfigError, match=re.escape("prune.macs_exponent=0.5 is not allowed: 0 with prune.scope=layer")):
         validate_prune(prune_cfg(scope="layer", macs_exponent=0.5))
     for bad in (-1.0, 3.0, math.inf):
         with pytest.raises(ConfigError, match=re.escape(f"prune.macs_exponent={bad} is not allowed: a number in [0, 2]")):
             validate_prune(prune_cfg(scope="global", macs_exponent=bad))
-    validate_prune(prune_cfg(scope="global", macs_exponent=0.5))
+    validate_prune(prune_cfg(scope="global", macs_exponent=0.5, max_layer_sparsity=0.95))
+    with pytest.raises(ConfigError, match=re.escape("prune.max_layer_sparsity=0.95 is not allowed: 1 with prune.scope=layer")):
+        validate_prune(prune_cfg(scope="layer", max_layer_sparsity=0.95))
+    with pytest.raises(ConfigError, match=re.escape("max_layer_sparsity=0.85 is not allowed: at least prune.final_sparsity (0.9)")):
+        validate_prune(prune_cfg(scope="global", max_layer_sparsity=0.85))
     with pytest.raises(ValueError, match="needs a sample input"):
         build_pruner(prune_cfg(scope="global", macs_exponent=0.5), convnet())
     # A pooled layer the forward pass never reaches has no known compute: named, not a KeyError.

@@ -100,7 +100,7 @@ def test_every_schedule_reaches_the_target(tmp_path, method, extra):
 # With regrowing masks (until step 81, across the cut at 57), with the dense model as a teacher
 # (reloaded from the run's dense.pt on resume), and with one threshold weighed by multiply-adds.
 @pytest.mark.parametrize("extra", [[], ["prune.regrow_until=1.8"], ["trainer.distill=0.5"],
-                                   ["prune.scope=global", "prune.macs_exponent=0.5"]])
+                                   ["prune.scope=global", "prune.macs_exponent=0.5", "prune.max_layer_sparsity=0.95"]])
 def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     args = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1.5", "prune.frequency=0.2", "trainer.checkpoint_every=10",
             "trainer.deterministic=true", "trainer.device=cpu", *extra]

@@ -407,3 +407,17 @@ def test_macs_kept_column_only_where_jobs_measured_it(grid: Path) -> None:
         if i == 0:
             assert "| MACs kept |" in lines[0] and [c.strip() for c in lines[2].strip("|").split("|")][6] == "—"
     assert "MACs kept" not in lines[0]
+
+
+def test_keys_of_one_threshold_are_blank_where_each_layer_is_pruned_alone(grid: Path) -> None:
+    # prune.macs_exponent=0,0.5: only job 2 prunes with one threshold (scope=global) and reads it.
+    for job in grid.glob("[0-3]_*"):
+        scope, exponent = ("global", 0.5) if job.name.startswith("2_") else ("layer", 0)
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        config["prune"].update(scope=scope, macs_exponent=exponent)
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        file = job / ".hydra" / "overrides.yaml"
+        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text()) + [f"prune.macs_exponent={exponent}"]))
+    lines = markdown_lines(grid)
+    column = [c.strip() for c in lines[0].strip("|").split("|")].index("macs_exponent")
+    assert [[c.strip() for c in line.strip("|").split("|")][column] for line in lines[2:6]] == ["", "", "0.5", ""]

@@ -37,8 +37,11 @@ class PruneConfig:
     # scope=global: rank weights by |w| / m^macs_exponent, m a weight's multiply-adds per sample (its
     # conv's output height x width). 0: magnitude alone, which keeps more of the early, high-resolution
     # layers and so more compute; 1: magnitude per multiply-add, which can strip an early layer nearly
-    # bare (a quarter-width convnet on digits: 98.6% of one conv). Try 0.5 first.
+    # bare (LeNet-5 at 95%: its second conv lost every weight). Try 0.5 with a max_layer_sparsity.
     macs_exponent: float = 0.0
+    # scope=global: no layer under the one threshold loses more than this fraction of its weights; the
+    # threshold takes the rest from the others. 1: no ceiling.
+    max_layer_sparsity: float = 1.0
     # Masks that can regrow (RigL): at every `frequency` from the first cut until `regrow_until` (a
     # time in `unit`s, >= the schedule's end) the smallest `regrow_fraction` of each layer's live
     # weights (decaying on a cosine from the first cut to 0 then) give way to as many pruned ones with
@@ -86,6 +89,11 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
         require(0 <= value < 1, f"prune.{key}", value, "a fraction in [0, 1)")
     require(p.final_sparsity >= p.initial_sparsity, "prune.final_sparsity", p.final_sparsity,
             f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})")
+    require(0 < p.max_layer_sparsity <= 1, "prune.max_layer_sparsity", p.max_layer_sparsity, "a fraction in (0, 1]")
+    require(p.scope == "global" or p.max_layer_sparsity == 1, "prune.max_layer_sparsity", p.max_layer_sparsity,
+            "1 with prune.scope=layer (a ceiling for the layers under one threshold: prune.scope=global)")
+    require(p.max_layer_sparsity >= p.final_sparsity, "prune.max_layer_sparsity", p.max_layer_sparsity,
+            f"at least prune.final_sparsity ({p.final_sparsity}), or the layers cannot reach it")
     require(p.start >= 0, "prune.start", p.start, "a number >= 0")
     if p.method in ("agp", "iterative"):  # oneshot has no end
         require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")

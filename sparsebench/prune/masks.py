@@ -54,17 +54,25 @@ def magnitude_mask(weight: Tensor, sparsity: float, previous: Optional[Tensor] =
 @torch.no_grad()
 def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
                            previous: Optional[Dict[str, Tensor]] = None,
-                           scale: Optional[Dict[str, float]] = None) -> Dict[str, Tensor]:
+                           scale: Optional[Dict[str, float]] = None, max_layer_sparsity: float = 1.0
+                           ) -> Dict[str, Tensor]:
     """Keep-masks for ``weights`` that prune ``sparsity`` of all their weights together:
     one magnitude threshold, so layers end at different sparsities. ``scale`` multiplies a
-    layer's magnitudes before they meet the threshold (default 1)."""
+    layer's magnitudes before they meet the threshold (default 1). No layer loses more than
+    ``max_layer_sparsity`` of its weights: past it, the threshold takes the rest from the others
+    (fewer in all only when every layer is at its ceiling)."""
     names: List[str] = list(weights)
     if not names:
         return {}
     previous, scale = previous or {}, scale or {}
     device = weights[names[0]].device
-    scores = torch.cat([_scores(weights[n], previous.get(n), scale.get(n, 1.0)).to(device) for n in names])
-    k = prune_count(scores.numel(), sparsity)
+    per_layer = [_scores(weights[n], previous.get(n), scale.get(n, 1.0)).to(device) for n in names]
+    k = prune_count(sum(s.numel() for s in per_layer), sparsity)
+    if max_layer_sparsity < 1:  # only a layer's `ceiling` lowest scores may meet the threshold
+        ceilings = [prune_count(s.numel(), max_layer_sparsity) for s in per_layer]
+        per_layer = [_only_lowest(s, c) for s, c in zip(per_layer, ceilings)]
+        k = min(k, sum(ceilings))
+    scores = torch.cat(per_layer)
     keep = _mask_from_order(torch.argsort(scores, stable=True), k, scores.numel(), device)
     masks, offset = {}, 0
     for n in names:
@@ -72,6 +80,14 @@ def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
         masks[n] = keep[offset:offset + w.numel()].view_as(w).to(w.device)
         offset += w.numel()
     return masks
+
+
+def _only_lowest(score: Tensor, ceiling: int) -> Tensor:
+    """``score`` with all but its ``ceiling`` lowest entries out of the threshold's reach (+inf)."""
+    out = torch.full_like(score, math.inf)
+    cheapest = torch.argsort(score, stable=True)[:ceiling]
+    out[cheapest] = score[cheapest]
+    return out
 
 
 @torch.no_grad()

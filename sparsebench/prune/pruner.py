@@ -84,7 +84,12 @@ class MagnitudePruner(TrainHook):
             self.masks.update(global_magnitude_masks({n: weights[n] for n in self.pooled},
                                                      self.nominal_target(progress),
                                                      {n: self.masks[n] for n in self.pooled if n in self.masks},
-                                                     self.score_scale))
+                                                     self.score_scale, float(self.cfg.max_layer_sparsity)))
+            if progress >= 1:  # the final masks: a layer with no weight left cuts the network's signal
+                emptied = [n for n in self.pooled if not bool(self.masks[n].any())]
+                if emptied:
+                    log.warning("prune: %s lost every weight under the one threshold; set prune.max_layer_sparsity "
+                                "below 1 to keep some", ", ".join(emptied))
         if self.grads:
             self.apply_masks()  # grown weights enter at zero, not where old momentum moved them this step
             fraction = self.regrow_fraction_at(self.step)
