@@ -202,7 +202,7 @@ def swept_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
 def applies(row: Dict[str, Any], key: str) -> bool:
     """Whether a swept key meant anything to this job. Tables and plots leave it blank where it did not
     (quant.kmeans_per_channel on a linear or fp32 job, prune.scope on an unpruned one, prune.macs_exponent
-    with prune.scope=layer); summary.csv keeps what every job's config held."""
+    and prune.max_layer_sparsity with prune.scope=layer); summary.csv keeps what every job's config held."""
     group, _, name = key.partition(".")
     if group == "quant" and name:
         return method_reads(row["quant_method"], name)

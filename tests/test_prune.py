@@ -134,6 +134,11 @@ def test_a_layers_scale_moves_the_one_threshold():
     # A ceiling of 60%: a stops at its 60 smallest, and the threshold takes the other 40 from b.
     capped = global_magnitude_masks({"a": w, "b": w.clone()}, 0.5, scale={"a": 0.25}, max_layer_sparsity=0.6)
     assert torch.equal(~capped["a"], w <= 60) and torch.equal(~capped["b"], w <= 40)
+    # Every layer at its ceiling prunes less than asked; a ceiling below 1 always leaves a layer a weight.
+    full = global_magnitude_masks({"a": w, "b": w.clone()}, 0.9, max_layer_sparsity=0.6)
+    assert int((~full["a"]).sum()) == int((~full["b"]).sum()) == 60
+    tiny = global_magnitude_masks({"a": w[:20] * 0.001, "b": w.clone()}, 0.5, max_layer_sparsity=0.98)
+    assert int(tiny["a"].sum()) == 1 and int((~tiny["a"]).sum()) + int((~tiny["b"]).sum()) == 60
 
 
 @pytest.mark.parametrize("exponent", [0.5, 1.0])
@@ -180,8 +185,12 @@ def test_macs_exponent_and_the_ceiling_need_the_global_scope_and_a_sample():
     validate_prune(prune_cfg(scope="global", macs_exponent=0.5, max_layer_sparsity=0.95))
     with pytest.raises(ConfigError, match=re.escape("prune.max_layer_sparsity=0.95 is not allowed: 1 with prune.scope=layer")):
         validate_prune(prune_cfg(scope="layer", max_layer_sparsity=0.95))
-    with pytest.raises(ConfigError, match=re.escape("max_layer_sparsity=0.85 is not allowed: at least prune.final_sparsity (0.9)")):
-        validate_prune(prune_cfg(scope="global", max_layer_sparsity=0.85))
+    for ceiling in (0.85, 0.9):
+        with pytest.raises(ConfigError, match=re.escape(f"max_layer_sparsity={ceiling} is not allowed: above "
+                                                        "prune.final_sparsity (0.9)")):
+            validate_prune(prune_cfg(scope="global", max_layer_sparsity=ceiling))
+    with pytest.raises(ConfigError, match=re.escape("max_layer_sparsity=0 is not allowed: a fraction in (0, 1]")):
+        validate_prune(prune_cfg(scope="global", max_layer_sparsity=0))
     with pytest.raises(ValueError, match="needs a sample input"):
         build_pruner(prune_cfg(scope="global", macs_exponent=0.5), convnet())
     # A pooled layer the forward pass never reaches has no known compute: named, not a KeyError.

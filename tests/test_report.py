@@ -410,14 +410,17 @@ def test_macs_kept_column_only_where_jobs_measured_it(grid: Path) -> None:
 
 
 def test_keys_of_one_threshold_are_blank_where_each_layer_is_pruned_alone(grid: Path) -> None:
-    # prune.macs_exponent=0,0.5: only job 2 prunes with one threshold (scope=global) and reads it.
+    # macs_exponent=0,0.5 and max_layer_sparsity=1,0.98: only job 2 prunes with one threshold and reads them.
     for job in grid.glob("[0-3]_*"):
-        scope, exponent = ("global", 0.5) if job.name.startswith("2_") else ("layer", 0)
+        scope, exponent, ceiling = ("global", 0.5, 0.98) if job.name.startswith("2_") else ("layer", 0, 1)
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        config["prune"].update(scope=scope, macs_exponent=exponent)
+        config["prune"].update(scope=scope, macs_exponent=exponent, max_layer_sparsity=ceiling)
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         file = job / ".hydra" / "overrides.yaml"
-        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text()) + [f"prune.macs_exponent={exponent}"]))
+        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text())
+                                       + [f"prune.macs_exponent={exponent}", f"prune.max_layer_sparsity={ceiling}"]))
     lines = markdown_lines(grid)
-    column = [c.strip() for c in lines[0].strip("|").split("|")].index("macs_exponent")
-    assert [[c.strip() for c in line.strip("|").split("|")][column] for line in lines[2:6]] == ["", "", "0.5", ""]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:6]]
+    assert [(r[head.index("macs_exponent")], r[head.index("max_layer_sparsity")]) for r in rows] == [
+        ("", ""), ("", ""), ("0.5", "0.98"), ("", "")]

@@ -92,8 +92,9 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
     require(0 < p.max_layer_sparsity <= 1, "prune.max_layer_sparsity", p.max_layer_sparsity, "a fraction in (0, 1]")
     require(p.scope == "global" or p.max_layer_sparsity == 1, "prune.max_layer_sparsity", p.max_layer_sparsity,
             "1 with prune.scope=layer (a ceiling for the layers under one threshold: prune.scope=global)")
-    require(p.max_layer_sparsity >= p.final_sparsity, "prune.max_layer_sparsity", p.max_layer_sparsity,
-            f"at least prune.final_sparsity ({p.final_sparsity}), or the layers cannot reach it")
+    require(p.max_layer_sparsity > p.final_sparsity, "prune.max_layer_sparsity", p.max_layer_sparsity,
+            f"above prune.final_sparsity ({p.final_sparsity}): at it every layer is at the target, which is "
+            "prune.scope=layer")
     require(p.start >= 0, "prune.start", p.start, "a number >= 0")
     if p.method in ("agp", "iterative"):  # oneshot has no end
         require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")

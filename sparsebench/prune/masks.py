@@ -69,7 +69,7 @@ def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
     per_layer = [_scores(weights[n], previous.get(n), scale.get(n, 1.0)).to(device) for n in names]
     k = prune_count(sum(s.numel() for s in per_layer), sparsity)
     if max_layer_sparsity < 1:  # only a layer's `ceiling` lowest scores may meet the threshold
-        ceilings = [prune_count(s.numel(), max_layer_sparsity) for s in per_layer]
+        ceilings = [min(prune_count(s.numel(), max_layer_sparsity), s.numel() - 1) for s in per_layer]  # keep one
         per_layer = [_only_lowest(s, c) for s, c in zip(per_layer, ceilings)]
         k = min(k, sum(ceilings))
     scores = torch.cat(per_layer)
@@ -85,8 +85,8 @@ def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
 def _only_lowest(score: Tensor, ceiling: int) -> Tensor:
     """``score`` with all but its ``ceiling`` lowest entries out of the threshold's reach (+inf)."""
     out = torch.full_like(score, math.inf)
-    cheapest = torch.argsort(score, stable=True)[:ceiling]
-    out[cheapest] = score[cheapest]
+    lowest = torch.argsort(score, stable=True)[:ceiling]
+    out[lowest] = score[lowest]
     return out
 
 

@@ -85,11 +85,11 @@ class MagnitudePruner(TrainHook):
                                                      self.nominal_target(progress),
                                                      {n: self.masks[n] for n in self.pooled if n in self.masks},
                                                      self.score_scale, float(self.cfg.max_layer_sparsity)))
-            if progress >= 1:  # the final masks: a layer with no weight left cuts the network's signal
-                emptied = [n for n in self.pooled if not bool(self.masks[n].any())]
-                if emptied:
+            if progress >= 1 and self.progress != progress:  # the final masks, once: an empty layer cuts the signal
+                empty = torch.stack([~self.masks[n].any() for n in self.pooled]).tolist()  # one sync
+                if any(empty):
                     log.warning("prune: %s lost every weight under the one threshold; set prune.max_layer_sparsity "
-                                "below 1 to keep some", ", ".join(emptied))
+                                "below 1 to keep some", ", ".join(n for n, e in zip(self.pooled, empty) if e))
         if self.grads:
             self.apply_masks()  # grown weights enter at zero, not where old momentum moved them this step
             fraction = self.regrow_fraction_at(self.step)
