@@ -104,7 +104,8 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
     model = new_model()
     train, test = _batches(data, cfg, device, channels_last)
-    pruner = build_pruner(cfg.prune, model, next(iter(test))[0][:1])
+    sample = next(iter(test))[0]  # one test batch: the pruner's and layer table's forward passes, the benchmark's input
+    pruner = build_pruner(cfg.prune, model, sample)
     quantizer = build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
     # Another network's dense model to distil, built now: a wrong trainer.teacher fails before any training.
@@ -147,7 +148,6 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     phases.done("finetune")
 
     # Per-layer facts, the packed export, the benchmark and the run's summary numbers.
-    sample = next(iter(test))[0]
     rows = layers.describe(model, sample)
     packed_path = run_dir / "packed.safetensors"
     packed = export_model(model, hooks, packed_path) or {}

@@ -101,13 +101,13 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
     seen = trace(model, sample)
     rows = []
     for name, m in weight_layers(model).items():
-        w = m.weight
+        w, traced = m.weight, seen.get(name, Traced([], 0))  # a layer the forward pass never reached: nothing
         row_nnz = (w.detach().reshape(w.shape[0], -1) != 0).sum(dim=1)
         is_conv = isinstance(m, nn.Conv2d)
         rows.append({
             "layer": name,
             "kind": "conv2d" if is_conv else "linear",
-            "in_shape": "x".join(map(str, seen[name].in_shape if name in seen else [])),
+            "in_shape": "x".join(map(str, traced.in_shape)),
             "out_channels": w.shape[0],
             "kernel": f"{w.shape[2]}x{w.shape[3]}" if is_conv else None,
             "stride": m.stride[0] if is_conv else None,
@@ -118,7 +118,7 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
             "row_nnz_max": int(row_nnz.max()),
             "rows_empty": int((row_nnz == 0).sum()),
             "sparsity": round(float((w == 0).float().mean()), 6),
-            "macs_per_weight": seen[name].macs_per_weight if name in seen else 0,
+            "macs_per_weight": traced.macs_per_weight,
             "dense_bytes": dense_bytes(m),
         })
     return rows

@@ -254,7 +254,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
 
     labels = _table_labels(shown, swept)
     for r in shown:
-        reference, label = r["job"].startswith("dense-"), labels[id(r)]
+        reference, label = _shared_dense(r), labels[id(r)]
         acc, dense = _num(r["acc_final"]), _num(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = _num(r.get("footprint_bytes")) / 1e6 if _num(r.get("footprint_bytes")) is not None else None
@@ -284,8 +284,7 @@ def _table_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[
     dense model). Rows that would read alike (they differ only in keys neither reads) end with their job."""
     labels: Dict[int, List[str]] = {}
     for r in rows:
-        reference = r["job"].startswith("dense-")  # the sweep's shared dense model (trainer.init_from=shared)
-        labels[id(r)] = ([_spelled(r.get(k)) if applies(r, k) else "" for k in swept] if not reference
+        labels[id(r)] = ([_spelled(r.get(k)) if applies(r, k) else "" for k in swept] if not _shared_dense(r)
                          else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
     repeated = {label for label, n in Counter(tuple(v) for v in labels.values()).items() if n > 1}
     for r in rows:
@@ -293,6 +292,11 @@ def _table_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[
         if tuple(label) in repeated:
             label[-1] = f"{label[-1]} ({_job_name(r)})".lstrip()
     return labels
+
+
+def _shared_dense(row: Dict[str, Any]) -> bool:
+    """The sweep's shared dense model (trainer.init_from=shared), not one of its jobs."""
+    return row["job"].startswith("dense-")
 
 
 def _first_line(error: Any) -> str:
