@@ -163,13 +163,24 @@ def _value_not_overridden(row: Dict[str, Any], key: str) -> Any:
 
 
 def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
-    """Every job of the sweep as a summary row; the keys that differ between jobs get their own column."""
+    """Every job of the sweep as a summary row, in order of the swept values; the keys that differ between
+    jobs get their own column."""
     rows = [read_job(d) for d in job_dirs(Path(sweep_dir))]
     swept = swept_keys(rows)
     for row in rows:
         values = dict(split_override(o) for o in row["_overrides"])
         row.update({k: values[k] if k in values else _one_spelling(_value_not_overridden(row, k)) for k in swept})
-    return rows
+    return sorted(rows, key=lambda r: _row_order(r, swept))
+
+
+def _row_order(row: Dict[str, Any], swept: Sequence[str]) -> Tuple[Any, ...]:
+    """Where a job goes in summary.csv, table.md and the plots: the shared dense model first, then by the
+    swept values, numbers as numbers (several sweeps sharing a folder number their jobs from 0 each, so
+    job order would interleave them); a key the job does not read sorts first; ties keep job order."""
+    def value(key: str) -> Tuple[Any, ...]:
+        v = row.get(key) if applies(row, key) else None
+        return (0,) if v is None else (1, _num(v)) if _num(v) is not None else (2, str(v))
+    return (not _shared_dense(row),) + tuple(value(k) for k in swept)
 
 
 @functools.lru_cache(maxsize=1)
@@ -470,14 +481,19 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Secti
         return Section(title, note="No finished job has acc_final and a speedup or compression.")
     points = [(_num(r[x_key]), _num(r["acc_final"])) for r in ok]
     front = pareto_front(points)
-    fig = _figure()
-    ax = fig.add_subplot()
+    # The front's points are numbered and named in a key under the axes: labels beside the points overlap.
+    key_height = 0.15 * len(front) + 0.1
+    fig = _figure(height=4.2 + key_height)
+    ax, key_ax = fig.subplots(2, 1, height_ratios=[4.2, key_height])
     for label, group in _bits_groups(ok).items():
         ax.scatter([_num(r[x_key]) for r in group], [_num(r["acc_final"]) for r in group], s=28, label=label)
     ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black", lw=1,
             label="Pareto front")
-    for i in front:
-        ax.annotate(labels[id(ok[i])], points[i], fontsize=7, xytext=(4, -10), textcoords="offset points")
+    for n, i in enumerate(front, 1):
+        ax.annotate(str(n), points[i], fontsize=8, xytext=(3, 3), textcoords="offset points")
+    key_ax.axis("off")
+    key_ax.text(0, 1, "\n".join(f"{n}: {labels[id(ok[i])]}" for n, i in enumerate(front, 1)), fontsize=7,
+                va="top", transform=key_ax.transAxes)
     ax.set_xscale("log")
     _plain_log_labels(ax.xaxis)
     ax.set_xlabel(x_name + ", log scale")
@@ -561,9 +577,10 @@ def plot_footprint(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Se
     ok = _ok(rows, "footprint_bytes")
     if not ok:
         return Section(title, note="No finished job reported footprint_bytes.")
-    fig = _figure(height=1.4 + 0.3 * len(ok))
-    ax = fig.add_subplot()
     names = [labels[id(r)] for r in ok]
+    # Room for the longest label at 8 pt (about 0.06 inch a character) beside a plot of 4 inches.
+    fig = _figure(width=max(7.0, 4.0 + 0.06 * max(map(len, names))), height=1.4 + 0.3 * len(ok))
+    ax = fig.add_subplot()
     ys = range(len(ok))
     dense = [(_num(r.get("dense_bytes")) or 0) / 1024 for r in ok]
     packed = [_num(r["footprint_bytes"]) / 1024 for r in ok]

@@ -142,6 +142,18 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
     assert report.pareto_front(points) == [0, 1, 3]
 
 
+def test_pareto_plot_names_its_front_in_a_key_that_grows_with_it(grid: Path) -> None:
+    # The grid's speedups depend on sparsity alone, and 8 bits keep more top-1 than 4: its front is
+    # the two 8-bit jobs.
+    rows = report.collect(grid)
+    labels = report.unique_labels(rows, report.swept_keys(rows))
+    heights = []
+    for jobs in (rows[:1], rows):
+        section = report.plot_pareto(jobs, labels)
+        heights.append(Image.open(io.BytesIO(section.png)).height)
+    assert heights == [round(100 * (4.2 + 0.15 * n + 0.1)) for n in (1, 2)]
+
+
 def test_primary_speedup_prefers_the_most_common_key_then_batch_1() -> None:
     rows = [{"status": "ok", "speedup/b/b8": 2.0, "speedup/a/b1": 1.0},
             {"status": "ok", "speedup/b/b8": 3.0, "speedup/a/b1": 1.2, "speedup/c/b1": 4.0},
@@ -286,8 +298,7 @@ def test_a_key_only_left_out_jobs_set_gets_no_column_and_null_reads_null(grid: P
     add_overrides(failed, "trainer.teacher=/runs/r18/dense.pt")
     lines = markdown_lines(grid)
     assert "teacher" not in lines[0]
-    assert lines[-1].startswith("Not in the table (2 of 6 jobs): ")
-    assert lines[-1].endswith(f"; `{failed.name}` (`RuntimeError: CUDA out of memory`).")
+    assert lines[-1].startswith(f"Not in the table (2 of 6 jobs): `{failed.name}` (`RuntimeError: CUDA out of memory`); ")
     add_overrides(next(grid.glob("1_*")), "trainer.teacher=/runs/r18/dense.pt")  # now a finished job differs
     lines = markdown_lines(grid)
     head = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -424,3 +435,17 @@ def test_keys_of_one_threshold_are_blank_where_each_layer_is_pruned_alone(grid: 
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:6]]
     assert [(r[head.index("macs_exponent")], r[head.index("max_layer_sparsity")]) for r in rows] == [
         ("", ""), ("", ""), ("0.5", "0.98"), ("", "")]
+
+
+def test_jobs_are_ordered_by_their_swept_values_across_sweeps_sharing_a_folder(grid: Path) -> None:
+    # A second sweep in the same folder numbers its jobs from 0 again: job order would interleave them.
+    make_job(grid, 0, 0.7, 8)
+    make_job(grid, 1, 0.95, 4)
+    make_job(grid, 2, 0.7, 4)
+    report.write_report(grid)
+    rows = read_summary(grid / "summary.csv")
+    assert [(r["prune.final_sparsity"], r["quant.bits"], r["num"]) for r in rows] == [
+        ("0.5", "4", "0"), ("0.5", "8", "1"), ("0.7", "4", "2"), ("0.7", "8", "0"), ("0.9", "4", "2"),
+        ("0.9", "8", "3"), ("0.95", "2", "4"), ("0.95", "4", "1")]
+    cells = [[c.strip() for c in line.strip("|").split("|")][:2] for line in markdown_lines(grid)[2:9]]
+    assert cells == [["0.5", "4"], ["0.5", "8"], ["0.7", "4"], ["0.7", "8"], ["0.9", "4"], ["0.9", "8"], ["0.95", "4"]]
