@@ -155,10 +155,15 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
 
 def _value_not_overridden(row: Dict[str, Any], key: str) -> Any:
     """What a job ran for a swept key its overrides do not name: a config group's choice, else a
-    plain config value (None for a subtree, which no table cell can show)."""
+    plain config value (None for a subtree, which no table cell can show; "" where the job's config
+    has no such key: it ran before the key existed)."""
     if key in row["_choices"]:
         return row["_choices"][key]
-    value = _dig(row["_config"], key)
+    parent, _, leaf = key.rpartition(".")
+    holder = _dig(row["_config"], parent) if parent else row["_config"]
+    if not isinstance(holder, dict) or leaf not in holder:
+        return ""
+    value = holder[leaf]
     return None if isinstance(value, (dict, list)) else value
 
 
@@ -179,7 +184,7 @@ def _row_order(row: Dict[str, Any], swept: Sequence[str]) -> Tuple[Any, ...]:
     job order would interleave them); a key the job does not read sorts first; ties keep job order."""
     def value(key: str) -> Tuple[Any, ...]:
         v = row.get(key) if applies(row, key) else None
-        return (0,) if v is None else (1, _num(v)) if _num(v) is not None else (2, str(v))
+        return (0,) if v is None or v == "" else (1, _num(v)) if _num(v) is not None else (2, str(v))
     return (not _shared_dense(row),) + tuple(value(k) for k in swept)
 
 

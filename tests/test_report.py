@@ -263,6 +263,11 @@ def test_a_swept_key_one_job_left_at_its_config_value_shows_that_value(grid: Pat
     assert [r["quant"] for r in rows] == ["linear", "linear", "linear", "kmeans", "linear"]  # the choice, not the subtree
 
 
+def read_summary_of(path: Path) -> list:
+    report.write_summary(path / "summary.csv", report.collect(path))
+    return read_summary(path / "summary.csv")
+
+
 def markdown_lines(path: Path) -> list:
     return report.markdown_table(report.collect(path)).splitlines()
 
@@ -289,7 +294,7 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     assert alone[0] == single.name and alone[1:3] == cells[2:4]  # its own top-1 and Δ vs dense
 
 
-def test_a_key_only_left_out_jobs_set_gets_no_column_and_null_reads_null(grid: Path) -> None:
+def test_a_key_only_left_out_jobs_set_gets_no_column_null_reads_null_and_a_missing_key_blank(grid: Path) -> None:
     def add_overrides(job: Path, *extra: str) -> None:
         file = job / ".hydra" / "overrides.yaml"
         file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text()) + list(extra)))
@@ -300,10 +305,15 @@ def test_a_key_only_left_out_jobs_set_gets_no_column_and_null_reads_null(grid: P
     assert "teacher" not in lines[0]
     assert lines[-1].startswith(f"Not in the table (2 of 6 jobs): `{failed.name}` (`RuntimeError: CUDA out of memory`); ")
     add_overrides(next(grid.glob("1_*")), "trainer.teacher=/runs/r18/dense.pt")  # now a finished job differs
+    for job in grid.glob("[23]_*"):  # their configs hold the key, at null; job 0's has none (an older job)
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "trainer": {"teacher": None}}))
     lines = markdown_lines(grid)
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     column = [[c.strip() for c in line.strip("|").split("|")][head.index("teacher")] for line in lines[2:6]]
-    assert column == ["null", "/runs/r18/dense.pt", "null", "null"]
+    assert column == ["", "/runs/r18/dense.pt", "null", "null"]
+    teachers = {r["num"]: r["trainer.teacher"] for r in read_summary_of(grid)}  # csv: null and missing both empty
+    assert teachers == {"0": "", "1": "/runs/r18/dense.pt", "2": "", "3": "", "4": "", "5": "/runs/r18/dense.pt"}
 
 
 def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Path) -> None:
