@@ -1,0 +1,3 @@
+from sparsebench.report.page import main
+
+main()
