@@ -307,7 +307,8 @@ class SweepReport(Callback):
         if len(mine) < len(rows):
             log.info("sweep: %d of the %d jobs in %s are another sweep's (other values); not counted here",
                      len(rows) - len(mine), len(rows), sweep_dir)
-        failed = [str(r["num"] if r["num"] is not None else r["job"]) for r in mine if r["status"] != "ok"]
+        failed = [str(r["num"] if r["num"] is not None else r["job"])  # by job number (the report orders by values)
+                  for r in sorted(mine, key=lambda r: (r["num"] is None, r["num"] or 0)) if r["status"] != "ok"]
         LAST_SWEEP.update(dir=str(sweep_dir), jobs=len(mine), failed=failed)
         if self.enabled and rows:
             try:

@@ -152,6 +152,11 @@ def test_pareto_plot_names_its_front_in_a_key_that_grows_with_it(grid: Path) -> 
         section = report.plot_pareto(jobs, labels)
         heights.append(Image.open(io.BytesIO(section.png)).height)
     assert heights == [round(100 * (4.2 + 0.15 * n + 0.1)) for n in (1, 2)]
+    # The key holds the front's names: other names draw another figure, and one long name widens it.
+    renamed = report.plot_pareto(rows, {i: label.upper() for i, label in labels.items()}).png
+    assert renamed != report.plot_pareto(rows, labels).png
+    long = Image.open(io.BytesIO(report.plot_pareto(rows, {i: "x" * 200 for i in labels}).png))
+    assert long.width == round(100 * (0.6 + 0.05 * len("1: " + "x" * 200)))
 
 
 def test_primary_speedup_prefers_the_most_common_key_then_batch_1() -> None:
@@ -312,6 +317,8 @@ def test_a_key_only_left_out_jobs_set_gets_no_column_null_reads_null_and_a_missi
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     column = [[c.strip() for c in line.strip("|").split("|")][head.index("teacher")] for line in lines[2:6]]
     assert column == ["", "/runs/r18/dense.pt", "null", "null"]
+    rows = report.collect(grid)
+    assert report.job_label(rows[0], report.swept_keys(rows)) == "final_sparsity=0.5 bits=4"  # no "teacher="
     teachers = {r["num"]: r["trainer.teacher"] for r in read_summary_of(grid)}  # csv: null and missing both empty
     assert teachers == {"0": "", "1": "/runs/r18/dense.pt", "2": "", "3": "", "4": "", "5": "/runs/r18/dense.pt"}
 
@@ -449,13 +456,21 @@ def test_keys_of_one_threshold_are_blank_where_each_layer_is_pruned_alone(grid: 
 
 def test_jobs_are_ordered_by_their_swept_values_across_sweeps_sharing_a_folder(grid: Path) -> None:
     # A second sweep in the same folder numbers its jobs from 0 again: job order would interleave them.
-    make_job(grid, 0, 0.7, 8)
+    # Its 16 bits sort after 8 as a number (not as text), its repeat of 0.5/4 after job 0 (ties keep job
+    # order), and the folder's shared dense model comes first whatever its values.
+    make_job(grid, 0, 0.7, 16)
     make_job(grid, 1, 0.95, 4)
     make_job(grid, 2, 0.7, 4)
+    (make_job(grid, 3, 0.5, 4) / "metrics.json").unlink()  # died before metrics.json
+    dense = make_job(grid, 9, 0.99, 32).rename(grid / "dense-0123abcd")
+    config = yaml.safe_load((dense / ".hydra" / "config.yaml").read_text())  # values that would sort it last
+    shutil.rmtree(dense / ".hydra")  # a shared dense run: metrics.json and manifest.json, no job number
+    (dense / "manifest.json").write_text(json.dumps({"config": config}))
     report.write_report(grid)
     rows = read_summary(grid / "summary.csv")
     assert [(r["prune.final_sparsity"], r["quant.bits"], r["num"]) for r in rows] == [
-        ("0.5", "4", "0"), ("0.5", "8", "1"), ("0.7", "4", "2"), ("0.7", "8", "0"), ("0.9", "4", "2"),
-        ("0.9", "8", "3"), ("0.95", "2", "4"), ("0.95", "4", "1")]
-    cells = [[c.strip() for c in line.strip("|").split("|")][:2] for line in markdown_lines(grid)[2:9]]
-    assert cells == [["0.5", "4"], ["0.5", "8"], ["0.7", "4"], ["0.7", "8"], ["0.9", "4"], ["0.9", "8"], ["0.95", "4"]]
+        ("0.99", "32", ""), ("0.5", "4", "0"), ("0.5", "4", "3"), ("0.5", "8", "1"), ("0.7", "4", "2"),
+        ("0.7", "16", "0"), ("0.9", "4", "2"), ("0.9", "8", "3"), ("0.95", "2", "4"), ("0.95", "4", "1")]
+    cells = [[c.strip() for c in line.strip("|").split("|")][:2] for line in markdown_lines(grid)[2:10]]
+    assert cells == [["dense", ""], ["0.5", "4"], ["0.5", "8"], ["0.7", "4"], ["0.7", "16"], ["0.9", "4"],
+                     ["0.9", "8"], ["0.95", "4"]]

@@ -1,3 +1,4 @@
 from sparsebench.report.page import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -22,9 +22,6 @@ SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
 FASTER = re.compile(r"^faster/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")  # "W of L" layers, from layers.csv
 LAYER_SPEEDUP = "speedup_vs_"
 DIED = "no metrics.json: the job died before it finished (killed, out of memory, or still running)"
-COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
-           "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
-           "macs_kept", "runtime_s", "backend", "noisy_timings"]
 # metrics.json keys copied as they are.
 MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "macs_kept",
             "runtime_s")
@@ -271,6 +268,17 @@ def finished(rows: Iterable[Dict[str, Any]], *keys: str) -> List[Dict[str, Any]]
     return [r for r in rows if r["status"] == "ok" and all(as_float(r.get(k)) is not None for k in keys)]
 
 
+def metric_keys(rows: Sequence[Dict[str, Any]], pattern: "re.Pattern[str]") -> List[str]:
+    """The rows' keys matching ``pattern`` (<kind>/<baseline>/b<batch>), by baseline, then batch."""
+    return sorted({k for r in rows for k in r if pattern.match(k)}, key=baseline_batch)
+
+
+def baseline_batch(key: str) -> Tuple[str, int]:
+    """A speedup or layer-count key's baseline and batch, to sort by."""
+    m = SPEEDUP.match(key) or FASTER.match(key)
+    return (m["baseline"], int(m["batch"])) if m else (key, 0)
+
+
 def is_shared_dense(row: Dict[str, Any]) -> bool:
     """The sweep's shared dense model (trainer.init_from=shared), not one of its jobs."""
     return row["job"].startswith("dense-")
@@ -278,7 +286,7 @@ def is_shared_dense(row: Dict[str, Any]) -> bool:
 
 def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
     """Short name for plots: the swept values ("final_sparsity=0.9 bits=4"), else the job number."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={row.get(k)}" for k in swept if row.get(k) is not None and applies(row, k)]
+    parts = [f"{k.rsplit('.', 1)[-1]}={row.get(k)}" for k in swept if row.get(k) not in (None, "") and applies(row, k)]
     if row.get("num") is None:
         return row["job"]  # a reference run such as dense-<key>
     return " ".join(parts) or f"job {row['num']}"

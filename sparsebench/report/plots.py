@@ -9,8 +9,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from sparsebench.report.jobs import SPEEDUP, as_float, finished, swept_keys, unique_labels
-from sparsebench.report.tables import baseline_batch, metric_keys
+from sparsebench.report.jobs import SPEEDUP, as_float, baseline_batch, finished, metric_keys, swept_keys, unique_labels
 
 MAX_HEATMAPS = 6
 
@@ -140,9 +139,11 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Secti
         return Section(title, note="No finished job has acc_final and a speedup or compression.")
     points = [(as_float(r[x_key]), as_float(r["acc_final"])) for r in ok]
     front = pareto_front(points)
-    # The front's points are numbered and named in a key under the axes: labels beside the points overlap.
+    # The front's points are numbered and named in a key under the axes (labels beside the points overlap),
+    # the figure as wide as its longest line (7 pt: about 0.05 inch a character).
+    names = [f"{n}: {labels[id(ok[i])]}" for n, i in enumerate(front, 1)]
     key_height = 0.15 * len(front) + 0.1
-    fig = _figure(height=4.2 + key_height)
+    fig = _figure(width=max(7.0, 0.6 + 0.05 * max(map(len, names))), height=4.2 + key_height)
     ax, key_ax = fig.subplots(2, 1, height_ratios=[4.2, key_height])
     for label, group in _bits_groups(ok).items():
         ax.scatter([as_float(r[x_key]) for r in group], [as_float(r["acc_final"]) for r in group], s=28, label=label)
@@ -151,8 +152,7 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Secti
     for n, i in enumerate(front, 1):
         ax.annotate(str(n), points[i], fontsize=8, xytext=(3, 3), textcoords="offset points")
     key_ax.axis("off")
-    key_ax.text(0, 1, "\n".join(f"{n}: {labels[id(ok[i])]}" for n, i in enumerate(front, 1)), fontsize=7,
-                va="top", transform=key_ax.transAxes)
+    key_ax.text(0, 1, "\n".join(names), fontsize=7, va="top", transform=key_ax.transAxes)
     ax.set_xscale("log")
     _plain_log_labels(ax.xaxis)
     ax.set_xlabel(x_name + ", log scale")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
-from sparsebench.report.jobs import (COLUMNS, FASTER, SPEEDUP, applies, as_float, finished, is_shared_dense, job_name,
-                                     spelled, swept_keys)
+from sparsebench.report.jobs import (FASTER, SPEEDUP, applies, as_float, baseline_batch, finished, is_shared_dense,
+                                     job_name, metric_keys, spelled, swept_keys)
 from sparsebench.track import write_csv
+
+# Leading summary.csv columns, in this order: the swept keys go after the first four, the speedups and layer
+# counts after the rest.
+COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
+           "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
+           "macs_kept", "runtime_s", "backend", "noisy_timings"]
 
 
 def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -17,19 +22,9 @@ def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return COLUMNS[:4] + swept + COLUMNS[4:] + metric_keys(rows, SPEEDUP) + metric_keys(rows, FASTER) + ["error"]
 
 
-def metric_keys(rows: Sequence[Dict[str, Any]], pattern: "re.Pattern[str]") -> List[str]:
-    """The rows' keys matching ``pattern`` (<kind>/<baseline>/b<batch>), by baseline, then batch."""
-    return sorted({k for r in rows for k in r if pattern.match(k)}, key=baseline_batch)
-
-
 def write_summary(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
     columns = summary_columns(rows)
     write_csv(path, [{c: row.get(c) for c in columns} for row in rows])
-
-
-def baseline_batch(key: str) -> Tuple[str, int]:
-    m = SPEEDUP.match(key) or FASTER.match(key)
-    return (m["baseline"], int(m["batch"])) if m else (key, 0)
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
