@@ -222,6 +222,13 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
+DENSE_DIR_PREFIX = "dense-"  # <sweep_dir>/dense-<key>/: the sweep's shared dense run, not one of its jobs
+
+
+def is_shared_dense(job_dir_name: str) -> bool:
+    return job_dir_name.startswith(DENSE_DIR_PREFIX)
+
+
 def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) -> str:
     """Path of the sweep's dense.pt for this job's dense settings; the first job that asks trains it.
 
@@ -230,10 +237,10 @@ def shared_dense(cfg: Any, sweep_dir: Path, run: Callable[..., Dict[str, Any]]) 
     wait for the one that trains instead of training the same model again.
     """
     key = dense_key(cfg)
-    run_dir = Path(sweep_dir) / f"dense-{key}"
+    run_dir = Path(sweep_dir) / f"{DENSE_DIR_PREFIX}{key}"
     target = run_dir / "dense.pt"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(sweep_dir) / f".dense-{key}.lock", "w") as lock:
+    with open(Path(sweep_dir) / f".{DENSE_DIR_PREFIX}{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
         if not target.exists():
             dense = dense_config(cfg)
@@ -281,7 +288,7 @@ def own_jobs(rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str],
             ran = {parser.parse_override(line).get_key_element(): line for line in recorded}
         except HydraException:
             ran = {}
-        if (row["job"].startswith("dense-") or not ran
+        if (is_shared_dense(row["job"]) or not ran
                 or (set(ran) == set(allowed) and all(v is None or ran[k] in v for k, v in allowed.items()))):
             mine.append(row)
     return mine

@@ -16,6 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from sparsebench import sweep
 from sparsebench.quant.config import method_reads
 
 SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
@@ -281,7 +282,7 @@ def baseline_batch(key: str) -> Tuple[str, int]:
 
 def is_shared_dense(row: Dict[str, Any]) -> bool:
     """The sweep's shared dense model (trainer.init_from=shared), not one of its jobs."""
-    return row["job"].startswith("dense-")
+    return sweep.is_shared_dense(row["job"])
 
 
 def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
