@@ -31,6 +31,7 @@ class DataConfig:
     cutout: int = 0  # with augment: zero a random square of this side per training image (DeVries & Taylor 2017); 0: off
     trivialaugment: bool = False  # with augment: one of 14 image operations per training image at a random strength (Müller & Hutter 2021)
     on_device: bool = False  # keep the whole decoded dataset on the training device
+    drop_last: bool = False  # training: leave out each epoch's last, short batch (a compiled model then needs one graph, not two)
     test_fraction: float = 0.2  # digits only: held-out share
     # synthetic only
     shape: List[int] = field(default_factory=lambda: [3, 32, 32])
@@ -69,6 +70,7 @@ class TrainerConfig:
     resume: bool = False  # continue from <run_dir>/checkpoints/last.pt
     checkpoint_every: int = 0  # steps between checkpoints; 0: at epoch ends only (checkpoint_epochs)
     checkpoint_epochs: int = 1  # a checkpoint at the end of every N-th epoch and the last one
+    eval_every: int = 1  # test accuracy at the end of every N-th epoch and the last one
     progress: bool = True
     compile: bool = False  # torch.compile the model for training
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays the step as CUDA graphs
@@ -138,7 +140,8 @@ def validate(cfg: Any) -> None:
     _require(t.cpu_threads is None or t.cpu_threads >= 1, "trainer.cpu_threads", t.cpu_threads, "null or an integer >= 1")
     for key in ("epochs", "finetune_epochs", "checkpoint_every"):
         _require(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0")
-    _require(t.checkpoint_epochs >= 1, "trainer.checkpoint_epochs", t.checkpoint_epochs, "an integer >= 1")
+    for key in ("checkpoint_epochs", "eval_every"):
+        _require(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "an integer >= 1")
     _require(t.lr > 0, "trainer.lr", t.lr, "a number > 0")
     _require(t.finetune_lr is None or t.finetune_lr > 0, "trainer.finetune_lr", t.finetune_lr, "null or a number > 0")
     _require(0 <= t.momentum < 1, "trainer.momentum", t.momentum, "a number in [0, 1)")

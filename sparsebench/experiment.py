@@ -104,7 +104,9 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
 
     model = new_model()
     train, test = _batches(data, cfg, device, channels_last)
-    sample = next(iter(test))[0]  # one test batch: the pruner's and layer table's forward passes, the benchmark's input
+    # One test batch (a copy, not a view that keeps its chunk alive): the pruner's and the layer
+    # table's forward passes, the benchmark's input.
+    sample = next(iter(test))[0].clone()
     pruner = build_pruner(cfg.prune, model, sample)
     quantizer = build_quantizer(cfg.quant, model)
     hooks = [h for h in (pruner, quantizer) if h is not None]
@@ -121,7 +123,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     elif resume is not None and resume["phase"] == "finetune":
         acc_dense = resume["extra"]["acc_dense"]
     else:
-        average = [WeightAverage(t.ema_decay, test, "dense", t.amp)] if t.ema_decay else []
+        average = [WeightAverage(t.ema_decay, test, "dense", t.amp, t.eval_every)] if t.ema_decay else []
         timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=share + average,
                            checkpoint=checkpoint, resume_from=resume, log=tracker.log))
         acc_dense = evaluate(model, test, t.amp)
@@ -211,7 +213,7 @@ def _batches(data: Dataset, cfg: Any, device: torch.device, channels_last: bool)
     common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     train = Batches(data.x_train, data.y_train, batch_size=cfg.data.batch_size, shuffle=True,
                     augment=cfg.data.augment, cutout=cfg.data.cutout, trivialaugment=cfg.data.trivialaugment,
-                    seed=cfg.seed, **common)
+                    seed=cfg.seed, drop_last=cfg.data.drop_last, **common)
     test = Batches(data.x_test, data.y_test, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)
     return train, test
 

@@ -37,7 +37,7 @@ SHARED = "shared"
 # Trainer keys that only matter after dense training, or only for how fast it runs (compile,
 # threads): jobs differing in them share one dense model.
 _NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature", "teacher", "init_from", "resume",
-              "progress", "checkpoint_every", "checkpoint_epochs", "compile", "compile_mode", "cpu_threads")
+              "progress", "checkpoint_every", "checkpoint_epochs", "eval_every", "compile", "compile_mode", "cpu_threads")
 
 # Keys added since sweeps became resumable, with the value that computes what a config did before
 # they existed: at that value they are left out of the dense key and of the relaunch check, so a
@@ -45,7 +45,7 @@ _NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature"
 _ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None,
                      "prune.regrow_until": None, "prune.regrow_fraction": 0.3,
                      "trainer.distill": 0.0, "trainer.distill_temperature": 4.0,
-                     "quant.kmeans_per_channel": False, "trainer.teacher": None}
+                     "quant.kmeans_per_channel": False, "trainer.teacher": None, "data.drop_last": False}
 
 # Set by SweepReport in the launching process; __main__ turns failures into the exit code.
 LAST_SWEEP: Dict[str, Any] = {}
@@ -176,8 +176,10 @@ def dense_config(cfg: Any) -> Any:
 # ``trainer.resume=true`` on a sweep continues it where it stopped (a crash, a time limit): a job
 # that finished is kept as it is, one with a checkpoint resumes from it, the others start afresh.
 # Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
-# dense model's path is filled in; logger: tags name the overrides, resume among them).
-_RELAUNCH_FREE = ("trainer.resume", "trainer.progress", "trainer.init_from", "bench.progress", "logger.")
+# dense model's path is filled in; logger: tags name the overrides, resume among them; eval_every:
+# only how often the test set is scored).
+_RELAUNCH_FREE = ("trainer.resume", "trainer.progress", "trainer.init_from", "trainer.eval_every", "bench.progress",
+                  "logger.")
 
 
 def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:

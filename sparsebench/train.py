@@ -108,13 +108,18 @@ def evaluate(model: nn.Module, batches: Batches, amp: bool = False) -> float:
     """Top-1 accuracy as a fraction."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=batches.device), 0
     with _autocast(batches.device, amp):
         for x, y in batches:
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (model(x).argmax(1) == y).sum()  # counted on the device: one sync at the end, not one a batch
             total += len(y)
     model.train(was_training)
-    return correct / max(total, 1)
+    return correct.item() / max(total, 1)
+
+
+def evaluation_due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether the end of ``epoch`` (from 0) is tested: every ``every``-th epoch and the last."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -262,8 +267,9 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
             paused_s = sum(h.paused_s for h in hooks) - paused_before
             epoch_s = time.perf_counter() - epoch_started - paused_s
             metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s, f"{phase}/paused_s": paused_s,
-                       f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1),
-                       f"{phase}/acc": evaluate(model, test, cfg.amp)}
+                       f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1)}
+            if evaluation_due(epoch, epochs, cfg.eval_every):
+                metrics[f"{phase}/acc"] = evaluate(model, test, cfg.amp)
             for hook in hooks:
                 metrics.update(hook.on_epoch_end(epoch, model))
             log(metrics, step_offset + step)

@@ -29,7 +29,7 @@ def test_the_dense_model_ends_as_the_moving_average_of_its_steps(tmp_path):
     model = convnet()
     cfg = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
                           label_smoothing=0.0, amp=False, compile=False, compile_mode="default", progress=False,
-                          checkpoint_every=0, checkpoint_epochs=1)
+                          checkpoint_every=0, checkpoint_epochs=1, eval_every=1)
     recorder, decay = Recorder(), 0.9
     logged = []
     fit(model, train, test, cfg, phase="dense", epochs=2, lr=cfg.lr, hooks=[recorder, WeightAverage(decay, test, "dense")],
@@ -45,6 +45,29 @@ def test_the_dense_model_ends_as_the_moving_average_of_its_steps(tmp_path):
     epochs = [m for m in logged if "dense/acc_ema" in m]
     assert len(epochs) == 2 and all(0.1 < m["dense/acc"] <= 1 and 0.1 < m["dense/acc_ema"] <= 1 for m in epochs)
     assert evaluate(model, test) == epochs[-1]["dense/acc_ema"]
+
+
+def test_eval_every_tests_the_model_and_its_average_at_every_nth_epoch_and_the_last(tmp_path):
+    train, test = _digits_batches()
+    cfg = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
+                          label_smoothing=0.0, amp=False, compile=False, compile_mode="default", progress=False,
+                          checkpoint_every=0, checkpoint_epochs=1, eval_every=2)
+    logged = []
+    metrics = fit(convnet(), train, test, cfg, phase="dense", epochs=5, lr=cfg.lr,
+                  hooks=[WeightAverage(0.9, test, "dense", eval_every=2)], checkpoint=tmp_path / "c.pt",
+                  log=lambda m, s: logged.append(m))
+    epochs = [m for m in logged if "dense/epoch" in m]
+    assert [m["dense/epoch"] for m in epochs] == [1, 2, 3, 4, 5]  # every epoch logs its time
+    assert [m["dense/epoch"] for m in epochs if "dense/acc" in m] == [2, 4, 5]
+    assert [m["dense/epoch"] for m in epochs if "dense/acc_ema" in m] == [2, 4, 5]
+    assert metrics["dense/acc"] > 0.5 and metrics["dense/epoch"] == 5  # fit returns the last, tested epoch
+
+
+def test_eval_every_below_one_is_refused():
+    from sparsebench.config import validate
+
+    with pytest.raises(ValueError, match="trainer.eval_every=0 is not allowed: an integer >= 1"):
+        validate(compose("trainer.eval_every=0"))
 
 
 def test_a_short_run_with_a_slow_average_still_ends_trained(tmp_path):

@@ -103,18 +103,44 @@ def test_batches_are_normalised_and_resumable():
     assert x.mean().abs() < 0.05 and (x.std() - 1).abs() < 0.1
 
 
+def test_batches_do_not_depend_on_how_the_epoch_is_chunked(monkeypatch):
+    # Every image's random choices are drawn for the whole epoch first, so augmenting 100 images at
+    # a time or one batch at a time gives the same batches, and a resumed epoch starts mid-chunk.
+    ds = load("data=digits")
+    make = lambda: data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 32, shuffle=True, augment=True,  # noqa: E731
+                                cutout=3, trivialaugment=True, seed=1, channels_last=True)
+    whole = list(make().epoch(4))
+    monkeypatch.setattr(data.Batches, "CHUNK_IMAGES", 100)  # three batches a chunk
+    chunked, resumed = list(make().epoch(4)), list(make().epoch(4, start=5))
+    assert len(whole) == len(chunked) == 45 and whole[-1][0].shape[0] == 1437 - 44 * 32
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, chunked))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[5:], resumed))
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in chunked)
+
+
+def test_drop_last_leaves_out_the_short_batch_only():
+    ds = load("data=digits")
+    make = lambda n, **kw: data.Batches(ds.x_train[:n], ds.y_train[:n], ds.mean, ds.std, 100, shuffle=True,  # noqa: E731
+                                        seed=3, **kw)
+    kept, dropped = list(make(1437).epoch(0)), list(make(1437, drop_last=True).epoch(0))
+    assert len(dropped) == len(make(1437, drop_last=True)) == 14 and all(len(y) == 100 for _, y in dropped)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(kept, dropped)) and len(kept[-1][1]) == 37
+    assert [len(y) for _, y in make(60, drop_last=True).epoch(0)] == [60]  # a set smaller than a batch keeps it
+
+
 def test_random_crop_flip_moves_pixels_but_keeps_shape():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
     g = torch.Generator().manual_seed(0)
-    out = data.random_crop_flip(x, g, pad=0)  # no padding: only flips are possible
+    out = data.crop_flip(x, *data.draw_crop_flip(2, g, pad=0), pad=0)  # no padding: only flips are possible
     for i in range(2):
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
-    out = data.random_crop_flip(x, torch.Generator().manual_seed(1), pad=2)
+    out = data.crop_flip(x, *data.draw_crop_flip(2, torch.Generator().manual_seed(1), pad=2), pad=2)
     assert out.shape == x.shape and not torch.equal(out, x)
 
 
 def test_cutout_zeroes_one_clipped_square_per_image():
-    mask = data.cutout_mask(torch.Size([200, 3, 32, 32]), 16, torch.Generator().manual_seed(0))
+    centres = data.draw_cutout(200, 32, 32, torch.Generator().manual_seed(0))
+    mask = data.cutout_keep(torch.Size([200, 3, 32, 32]), 16, *centres)
     assert mask.shape == (200, 1, 32, 32)
     holes = (mask == 0).squeeze(1)
     rows, cols = holes.any(2).sum(1), holes.any(1).sum(1)

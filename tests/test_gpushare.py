@@ -93,7 +93,7 @@ def test_time_paused_by_a_hook_is_not_training_time(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     trainer = SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, scheduler="constant",
                               label_smoothing=0.0, amp=False, compile=False, progress=False, checkpoint_every=0,
-                              checkpoint_epochs=1)
+                              checkpoint_epochs=1, eval_every=1)
     metrics = fit(model, batches, batches, trainer, phase="p", epochs=1, lr=0.1, hooks=[Waits()],
                   checkpoint=tmp_path / "last.pt")
     assert metrics["p/paused_s"] >= 4 * 0.05

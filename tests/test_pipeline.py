@@ -155,6 +155,14 @@ def test_checkpoint_epochs_saves_every_nth_epoch_and_the_last(tmp_path: Path, mo
     assert saved == [epoch_ends[1], epoch_ends[3], epoch_ends[4]]
 
 
+def test_drop_last_and_eval_every_reach_the_training_loop(tmp_path: Path):
+    run(compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.eval_every=2"),
+        tmp_path)
+    epoch_ends = [h for h in history(tmp_path) if "dense/epoch" in h]
+    assert [h["step"] for h in epoch_ends] == [14, 28, 42]  # 1437 digits: 14 whole batches of 100, not 15
+    assert [h["dense/epoch"] for h in epoch_ends if "dense/acc" in h] == [2, 3]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):
     result = run_cli(*DENSE, "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2

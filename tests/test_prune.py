@@ -297,7 +297,7 @@ def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay(tmp_pat
     model = convnet()
     trainer = SimpleNamespace(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, momentum=0.9,
                               weight_decay=5e-2, scheduler="constant", step_gamma=0.1, label_smoothing=0.0,
-                              amp=False, compile=False, progress=False, checkpoint_every=0, checkpoint_epochs=1)
+                              amp=False, compile=False, progress=False, checkpoint_every=0, checkpoint_epochs=1, eval_every=1)
     # Several cuts while momentum buffers are full: without re-masking, momentum revives weights.
     pruner = MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.2, scope="layer"), model)
     probe = ZeroProbe(pruner)
@@ -471,7 +471,7 @@ def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, r
         trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
                                   step_gamma=0.1, label_smoothing=0.0, amp=False, compile=loop == "compiled",
                                   compile_mode=mode, progress=False,
-                                  checkpoint_every=0, checkpoint_epochs=1, distill=distill, distill_temperature=4.0)
+                                  checkpoint_every=0, checkpoint_epochs=1, eval_every=1, distill=distill, distill_temperature=4.0)
         teacher = copy.deepcopy(model) if distill else None
         hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until),
                                  model),

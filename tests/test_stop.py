@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 CFG = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
                       label_smoothing=0.0, amp=False, compile=False, compile_mode="default", progress=False,
-                      checkpoint_every=0, checkpoint_epochs=10)
+                      checkpoint_every=0, checkpoint_epochs=10, eval_every=1)
 
 
 class SigtermAt(TrainHook):

@@ -225,6 +225,8 @@ def test_dense_key_ignores_what_happens_after_dense_training() -> None:
     # How fast the dense model trains is not what it is: eager and CUDA-graph retraining compare from one model.
     assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "trainer.compile=true",
                                                                 "trainer.compile_mode=reduce-overhead"))
+    assert sweep.dense_key(base) == sweep.dense_key(compose_job("prune=agp", "quant=linear", "trainer.eval_every=5"))
+    assert sweep.dense_key(base) != sweep.dense_key(compose_job("prune=agp", "quant=linear", "data.drop_last=true"))
     assert sweep.dense_key(base) != sweep.dense_key(compose_job("prune=agp", "quant=linear", "seed=1"))
     assert sweep.dense_key(base) != sweep.dense_key(compose_job("prune=agp", "quant=linear", "model.width=0.5"))
     dense = sweep.dense_config(base)
@@ -239,7 +241,8 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     # The dense keys of these configs before data.trivialaugment and trainer.ema_decay existed (4b42876):
     # a folder from then finds its dense model. (Changing a default changes them on purpose.)
     assert sweep.dense_key(compose_job()) == "72707400"
-    old_vgg = ("trainer.epochs=200", "data.trivialaugment=false", "trainer.ema_decay=null")  # the paper recipe of then
+    old_vgg = ("trainer.epochs=200", "data.trivialaugment=false", "trainer.ema_decay=null",  # the paper recipe of then
+               "data.drop_last=false")
     assert sweep.dense_key(compose_job("experiment=paper_vgg16_cifar10", *old_vgg)) == "9b6ecae9"
     assert sweep.dense_key(compose_job("trainer.ema_decay=0.999")) != "72707400"
     # A job finished then, its manifest without the new keys, is kept as finished.
@@ -249,9 +252,14 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     del earlier["trainer"]["distill"], earlier["trainer"]["distill_temperature"]
     del earlier["prune"]["regrow_until"], earlier["prune"]["regrow_fraction"]
     del earlier["quant"]["kmeans_per_channel"], earlier["trainer"]["teacher"]
+    del earlier["data"]["drop_last"], earlier["trainer"]["eval_every"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "acc_final": 0.9}))
     assert sweep.finished_job(cfg, tmp_path) == {"status": "ok", "acc_final": 0.9}
+    # Scoring the test set more or less often computes the same job; dropping the short batch does not.
+    assert sweep.finished_job(compose_job("trainer.eval_every=5"), tmp_path) == {"status": "ok", "acc_final": 0.9}
+    with pytest.raises(ValueError, match="ran with data.drop_last=None, this launch has data.drop_last=True"):
+        sweep.finished_job(compose_job("data.drop_last=true"), tmp_path)
     with pytest.raises(ValueError, match="ran with trainer.ema_decay=None, this launch has trainer.ema_decay=0.99"):
         sweep.finished_job(compose_job("trainer.ema_decay=0.99"), tmp_path)
     # A k-means job of then (one codebook per layer; quant.per_channel=true recorded but unused) is kept,
