@@ -236,7 +236,7 @@ class Batches:
     the epoch's last, short batch, so a model compiled for static shapes needs one graph, not two.
     """
 
-    CHUNK_IMAGES = 8192  # images augmented at once (rounded down to whole batches): 100 MB of float32 CIFAR
+    CHUNK_VALUES = 8192 * 3 * 32 * 32  # pixel values augmented at once (whole batches, at least one): 100 MB of float32
 
     def __init__(self, x: Tensor, y: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
                  shuffle: bool, augment: bool = False, cutout: int = 0, trivialaugment: bool = False, seed: int = 0,
@@ -261,7 +261,7 @@ class Batches:
         # TrivialAugment comes first, as in the paper's CIFAR pipeline (then crop, flip, cutout), over
         # the whole epoch at once.
         x = trivial_augment(self.x if order is None else self.x[order], g) if self.augment and self.trivialaugment else None
-        per_chunk = max(1, self.CHUNK_IMAGES // bs)
+        per_chunk = max(1, self.CHUNK_VALUES // (bs * self.x[0].numel()))  # 32 batches of 256 CIFAR images
         for first in range(start, len(self), per_chunk):
             last = min(len(self), first + per_chunk)
             lo, hi = first * bs, min(n, last * bs)
@@ -269,12 +269,13 @@ class Batches:
             xs = x[lo:hi] if x is not None else self.x[idx]
             if crops is not None:
                 xs = crop_flip(xs, *(c[lo:hi] for c in crops))
-            xs = xs.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+            xs = xs.to(self.device, non_blocking=True)
+            if self.channels_last:  # in uint8, and float() keeps the layout; a batch sliced from it stays channels_last
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            xs = xs.float().div_(255).sub_(self.mean).div_(self.std)
             if holes is not None:
                 keep = cutout_keep(xs.shape, self.cutout, *(c[lo:hi].to(self.device) for c in holes))
                 xs.mul_(keep)  # 0 after normalising: the mean colour
-            if self.channels_last:
-                xs = xs.contiguous(memory_format=torch.channels_last)  # a batch sliced from it stays channels_last
             ys = self.y[idx].to(self.device, non_blocking=True)
             for b in range(first, last):
                 i, j = (b - first) * bs, min(hi - lo, (b - first + 1) * bs)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sparsebench.data import Batches
 from sparsebench.distill import Distillation
-from sparsebench.errors import StopRequested
+from sparsebench.errors import ConfigError, StopRequested
 
 LogFn = Callable[[Dict[str, float], int], None]
 
@@ -213,6 +213,10 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
     step = 0
     metrics: Dict[str, float] = {}  # the last epoch's: a run resumed from its last step returns them too
     if resume_from is not None:
+        saved_steps = resume_from.get("steps_per_epoch", steps_per_epoch)  # checkpoints before it was stored: trusted
+        if saved_steps != steps_per_epoch:  # the saved step would land in another epoch, at another batch
+            raise ConfigError(f"trainer.resume=true: the checkpoint's run had {saved_steps} batches an epoch, this one "
+                              f"has {steps_per_epoch}; resume with the data.batch_size and data.drop_last it ran with")
         for hook in hooks:  # first: a hook names the config key that differs before a shape mismatch would
             hook.load_state_dict(resume_from["hooks"].get(hook.name, {}))
         model.load_state_dict(resume_from["model"])
@@ -224,7 +228,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
 
     def save(step: int) -> None:
         atomic_torch_save({
-            "phase": phase, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "phase": phase, "step": step, "steps_per_epoch": steps_per_epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "hooks": {h.name: h.state_dict() for h in hooks},
             "rng": rng_state(), "extra": extra or {}, "metrics": metrics,
         }, checkpoint)

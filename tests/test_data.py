@@ -110,7 +110,7 @@ def test_batches_do_not_depend_on_how_the_epoch_is_chunked(monkeypatch):
     make = lambda: data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 32, shuffle=True, augment=True,  # noqa: E731
                                 cutout=3, trivialaugment=True, seed=1, channels_last=True)
     whole = list(make().epoch(4))
-    monkeypatch.setattr(data.Batches, "CHUNK_IMAGES", 100)  # three batches a chunk
+    monkeypatch.setattr(data.Batches, "CHUNK_VALUES", 100 * 64)  # 100 digit images: three batches a chunk
     chunked, resumed = list(make().epoch(4)), list(make().epoch(4, start=5))
     assert len(whole) == len(chunked) == 45 and whole[-1][0].shape[0] == 1437 - 44 * 32
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, chunked))

@@ -163,6 +163,16 @@ def test_drop_last_and_eval_every_reach_the_training_loop(tmp_path: Path):
     assert [h["dense/epoch"] for h in epoch_ends if "dense/acc" in h] == [2, 3]
 
 
+def test_resume_with_other_batches_an_epoch_is_a_clear_error(tmp_path: Path):
+    # The saved step would fall in another epoch, at another batch: refused rather than skipping images.
+    run(compose(*DENSE, "trainer.epochs=2", "data.batch_size=100"), tmp_path)
+    result = run_cli(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.resume=true",
+                     f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("trainer.resume=true: the checkpoint's run had 15 batches an epoch, this one has 14; resume with the "
+            "data.batch_size and data.drop_last it ran with") in result.stderr
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):
     result = run_cli(*DENSE, "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
