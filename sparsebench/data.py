@@ -317,4 +317,3 @@ def cutout_keep(shape: torch.Size, size: int, cy: Tensor, cx: Tensor) -> Tensor:
     xs = torch.arange(w, device=cx.device) - cx[:, None] + size // 2
     inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
     return (~inside).float()[:, None]
-
