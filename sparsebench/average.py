@@ -2,7 +2,7 @@
 
 A training-loop hook: after every optimizer step it folds the model's parameters and
 BatchNorm statistics into an averaged copy (one fused update over all tensors, no host
-sync), logs the copy's accuracy beside the model's at the epoch ends the loop tests, and when training
+sync), logs the copy's accuracy beside the model's whenever the loop scores it, and when training
 ends puts the averaged weights into the model, so the dense model saved, shared and
 compressed is the average. The decay warms up as (1 + n) / (10 + n) after n updates, so a
 short run is not left averaging its random initial weights.
@@ -17,15 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from sparsebench.data import Batches
-from sparsebench.train import TrainHook, evaluate, evaluation_due
+from sparsebench.train import TrainHook, evaluate
 
 
 class WeightAverage(TrainHook):
     name = "ema"
 
-    def __init__(self, decay: float, test: Batches, phase: str, amp: bool = False, eval_every: int = 1):
-        self.decay, self.test, self.phase, self.amp, self.eval_every = decay, test, phase, amp, eval_every
-        self.epochs = 0
+    def __init__(self, decay: float, test: Batches, phase: str, amp: bool = False):
+        self.decay, self.test, self.phase, self.amp = decay, test, phase, amp
         self.average: Optional[nn.Module] = None
         self.updates = 0
         self._floats: List[List[Tensor]] = [[], []]  # [averaged, model], updated in place together
@@ -33,7 +32,7 @@ class WeightAverage(TrainHook):
 
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.average = copy.deepcopy(model).requires_grad_(False)
-        self.updates, self.epochs = 0, total_steps // max(steps_per_epoch, 1)
+        self.updates = 0
         self._floats, self._counters = [[], []], [[], []]
         for averaged, current in zip(self.average.state_dict().values(), model.state_dict().values()):
             kind = self._floats if averaged.is_floating_point() else self._counters
@@ -47,9 +46,7 @@ class WeightAverage(TrainHook):
             torch._foreach_copy_(self._counters[0], self._counters[1])  # one launch, not one per BatchNorm
         self.updates += 1
 
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
-        if not evaluation_due(epoch, self.epochs, self.eval_every):
-            return {}
+    def on_evaluate(self, epoch: int, model: nn.Module) -> Dict[str, float]:
         return {f"{self.phase}/acc_ema": evaluate(self.average, self.test, self.amp)}
 
     def on_fit_end(self, model: nn.Module) -> None:

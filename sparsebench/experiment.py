@@ -123,7 +123,7 @@ def _pipeline(cfg: Any, run_dir: Path, tracker: Tracker, gpu_share: Optional[Gpu
     elif resume is not None and resume["phase"] == "finetune":
         acc_dense = resume["extra"]["acc_dense"]
     else:
-        average = [WeightAverage(t.ema_decay, test, "dense", t.amp, t.eval_every)] if t.ema_decay else []
+        average = [WeightAverage(t.ema_decay, test, "dense", t.amp)] if t.ema_decay else []
         timings.update(fit(model, train, test, t, phase="dense", epochs=t.epochs, lr=t.lr, hooks=share + average,
                            checkpoint=checkpoint, resume_from=resume, log=tracker.log))
         acc_dense = evaluate(model, test, t.amp)

@@ -30,7 +30,8 @@ class TrainHook:
 
     Call order: ``on_fit_start`` (may re-parametrize the model, before the optimizer exists)
     -> per step ``before_step`` (after backward) and ``after_step`` (after the optimizer)
-    -> ``on_epoch_end`` -> ``on_fit_end``. ``state_dict`` goes into every checkpoint.
+    -> ``on_epoch_end`` (and ``on_evaluate`` at the epochs whose test accuracy the loop scores,
+    ``trainer.eval_every``) -> ``on_fit_end``. ``state_dict`` goes into every checkpoint.
     """
 
     name = "hook"
@@ -46,6 +47,10 @@ class TrainHook:
         pass
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> Dict[str, float]:
+        return {}
+
+    def on_evaluate(self, epoch: int, model: nn.Module) -> Dict[str, float]:
+        """Metrics to score beside the model's test accuracy (which the loop has just taken)."""
         return {}
 
     def on_fit_end(self, model: nn.Module) -> None:
@@ -273,10 +278,13 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
             epoch_s = time.perf_counter() - epoch_started - paused_s
             metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s, f"{phase}/paused_s": paused_s,
                        f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1)}
-            if evaluation_due(epoch, epochs, cfg.eval_every):
+            scored = evaluation_due(epoch, epochs, cfg.eval_every)
+            if scored:
                 metrics[f"{phase}/acc"] = evaluate(model, test, cfg.amp)
             for hook in hooks:
                 metrics.update(hook.on_epoch_end(epoch, model))
+                if scored:
+                    metrics.update(hook.on_evaluate(epoch, model))
             log(metrics, step_offset + step)
             stopping = bool(stop)  # read once: a SIGTERM from here on is the next step's to handle
             if (stopping or (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs

@@ -54,7 +54,7 @@ def test_eval_every_tests_the_model_and_its_average_at_every_nth_epoch_and_the_l
                           checkpoint_every=0, checkpoint_epochs=1, eval_every=2)
     logged = []
     metrics = fit(convnet(), train, test, cfg, phase="dense", epochs=5, lr=cfg.lr,
-                  hooks=[WeightAverage(0.9, test, "dense", eval_every=2)], checkpoint=tmp_path / "c.pt",
+                  hooks=[WeightAverage(0.9, test, "dense")], checkpoint=tmp_path / "c.pt",
                   log=lambda m, s: logged.append(m))
     epochs = [m for m in logged if "dense/epoch" in m]
     assert [m["dense/epoch"] for m in epochs] == [1, 2, 3, 4, 5]  # every epoch logs its time
