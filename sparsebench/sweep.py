@@ -182,15 +182,16 @@ _RELAUNCH_FREE = ("trainer.resume", "trainer.progress", "trainer.init_from", "tr
                   "logger.")
 
 
-def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The metrics of this job from an earlier launch of the sweep if it finished there, else None.
-    An earlier launch with another config (the experiment's YAML changed since) is a ConfigError:
-    keeping or resuming that job would mix two recipes."""
+def refuse_changed_config(cfg: Any, run_dir: Path, new_dir_key: str) -> bool:
+    """Whether ``run_dir`` ran before (it has a manifest). If it ran with another config than ``cfg``
+    (beyond the keys free to change on a relaunch), a ConfigError naming the first changed key:
+    keeping or resuming that run would mix two recipes (say, weights pruned under one ceiling,
+    retrained under another). ``new_dir_key``: the setting that gives the changed config a folder."""
     run_dir = Path(run_dir)
     try:
         earlier = json.loads((run_dir / "manifest.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
-        return None  # never started here
+        return False  # never started here
     now = _without_added_defaults(_flat(OmegaConf.to_container(cfg, resolve=True)))
     then = _without_added_defaults(_flat(earlier))
     changed = sorted(k for k in now.keys() | then.keys()
@@ -198,8 +199,16 @@ def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
     if changed:
         k = changed[0]
         raise ConfigError(f"trainer.resume=true: {run_dir} ran with {k}={then.get(k)!r}, this launch has "
-                          f"{k}={now.get(k)!r}; give a new hydra.sweep.dir to run the changed config")
-    metrics = _metrics(run_dir)
+                          f"{k}={now.get(k)!r}; give a new {new_dir_key} to run the changed config")
+    return True
+
+
+def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The metrics of this job from an earlier launch of the sweep if it finished there, else None.
+    An earlier launch with another config (the experiment's YAML changed since) is a ConfigError."""
+    if not refuse_changed_config(cfg, run_dir, "hydra.sweep.dir"):
+        return None
+    metrics = _metrics(Path(run_dir))
     return metrics if metrics.get("status") == "ok" else None
 
 

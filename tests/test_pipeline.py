@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparsebench.train
+from sparsebench.errors import ConfigError
 from sparsebench.experiment import run
 from sparsebench.sparse.format import load_packed
 from tests.conftest import DENSE, TINY, compose, run_cli
@@ -165,12 +166,28 @@ def test_drop_last_and_eval_every_reach_the_training_loop(tmp_path: Path):
 
 def test_resume_with_other_batches_an_epoch_is_a_clear_error(tmp_path: Path):
     # The saved step would fall in another epoch, at another batch: refused rather than skipping images.
+    # (The CLI refuses the changed config before this; the check guards run() called from Python.)
     run(compose(*DENSE, "trainer.epochs=2", "data.batch_size=100"), tmp_path)
-    result = run_cli(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.resume=true",
-                     f"hydra.run.dir={tmp_path}")
+    with pytest.raises(ConfigError, match=r"trainer.resume=true: the checkpoint's run had 15 batches an epoch, this "
+                                          r"one has 14; resume with the data.batch_size and data.drop_last it ran with"):
+        run(compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.resume=true"),
+            tmp_path)
+
+
+def test_resuming_a_run_with_another_config_is_a_clear_error(tmp_path: Path):
+    # Resuming under another recipe would mix two (say, a pruning ceiling lowered mid-run); the
+    # run directory and its files stay as they were.
+    run(compose(*DENSE, "trainer.epochs=2"), tmp_path)
+    manifest = (tmp_path / "manifest.json").read_text()
+    result = run_cli(*DENSE, "trainer.epochs=3", "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert ("trainer.resume=true: the checkpoint's run had 15 batches an epoch, this one has 14; resume with the "
-            "data.batch_size and data.drop_last it ran with") in result.stderr
+    assert (f"error: trainer.resume=true: {tmp_path} ran with trainer.epochs=2, this launch has trainer.epochs=3; "
+            "give a new hydra.run.dir to run the changed config") in result.stderr
+    assert (tmp_path / "manifest.json").read_text() == manifest
+    # Keys free to change on a relaunch (how often to score, the logger) resume.
+    again = run_cli(*DENSE, "trainer.epochs=2", "trainer.eval_every=2", "trainer.resume=true",
+                    f"hydra.run.dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path):
