@@ -53,7 +53,7 @@ def app(cfg: DictConfig) -> Optional[float]:
                     log.info("job %s finished in an earlier launch; kept as it is (%s)", job_num, run_dir)
                     return finished.get("acc_final")
             elif cfg.trainer.resume:  # a single run continues only with the config it ran with
-                sweep.refuse_changed_config(cfg, run_dir, "hydra.run.dir")
+                sweep.check_relaunch(cfg, run_dir, "hydra.run.dir")
             if cfg.trainer.init_from == sweep.SHARED:  # one dense pre-training for the whole sweep
                 if not multirun:
                     raise ConfigError("trainer.init_from=shared needs a multirun (-m): it shares one dense "

@@ -182,9 +182,9 @@ _RELAUNCH_FREE = ("trainer.resume", "trainer.progress", "trainer.init_from", "tr
                   "logger.")
 
 
-def refuse_changed_config(cfg: Any, run_dir: Path, new_dir_key: str) -> bool:
-    """Whether ``run_dir`` ran before (it has a manifest). If it ran with another config than ``cfg``
-    (beyond the keys free to change on a relaunch), a ConfigError naming the first changed key:
+def check_relaunch(cfg: Any, run_dir: Path, new_dir_key: str) -> bool:
+    """A relaunch into ``run_dir``: whether it ran there before (it has a manifest). If it ran with
+    another config than ``cfg`` (beyond the keys free to change), a ConfigError naming the first one:
     keeping or resuming that run would mix two recipes (say, weights pruned under one ceiling,
     retrained under another). ``new_dir_key``: the setting that gives the changed config a folder."""
     run_dir = Path(run_dir)
@@ -206,7 +206,7 @@ def refuse_changed_config(cfg: Any, run_dir: Path, new_dir_key: str) -> bool:
 def finished_job(cfg: Any, run_dir: Path) -> Optional[Dict[str, Any]]:
     """The metrics of this job from an earlier launch of the sweep if it finished there, else None.
     An earlier launch with another config (the experiment's YAML changed since) is a ConfigError."""
-    if not refuse_changed_config(cfg, run_dir, "hydra.sweep.dir"):
+    if not check_relaunch(cfg, run_dir, "hydra.sweep.dir"):
         return None
     metrics = _metrics(Path(run_dir))
     return metrics if metrics.get("status") == "ok" else None
