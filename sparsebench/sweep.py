@@ -175,6 +175,7 @@ def dense_config(cfg: Any) -> Any:
 
 # ``trainer.resume=true`` on a sweep continues it where it stopped (a crash, a time limit): a job
 # that finished is kept as it is, one with a checkpoint resumes from it, the others start afresh.
+# A single run resumed from the CLI is held to the same check (check_relaunch).
 # Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
 # dense model's path is filled in; logger: tags name the overrides, resume among them; eval_every:
 # only how often the test set is scored).
