@@ -8,9 +8,10 @@ reports the last epoch's ms/step for: dense, pruning only, QAT only, pruning + Q
 with --variants) pruning + QAT distilling a dense model of the same network, or `data`: the input
 pipeline alone (shuffle, augmentation, normalisation; the synthetic images are uint8 like CIFAR's,
 so `data.augment=true data.cutout=16 data.trivialaugment=true` costs what it costs there). With
---trace, one more epoch of the first and the last variant runs under torch.profiler and
-the heaviest ops by GPU and by CPU time are printed (the step is host-bound when CPU time per
-step exceeds GPU time per step).
+--trace, the first and the last variant run once more, their second epoch (compiled, warm) under
+torch.profiler: the GPU's busy time per step and the heaviest ops by GPU and by CPU time are
+printed. A step whose wall time exceeds its GPU time is host-bound alone; on a GPU that several
+jobs share, the GPU time is what each job costs the others.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from sparsebench.cli import CONF_DIR
 from sparsebench.config import register_schema, validate
@@ -31,7 +32,7 @@ from sparsebench.experiment import _batches, pick_device
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner
 from sparsebench.quant import build_quantizer
-from sparsebench.train import fit, seed_everything
+from sparsebench.train import TrainHook, fit, seed_everything
 
 
 def main() -> None:
@@ -73,8 +74,9 @@ def main() -> None:
         return model, [h for h in hooks if h is not None]
 
     with tempfile.TemporaryDirectory() as tmp:
-        def step_ms(prune: bool, quant: bool, distill: bool = False, epochs: int = 3) -> float:
+        def step_ms(prune: bool, quant: bool, distill: bool = False, epochs: int = 3, extra=()) -> float:
             model, hooks = model_and_hooks(prune, quant)
+            hooks += list(extra)
             # The teacher's weights do not change its cost: an untrained dense model of the same network.
             teacher = new_model() if distill else None
             metrics = fit(model, train, test, cfg.trainer, phase="p", epochs=epochs, lr=cfg.trainer.lr, hooks=hooks,
@@ -106,14 +108,28 @@ def main() -> None:
         if args.trace:
             cfg.prune.end = 0  # one cut at the first step: the traced epoch runs at the final sparsity
             traced = [name for name in chosen if name != "data"]
+            active = max(1, args.steps - 4)  # the second epoch's steps, but its first and last two
             for name in dict.fromkeys(traced[:1] + traced[-1:]):
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    step_ms(*variants[name], epochs=1)
+                plan = schedule(skip_first=args.steps + 1, wait=0, warmup=1, active=active, repeat=1)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=plan) as prof:
+                    wall_ms = step_ms(*variants[name], epochs=2, extra=[_ProfilerStep(prof)])
                 table = prof.key_averages()
-                print(f"\n== {name}: {args.steps} steps + one evaluation, heaviest by GPU time")
+                gpu_ms = sum(e.self_device_time_total for e in table) / 1e3 / active
+                print(f"\n== {name}: {active} warm steps: GPU busy {gpu_ms:.2f} ms/step, wall {wall_ms:.2f} ms/step; "
+                      f"heaviest by GPU time")
                 print(table.table(sort_by="self_cuda_time_total", row_limit=15))
                 print(f"== {name}: heaviest by CPU time")
                 print(table.table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+class _ProfilerStep(TrainHook):
+    """Advances the profiler's schedule once per optimizer step."""
+
+    def __init__(self, prof: profile):
+        self.prof = prof
+
+    def after_step(self, step: int, model: torch.nn.Module) -> None:
+        self.prof.step()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from sparsebench.models import build_model
 from sparsebench.prune.masks import weight_param
 from sparsebench.quant import build_quantizer, grids
 from sparsebench.quant.config import QuantConfig
-from sparsebench.quant.hook import layer_bits
+from sparsebench.quant.hook import _most_distinct_per_row, layer_bits
 from sparsebench.sparse.format import load_packed
 from tests.conftest import TINY, compose, run_cli
 
@@ -138,6 +138,17 @@ def test_straight_through_gradient_passes_unchanged():
 
 
 # ---------------------------------------------------------------- the hook
+
+
+def test_most_distinct_per_row_counts_each_rows_values():
+    torch.manual_seed(0)
+    rows = torch.randint(-3, 4, (50, 40)).float() * 0.25  # at most 7 values a row, repeated
+    rows[7, :] = 0.5  # a row of one value
+    rows[9, :20] = torch.arange(20) + 10.0  # the most: 20 new values beside at most 7
+    want = max(len(torch.unique(r)) for r in rows)
+    assert want > 20
+    assert int(_most_distinct_per_row(rows)) == want
+    assert int(_most_distinct_per_row(rows[7:8])) == 1
 
 
 @pytest.mark.parametrize("method,kw", [
