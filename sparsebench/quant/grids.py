@@ -193,7 +193,7 @@ def fit_codebook(values: torch.Tensor, n_free: int, iters: int = 30,
         updated = torch.empty_like(levels).scatter_(1, order, means)  # back to (centres..., zero) order
         # All ``iters``, with no test for convergence: a converged fit stays put, and the test
         # is a host sync per iteration, which on a GPU that several jobs share waits for the
-        # others' turns (ResNet-18's 4-bit k-means refits took ~7 s an epoch among ten jobs).
+        # others' turns (a ResNet-18 refit beside four busy processes: 6.1 s with it, 1.1 s without).
         centres = updated[:, :-1]
     fitted = torch.sort(torch.cat([centres, zero], dim=1), dim=1).values
     return fitted if x.dim() > 1 else fitted.reshape(n_levels)
