@@ -120,7 +120,13 @@ class Quantizer(TrainHook):
         if (self.method == "kmeans" and not last and not just_started
                 and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0):
             self._calibrate(model, warm=True)
-        return {"quant/active": 1.0, "quant/max_levels": float(max(self.distinct_levels(model).values(), default=0))}
+        return {"quant/active": 1.0}
+
+    def on_evaluate(self, epoch: int, model: nn.Module) -> Dict[str, float]:
+        # A diagnostic that quantizes every weight once more: at the scored epochs, beside the accuracy.
+        if not self.active:
+            return {}
+        return {"quant/max_levels": float(max(self.distinct_levels(model).values(), default=0))}
 
     def on_fit_end(self, model: nn.Module) -> None:
         if not self.active:  # quant.start at or past the end: quantize after training (no QAT)
