@@ -190,6 +190,148 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   return true;
 }
 
+std::string tensor_unsupported(const ConvArgs& a) {
+  if (a.act_dtype != kF16 && a.act_dtype != kBF16) return "activations are fp32 (the tensor-core kernels take fp16 or bf16)";
+  // Empty tensors (a layer without nonzeros) have no address: only the row and pointer tables must exist.
+  if (!a.tile_rows || !a.tile_kptr || a.tc_kind == kTcNone || a.groups <= 0 ||
+      (a.tile_steps != 0 && (!a.tile_cols || !a.tc_values)))
+    return "the layer has no tensor-core tiles or weight stream";
+  if (a.groups * kTileRows < a.CO) return "the tiles cover fewer output channels than the layer has";
+  if (a.tc_kind == kTcLinear && (!a.scale || !a.zero_point)) return "linear codes need their scales and zero points";
+  if (a.tc_kind == kTcCodebook && !a.tc_codebook) return "codebook codes need the codebook";
+  if (a.tc_kind != kTcHalf && a.bits != 2 && a.bits != 4 && a.bits != 8) return "code streams take 2, 4 or 8 bits";
+  return "";
+}
+
+static int round8(int v) { return (v + 7) / 8 * 8; }
+static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
+
+// Columns of a tensor-core tile: narrow images go side by side (P of them, the fewest that fill
+// whole 8-column groups, if that wastes less than padding one image); wider ones are cut into
+// column tiles of a multiple of 8, the width that pads the least.
+static void tensor_columns(const ConvArgs& a, int& P, int& TWp, int& OWv, int& tiles_w) {
+  P = 1;
+  if (a.OW < 32 && a.N > 1) {
+    int p = std::min(8 / gcd(a.OW, 8), a.N);
+    while (p > 1 && p * a.OW > 64) --p;
+    const double waste_side = 1.0 - static_cast<double>(p * a.OW) / round8(p * a.OW);
+    const double waste_one = 1.0 - static_cast<double>(a.OW) / round8(a.OW);
+    if (p > 1 && waste_side < waste_one) P = p;
+  }
+  if (P > 1) {
+    OWv = P * a.OW;
+    TWp = round8(OWv);
+    tiles_w = 1;
+    return;
+  }
+  TWp = 8;
+  int64_t best = -1;
+  for (int w = std::min(64, round8(a.OW)); w >= 8; w -= 8) {
+    const int64_t waste = cdiv(a.OW, w) * w - a.OW;
+    if (best < 0 || waste < best) {
+      best = waste;
+      TWp = w;
+    }
+  }
+  OWv = TWp;
+  tiles_w = static_cast<int>(cdiv(a.OW, TWp));
+}
+
+static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg& t) {
+  if (!tensor_unsupported(a).empty()) return false;
+  int P, TWp, OWv, tiles_w;
+  tensor_columns(a, P, TWp, OWv, tiles_w);
+  const int NC = TWp / 8, PITCH = NC | 1;
+  // Rows, then bands of images, up to the pixels a block aims for (padded columns counted), and no
+  // more than its warps cover: 8 warps x MT m16 tiles (16 pixels, 2 groups of 8 columns).
+  const int MT = tu.tc_mt == 1 || tu.tc_mt == 2 ? tu.tc_mt : 4;
+  const int pixels = std::max(16, std::min(tu.tc_pixels, kTensorWarps * MT * 16));
+  int TH = std::min(a.OH, std::max(1, pixels / TWp));
+  const int tiles_h = static_cast<int>(cdiv(a.OH, TH));
+  TH = static_cast<int>(cdiv(a.OH, tiles_h));
+  const int bands = static_cast<int>(cdiv(a.N, P));
+  int NB = std::max(1, std::min(bands, pixels / (TWp * TH)));
+  const int tiles_n = static_cast<int>(cdiv(bands, NB));
+  NB = static_cast<int>(cdiv(bands, tiles_n));
+  const int RH = (TH - 1) * a.stride + a.KH;
+  const int PG = NB * TH * NC;
+  const int mtiles = (PG + 1) / 2;
+  int warps_m = 1;
+  while (warps_m < kTensorWarps && warps_m * MT < mtiles) warps_m *= 2;
+  if (warps_m * MT < mtiles) return false;  // (cannot happen with the pixel cap above)
+  int warps_k = 1;
+  while (warps_k * 2 <= tu.tc_warps_k && warps_m * warps_k * 2 <= kTensorWarps) warps_k *= 2;
+  const int warps_g = kTensorWarps / (warps_m * warps_k);
+  // Shared memory: CC channels of KW copies and the zero unit, then each warp's ring of k-steps
+  // (32 lanes' weights and 16 taps a step); the split-K sums reuse it at the end.
+  const int64_t per_channel = (static_cast<int64_t>(a.KW) * NB * RH * PITCH) | 1;
+  const int lane_bytes = a.tc_kind == kTcHalf ? 16 : a.bits;
+  const int64_t ring_stage = 32 * lane_bytes + kTileK * (a.tile_col_bits / 8);
+  const int64_t ring_bytes = static_cast<int64_t>(kTensorWarps) * kTensorStages * ring_stage;
+  const int64_t budget = std::min<int64_t>(tu.tc_smem_budget, max_block_smem()) - ring_bytes;
+  const int64_t CC = std::min<int64_t>(a.C, (budget / 16 - 1) / per_channel);
+  if (CC < 1) return false;
+  const int64_t ring = (CC * per_channel + 1) * 16;
+  const int64_t reduce = warps_k > 1 ? static_cast<int64_t>(kTensorWarps) * 32 * MT * 8 * 4 : 0;
+  const int64_t smem = std::max(ring + ring_bytes, reduce);
+  if (smem > max_block_smem()) return false;
+  const int64_t tiles = static_cast<int64_t>(tiles_w) * tiles_h * tiles_n;
+  const int64_t groups = cdiv(a.groups, warps_g);
+  if (tiles > 0x7fffffff || groups > 65535) return false;
+
+  t.P = P;
+  t.OWv = OWv;
+  t.TWp = TWp;
+  t.NC = NC;
+  t.PITCH = PITCH;
+  t.TH = TH;
+  t.NB = NB;
+  t.RH = RH;
+  t.CSTRIDE = static_cast<int>(per_channel);
+  t.CC = static_cast<int>(CC);
+  t.chunks = static_cast<int>(cdiv(a.C, CC));
+  t.PG = PG;
+  t.warps_m = warps_m;
+  t.warps_k = warps_k;
+  t.warps_g = warps_g;
+  t.tiles_w = tiles_w;
+  t.tiles_h = tiles_h;
+  t.tiles_n = tiles_n;
+  t.zero_unit = static_cast<int>(CC * per_channel);
+  t.ring = static_cast<int>(ring);
+  t.ring_stage = static_cast<int>(ring_stage);
+  t.div_NC = FastDiv(NC);
+  t.div_RH = FastDiv(RH);
+  t.div_NB = FastDiv(NB);
+  t.div_KW = FastDiv(a.KW);
+  t.div_KK = FastDiv(a.KH * a.KW);
+  t.div_OW = FastDiv(a.OW);
+  t.div_TH = FastDiv(TH);
+  t.div_CC = FastDiv(t.CC);
+  t.div_tiles_w = FastDiv(tiles_w);
+  t.div_tiles_h = FastDiv(tiles_h);
+
+  p = Plan{};
+  p.variant = kTensor;
+  p.MT = MT;
+  p.warps_m = warps_m;
+  p.warps_k = warps_k;
+  p.warps_g = warps_g;
+  p.P = P;
+  p.NB = NB;
+  p.TWp = TWp;
+  p.TH = TH;
+  p.TW = OWv;
+  p.NI = NB * P;
+  p.CC = t.CC;
+  p.chunks = t.chunks;
+  p.rows_per_block = warps_g * kTileRows;
+  p.threads = kTensorWarps * 32;
+  p.smem_bytes = smem;
+  p.blocks = tiles * groups;
+  return true;
+}
+
 static bool want_rowsplit(const ConvArgs& g, const Tuning& tu) {
   const int64_t M = static_cast<int64_t>(g.N) * g.OH * g.OW;
   return g.variant == kRowSplit || (g.variant == kAuto && M <= tu.rowsplit_max_pixels);
@@ -206,13 +348,30 @@ constexpr int kCandBlocks[] = {1, 2, 4};
 constexpr int kCandRows[] = {2 * kStageWarps, kStageWarps};
 constexpr int kCandWarps[] = {1, 2, 4};
 constexpr int kStageCandidates = 3 * 2 * 3 * 2 * 3 * 2;
+constexpr int kRowSplitCandidates = 3;
+constexpr int kCandMT[] = {4, 2, 1};
+constexpr int kCandPixels[] = {128, 64, 256};
+constexpr int kCandWarpsK[] = {1, 2, 4, 8};
+constexpr int kCandTcBudget[] = {96 * 1024, 192 * 1024};
+constexpr int kTensorCandidates = 3 * 3 * 4 * 2;
 }  // namespace
 
-int plan_candidate_count() { return kStageCandidates + 3; }
+int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates; }
 
 bool plan_candidate(int id, Tuning& knobs, int& variant) {
   if (id < 0 || id >= plan_candidate_count()) return false;
   knobs = tuning();
+  if (id >= kStageCandidates + kRowSplitCandidates) {
+    id -= kStageCandidates + kRowSplitCandidates;
+    variant = kTensor;
+    knobs.tc_smem_budget = kCandTcBudget[id % 2];
+    id /= 2;
+    knobs.tc_warps_k = kCandWarpsK[id % 4];
+    id /= 4;
+    knobs.tc_pixels = kCandPixels[id % 3];
+    knobs.tc_mt = kCandMT[id / 3];
+    return true;
+  }
   if (id >= kStageCandidates) {
     variant = kRowSplit;
     knobs.rowsplit_warps_per_row = kCandWarps[id - kStageCandidates];
@@ -239,13 +398,31 @@ static bool call_knobs(const ConvArgs& a, ConvArgs& g, Tuning& tu, bool& flat) {
   return a.plan < 0 || plan_candidate(a.plan, tu, g.variant);
 }
 
+// Tensor cores for the call: asked for, or (the rule) supported, outside the row-split regime.
+// A candidate that asks for them where they cannot run falls back to the CUDA-core rule.
+static bool want_tensor(const ConvArgs& a, const ConvArgs& g, const Tuning& tu) {
+  if (g.variant == kTensor || a.layout == kNHWC) return true;  // the CUDA-core kernels read NCHW only
+  return g.variant == kAuto && a.plan < 0 && tensor_unsupported(a).empty() &&
+         static_cast<int64_t>(a.N) * a.OH * a.OW > tu.rowsplit_max_pixels;
+}
+
 Plan make_plan(const ConvArgs& a) {
   ConvArgs g;
   Tuning tu;
   bool flat = false;
   Plan p;
   StageCfg t;
+  TensorCfg tc;
   if (!call_knobs(a, g, tu, flat)) return p;
+  if (want_tensor(a, g, tu) && tensor_plan(a, tu, p, tc)) return p;  // planned on the unflattened shape
+  if (a.layout == kNHWC) {  // nothing can run it (launch_conv says why)
+    p.variant = -1;
+    return p;
+  }
+  if (g.variant == kTensor) {
+    g.variant = kAuto;
+    tu = tuning();
+  }
   if (want_rowsplit(g, tu) || !stage_plan(g, tu, p, t)) p = rowsplit_plan(g, tu);
   p.flattened = flat;
   return p;
@@ -263,7 +440,22 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   if (!call_knobs(a, g, tu, flat)) return "plan: expected -1 or a candidate id below " + std::to_string(plan_candidate_count());
   Plan p;
   StageCfg t;
+  TensorCfg tc;
   std::string err;
+  if (want_tensor(a, g, tu)) {
+    if (tensor_plan(a, tu, p, tc)) {
+      err = launch_tensor(a, tc, p.MT, p.smem_bytes, stream);
+      if (!err.empty()) return err;
+      const cudaError_t e = cudaGetLastError();
+      return e == cudaSuccess ? "" : std::string("kernel launch failed: ") + cudaGetErrorString(e);
+    }
+    if (a.variant == kTensor || a.layout == kNHWC) {
+      const std::string why = tensor_unsupported(a);
+      return "tensor-core kernels cannot run this call: " + (why.empty() ? "no blocking fits the shared memory" : why);
+    }
+    g.variant = kAuto;  // a tensor-core candidate that cannot run here: the CUDA-core rule
+    tu = tuning();
+  }
   if (!want_rowsplit(g, tu) && stage_plan(g, tu, p, t))
     err = launch_stage(g, t, p, stream);
   else

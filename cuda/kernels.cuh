@@ -22,6 +22,25 @@ struct StageCfg {
 constexpr int kStageWarps = 16;
 
 std::string launch_stage(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream);
+
+// Tensor-core kernel blocking (conv_tensor.cu). The block's output tile is NB bands x TH output
+// rows x TWp columns: a band holds P images side by side (P > 1 for narrow images) or one image's
+// column tile [ow0, ow0 + OWv). Pixels go in groups of 8 consecutive columns (NC per tile row).
+// The staged input is CC channels x KW column-shifted copies x NB*RH rows x PITCH 16-byte units.
+struct TensorCfg {
+  int P, OWv, TWp, NC, PITCH, TH, NB, RH, CSTRIDE, CC, chunks, PG;
+  int warps_m, warps_k, warps_g;
+  int tiles_w, tiles_h, tiles_n;
+  int zero_unit;  // a 16-byte unit of zeros: the row masked taps read
+  int ring;       // byte offset of the warps' weight rings (kTensorStages k-steps each, ring_stage bytes a step)
+  int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights, then its 16 taps (16-byte multiple)
+  FastDiv div_NC, div_RH, div_NB, div_KW, div_KK, div_OW, div_TH, div_CC, div_tiles_w, div_tiles_h;
+};
+
+constexpr int kTensorWarps = 8;
+constexpr int kTensorStages = 8;  // k-steps each warp has in flight (weights and taps, by cp.async)
+
+std::string launch_tensor(const ConvArgs& a, const TensorCfg& t, int MT, int64_t smem_bytes, cudaStream_t stream);
 std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t stream);
 
 // Row-split kernel blocking: warps per block (1, 2 or 4 of them per row) and output pixels per warp.

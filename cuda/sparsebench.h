@@ -7,16 +7,28 @@
 namespace sparsebench {
 
 enum ActDtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum Layout : int { kNCHW = 0, kNHWC = 1 };
 enum ValueKind : int { kValF32 = 0, kValF16 = 1, kValLinear = 2, kValCodebook = 3 };
-enum Variant : int { kAuto = 0, kStage = 1, kRowSplit = 2 };
+enum Variant : int { kAuto = 0, kStage = 1, kRowSplit = 2, kTensor = 3 };
+// How the tensor-core kernels read weights: their fragment stream holds either the values in the
+// activation dtype (kTcHalf), or codes decoded in the kernel, linearly or through a codebook.
+enum TcKind : int { kTcNone = -1, kTcHalf = 0, kTcLinear = 1, kTcCodebook = 2 };
+
+// Output channels per tensor-core group: the N of two m16n8k16 MMAs. The format's tiles use it.
+constexpr int kTileRows = 16;
+// Condensed taps per k-step: the K of one m16n8k16 MMA.
+constexpr int kTileK = 16;
 
 // One direct sparse convolution (a linear layer is the 1x1 case on a 1x1 image).
-// x: [N, C, H, W] activations; out: [N, CO, OH, OW], same dtype; weights: CSR over CO.
+// x: [N, C, H, W] activations (NCHW, or NHWC memory with layout kNHWC); out: [N, CO, OH, OW] in the
+// same dtype and layout; weights: CSR over CO for the CUDA-core kernels, tiles for the tensor-core ones.
 struct ConvArgs {
   const void* x = nullptr;
   void* out = nullptr;
   int act_dtype = kF32;
+  int layout = kNCHW;
   int N = 0, C = 0, H = 0, W = 0, CO = 0, KH = 1, KW = 1, stride = 1, pad = 0, OH = 0, OW = 0;
+  // CSR (CUDA-core kernels).
   const int32_t* rowptr = nullptr;
   const void* colidx = nullptr;  // uint16 or int32, flat (ci*KH + kh)*KW + kw, sorted per row
   int col_bits = 16;
@@ -30,6 +42,19 @@ struct ConvArgs {
   int codebook_stride = 0;  // per-channel codebooks: row r's levels start at codebook + r * stride; 0: one codebook
   const float* bias = nullptr;  // may be null
   int relu = 0;
+  // Tensor-core tiles (null tile_kptr: no tensor-core plan): groups of kTileRows output channels,
+  // each with its condensed taps (the flat columns any of its channels uses), kTileK per k-step.
+  const int32_t* tile_rows = nullptr;  // [groups * 16]: the output channel of each slot, -1 for none
+  const int32_t* tile_kptr = nullptr;  // [groups + 1]: each group's first tap, multiples of kTileK
+  const void* tile_cols = nullptr;     // [tile_kptr[groups]] flat columns, sorted per group; uint16 or int32
+  int tile_col_bits = 16;
+  int groups = 0;
+  int64_t tile_steps = 0;              // tile_kptr[groups] / kTileK (a planning hint; 0 = unknown)
+  const void* tc_values = nullptr;     // the weights of every k-step in MMA fragment order (see conv_tensor.cu)
+  int tc_kind = kTcNone;
+  const float* tc_codebook = nullptr;  // kTcCodebook: the codebook the stream's codes index (with a zero level)
+  int tc_codebook_stride = 0;          // as codebook_stride, for tc_codebook
+  // Planning.
   int variant = kAuto;
   int64_t nnz = 0;      // nonzeros stored (a planning hint; 0 = unknown)
   int64_t max_row = 0;  // nonzeros of the longest row (a planning hint; 0 = unknown)
@@ -46,6 +71,9 @@ struct Plan {
   bool flattened = false;  // a 1x1/stride-1/no-padding conv treated as one long image row
   bool linear = false;        // staged: a lane's V pixels sit 32 floats apart (one address register)
   bool vector_loads = false;  // row-split: 16 contiguous pixels read as 4 vector loads (if x is 16-byte aligned)
+  // Tensor-core plans: m16 tiles per warp, the block's warps over pixels x K x groups, the tile's
+  // images side by side (P) and stacked (NB), and its padded width.
+  int MT = 0, warps_m = 0, warps_k = 0, warps_g = 0, P = 0, NB = 0, TWp = 0;
 };
 
 struct Tuning {
@@ -57,14 +85,21 @@ struct Tuning {
   int rowsplit_warps_per_row = 0; // 1, 2 or 4 warps per output channel; 0: by rows and row length
   int stage_v = 0;                // pixels per lane of the staged kernel (1, 2 or 4); 0: the widest that fills the GPU
   int min_rows = 32;              // fewest output channels a staged block takes (32: 2 per warp)
+  // Tensor-core kernels.
+  int tc_mt = 4;                  // m16 pixel tiles per warp (1, 2 or 4)
+  int tc_pixels = 128;            // output pixels a block aims for (16..1024)
+  int tc_warps_k = 1;             // warps that split one group's k-steps (1, 2, 4 or 8)
+  int tc_smem_budget = 96 * 1024; // bytes of shared memory a tensor-core block may stage
 };
 
 Tuning& tuning();
 // The plans an autotuner may time for one call: candidate `id` (0 <= id < plan_candidate_count())
-// is the process-wide knobs with a few of them changed, and a kernel (kStage or kRowSplit).
+// is the process-wide knobs with a few of them changed, and a kernel (kStage, kRowSplit or kTensor).
 // Several ids may give the same launch for a given shape. False for an id out of range.
 int plan_candidate_count();
 bool plan_candidate(int id, Tuning& knobs, int& variant);
+// Why the tensor-core kernels cannot run this call ("" when they can).
+std::string tensor_unsupported(const ConvArgs& a);
 Plan make_plan(const ConvArgs& a);
 // Launches on `stream` (a cudaStream_t); returns an error string, empty on success.
 std::string launch_conv(const ConvArgs& a, void* stream);

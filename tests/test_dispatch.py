@@ -2,6 +2,7 @@
 only reads the SM count (an H200's 132 when no device answers). Needs the compiled module."""
 
 import pytest
+import torch
 
 from sparsebench.sparse.ops import _C, kernel_plan as plan
 from sparsebench.sparse.synthetic import random_layer
@@ -48,11 +49,17 @@ def test_plan_candidates_are_distinct_knob_settings_that_the_plans_follow():
     candidates = plan_candidates()
     keys = [tuple(sorted(c.items())) for c in candidates]
     assert len(set(keys)) == len(candidates) > 100
-    assert {c["variant"] for c in candidates} == {"stage", "rowsplit"}
+    assert {c["variant"] for c in candidates} == {"stage", "rowsplit", "tensor"}
     layer = random_layer((128, 128, 3, 3), 0.9, padding=1, seed=3)
     shape = (32, 128, 28, 28)
     for i, c in enumerate(candidates):
         p = plan(shape, layer, plan=i)
+        if c["variant"] == "tensor":  # fp32 activations cannot use the tensor cores: the rule runs instead
+            assert p == plan(shape, layer)
+            half = plan(shape, layer, plan=i, dtype=torch.float16)
+            assert (half["variant"], half["MT"]) == ("tensor", c["tc_mt"])
+            assert half["warps_k"] <= c["tc_warps_k"] and half["smem_bytes"] <= c["tc_smem_budget"]
+            continue
         assert p["variant"] == c["variant"]
         if c["variant"] == "stage":
             assert p["V"] == c["stage_v"] and p["smem_bytes"] <= c["smem_budget"]
@@ -99,3 +106,28 @@ def test_linear_lanes_and_vector_loads_are_planned_where_they_apply():
     assert not plan((2, 1024, 14, 14), one)["vector_loads"]  # tiles would cross images
     assert plan((2, 1024, 4, 4), one)["vector_loads"]  # images of 16 pixels
     assert not plan((1, 1024), random_layer((256, 1024), 0.8))["vector_loads"]  # linear: pixels are batch rows
+
+
+def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
+    # Random geometries through every tensor-core candidate: a plan (or the fallback to CUDA cores) comes
+    # back, its warps cover the tile's pixel groups, and its shared memory fits an H200 block.
+    import random
+
+    rnd = random.Random(0)
+    candidates = [i for i, c in enumerate(_C.plan_candidates()) if c["variant"] == "tensor"]
+    for _ in range(25):
+        k = rnd.choice([1, 3, 5, 7])
+        stride, pad = rnd.choice([1, 2, 3]), rnd.choice([0, k // 2])
+        cin, cout = rnd.choice([1, 3, 17, 64, 256, 1024]), rnd.choice([1, 5, 16, 70, 512])
+        hw = rnd.choice([k, 2, 4, 7, 14, 28, 56])
+        hw = max(hw, k - 2 * pad)
+        layer = random_layer((cout, cin, k, k), 0.9, stride=stride, padding=pad, value="linear", bits=4, seed=k)
+        shape = (rnd.choice([1, 3, 32, 128]), cin, hw, hw)
+        for i in [-1] + candidates:
+            p = plan(shape, layer, plan=i, dtype=torch.float16)
+            if p["variant"] != "tensor":
+                continue
+            groups = p["NB"] * p["TH"] * p["TWp"] // 8
+            assert p["warps_m"] * p["MT"] * 2 >= groups, (shape, p)
+            assert p["warps_m"] * p["warps_k"] * p["warps_g"] == 8 and 0 < p["smem_bytes"] <= 227 * 1024
+            assert 1 <= p["CC"] <= cin and p["chunks"] * p["CC"] >= cin and p["blocks"] >= 1

@@ -193,10 +193,10 @@ def test_every_candidate_plan(case, dtype, value):
     layer = random_layer(wshape, 0.9, bits=4, stride=stride, padding=pad, empty_rows=3, seed=case, **kind).to("cuda")
     x = torch.randn(xshape, device="cuda").to(dtype)
     ref = reference(x, layer, relu=True)
-    plans = distinct_plans(xshape, layer)
+    plans = distinct_plans(xshape, layer, dtype=dtype)
     assert len(plans) >= 4
     for plan in plans:
-        layer.tuned_plans = {(tuple(xshape), dtype, x.device.index): plan}  # what autotuning would leave
+        layer.tuned_plans = {(tuple(xshape), dtype, x.device.index, False): plan}  # what autotuning would leave
         out = torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)
         sparse_conv2d_into(out, x, layer, relu=True)
         check(out, ref, dtype)
@@ -225,7 +225,7 @@ def test_autotune_keeps_the_fastest_plan_per_input_shape():
     layer = random_layer((128, 64, 3, 3), 0.9, padding=1, seed=16).to("cuda")
     x = torch.randn(16, 64, 14, 14, device="cuda")
     check(sparse_conv2d(x, layer), reference(x, layer), torch.float32)  # the first call tunes
-    key = ((16, 64, 14, 14), torch.float32, x.device.index)
+    key = ((16, 64, 14, 14), torch.float32, x.device.index, False)
     assert list(layer.tuned_plans) == [key]
     result = autotune_plan(x, layer)
     assert result["timed"] == len(distinct_plans(x.shape, layer)) >= 4
@@ -287,7 +287,7 @@ def test_torch_compile():
 def test_validation_on_the_gpu():
     layer = random_layer((8, 4, 3, 3), 0.5, seed=15).to("cuda")
     with pytest.raises(ValueError, match="x: must be contiguous"):
-        sparse_conv2d(torch.randn(1, 8, 8, 4, device="cuda").permute(0, 3, 1, 2), layer)
+        sparse_conv2d(torch.randn(1, 4, 16, 8, device="cuda")[:, :, ::2], layer)
     with pytest.raises(ValueError, match=r"layer\.values: on cpu"):
         cpu_values = layer.to("cuda")
         cpu_values.values = cpu_values.values.cpu()

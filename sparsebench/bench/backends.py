@@ -132,6 +132,8 @@ register(Backend("cudnn_tf32", ("cuda",), False, _cudnn("fp32", tf32=True, chann
                  "cuDNN, fp32 tensors with TF32 math, NCHW"))
 register(Backend("cudnn_fp16", ("cuda",), False, _cudnn("fp16", tf32=False, channels_last=True), _no_cuda,
                  "cuDNN, fp16, channels_last (NHWC)"))
+register(Backend("cudnn_bf16", ("cuda",), False, _cudnn("bf16", tf32=False, channels_last=True), _no_cuda,
+                 "cuDNN, bf16, channels_last (NHWC)"))
 
 
 def _torch_cpu(case: LayerCase, device: torch.device, activations: str) -> Prepared:
@@ -153,22 +155,34 @@ def _direct_unavailable(device: torch.device) -> Optional[str]:
 
 
 def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> Prepared:
-    from sparsebench.sparse.ops import sparse_conv2d, sparse_linear
+    from sparsebench.sparse.ops import is_channels_last, sparse_conv2d, sparse_linear
 
     dtype = ACT_DTYPES[activations]
     layer = case.packed.to(device)
     op = sparse_conv2d if case.kind == "conv2d" else sparse_linear
-    # The kernels read NCHW-contiguous input; inside a network a view may arrive (e.g. after flatten).
-    return Prepared(run=lambda x: op(x if x.is_contiguous() else x.contiguous(), layer), convert=_to(device, dtype),
-                    weight=case.weight, tol=TOLERANCE[activations], weight_bytes=layer.footprint_bytes(),
-                    act_bytes=torch.empty((), dtype=dtype).element_size(), sparse=True, dtype=dtype,
-                    columns=lambda: {"kernel_plan": _tuned_plan(layer)})
+    # fp16/bf16 run channels_last, as cuDNN does: the tensor-core kernels read either layout, and
+    # the CUDA-core ones (fp32) NCHW. Inside a network a view may arrive (e.g. after flatten).
+    channels_last = dtype != torch.float32 and case.kind == "conv2d"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return op(x if x.is_contiguous() or is_channels_last(x) else x.contiguous(), layer)
+
+    weight_bytes = layer.footprint_bytes() + (layer.tile_bytes() if dtype != torch.float32 else 0)
+    return Prepared(run=run, convert=_to(device, dtype, channels_last), weight=case.weight, tol=TOLERANCE[activations],
+                    weight_bytes=weight_bytes, act_bytes=torch.empty((), dtype=dtype).element_size(), sparse=True,
+                    dtype=dtype, channels_last=channels_last, columns=lambda: _tuned_plan(layer))
 
 
-def _tuned_plan(layer) -> int:
-    """The candidate plan the autotuner chose for the one input shape this layer ran on (-1: the rule)."""
-    plans = set(layer.tuned_plans.values())
-    return plans.pop() if len(plans) == 1 else -1
+def _tuned_plan(layer) -> Dict[str, object]:
+    """The plan the autotuner chose for the one input this layer ran on (-1: the rule), its kernel and layout."""
+    from sparsebench.sparse.ops import kernel_plan, plan_name
+
+    plans = set(layer.tuned_plans.items())
+    if len(plans) != 1:
+        return {"kernel_plan": -1, "kernel": None, "layout": None}
+    (shape, dtype, _, channels_last), plan = plans.pop()
+    name = plan_name(kernel_plan(shape, layer, plan=plan, dtype=dtype, channels_last=channels_last))
+    return {"kernel_plan": plan, "kernel": name, "layout": "nhwc" if channels_last else "nchw"}
 
 
 register(Backend("direct_sparse", ("cuda",), True, _direct_sparse, _direct_unavailable,

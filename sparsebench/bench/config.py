@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 from sparsebench.errors import require
 
 # Kept here (no torch import) so config validation stays fast; tests check it matches the registry.
-BACKEND_NAMES = ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "direct_sparse", "torch_csr", "semi_structured_2to4",
-                 "torch_cpu", "sparse_reference")
+BACKEND_NAMES = ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "cudnn_bf16", "direct_sparse", "torch_csr",
+                 "semi_structured_2to4", "torch_cpu", "sparse_reference")
 SPARSE_BACKEND_NAMES = ("none", "direct_sparse", "torch_csr", "sparse_reference")
 
 # The CUDA dispatcher's knobs (`_C.set_tuning`, docs/kernels.md) and what each accepts; a knob
@@ -23,6 +23,11 @@ KERNEL_TUNING = {
     "rowsplit_warps_per_row": ("0 (automatic), 1, 2 or 4", lambda v: v in (0, 1, 2, 4)),
     "stage_v": ("0 (automatic), 1, 2 or 4 (output pixels per lane of the staged kernel)", lambda v: v in (0, 1, 2, 4)),
     "min_rows": ("an integer >= 1 (fewest output channels per staged block)", lambda v: v >= 1),
+    "tc_mt": ("1, 2 or 4 (m16 pixel tiles per warp of the tensor-core kernel)", lambda v: v in (1, 2, 4)),
+    "tc_pixels": ("16..1024 (output pixels a tensor-core block aims for)", lambda v: 16 <= v <= 1024),
+    "tc_warps_k": ("1, 2, 4 or 8 (warps that split one channel group's taps)", lambda v: v in (1, 2, 4, 8)),
+    "tc_smem_budget": ("8192..232448 (bytes of shared memory a tensor-core block may stage)",
+                       lambda v: 8192 <= v <= 227 * 1024),
 }
 
 

@@ -14,6 +14,9 @@ One ``PackedLayer`` holds a conv2d or linear weight with only its nonzeros store
   the layer) or ``value = codebook[row, code]`` (``codebook`` [C_out, levels], one per output channel).
   Codes are packed little-end first into bytes: nonzero k sits at bit ``k*bits`` of the stream.
 - ``bias`` fp32 [C_out] or None, and the geometry (stride, padding; dilation 1, groups 1).
+- ``tile_rows``, ``tile_kptr``, ``tile_cols``: the tensor-core tiles (``sparse/tiles.py``): output channels
+  in groups of 16 and each group's condensed taps. In the file since version 2; version 1 files get them
+  built on load. ``footprint_bytes`` counts the CSR alone (the compressed weight); ``tile_bytes`` these.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # version 1: no tensor-core tiles (built on load)
 VALUE_KINDS = ("float32", "float16", "linear", "codebook")
 CODE_BITS = (2, 4, 8)
 # Flat column indices up to this many fit the unsigned 16-bit index stream.
 INDEX16_LIMIT = 1 << 16
 
 # Tensors a layer may hold, in file order; None-valued ones are simply absent.
-_TENSOR_FIELDS = ("rowptr", "colidx", "row_order", "values", "scale", "zero_point", "codebook", "bias")
+_TENSOR_FIELDS = ("rowptr", "colidx", "row_order", "values", "scale", "zero_point", "codebook", "bias",
+                  "tile_rows", "tile_kptr", "tile_cols")
+_TILE_FIELDS = ("tile_rows", "tile_kptr", "tile_cols")
 
 
 @dataclasses.dataclass
@@ -54,6 +60,9 @@ class PackedLayer:
     zero_point: Optional[torch.Tensor] = None
     codebook: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
+    tile_rows: Optional[torch.Tensor] = None
+    tile_kptr: Optional[torch.Tensor] = None
+    tile_cols: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         # The longest row, counted where it is free (a GPU rowptr is counted on first use instead).
@@ -61,6 +70,8 @@ class PackedLayer:
         # Kernel plans the autotuner measured best, by input (shape, dtype, device); kept in memory only
         # and not handed on by to(): a plan is timed on one device.
         self.tuned_plans: Dict[tuple, int] = {}
+        # The tensor-core weight streams, by activation dtype (derived from the tiles; see tiles.py).
+        self.streams: Dict[torch.dtype, Any] = {}
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -152,8 +163,37 @@ class PackedLayer:
         return out
 
     def footprint_bytes(self) -> int:
-        """Everything stored: indices, row pointers and order, values/codes, scales, codebook, bias."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """The compressed weight: indices, row pointers and order, values/codes, scales, codebook, bias."""
+        return sum(t.numel() * t.element_size() for name, t in self.tensors().items() if name not in _TILE_FIELDS)
+
+    def tile_bytes(self) -> int:
+        """The tensor-core tiles stored beside the CSR (0 without them)."""
+        return sum(t.numel() * t.element_size() for name, t in self.tensors().items() if name in _TILE_FIELDS)
+
+    @property
+    def has_tiles(self) -> bool:
+        return self.tile_kptr is not None
+
+    @property
+    def tile_groups(self) -> int:
+        return self.tile_kptr.numel() - 1 if self.tile_kptr is not None else 0
+
+    def mask(self) -> torch.Tensor:
+        """The nonzero pattern as a dense bool [C_out, C_in*KH*KW] (on the layer's device)."""
+        m = torch.zeros(self.out_channels, self.row_length, dtype=torch.bool, device=self.rowptr.device)
+        m[self.rows(), self.columns()] = True
+        return m
+
+    def with_tiles(self, by_similarity: bool = True) -> "PackedLayer":
+        """This layer with its tensor-core tiles (re)built from its nonzero pattern (on the CPU)."""
+        from sparsebench.sparse.tiles import build_tiles, index_tensor
+
+        rows, kptr, cols = build_tiles(self.mask().cpu(), by_similarity)
+        dev = self.rowptr.device
+        built = dataclasses.replace(self, tile_rows=rows.to(dev), tile_kptr=kptr.to(dev),
+                                    tile_cols=index_tensor(cols, self.row_length).to(dev))
+        built._row_nnz_max = self._row_nnz_max
+        return built
 
     def dense_bytes(self) -> int:
         """The fp32 dense weight plus the fp32 bias."""
@@ -209,13 +249,13 @@ def _per_row(t, name: str, rows: int, dtype) -> torch.Tensor:
 def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1, padding: int = 0,
                 bits: Optional[int] = None, codes: Optional[torch.Tensor] = None, scale=None, zero_point=None,
                 codebook: Optional[torch.Tensor] = None, value_dtype: torch.dtype = torch.float32,
-                sort_rows: bool = True) -> PackedLayer:
+                sort_rows: bool = True, tiles: bool = True) -> PackedLayer:
     """Pack a dense conv2d [C_out, C_in, KH, KW] or linear [out, in] weight; only nonzeros are stored.
 
     Float values: leave ``bits`` None (``value_dtype`` fp32 or fp16). Codes: give ``bits`` (8/4/2) and an
     integer ``codes`` tensor shaped like ``weight`` plus either ``scale`` (+ optional integer
     ``zero_point``; scalars mean per-tensor) or a ``codebook`` of at most 2**bits levels ([levels] for
-    the layer, or [C_out, levels]: one per output channel). Signed codes are
+    the layer, or [C_out, levels]: one per output channel). ``tiles`` adds the tensor-core tiles. Signed codes are
     shifted into the unsigned range (zero point shifted alike, values unchanged). The stored positions
     are those whose decoded value is nonzero; a zero weight whose code decodes to nonzero is refused.
     """
@@ -324,10 +364,17 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
         bias_t = _per_row(bias, "bias", rows, torch.float32)
         if bias_t.numel() != rows:
             raise ValueError(f"bias: expected {rows} values, got {bias_t.numel()}")
+    tile_rows = tile_kptr = tile_cols = None
+    if tiles:
+        from sparsebench.sparse.tiles import build_tiles, index_tensor
+
+        tile_rows, tile_kptr, cols64 = build_tiles(mask)
+        tile_cols = index_tensor(cols64, ncols)
     return PackedLayer(kind=kind, weight_shape=tuple(int(s) for s in weight.shape), stride=int(stride),
                        padding=int(padding), value_kind=value_kind, bits=stored_bits,
                        rowptr=rowptr.to(torch.int32), colidx=colidx.contiguous(), row_order=order.contiguous(),
-                       values=values, scale=scale_t, zero_point=zp_t, codebook=codebook_t, bias=bias_t)
+                       values=values, scale=scale_t, zero_point=zp_t, codebook=codebook_t, bias=bias_t,
+                       tile_rows=tile_rows, tile_kptr=tile_kptr, tile_cols=tile_cols)
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,6 +427,17 @@ def check_layer(layer: PackedLayer, name: str = "layer") -> None:
     for tname in ("scale", "zero_point", "codebook"):
         if getattr(layer, tname) is not None and tname not in expected_shapes(layer):
             raise ValueError(f"{name}.{tname}: not used by value_kind {layer.value_kind!r}; leave it None")
+    tiles = [getattr(layer, t) is not None for t in _TILE_FIELDS]
+    if any(tiles) and not all(tiles):
+        raise ValueError(f"{name}: tile_rows, tile_kptr and tile_cols go together (all or none)")
+    if all(tiles):
+        groups = -(-layer.out_channels // 16)
+        idx_dtype = torch.int16 if layer.row_length <= INDEX16_LIMIT else torch.int32
+        for tname, shape, dtype in (("tile_rows", (groups * 16,), torch.int32), ("tile_kptr", (groups + 1,), torch.int32),
+                                    ("tile_cols", (layer.tile_cols.numel(),), idx_dtype)):
+            t = getattr(layer, tname)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{name}.{tname}: expected shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
 def check_layer_data(layer: PackedLayer, name: str = "layer") -> None:
@@ -400,6 +458,38 @@ def check_layer_data(layer: PackedLayer, name: str = "layer") -> None:
         raise ValueError(f"{name}.row_order: must be a permutation of 0..{layer.out_channels - 1}")
     if layer.value_kind == "codebook" and layer.nnz and int(layer.codes().max()) >= layer.codebook.shape[-1]:
         raise ValueError(f"{name}.values: codes index past the {layer.codebook.shape[-1]}-level codebook")
+    if layer.has_tiles:
+        check_tiles(layer, name)
+
+
+def check_tiles(layer: PackedLayer, name: str = "layer") -> None:
+    """The tiles must hold every channel once and, per group, sorted taps covering its channels' nonzeros."""
+    from sparsebench.sparse.tiles import TILE_K, TILE_ROWS, unsigned
+
+    rows = layer.tile_rows.to(torch.int64)
+    live = rows[rows >= 0]
+    if not torch.equal(torch.sort(live).values, torch.arange(layer.out_channels)) or bool((rows < -1).any()):
+        raise ValueError(f"{name}.tile_rows: must hold each output channel 0..{layer.out_channels - 1} once, -1 elsewhere")
+    kptr = layer.tile_kptr.to(torch.int64)
+    if int(kptr[0]) != 0 or int(kptr[-1]) != layer.tile_cols.numel() or bool((kptr[1:] < kptr[:-1]).any()) \
+            or bool((kptr % TILE_K != 0).any()):
+        raise ValueError(f"{name}.tile_kptr: must start at 0, rise in multiples of {TILE_K} and end at "
+                         f"len(tile_cols)={layer.tile_cols.numel()}")
+    cols = unsigned(layer.tile_cols)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= layer.row_length):
+        raise ValueError(f"{name}.tile_cols: column indices outside [0, {layer.row_length})")
+    group = torch.repeat_interleave(torch.arange(kptr.numel() - 1), kptr[1:] - kptr[:-1])
+    if bool(((group[1:] == group[:-1]) & (cols[1:] < cols[:-1])).any()):
+        raise ValueError(f"{name}.tile_cols: taps must be ascending within each group")
+    if layer.nnz:
+        slot_group = torch.empty(layer.out_channels, dtype=torch.int64)
+        slot_group[live] = torch.nonzero(rows >= 0).flatten() // TILE_ROWS
+        g = slot_group[layer.rows()]
+        key = group * layer.row_length + cols
+        want = g * layer.row_length + layer.columns()
+        pos = torch.searchsorted(key, want).clamp_max(max(0, key.numel() - 1))
+        if key.numel() == 0 or not torch.equal(key[pos], want):
+            raise ValueError(f"{name}.tile_cols: a nonzero's column is missing from its group's taps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,8 +547,9 @@ def load_packed(path) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != "sparsebench.packed":
         raise ValueError(f"{path}: not a sparsebench packed file (metadata 'format' is {meta.get('format')!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: packed format version {meta.get('version')!r}, this code reads {FORMAT_VERSION!r}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: packed format version {meta.get('version')!r}, this code reads "
+                         f"{', '.join(READABLE_VERSIONS)}")
     try:
         index = json.loads(meta["layers"])
         user_meta = json.loads(meta.get("metadata", "{}"))
@@ -485,7 +576,7 @@ def load_packed(path) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
         if layer.nnz != entry["nnz"]:
             raise ValueError(f"{path}: layer {name!r} has {layer.nnz} nonzeros, metadata says {entry['nnz']}")
         check_layer_data(layer, name)
-        layers[name] = layer
+        layers[name] = layer if layer.has_tiles else layer.with_tiles()
     if stored:
         raise ValueError(f"{path}: tensors not described by the metadata: {sorted(stored)[:5]}")
     return layers, user_meta

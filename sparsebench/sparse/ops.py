@@ -12,13 +12,14 @@ F.linear, on any device.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from sparsebench.errors import ConfigError
 from sparsebench.sparse.format import PackedLayer, check_layer
+from sparsebench.sparse.tiles import FragmentStream, fragment_stream, stream_kind
 
 try:  # the compiled module is optional: CPU-only installs have none
     from sparsebench import _C  # type: ignore[attr-defined]
@@ -29,7 +30,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
 
 ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 VALUE_KIND_CODES = {"float32": 0, "float16": 1, "linear": 2, "codebook": 3}
-VARIANTS = {"auto": 0, "stage": 1, "rowsplit": 2}
+VARIANTS = {"auto": 0, "stage": 1, "rowsplit": 2, "tensor": 3}
 
 
 def kernels_unavailable_reason() -> Optional[str]:
@@ -72,12 +73,17 @@ def _check_x(x, layer: PackedLayer, dims: int, name: str = "x") -> None:
         raise ValueError(f"{name}: has {x.shape[1]} channels/features, the layer expects {layer.in_channels}")
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out NHWC (and not also NCHW-contiguous, as a 1x1 image or one channel is)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _check_device(x: torch.Tensor, layer: PackedLayer, name: str = "x") -> None:
     if x.device.type != "cuda":
         raise ValueError(f"{name}: must be on a CUDA device for the sparse kernels, got {x.device} "
                          "(use reference_conv2d/reference_linear on the CPU)")
-    if not x.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous (NCHW / row-major); call .contiguous() first")
+    if not (x.is_contiguous() or is_channels_last(x)):
+        raise ValueError(f"{name}: must be contiguous (NCHW / row-major) or channels_last; call .contiguous() first")
     if x.numel() >= 2**31:
         raise ValueError(f"{name}: {x.numel()} elements; the kernels take fewer than 2**31")
     for tname, t in layer.tensors().items():
@@ -133,57 +139,111 @@ def _codebook_stride(codebook: Optional[torch.Tensor]) -> int:
     return codebook.shape[-1] if codebook is not None and codebook.dim() == 2 else 0
 
 
-def _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
-            zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan) -> None:
+def _index_bits(t: torch.Tensor) -> int:
+    return 16 if t.dtype == torch.int16 else 32
+
+
+class _Weights(NamedTuple):
+    """A packed layer's tensors as the kernels take them (the custom ops' tensor arguments, in order)."""
+
+    rowptr: torch.Tensor
+    colidx: torch.Tensor
+    row_order: torch.Tensor
+    values: torch.Tensor
+    scale: Optional[torch.Tensor]
+    zero_point: Optional[torch.Tensor]
+    codebook: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    tile_rows: Optional[torch.Tensor]
+    tile_kptr: Optional[torch.Tensor]
+    tile_cols: Optional[torch.Tensor]
+    tc_values: Optional[torch.Tensor]
+    tc_codebook: Optional[torch.Tensor]
+
+
+def _conv_args(x: torch.Tensor, out: torch.Tensor, geometry: Tuple[int, ...], w: _Weights, *, value_kind: int,
+               bits: int, tc_kind: int, relu: bool, variant: int, max_row: int, plan: int):
+    """The kernels' ConvArgs for one call: x and out's pointers and layout, the weights, the hints."""
+    n, c, h, wd, co, kh, kw, stride, pad, oh, ow = geometry
+    a = _C.ConvArgs()
+    a.x, a.out = x.data_ptr(), out.data_ptr()
+    a.act_dtype, a.layout = ACT_DTYPES[x.dtype], int(is_channels_last(x))
+    a.N, a.C, a.H, a.W, a.CO, a.KH, a.KW = n, c, h, wd, co, kh, kw
+    a.stride, a.pad, a.OH, a.OW = stride, pad, oh, ow
+    a.rowptr, a.colidx, a.col_bits = w.rowptr.data_ptr(), w.colidx.data_ptr(), _index_bits(w.colidx)
+    a.row_order, a.values, a.value_kind, a.bits = w.row_order.data_ptr(), w.values.data_ptr(), value_kind, bits
+    a.scale, a.zero_point, a.codebook = _ptr(w.scale), _ptr(w.zero_point), _ptr(w.codebook)
+    a.codebook_stride, a.bias, a.relu = _codebook_stride(w.codebook), _ptr(w.bias), int(relu)
+    if w.tile_kptr is not None and w.tc_values is not None:
+        a.tile_rows, a.tile_kptr, a.tile_cols = w.tile_rows.data_ptr(), w.tile_kptr.data_ptr(), w.tile_cols.data_ptr()
+        a.tile_col_bits, a.groups = _index_bits(w.tile_cols), w.tile_kptr.numel() - 1
+        a.tile_steps = w.tile_cols.numel() // 16
+        a.tc_values, a.tc_kind = w.tc_values.data_ptr(), tc_kind
+        a.tc_codebook, a.tc_codebook_stride = _ptr(w.tc_codebook), _codebook_stride(w.tc_codebook)
+    a.variant, a.nnz, a.max_row, a.plan = variant, w.colidx.numel(), max_row, plan
+    return a
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor, geometry: Tuple[int, ...], w: _Weights, **hints) -> None:
     if out.numel() == 0:
         return
-    _C.conv2d(x.data_ptr(), out.data_ptr(), ACT_DTYPES[x.dtype], n, c, h, w, co, kh, kw, stride, padding, oh, ow,
-              rowptr.data_ptr(), colidx.data_ptr(), 16 if colidx.dtype == torch.int16 else 32, row_order.data_ptr(),
-              values.data_ptr(), value_kind, bits, _ptr(scale), _ptr(zero_point), _ptr(codebook),
-              _codebook_stride(codebook), _ptr(bias), bool(relu), variant, colidx.numel(), max_row, plan,
-              torch.cuda.current_stream(x.device).cuda_stream)
+    _C.conv2d(_conv_args(x, out, geometry, w, **hints), torch.cuda.current_stream(x.device).cuda_stream)
+
+
+def _empty_out(x: torch.Tensor, shape) -> torch.Tensor:
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 @torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
 def _sparse_conv2d_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
                       values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
-                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], weight_shape: List[int],
-                      stride: int, padding: int, value_kind: int, bits: int, relu: bool, variant: int,
+                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], tile_rows: Optional[torch.Tensor],
+                      tile_kptr: Optional[torch.Tensor], tile_cols: Optional[torch.Tensor],
+                      tc_values: Optional[torch.Tensor], tc_codebook: Optional[torch.Tensor], weight_shape: List[int],
+                      stride: int, padding: int, value_kind: int, bits: int, tc_kind: int, relu: bool, variant: int,
                       max_row: int, plan: int) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight_shape
     oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    out = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device)
+    out = _empty_out(x, (n, co, oh, ow))
+    weights = _Weights(rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr,
+                       tile_cols, tc_values, tc_codebook)
     with torch.cuda.device(x.device):
-        _launch(x, out, n, c, h, w, co, kh, kw, stride, padding, oh, ow, rowptr, colidx, row_order, values, scale,
-                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan)
+        _launch(x, out, (n, c, h, w, co, kh, kw, stride, padding, oh, ow), weights, value_kind=value_kind, bits=bits,
+                tc_kind=tc_kind, relu=relu, variant=variant, max_row=max_row, plan=plan)
     return out
 
 
 @_sparse_conv2d_op.register_fake
-def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, weight_shape, stride, padding,
-      value_kind, bits, relu, variant, max_row, plan):
+def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr, tile_cols,
+      tc_values, tc_codebook, weight_shape, stride, padding, value_kind, bits, tc_kind, relu, variant, max_row, plan):
     n, _, h, w = x.shape
     co, _, kh, kw = weight_shape
-    return x.new_empty((n, co, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)))
+    return _empty_out(x, (n, co, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)))
 
 
 @torch.library.custom_op("sparsebench::sparse_linear", mutates_args=())
 def _sparse_linear_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
                       values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
-                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
-                      value_kind: int, bits: int, relu: bool, variant: int, max_row: int, plan: int) -> torch.Tensor:
+                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], tile_rows: Optional[torch.Tensor],
+                      tile_kptr: Optional[torch.Tensor], tile_cols: Optional[torch.Tensor],
+                      tc_values: Optional[torch.Tensor], tc_codebook: Optional[torch.Tensor], out_features: int,
+                      value_kind: int, bits: int, tc_kind: int, relu: bool, variant: int, max_row: int,
+                      plan: int) -> torch.Tensor:
     b, c = x.shape
     out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
+    weights = _Weights(rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr,
+                       tile_cols, tc_values, tc_codebook)
     with torch.cuda.device(x.device):
-        _launch(x, out, b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1, rowptr, colidx, row_order, values, scale,
-                zero_point, codebook, bias, value_kind, bits, relu, variant, max_row, plan)
+        _launch(x, out, (b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1), weights, value_kind=value_kind, bits=bits,
+                tc_kind=tc_kind, relu=relu, variant=variant, max_row=max_row, plan=plan)
     return out
 
 
 @_sparse_linear_op.register_fake
-def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, out_features, value_kind, bits,
-      relu, variant, max_row, plan):
+def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr, tile_cols,
+      tc_values, tc_codebook, out_features, value_kind, bits, tc_kind, relu, variant, max_row, plan):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -202,36 +262,62 @@ def _variant_code(variant: str) -> int:
     return VARIANTS[variant]
 
 
+def _stream(x: torch.Tensor, layer: PackedLayer) -> Optional[FragmentStream]:
+    """The layer's tensor-core weight stream for x's dtype: built on first use (it syncs, so never while a
+    CUDA graph is captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or not layer.has_tiles:
+        return None
+    stream = layer.streams.get(x.dtype)
+    if stream is None and not torch.compiler.is_compiling() and not (x.is_cuda and _capturing(x.device)):
+        stream = layer.streams[x.dtype] = fragment_stream(layer, x.dtype)
+    return stream
+
+
+def _weights(layer: PackedLayer, stream: Optional[FragmentStream]) -> _Weights:
+    tiles = (layer.tile_rows, layer.tile_kptr, layer.tile_cols) if stream is not None else (None, None, None)
+    return _Weights(layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point,
+                    layer.codebook, layer.bias, *tiles, stream.values if stream is not None else None,
+                    stream.codebook if stream is not None else None)
+
+
+def _hints(layer: PackedLayer, stream: Optional[FragmentStream], relu: bool, variant: int, plan: int) -> dict:
+    return dict(value_kind=VALUE_KIND_CODES[layer.value_kind], bits=layer.bits,
+                tc_kind=stream.kind if stream is not None else -1, relu=bool(relu), variant=variant,
+                max_row=_max_row_hint(layer), plan=plan)
+
+
 def _geometry(x: torch.Tensor, layer: PackedLayer) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """The kernel's (N, C, H, W, OH, OW) for ``x`` (a linear layer is a 1x1 conv on a 1x1 image) and the output shape."""
+    """The kernel's (N, C, H, W, CO, KH, KW, stride, pad, OH, OW) for ``x`` (a linear layer is a 1x1 conv on
+    a 1x1 image) and the output shape."""
     if layer.kind == "linear":
-        return (x.shape[0], x.shape[1], 1, 1, 1, 1), (x.shape[0], layer.out_channels)
+        return (x.shape[0], x.shape[1], 1, 1, layer.out_channels, 1, 1, 1, 0, 1, 1), (x.shape[0], layer.out_channels)
     n, c, h, w = x.shape
     kh, kw = layer.kernel_size
     oh = conv_output_size(h, kh, layer.stride, layer.padding)
     ow = conv_output_size(w, kw, layer.stride, layer.padding)
-    return (n, c, h, w, oh, ow), (n, layer.out_channels, oh, ow)
+    return (n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow), (n, layer.out_channels, oh, ow)
 
 
 def _launch_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool, variant: int, plan: int) -> None:
-    (n, c, h, w, oh, ow), _ = _geometry(x, layer)
-    kh, kw = layer.kernel_size
+    geometry, _ = _geometry(x, layer)
+    stream = _stream(x, layer)
     with torch.cuda.device(x.device):
-        _launch(x, out, n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, layer.rowptr,
-                layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point, layer.codebook, layer.bias,
-                VALUE_KIND_CODES[layer.value_kind], layer.bits, relu, variant, _max_row_hint(layer), plan)
+        _launch(x, out, geometry, _weights(layer, stream), **_hints(layer, stream, relu, variant, plan))
 
 
 def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
-    """Direct sparse convolution of NCHW ``x`` (fp32/fp16/bf16, CUDA, contiguous) with ``layer``; fp32 accumulation,
-    bias and optional ReLU fused; output NCHW in x's dtype."""
+    """Direct sparse convolution of ``x`` (fp32/fp16/bf16, CUDA, NCHW-contiguous or channels_last) with ``layer``;
+    fp32 accumulation, bias and optional ReLU fused; output in x's dtype and memory format. fp16/bf16
+    activations may run on the tensor cores (channels_last input only does)."""
     validate_conv2d(x, layer, device=False)
     require_kernels()
     _check_device(x, layer)
-    return _sparse_conv2d_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
-                             layer.zero_point, layer.codebook, layer.bias, list(layer.weight_shape), layer.stride,
-                             layer.padding, VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu),
-                             _variant_code(variant), _max_row_hint(layer), _call_plan(x, layer, variant))
+    stream = _stream(x, layer)
+    if is_channels_last(x) and (stream is None or variant in ("stage", "rowsplit")):  # the CUDA-core kernels read NCHW
+        y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)
+        return y.contiguous(memory_format=torch.channels_last)
+    return _sparse_conv2d_op(x, *_weights(layer, stream), list(layer.weight_shape), layer.stride, layer.padding,
+                             **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)))
 
 
 def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
@@ -239,10 +325,9 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     validate_linear(x, layer, device=False)
     require_kernels()
     _check_device(x, layer)
-    return _sparse_linear_op(x, layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale,
-                             layer.zero_point, layer.codebook, layer.bias, layer.out_channels,
-                             VALUE_KIND_CODES[layer.value_kind], layer.bits, bool(relu), _variant_code(variant),
-                             _max_row_hint(layer), _call_plan(x, layer, variant))
+    stream = _stream(x, layer)
+    return _sparse_linear_op(x, *_weights(layer, stream), layer.out_channels,
+                             **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)))
 
 
 def _check_call(x: torch.Tensor, layer: PackedLayer) -> None:
@@ -257,13 +342,20 @@ def _check_call(x: torch.Tensor, layer: PackedLayer) -> None:
 
 def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
                        variant: str = "auto") -> torch.Tensor:
-    """Like sparse_conv2d (a linear layer takes x [batch, in]) but writes into the given ``out``;
-    the kernels write every element, so ``out`` may hold garbage (tests poison it with NaN)."""
+    """Like sparse_conv2d (a linear layer takes x [batch, in]) but writes into the given ``out`` (in x's
+    layout); the kernels write every element, so ``out`` may hold garbage (tests poison it with NaN)."""
     _check_call(x, layer)
     _, shape = _geometry(x, layer)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != x.dtype \
-            or out.device != x.device or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+    nhwc = is_channels_last(x)
+    if nhwc and (_stream(x, layer) is None or variant in ("stage", "rowsplit")):
+        raise ValueError("x: channels_last input runs on the tensor-core kernels only (fp16/bf16 activations, a "
+                         f"layer with tiles, variant 'auto' or 'tensor'); got {x.dtype}, variant {variant!r}")
+    fits = isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == x.dtype \
+        and out.device == x.device and (out.is_contiguous(memory_format=torch.channels_last) if nhwc
+                                        else out.is_contiguous())
+    if not fits:
+        raise ValueError(f"out: expected a {'channels_last' if nhwc else 'contiguous'} {x.dtype} tensor of shape "
+                         f"{shape} on {x.device}")
     _launch_into(out, x, layer, relu, _variant_code(variant), _call_plan(x, layer, variant))
     return out
 
@@ -289,7 +381,7 @@ def autotune_enabled() -> bool:
 
 
 def _plan_key(x: torch.Tensor) -> tuple:
-    return tuple(x.shape), x.dtype, x.device.index
+    return tuple(x.shape), x.dtype, x.device.index, is_channels_last(x)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -321,20 +413,38 @@ def plan_candidates() -> List[Dict[str, Any]]:
     return list(_module("plan_candidates").plan_candidates())
 
 
-def _planner(x_shape, layer: PackedLayer, variant: str = "auto"):
-    """``plan_id -> the dispatcher's plan dict`` for this input shape (geometry and hints worked out once)."""
+def _planner(x_shape, layer: PackedLayer, variant: str = "auto", dtype: torch.dtype = torch.float32,
+             channels_last: bool = False):
+    """``plan_id -> the dispatcher's plan dict`` for this input (geometry and hints worked out once)."""
     _module("kernel_plan")
-    kh, kw = layer.kernel_size
-    (n, c, h, w, oh, ow), _ = _geometry(torch.empty(x_shape, device="meta"), layer)
-    args = (n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow, _variant_code(variant),
-            layer.nnz, _max_row_hint(layer))
-    return lambda plan: _C.plan(*args, plan)
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype}")
+    x = torch.empty(x_shape, device="meta", dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geometry, _ = _geometry(x, layer)
+    tiled = dtype != torch.float32 and layer.has_tiles
+    # Planning reads no memory: the layer's tensors (on any device) and a stand-in for the stream.
+    stand_in = torch.empty(1)
+    csr = _weights(layer, None)[:8]
+    stand_in = _Weights(*csr, *((layer.tile_rows, layer.tile_kptr, layer.tile_cols, stand_in, stand_in) if tiled
+                                else (None,) * 5))
+    args = _conv_args(x, x, geometry, stand_in, value_kind=VALUE_KIND_CODES[layer.value_kind], bits=layer.bits,
+                      tc_kind=stream_kind(layer) if tiled else -1, relu=False, variant=_variant_code(variant),
+                      max_row=_max_row_hint(layer), plan=-1)
+
+    def plan(plan_id: int) -> dict:
+        args.plan = plan_id
+        return _C.plan(args)
+    return plan
 
 
-def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = -1) -> dict:
-    """The kernel and blocking the dispatcher picks for this input shape (or candidate ``plan``). Needs the
-    compiled module, not a GPU: without one it plans for an H200 (132 SMs, 227 KB of shared memory a block)."""
-    planner = _planner(x_shape, layer, variant)
+def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = -1, *,
+                dtype: torch.dtype = torch.float32, channels_last: bool = False) -> dict:
+    """The kernel and blocking the dispatcher picks for this input shape, dtype and layout (or candidate
+    ``plan``). Needs the compiled module, not a GPU: without one it plans for an H200 (132 SMs, 227 KB of
+    shared memory a block)."""
+    planner = _planner(x_shape, layer, variant, dtype, channels_last)
     count = _C.plan_candidate_count()
     if not -1 <= plan < count:
         raise ValueError(f"plan: expected -1 (the dispatcher's rule) or a candidate id 0..{count - 1}, got {plan}")
@@ -343,13 +453,25 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = 
     return planner(plan)
 
 
-def distinct_plans(x_shape, layer: PackedLayer) -> List[int]:
-    """The rule (-1) and the candidate ids that launch differently for this input shape (many coincide)."""
-    planner = _planner(x_shape, layer)
+def distinct_plans(x_shape, layer: PackedLayer, *, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False) -> List[int]:
+    """The rule (-1) and the candidate ids that launch differently for this input (many coincide)."""
+    planner = _planner(x_shape, layer, "auto", dtype, channels_last)
     first: Dict[tuple, int] = {}
     for plan in range(-1, _C.plan_candidate_count()):
         first.setdefault(tuple(sorted(planner(plan).items())), plan)
     return list(first.values())
+
+
+def plan_name(plan: Dict[str, Any]) -> str:
+    """A short name for a plan dict: the kernel family (CUDA cores or tensor cores) and its blocking."""
+    if plan["variant"] == "tensor":
+        return (f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"
+                f"{plan['NI']}x{plan['TH']}x{plan['TWp']}/CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}")
+    if plan["variant"] == "stage":
+        return (f"stage:R{plan['rows_per_block']}/V{plan['V']}/{plan['NI']}x{plan['TH']}x{plan['TW']}/"
+                f"CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}")
+    return f"{plan['variant']}:R{plan['rows_per_block']}/W{plan['warps_per_row']}"
 
 
 # A candidate replaces the rule only when it is more than this much faster: noise must not flip plans.
@@ -367,10 +489,10 @@ def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, repeats: int = 10) -> 
     if _capturing(x.device):
         raise RuntimeError("autotune_plan: cannot time while a CUDA graph is being captured; tune before capture")
     _, shape = _geometry(x, layer)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    out = _empty_out(x, shape)
     times: Dict[int, float] = {}
     with torch.cuda.device(x.device):  # plans count this device's SMs and shared memory
-        for plan in distinct_plans(x.shape, layer):
+        for plan in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=is_channels_last(x)):
             run = functools.partial(_launch_into, out, x, layer, False, VARIANTS["auto"], plan)
             try:
                 times[plan] = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us

@@ -1,0 +1,129 @@
+"""Kernel development bench: our tensor-core plans against our CUDA-core plans and cuDNN fp16, per layer.
+
+For every layer of the benchmark set, sparsity, batch and weight format: each output is checked
+against float64 torch first, then every distinct plan of each family is timed as the harness times
+(median of CUDA-event runs, L2 flushed before each) and the family's fastest is kept, as the
+autotuner would. cuDNN runs fp16 channels_last with cudnn.benchmark. Writes a CSV and prints geomeans.
+
+    python scripts/bench_tensor.py --out bench_tensor.csv [--sparsities 0.9 0.95] [--batches 1 32 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench.bench.timing import time_cuda
+from sparsebench.sparse import ops
+from sparsebench.sparse.synthetic import random_layer
+
+LAYERS = [  # (name, c_in, c_out, kernel, hw, stride)
+    ("vgg.conv1", 3, 64, 3, 32, 1), ("vgg.conv2", 64, 64, 3, 32, 1), ("vgg.conv3", 64, 128, 3, 16, 1),
+    ("vgg.conv4", 128, 128, 3, 16, 1), ("vgg.conv5", 128, 256, 3, 8, 1), ("vgg.conv6", 256, 256, 3, 8, 1),
+    ("vgg.conv8", 256, 512, 3, 4, 1), ("vgg.conv9", 512, 512, 3, 4, 1), ("vgg.conv11", 512, 512, 3, 2, 1),
+    ("r50.3x3_64@56", 64, 64, 3, 56, 1), ("r50.3x3_128@28", 128, 128, 3, 28, 1), ("r50.3x3_256@14", 256, 256, 3, 14, 1),
+    ("r50.3x3_512@7", 512, 512, 3, 7, 1), ("r50.1x1_64-256@56", 64, 256, 1, 56, 1),
+    ("r50.1x1_256-64@56", 256, 64, 1, 56, 1), ("r50.1x1_512-128@28", 512, 128, 1, 28, 1),
+    ("r50.1x1_1024-256@14", 1024, 256, 1, 14, 1), ("r50.1x1_2048-512@7", 2048, 512, 1, 7, 1),
+    ("r50.3x3s2_128@56", 128, 128, 3, 56, 2),
+]
+
+
+def check(y, x, layer):
+    w = layer.dequantize().double()
+    ref = F.conv2d(x.double(), w, layer.bias.double(), stride=layer.stride, padding=layer.padding)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    if not err <= 1e-2 or torch.isnan(y).any():
+        raise AssertionError(f"relative error {err:.3g}")
+    return err
+
+
+def best_of(x, layer, family, repeats):
+    """(median us, plan id, plan name) of the fastest distinct plan of ``family`` ('tensor' or CUDA cores)."""
+    cl = ops.is_channels_last(x)
+    best = (math.inf, None, "")
+    _, shape = ops._geometry(x, layer)
+    out = ops._empty_out(x, shape)
+    for plan in ops.distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=cl):
+        p = ops.kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=cl)
+        if (p["variant"] == "tensor") != (family == "tensor"):
+            continue
+        run = functools.partial(ops._launch_into, out, x, layer, False, 0, plan)
+        try:
+            out.fill_(float("nan"))
+            run()
+            check(out, x, layer)
+        except (AssertionError, RuntimeError) as e:
+            print(f"  WRONG {family} plan {plan} ({ops.plan_name(p)}) on {tuple(x.shape)}: {e}", flush=True)
+            continue
+        t = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
+        if t < best[0]:
+            best = (t, plan, ops.plan_name(p))
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_tensor.csv")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--weights", nargs="+", default=["fp16", "linear4"])
+    ap.add_argument("--layers", nargs="*", default=None, help="layer names (default: all)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-cuda-cores", action="store_true", help="skip our CUDA-core plans")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    t0 = time.time()
+    layers = [l for l in LAYERS if args.layers is None or l[0] in args.layers]
+    for name, cin, cout, k, hw, stride in layers:
+        for sparsity in args.sparsities:
+            for weights in args.weights:
+                kind = dict(value="float16") if weights == "fp16" else dict(value="linear", bits=int(weights[-1]))
+                layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1,
+                                     **kind).to(dev)
+                taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
+                for batch in args.batches:
+                    x = torch.randn(batch, cin, hw, hw, device=dev, dtype=torch.float16)
+                    xl = x.contiguous(memory_format=torch.channels_last)
+                    wd = layer.dequantize().to(dev, torch.float16).contiguous(memory_format=torch.channels_last)
+                    b = layer.bias.to(dev, torch.float16)
+                    cudnn = time_cuda([lambda: F.conv2d(xl, wd, b, stride=stride, padding=k // 2)], warmup=3,
+                                      repeats=args.repeats, device=dev).median_us
+                    tc = best_of(x, layer, "tensor", args.repeats)
+                    tcl = best_of(xl, layer, "tensor", args.repeats)
+                    cc = (math.nan, None, "") if args.no_cuda_cores else best_of(x, layer, "cuda", args.repeats)
+                    flops = 2.0 * layer.nnz * batch * (hw // stride) ** 2
+                    row = dict(layer=name, sparsity=sparsity, weights=weights, batch=batch, taps=round(taps, 3),
+                               cudnn_fp16_us=round(cudnn, 2), tc_nchw_us=round(tc[0], 2), tc_nhwc_us=round(tcl[0], 2),
+                               cuda_core_us=round(cc[0], 2), tc_plan=tc[2], tc_nhwc_plan=tcl[2], cc_plan=cc[2],
+                               speedup_tc=round(cudnn / min(tc[0], tcl[0]), 3),
+                               speedup_cc=round(cudnn / cc[0], 3) if cc[1] is not None else "",
+                               tflops_real=round(flops / min(tc[0], tcl[0]) / 1e6, 1))
+                    rows.append(row)
+                    print(" ".join(f"{v}" for v in row.values()), flush=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\n{len(rows)} cases in {time.time() - t0:.0f} s; geomean speedup over cuDNN fp16 NHWC:")
+    print("sparsity weights batch  tensor-core  cuda-core")
+    for sparsity in args.sparsities:
+        for weights in args.weights:
+            for batch in args.batches:
+                sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
+                gm = lambda key: math.exp(sum(math.log(r[key]) for r in sel) / len(sel)) if sel and sel[0][key] != "" else math.nan
+                print(f"{sparsity:8} {weights:7} {batch:5}  {gm('speedup_tc'):11.3f}  {gm('speedup_cc'):9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
