@@ -20,18 +20,29 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsebench.bench.timing import time_cuda
 from sparsebench.sparse import ops
 from sparsebench.sparse.synthetic import random_layer
+from sparsebench.sparse.timing import time_cuda
 
 LAYERS = [  # (name, c_in, c_out, kernel, hw, stride)
-    ("vgg.conv1", 3, 64, 3, 32, 1), ("vgg.conv2", 64, 64, 3, 32, 1), ("vgg.conv3", 64, 128, 3, 16, 1),
-    ("vgg.conv4", 128, 128, 3, 16, 1), ("vgg.conv5", 128, 256, 3, 8, 1), ("vgg.conv6", 256, 256, 3, 8, 1),
-    ("vgg.conv8", 256, 512, 3, 4, 1), ("vgg.conv9", 512, 512, 3, 4, 1), ("vgg.conv11", 512, 512, 3, 2, 1),
-    ("r50.3x3_64@56", 64, 64, 3, 56, 1), ("r50.3x3_128@28", 128, 128, 3, 28, 1), ("r50.3x3_256@14", 256, 256, 3, 14, 1),
-    ("r50.3x3_512@7", 512, 512, 3, 7, 1), ("r50.1x1_64-256@56", 64, 256, 1, 56, 1),
-    ("r50.1x1_256-64@56", 256, 64, 1, 56, 1), ("r50.1x1_512-128@28", 512, 128, 1, 28, 1),
-    ("r50.1x1_1024-256@14", 1024, 256, 1, 14, 1), ("r50.1x1_2048-512@7", 2048, 512, 1, 7, 1),
+    ("vgg.conv1", 3, 64, 3, 32, 1),
+    ("vgg.conv2", 64, 64, 3, 32, 1),
+    ("vgg.conv3", 64, 128, 3, 16, 1),
+    ("vgg.conv4", 128, 128, 3, 16, 1),
+    ("vgg.conv5", 128, 256, 3, 8, 1),
+    ("vgg.conv6", 256, 256, 3, 8, 1),
+    ("vgg.conv8", 256, 512, 3, 4, 1),
+    ("vgg.conv9", 512, 512, 3, 4, 1),
+    ("vgg.conv11", 512, 512, 3, 2, 1),
+    ("r50.3x3_64@56", 64, 64, 3, 56, 1),
+    ("r50.3x3_128@28", 128, 128, 3, 28, 1),
+    ("r50.3x3_256@14", 256, 256, 3, 14, 1),
+    ("r50.3x3_512@7", 512, 512, 3, 7, 1),
+    ("r50.1x1_64-256@56", 64, 256, 1, 56, 1),
+    ("r50.1x1_256-64@56", 256, 64, 1, 56, 1),
+    ("r50.1x1_512-128@28", 512, 128, 1, 28, 1),
+    ("r50.1x1_1024-256@14", 1024, 256, 1, 14, 1),
+    ("r50.1x1_2048-512@7", 2048, 512, 1, 7, 1),
     ("r50.3x3s2_128@56", 128, 128, 3, 56, 2),
 ]
 
@@ -69,6 +80,11 @@ def best_of(x, layer, family, repeats):
     return best
 
 
+def geomean(rows, key: str) -> float:
+    values = [r[key] for r in rows if r[key] != ""]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_tensor.csv")
@@ -83,31 +99,46 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     rows = []
     t0 = time.time()
-    layers = [l for l in LAYERS if args.layers is None or l[0] in args.layers]
+    layers = [shape for shape in LAYERS if args.layers is None or shape[0] in args.layers]
     for name, cin, cout, k, hw, stride in layers:
         for sparsity in args.sparsities:
             for weights in args.weights:
                 kind = dict(value="float16") if weights == "fp16" else dict(value="linear", bits=int(weights[-1]))
-                layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1,
-                                     **kind).to(dev)
+                layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1, **kind).to(dev)
                 taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
                 for batch in args.batches:
                     x = torch.randn(batch, cin, hw, hw, device=dev, dtype=torch.float16)
                     xl = x.contiguous(memory_format=torch.channels_last)
                     wd = layer.dequantize().to(dev, torch.float16).contiguous(memory_format=torch.channels_last)
                     b = layer.bias.to(dev, torch.float16)
-                    cudnn = time_cuda([lambda: F.conv2d(xl, wd, b, stride=stride, padding=k // 2)], warmup=3,
-                                      repeats=args.repeats, device=dev).median_us
+                    dense = functools.partial(F.conv2d, xl, wd, b, stride=stride, padding=k // 2)
+                    cudnn = time_cuda(
+                        [dense],
+                        warmup=3,
+                        repeats=args.repeats,
+                        device=dev,
+                    ).median_us
                     tc = best_of(x, layer, "tensor", args.repeats)
                     tcl = best_of(xl, layer, "tensor", args.repeats)
                     cc = (math.nan, None, "") if args.no_cuda_cores else best_of(x, layer, "cuda", args.repeats)
                     flops = 2.0 * layer.nnz * batch * (hw // stride) ** 2
-                    row = dict(layer=name, sparsity=sparsity, weights=weights, batch=batch, taps=round(taps, 3),
-                               cudnn_fp16_us=round(cudnn, 2), tc_nchw_us=round(tc[0], 2), tc_nhwc_us=round(tcl[0], 2),
-                               cuda_core_us=round(cc[0], 2), tc_plan=tc[2], tc_nhwc_plan=tcl[2], cc_plan=cc[2],
-                               speedup_tc=round(cudnn / min(tc[0], tcl[0]), 3),
-                               speedup_cc=round(cudnn / cc[0], 3) if cc[1] is not None else "",
-                               tflops_real=round(flops / min(tc[0], tcl[0]) / 1e6, 1))
+                    row = dict(
+                        layer=name,
+                        sparsity=sparsity,
+                        weights=weights,
+                        batch=batch,
+                        taps=round(taps, 3),
+                        cudnn_fp16_us=round(cudnn, 2),
+                        tc_nchw_us=round(tc[0], 2),
+                        tc_nhwc_us=round(tcl[0], 2),
+                        cuda_core_us=round(cc[0], 2),
+                        tc_plan=tc[2],
+                        tc_nhwc_plan=tcl[2],
+                        cc_plan=cc[2],
+                        speedup_tc=round(cudnn / min(tc[0], tcl[0]), 3),
+                        speedup_cc=round(cudnn / cc[0], 3) if cc[1] is not None else "",
+                        tflops_real=round(flops / min(tc[0], tcl[0]) / 1e6, 1),
+                    )
                     rows.append(row)
                     print(" ".join(f"{v}" for v in row.values()), flush=True)
     with open(args.out, "w", newline="") as f:
@@ -120,8 +151,8 @@ def main(argv=None) -> int:
         for weights in args.weights:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
-                gm = lambda key: math.exp(sum(math.log(r[key]) for r in sel) / len(sel)) if sel and sel[0][key] != "" else math.nan
-                print(f"{sparsity:8} {weights:7} {batch:5}  {gm('speedup_tc'):11.3f}  {gm('speedup_cc'):9.3f}")
+                tc, cc = geomean(sel, "speedup_tc"), geomean(sel, "speedup_cc")
+                print(f"{sparsity:8} {weights:7} {batch:5}  {tc:11.3f}  {cc:9.3f}")
     return 0
 
 

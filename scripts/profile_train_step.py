@@ -26,10 +26,10 @@ from hydra import compose, initialize_config_dir
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from sparsebench.cli import CONF_DIR
 from sparsebench.config import register_schema, validate
 from sparsebench.data import load_dataset
 from sparsebench.experiment import _batches, pick_device
+from sparsebench.hydra_app import CONF_DIR
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner
 from sparsebench.quant import build_quantizer
@@ -59,29 +59,49 @@ def main() -> None:
     data = load_dataset(cfg.data).to(device)
     channels_last = cfg.trainer.channels_last and device.type == "cuda"
     train, test = _batches(data, cfg, device, channels_last)
-    print(f"{cfg.model.name} width {cfg.model.width}, batch {cfg.data.batch_size}, amp {cfg.trainer.amp}, "
-          f"channels_last {channels_last}, compile {cfg.trainer.compile} ({cfg.trainer.compile_mode}), {device}")
+    print(
+        f"{cfg.model.name} width {cfg.model.width}, batch {cfg.data.batch_size}, amp {cfg.trainer.amp}, "
+        f"channels_last {channels_last}, compile {cfg.trainer.compile} ({cfg.trainer.compile_mode}), {device}"
+    )
 
     def new_model() -> torch.nn.Module:
-        model = build_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                            image_size=data.image_size, width=cfg.model.width).to(device)
+        model = build_model(
+            cfg.model.name,
+            in_channels=data.in_channels,
+            num_classes=data.num_classes,
+            image_size=data.image_size,
+            width=cfg.model.width,
+        ).to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
     def model_and_hooks(prune: bool, quant: bool):
         model = new_model()
         sample = torch.zeros(1, data.in_channels, data.image_size, data.image_size, device=device)
-        hooks = [build_pruner(cfg.prune, model, sample) if prune else None,
-                 build_quantizer(cfg.quant, model) if quant else None]
+        hooks = [
+            build_pruner(cfg.prune, model, sample) if prune else None,
+            build_quantizer(cfg.quant, model) if quant else None,
+        ]
         return model, [h for h in hooks if h is not None]
 
     with tempfile.TemporaryDirectory() as tmp:
+
         def step_ms(prune: bool, quant: bool, distill: bool = False, epochs: int = 3, extra=()) -> float:
             model, hooks = model_and_hooks(prune, quant)
             hooks += list(extra)
             # The teacher's weights do not change its cost: an untrained dense model of the same network.
             teacher = new_model() if distill else None
-            metrics = fit(model, train, test, cfg.trainer, phase="p", epochs=epochs, lr=cfg.trainer.lr, hooks=hooks,
-                          checkpoint=Path(tmp) / "last.pt", teacher=teacher)
+            metrics = fit(
+                model,
+                train,
+                test,
+                cfg.trainer,
+                phase="p",
+                epochs=epochs,
+                lr=cfg.trainer.lr,
+                hooks=hooks,
+                checkpoint=Path(tmp) / "last.pt",
+                teacher=teacher,
+            )
             return metrics["p/step_ms"]
 
         def batch_ms(epochs: int = 3) -> float:
@@ -95,8 +115,13 @@ def main() -> None:
                     torch.cuda.synchronize(device)
             return 1e3 * (time.perf_counter() - started) / len(train)
 
-        variants = {"dense": (False, False), "prune": (True, False), "quant": (False, True), "prune+quant": (True, True),
-                    "prune+quant+distill": (True, True, True)}
+        variants = {
+            "dense": (False, False),
+            "prune": (True, False),
+            "quant": (False, True),
+            "prune+quant": (True, True),
+            "prune+quant+distill": (True, True, True),
+        }
         chosen = args.variants.split(",")
         unknown = [name for name in chosen if name not in variants and name != "data"]
         if unknown:
@@ -105,7 +130,10 @@ def main() -> None:
         for name in chosen:
             ms = batch_ms() if name == "data" else step_ms(*variants[name])
             base = base or ms
-            print(f"{name:>19}: {ms:8.2f} ms/{'batch' if name == 'data' else 'step'}  ({ms / base:.2f}x {chosen[0]})", flush=True)
+            print(
+                f"{name:>19}: {ms:8.2f} ms/{'batch' if name == 'data' else 'step'}  ({ms / base:.2f}x {chosen[0]})",
+                flush=True,
+            )
         if args.trace:
             cfg.prune.end = 0  # one cut at the first step: the traced epoch runs at the final sparsity
             traced = [name for name in chosen if name != "data"]
@@ -116,10 +144,19 @@ def main() -> None:
                     wall_ms = step_ms(*variants[name], epochs=2, extra=[_ProfilerStep(prof)])
                 table = prof.key_averages()
                 # Kernels and copies only: the step and compiled-graph annotations span the same time again.
-                gpu_ms = sum(e.self_device_time_total for e in table
-                             if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3 / active
-                print(f"\n== {name}: {active} warm steps: GPU busy {gpu_ms:.2f} ms/step, wall {wall_ms:.2f} ms/step; "
-                      f"heaviest by GPU time")
+                gpu_ms = (
+                    sum(
+                        e.self_device_time_total
+                        for e in table
+                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+                    )
+                    / 1e3
+                    / active
+                )
+                print(
+                    f"\n== {name}: {active} warm steps: GPU busy {gpu_ms:.2f} ms/step, wall {wall_ms:.2f} ms/step; "
+                    f"heaviest by GPU time"
+                )
                 print(table.table(sort_by="self_cuda_time_total", row_limit=15))
                 print(f"== {name}: heaviest by CPU time")
                 print(table.table(sort_by="self_cpu_time_total", row_limit=12))

@@ -19,8 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-       "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+OPS = (
+    "identity",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "rotate",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "autocontrast",
+    "equalize",
+)
 LEVELS = 31
 FILL = 128  # what geometric operations move in: the reference code's mid-grey
 # The "wide" ranges; translations go up to the image side.
@@ -37,7 +51,9 @@ def trivial_augment(x: Tensor, g: torch.Generator, chunk: int | None = None) -> 
     n = x.shape[0]
     chunk = chunk or (4096 if x.is_cuda else 128)
     op, strength = draw(n, g, x.device)
-    return torch.cat([apply_ops(x[i:i + chunk], op[i:i + chunk], strength[i:i + chunk]) for i in range(0, n, chunk)])
+    return torch.cat(
+        [apply_ops(x[i : i + chunk], op[i : i + chunk], strength[i : i + chunk]) for i in range(0, n, chunk)]
+    )
 
 
 def draw(n: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -52,8 +68,9 @@ def draw(n: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, Tens
 def apply_ops(x: Tensor, op: Tensor, strength: Tensor) -> Tensor:
     """Image i gets operation OPS[op[i]] at strength[i] in [-1, 1] (ops without a direction use |strength|)."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError("trivial augment takes uint8 N x C x H x W images with C = 1 or 3, "
-                         f"got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(
+            f"trivial augment takes uint8 N x C x H x W images with C = 1 or 3, got {x.dtype} {tuple(x.shape)}"
+        )
     picked = lambda name: (op == OPS.index(name)).view(-1, 1, 1, 1)  # noqa: E731
     strength = strength.double()
     s, m = strength.view(-1, 1, 1, 1), strength.abs().view(-1, 1, 1, 1)

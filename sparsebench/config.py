@@ -28,10 +28,13 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 1000
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
-    cutout: int = 0  # with augment: zero a random square of this side per training image (DeVries & Taylor 2017); 0: off
-    trivialaugment: bool = False  # with augment: one of 14 image operations per training image at a random strength (Müller & Hutter 2021)
+    # With augment: zero a random square of this side per training image (DeVries & Taylor 2017); 0: off.
+    cutout: int = 0
+    # With augment: one of 14 image operations per training image at a random strength (Müller & Hutter 2021).
+    trivialaugment: bool = False
     on_device: bool = False  # keep the whole decoded dataset on the training device
-    drop_last: bool = False  # training: leave out each epoch's last, short batch (a compiled model then needs one graph, not two)
+    # Training leaves out each epoch's last, short batch (a compiled model then needs one graph, not two).
+    drop_last: bool = False
     test_fraction: float = 0.2  # digits only: held-out share
     # synthetic only
     shape: List[int] = field(default_factory=lambda: [3, 32, 32])
@@ -58,10 +61,13 @@ class TrainerConfig:
     scheduler: str = "cosine"  # cosine | step | constant
     step_gamma: float = 0.1  # step scheduler: multiply by gamma at 50% and 75% of training
     label_smoothing: float = 0.0
-    ema_decay: Optional[float] = None  # dense training ends with an exponential moving average of its weights (e.g. 0.9995)
-    distill: float = 0.0  # retraining: weight of the teacher's softened outputs in the loss (teacher, else init_from's or this run's dense.pt); 0: off
+    ema_decay: Optional[float] = None  # dense training ends with a moving average of its weights (e.g. 0.9995)
+    # Retraining: weight of the teacher's softened outputs in the loss (trainer.teacher, else init_from's or this
+    # run's dense.pt); 0: off.
+    distill: float = 0.0
     distill_temperature: float = 4.0
-    teacher: Optional[str] = None  # with distill: another run's dense.pt to learn from (any network on the same data); None: this job's dense model
+    # With distill: another run's dense.pt to learn from (any network on the same data); None: this job's own.
+    teacher: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
     channels_last: bool = True  # on CUDA only
@@ -74,7 +80,8 @@ class TrainerConfig:
     progress: bool = True
     compile: bool = False  # torch.compile the model for training
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays the step as CUDA graphs
-    cpu_threads: Optional[int] = 1  # torch threads on a CPU run (small CNNs: 1 is as fast and robust to a busy host); null: torch's default
+    # torch threads on a CPU run (small CNNs: 1 is as fast and robust to a busy host); null: torch's default.
+    cpu_threads: Optional[int] = 1
 
 
 @dataclass
@@ -125,7 +132,7 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Config) -> None:
     """Check ranges and cross-field rules; raise ConfigError naming the first bad key."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
@@ -137,7 +144,9 @@ def validate(cfg: Any) -> None:
     _require(cfg.model.width > 0, "model.width", cfg.model.width, "a number > 0")
 
     t = cfg.trainer
-    _require(t.cpu_threads is None or t.cpu_threads >= 1, "trainer.cpu_threads", t.cpu_threads, "null or an integer >= 1")
+    _require(
+        t.cpu_threads is None or t.cpu_threads >= 1, "trainer.cpu_threads", t.cpu_threads, "null or an integer >= 1"
+    )
     for key in ("epochs", "finetune_epochs", "checkpoint_every"):
         _require(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0")
     for key in ("checkpoint_epochs", "eval_every"):
@@ -150,17 +159,36 @@ def validate(cfg: Any) -> None:
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "null or a number in (0, 1)")
     _require(0 <= t.distill <= 1, "trainer.distill", t.distill, "a weight in [0, 1] (0: off)")
     _require(t.distill_temperature > 0, "trainer.distill_temperature", t.distill_temperature, "a number > 0")
-    _require(t.teacher is None or (t.distill > 0 and str(t.teacher).strip() != ""), "trainer.teacher", t.teacher,
-             "null, or a run's dense.pt when trainer.distill > 0 (only distillation learns from a teacher)")
+    _require(
+        t.teacher is None or (t.distill > 0 and str(t.teacher).strip() != ""),
+        "trainer.teacher",
+        t.teacher,
+        "null, or a run's dense.pt when trainer.distill > 0 (only distillation learns from a teacher)",
+    )
 
     d = cfg.data
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
     _require(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0 (0: off)")
-    _require(d.cutout == 0 or d.augment, "data.cutout", d.cutout, "0 unless data.augment=true (cutout is part of the augmentation)")
-    _require(not d.trivialaugment or d.augment, "data.trivialaugment", d.trivialaugment, "false unless data.augment=true (it is part of the augmentation)")
+    _require(
+        d.cutout == 0 or d.augment,
+        "data.cutout",
+        d.cutout,
+        "0 unless data.augment=true (cutout is part of the augmentation)",
+    )
+    _require(
+        not d.trivialaugment or d.augment,
+        "data.trivialaugment",
+        d.trivialaugment,
+        "false unless data.augment=true (it is part of the augmentation)",
+    )
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
-    _require(len(d.shape) == 3 and all(s >= 1 for s in d.shape), "data.shape", list(d.shape), "[channels, height, width], each >= 1")
+    _require(
+        len(d.shape) == 3 and all(s >= 1 for s in d.shape),
+        "data.shape",
+        list(d.shape),
+        "[channels, height, width], each >= 1",
+    )
     _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
     _require(d.train_size >= 1 and d.test_size >= 1, "data.train_size", d.train_size, "train_size and test_size >= 1")
 
@@ -169,9 +197,15 @@ def validate(cfg: Any) -> None:
     validate_bench(cfg.backend, cfg.bench)
     # trainer.distill without pruning or quantization is left unused (a study's dense-only run keeps its config).
     if cfg.prune.method != "none" or cfg.quant.method != "none":
-        _require(t.distill == 0 or t.epochs > 0 or t.init_from or t.teacher, "trainer.distill", t.distill,
-                 "0 unless there is a dense model to learn from (trainer.epochs > 0, trainer.init_from or trainer.teacher)")
-        _require(t.finetune_epochs >= 1, "trainer.finetune_epochs", t.finetune_epochs,
-                 "an integer >= 1 when pruning or quantization is on (they run while retraining)")
-
-
+        _require(
+            t.distill == 0 or t.epochs > 0 or t.init_from or t.teacher,
+            "trainer.distill",
+            t.distill,
+            "0 unless there is a dense model to learn from (trainer.epochs > 0, trainer.init_from or trainer.teacher)",
+        )
+        _require(
+            t.finetune_epochs >= 1,
+            "trainer.finetune_epochs",
+            t.finetune_epochs,
+            "an integer >= 1 when pruning or quantization is on (they run while retraining)",
+        )

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from torch import Tensor
 
 from sparsebench.augment import trivial_augment
 from sparsebench.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.config import DataConfig
 
 Arrays = Dict[str, np.ndarray]  # x_train, y_train, x_test, y_test (x: uint8 NCHW, y: int64)
 
@@ -49,14 +52,22 @@ class Dataset:
 
     def to(self, device: torch.device) -> "Dataset":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Dataset(self.name, move(self.x_train), move(self.y_train), move(self.x_test), move(self.y_test),
-                       self.num_classes, move(self.mean), move(self.std))
+        return Dataset(
+            self.name,
+            move(self.x_train),
+            move(self.y_train),
+            move(self.x_test),
+            move(self.y_test),
+            self.num_classes,
+            move(self.mean),
+            move(self.std),
+        )
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_dataset(cfg: Any) -> Dataset:
+def load_dataset(cfg: DataConfig) -> Dataset:
     """Build the dataset named by ``cfg.name`` (a DataConfig)."""
     if cfg.name == "digits":
         arrays = _digits(cfg.test_fraction)
@@ -75,8 +86,9 @@ def _to_dataset(name: str, a: Arrays) -> Dataset:
     y_train = torch.from_numpy(a["y_train"].astype(np.int64))
     y_test = torch.from_numpy(a["y_test"].astype(np.int64))
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return Dataset(name, x_train, y_train, torch.from_numpy(np.ascontiguousarray(a["x_test"])), y_test,
-                   num_classes, mean, std)
+    return Dataset(
+        name, x_train, y_train, torch.from_numpy(np.ascontiguousarray(a["x_test"])), y_test, num_classes, mean, std
+    )
 
 
 def _digits(test_fraction: float) -> Arrays:
@@ -88,7 +100,8 @@ def _digits(test_fraction: float) -> Arrays:
     images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[:, None]
     # A fixed split (seed 0), so test accuracy is comparable across runs and seeds.
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=test_fraction, random_state=0, stratify=digits.target)
+        images, digits.target, test_size=test_fraction, random_state=0, stratify=digits.target
+    )
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
@@ -118,12 +131,15 @@ def _load_real(name: str, path: Optional[str], download: bool, cache_dir: Path) 
                 f"data.path is not set and no {name}.npz was found (looked in: "
                 f"{', '.join(str(c) for c in candidates)}); set data.path to a Keras-style npz "
                 f"(x_train, y_train, x_test, y_test), an ImageFolder directory or a zip of one "
-                f"(train/<class>/*.png|jpg, test/<class>/...), or data.download=true (needs torchvision)")
+                f"(train/<class>/*.png|jpg, test/<class>/...), or data.download=true (needs torchvision)"
+            )
         path = str(found)
     source = Path(os.path.expanduser(path))
     if not source.exists():
-        raise ConfigError(f"data.path={path!r}: no such file or directory; give a Keras-style npz, an ImageFolder "
-                          f"directory or a zip of one, or set data.download=true (needs torchvision)")
+        raise ConfigError(
+            f"data.path={path!r}: no such file or directory; give a Keras-style npz, an ImageFolder "
+            f"directory or a zip of one, or set data.download=true (needs torchvision)"
+        )
     if source.suffix == ".npz":
         return _npz(source)
     return _cached(source, cache_dir, lambda: _image_folder(source))
@@ -133,8 +149,10 @@ def _npz(path: Path) -> Arrays:
     with np.load(path) as f:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
         if missing:
-            raise ConfigError(f"data.path={str(path)!r}: npz lacks {', '.join(missing)} "
-                              f"(a Keras-style npz has x_train, y_train, x_test, y_test)")
+            raise ConfigError(
+                f"data.path={str(path)!r}: npz lacks {', '.join(missing)} "
+                f"(a Keras-style npz has x_train, y_train, x_test, y_test)"
+            )
         return {k: _to_nchw(f[k]) if k.startswith("x") else f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
 
 
@@ -193,8 +211,9 @@ def _image_folder(source: Path) -> Arrays:
             if part in split_files and len(parts) - i == 3:
                 split_files[part].append((parts[i + 1], handle))
     if not split_files["train"] or not split_files["test"]:
-        raise ConfigError(f"data.path={str(source)!r}: expected an ImageFolder layout train/<class>/<image> "
-                          f"and test/<class>/<image>")
+        raise ConfigError(
+            f"data.path={str(source)!r}: expected an ImageFolder layout train/<class>/<image> and test/<class>/<image>"
+        )
     classes = sorted({c for c, _ in split_files["train"]})
     index = {c: i for i, c in enumerate(classes)}
     out: Arrays = {}
@@ -210,8 +229,7 @@ def _torchvision(name: str, cache_dir: Path) -> Arrays:
     try:
         import torchvision
     except ImportError:
-        raise ConfigError("data.download=true needs torchvision (pip install torchvision), "
-                          "or give data.path") from None
+        raise ConfigError("data.download=true needs torchvision (pip install torchvision), or give data.path") from None
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
     out: Arrays = {}
     for split, train in (("train", True), ("test", False)):
@@ -238,9 +256,23 @@ class Batches:
 
     CHUNK_VALUES = 8192 * 3 * 32 * 32  # pixel values augmented at once (whole batches, at least one): 100 MB of float32
 
-    def __init__(self, x: Tensor, y: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
-                 shuffle: bool, augment: bool = False, cutout: int = 0, trivialaugment: bool = False, seed: int = 0,
-                 drop_last: bool = False, device: torch.device = torch.device("cpu"), channels_last: bool = False):
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool = False,
+        cutout: int = 0,
+        trivialaugment: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: torch.device = torch.device("cpu"),
+        channels_last: bool = False,
+    ):
         self.x, self.y = x, y
         self.mean = mean.view(1, -1, 1, 1).to(device)
         self.std = std.view(1, -1, 1, 1).to(device)
@@ -260,7 +292,11 @@ class Batches:
         holes = draw_cutout(n, *self.x.shape[-2:], g) if self.augment and self.cutout else None
         # TrivialAugment comes first, as in the paper's CIFAR pipeline (then crop, flip, cutout), over
         # the whole epoch at once.
-        x = trivial_augment(self.x if order is None else self.x[order], g) if self.augment and self.trivialaugment else None
+        x = (
+            trivial_augment(self.x if order is None else self.x[order], g)
+            if self.augment and self.trivialaugment
+            else None
+        )
         per_chunk = max(1, self.CHUNK_VALUES // (bs * self.x[0].numel()))  # 32 batches of 256 CIFAR images
         for first in range(start, len(self), per_chunk):
             last = min(len(self), first + per_chunk)
@@ -306,8 +342,10 @@ def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> 
 
 def draw_cutout(n: int, h: int, w: int, g: torch.Generator) -> Tuple[Tensor, Tensor]:
     """Per image: the row and column of its cutout square's centre (anywhere in the image)."""
-    return (torch.randint(0, h, (n,), generator=g, device=g.device),
-            torch.randint(0, w, (n,), generator=g, device=g.device))
+    return (
+        torch.randint(0, h, (n,), generator=g, device=g.device),
+        torch.randint(0, w, (n,), generator=g, device=g.device),
+    )
 
 
 def cutout_keep(shape: torch.Size, size: int, cy: Tensor, cx: Tensor) -> Tensor:

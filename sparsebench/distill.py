@@ -24,8 +24,9 @@ class Distillation:
     The T^2 keeps the soft term's gradients on the scale of the hard one's at any temperature.
     """
 
-    def __init__(self, teacher: nn.Module, weight: float, temperature: float, task: nn.Module,
-                 compile_mode: Optional[str] = None):
+    def __init__(
+        self, teacher: nn.Module, weight: float, temperature: float, task: nn.Module, compile_mode: Optional[str] = None
+    ):
         self.teacher = teacher.eval().requires_grad_(False)
         self.forward = torch.compile(self.teacher, mode=compile_mode, dynamic=False) if compile_mode else self.teacher
         self.weight, self.temperature, self.task = weight, temperature, task

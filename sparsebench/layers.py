@@ -82,6 +82,7 @@ def trace(model: nn.Module, sample: torch.Tensor) -> Dict[str, Traced]:
                 seen[name].macs_per_weight += uses
             else:
                 seen[name] = Traced(list(inputs[0].shape[1:]), uses)
+
         return hook
 
     handles = [m.register_forward_hook(record(name)) for name, m in weight_layers(model).items()]
@@ -104,21 +105,23 @@ def describe(model: nn.Module, sample: torch.Tensor) -> List[Dict[str, Any]]:
         w, traced = m.weight, seen.get(name, Traced([], 0))  # a layer the forward pass never reached: nothing
         row_nnz = (w.detach().reshape(w.shape[0], -1) != 0).sum(dim=1)
         is_conv = isinstance(m, nn.Conv2d)
-        rows.append({
-            "layer": name,
-            "kind": "conv2d" if is_conv else "linear",
-            "in_shape": "x".join(map(str, traced.in_shape)),
-            "out_channels": w.shape[0],
-            "kernel": f"{w.shape[2]}x{w.shape[3]}" if is_conv else None,
-            "stride": m.stride[0] if is_conv else None,
-            "padding": m.padding[0] if is_conv else None,
-            "params": w.numel(),
-            "nnz": int(row_nnz.sum()),
-            # Row-length skew: a sparse kernel that gives each output channel to one warp waits for the longest row.
-            "row_nnz_max": int(row_nnz.max()),
-            "rows_empty": int((row_nnz == 0).sum()),
-            "sparsity": round(float((w == 0).float().mean()), 6),
-            "macs_per_weight": traced.macs_per_weight,
-            "dense_bytes": dense_bytes(m),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "kind": "conv2d" if is_conv else "linear",
+                "in_shape": "x".join(map(str, traced.in_shape)),
+                "out_channels": w.shape[0],
+                "kernel": f"{w.shape[2]}x{w.shape[3]}" if is_conv else None,
+                "stride": m.stride[0] if is_conv else None,
+                "padding": m.padding[0] if is_conv else None,
+                "params": w.numel(),
+                "nnz": int(row_nnz.sum()),
+                # Row-length skew: a sparse kernel that gives each output channel to one warp waits for the longest row.
+                "row_nnz_max": int(row_nnz.max()),
+                "rows_empty": int((row_nnz == 0).sum()),
+                "sparsity": round(float((w == 0).float().mean()), 6),
+                "macs_per_weight": traced.macs_per_weight,
+                "dense_bytes": dense_bytes(m),
+            }
+        )
     return rows

@@ -1,59 +1,26 @@
-"""Where results go: the run directory's files (atomic) and W&B (offline by default)."""
+"""Where results go: the run's manifest and metrics files, and W&B (offline by default).
+
+``envelope`` is what every run of every app is wrapped in: manifest.json when it starts, the
+tracker, and metrics.json (status "ok" or "failed", runtime) written whatever happens."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence
+
+from sparsebench.rundir import HISTORY, MANIFEST, METRICS, WANDB_ID, write_json
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.config import LoggerConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def last_checkpoint(run_dir: Path) -> Path:
-    """Where a run keeps the checkpoint that ``trainer.resume=true`` continues from."""
-    return Path(run_dir) / "checkpoints" / "last.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    """Rows may differ in keys; the header is their union in first-seen order."""
-    columns: List[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def git_state() -> Dict[str, Any]:
@@ -102,7 +69,7 @@ def write_manifest(run_dir: Path, config: Dict[str, Any], seed: int, overrides: 
         **git_state(),
         **environment(),
     }
-    write_json(run_dir / "manifest.json", manifest)
+    write_json(Path(run_dir) / MANIFEST, manifest)
     return manifest
 
 
@@ -126,19 +93,42 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: Any, run_dir: Path, config: Dict[str, Any], name: str):
+    """One W&B run per run directory: its id is kept there, so a resumed run continues the same W&B run."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: str, resume: bool = False):
         import wandb
 
         self.wandb = wandb
+        id_file = Path(run_dir) / WANDB_ID
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir), name=name,
-            group=cfg.group, job_type=cfg.job_type, tags=list(cfg.tags), config=config,
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=cfg.mode,
+            dir=str(run_dir),
+            name=name,
+            group=cfg.group,
+            job_type=cfg.job_type,
+            tags=list(cfg.tags),
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
             reinit="finish_previous",  # one W&B run per job, also in a multirun process
             settings=wandb.Settings(console="off", silent=True),
         )
+        if run_id is None:
+            id_file.write_text(self.run.id + "\n")
         # Final numbers in the runs table without custom panels (a sweep's table: one row a job).
-        for key in ("acc_dense", "acc_final", "sparsity", "weight_bits", "compression", "footprint_bytes",
-                    "macs_kept", "speedup/*"):
+        for key in (
+            "acc_dense",
+            "acc_final",
+            "sparsity",
+            "weight_bits",
+            "compression",
+            "footprint_bytes",
+            "macs_kept",
+            "speedup/*",
+        ):
             self.run.define_metric(key, summary="last")
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
@@ -187,6 +177,51 @@ class HistoryFile(Tracker):
         self.inner.finish(exit_code)
 
 
-def make_tracker(cfg: Any, run_dir: Path, config: Dict[str, Any], name: str, resume: bool = False) -> Tracker:
-    inner = WandbTracker(cfg, run_dir, config, name) if cfg.name == "wandb" and cfg.mode != "disabled" else Tracker()
-    return HistoryFile(Path(run_dir) / "history.jsonl", inner, append=resume)
+def make_tracker(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: str, resume: bool = False) -> Tracker:
+    wandb = cfg.name == "wandb" and cfg.mode != "disabled"
+    inner = WandbTracker(cfg, run_dir, config, name, resume) if wandb else Tracker()
+    return HistoryFile(Path(run_dir) / HISTORY, inner, append=resume)
+
+
+class Run:
+    """A run in its envelope: ``metrics`` (written to metrics.json at the end) and ``tracker``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.metrics: Dict[str, Any] = {"status": "failed"}
+        self.tracker: Tracker = Tracker()
+
+    def start(
+        self,
+        config: Dict[str, Any],
+        seed: int,
+        overrides: Sequence[str],
+        logger_cfg: LoggerConfig,
+        name: str,
+        resume: bool = False,
+    ) -> None:
+        """Write the manifest and open the tracker (after the config is validated)."""
+        write_manifest(self.run_dir, config, seed, overrides)
+        self.tracker = make_tracker(logger_cfg, self.run_dir, config, name=name, resume=resume)
+
+
+@contextmanager
+def envelope(run_dir: Path) -> Iterator[Run]:
+    """Wrap a run: whatever happens inside, metrics.json gets its status, error and runtime_s."""
+    started = time.time()
+    run = Run(run_dir)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    exit_code = 1
+    try:
+        yield run
+        run.metrics["status"] = "ok"
+        exit_code = 0
+    except BaseException as e:
+        run.metrics["status"] = "failed"
+        run.metrics["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        run.metrics["runtime_s"] = round(time.time() - started, 3)
+        write_json(run.run_dir / METRICS, run.metrics)
+        run.tracker.summary(run.metrics)
+        run.tracker.finish(exit_code)

@@ -1,4 +1,4 @@
-"""The training loop. It knows pruning and quantization only as ``TrainHook``s."""
+"""The training loop. Pruning and quantization reach it only as ``TrainHook``s, distillation as the loss."""
 
 from __future__ import annotations
 
@@ -7,22 +7,27 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sparsebench import checkpoints
 from sparsebench.data import Batches
-from sparsebench.distill import Distillation
 from sparsebench.errors import ConfigError, StopRequested
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.config import TrainerConfig
+
 LogFn = Callable[[Dict[str, float], int], None]
+# loss(logits, labels, inputs): cross-entropy, or a distillation that also needs the inputs.
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class TrainHook:
@@ -35,7 +40,6 @@ class TrainHook:
     """
 
     name = "hook"
-    paused_s = 0.0  # seconds this hook held the loop waiting on something else (not counted as training time)
 
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         pass
@@ -63,34 +67,7 @@ class TrainHook:
         pass
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ---------------------------------------------------------------- setup
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -134,13 +111,17 @@ def _autocast(device: torch.device, amp: bool):
 # ---------------------------------------------------------------- the loop
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: Any, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainerConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     total = max(total_steps, 1)
     if cfg.scheduler == "cosine":
         factor = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
@@ -173,30 +154,103 @@ def _stop_on_sigterm(phase: str) -> Iterator[List[int]]:
         yield received
     except Exception as e:
         if received:  # e.g. torch.compile's workers, in the same process group, died of the same SIGTERM
-            raise StopRequested(f"SIGTERM during {phase} training, which then failed before it could save "
-                                f"({type(e).__name__}: {e}); trainer.resume=true continues from the last "
-                                f"checkpoint") from e
+            raise StopRequested(
+                f"SIGTERM during {phase} training, which then failed before it could save "
+                f"({type(e).__name__}: {e}); trainer.resume=true continues from the last "
+                f"checkpoint"
+            ) from e
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(phase: str, step: int, total_steps: int, checkpoint: Path) -> StopRequested:
-    return StopRequested(f"SIGTERM during {phase} training: saved step {step} of {total_steps} to {checkpoint}; "
-                         f"trainer.resume=true continues from there")
+def cross_entropy(cfg: TrainerConfig) -> LossFn:
+    task = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return lambda logits, y, x: task(logits, y)
 
 
-def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str, epochs: int, lr: float,
-        hooks: List[TrainHook], checkpoint: Path, extra: Optional[Dict[str, Any]] = None,
-        resume_from: Optional[Dict[str, Any]] = None, log: Optional[LogFn] = None,
-        step_offset: int = 0, teacher: Optional[nn.Module] = None) -> Dict[str, float]:
+@dataclass
+class _Loop:
+    """What one fit holds while it runs: the model and its optimizer, the hooks, where it stands."""
+
+    phase: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    hooks: List[TrainHook]
+    steps_per_epoch: int
+    total_steps: int
+    checkpoint: Path
+    extra: Dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's: a resumed run returns them too
+
+    def restore(self, saved: Dict[str, Any]) -> None:
+        """Continue a checkpoint of this phase at its step: it ends where an uninterrupted run would."""
+        steps = saved.get("steps_per_epoch", self.steps_per_epoch)  # checkpoints before it was stored: trusted
+        if steps != self.steps_per_epoch:  # the saved step would land in another epoch, at another batch
+            raise ConfigError(
+                f"trainer.resume=true: the checkpoint's run had {steps} batches an epoch, this one has "
+                f"{self.steps_per_epoch}; resume with the data.batch_size and data.drop_last it ran with"
+            )
+        for hook in self.hooks:  # first: a hook names the config key that differs before a shape mismatch would
+            hook.load_state_dict(saved["hooks"].get(hook.name, {}))
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        checkpoints.set_rng_state(saved["rng"])
+        self.step = saved["step"]
+        self.metrics = dict(saved.get("metrics", {}))
+
+    def save(self) -> None:
+        checkpoints.save(
+            {
+                "phase": self.phase,
+                "step": self.step,
+                "steps_per_epoch": self.steps_per_epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "hooks": {h.name: h.state_dict() for h in self.hooks},
+                "rng": checkpoints.rng_state(),
+                "extra": self.extra,
+                "metrics": self.metrics,
+            },
+            self.checkpoint,
+        )
+
+    def stopped(self) -> StopRequested:
+        return StopRequested(
+            f"SIGTERM during {self.phase} training: saved step {self.step} of {self.total_steps} to "
+            f"{self.checkpoint}; trainer.resume=true continues from there"
+        )
+
+
+def fit(
+    model: nn.Module,
+    train: Batches,
+    test: Batches,
+    cfg: TrainerConfig,
+    *,
+    phase: str,
+    epochs: int,
+    lr: float,
+    hooks: List[TrainHook],
+    checkpoint: Path,
+    loss: Optional[LossFn] = None,
+    extra: Optional[Dict[str, Any]] = None,
+    resume_from: Optional[Dict[str, Any]] = None,
+    log: Optional[LogFn] = None,
+    step_offset: int = 0,
+    paused: Callable[[], float] = lambda: 0.0,
+) -> Dict[str, float]:
     """Train ``epochs`` epochs with ``hooks``; checkpoint to ``checkpoint`` as it goes.
 
-    ``resume_from`` is a checkpoint of this same phase: the loop continues at its step and
-    ends exactly where an uninterrupted run would. ``extra`` rides along in checkpoints
-    (e.g. the dense accuracy of an earlier phase). ``step_offset`` shifts logged steps so
-    phases follow each other on one axis. With a ``teacher`` the loss also distils its outputs
-    (``cfg.distill``, ``cfg.distill_temperature``). Returns the last epoch's metrics.
+    ``loss`` (default: cross-entropy with ``cfg.label_smoothing``); ``resume_from``: a checkpoint of this
+    same phase to continue; ``extra`` rides along in checkpoints (e.g. an earlier phase's accuracy);
+    ``step_offset`` shifts logged steps so phases follow each other on one axis; ``paused()``: seconds
+    the loop has spent waiting on something else so far (left out of the step time). Returns the
+    last epoch's metrics.
     """
     log = log or (lambda metrics, step: None)
     steps_per_epoch = len(train)
@@ -205,95 +259,136 @@ def fit(model: nn.Module, train: Batches, test: Batches, cfg: Any, *, phase: str
         hook.on_fit_start(model, steps_per_epoch, total_steps)
     # Built after the hooks, which may re-parametrize the model's weights.
     optimizer = make_optimizer(model.parameters(), cfg, lr)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    # Static shapes: the epoch's short last batch gets its own graph instead of turning the batch
-    # dimension symbolic for every step.
-    train_model = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model
-    # CUDA-graph modes reuse their output memory: each step must be marked as a new one.
-    graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    distill = None if teacher is None else Distillation(teacher, cfg.distill, cfg.distill_temperature, loss_fn,
-                                                        cfg.compile_mode if cfg.compile else None)
-
-    step = 0
-    metrics: Dict[str, float] = {}  # the last epoch's: a run resumed from its last step returns them too
+    loop = _Loop(
+        phase,
+        model,
+        optimizer,
+        make_scheduler(optimizer, cfg, total_steps),
+        hooks,
+        steps_per_epoch,
+        total_steps,
+        checkpoint,
+        extra or {},
+    )
     if resume_from is not None:
-        saved_steps = resume_from.get("steps_per_epoch", steps_per_epoch)  # checkpoints before it was stored: trusted
-        if saved_steps != steps_per_epoch:  # the saved step would land in another epoch, at another batch
-            raise ConfigError(f"trainer.resume=true: the checkpoint's run had {saved_steps} batches an epoch, this one "
-                              f"has {steps_per_epoch}; resume with the data.batch_size and data.drop_last it ran with")
-        for hook in hooks:  # first: a hook names the config key that differs before a shape mismatch would
-            hook.load_state_dict(resume_from["hooks"].get(hook.name, {}))
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        set_rng_state(resume_from["rng"])
-        step = resume_from["step"]
-        metrics = dict(resume_from.get("metrics", {}))
-
-    def save(step: int) -> None:
-        atomic_torch_save({
-            "phase": phase, "step": step, "steps_per_epoch": steps_per_epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "hooks": {h.name: h.state_dict() for h in hooks},
-            "rng": rng_state(), "extra": extra or {}, "metrics": metrics,
-        }, checkpoint)
-
+        loop.restore(resume_from)
+    step_fn = _step_fn(model, cfg, loss or cross_entropy(cfg), loop)
     model.train()
     with _stop_on_sigterm(phase) as stop:
-        for epoch in range(step // steps_per_epoch, epochs):
-            start = step - epoch * steps_per_epoch
-            epoch_started, paused_before = time.perf_counter(), sum(h.paused_s for h in hooks)
-            bar = tqdm(train.epoch(epoch, start), total=steps_per_epoch, initial=start, leave=False,
-                       desc=f"{phase} {epoch + 1}/{epochs}", disable=not cfg.progress, dynamic_ncols=True)
-            for x, y in bar:
-                if graphed:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with _autocast(train.device, cfg.amp):
-                    logits = train_model(x)
-                    loss = loss_fn(logits, y) if distill is None else distill(logits, y, x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for hook in hooks:
-                    hook.before_step(step, model)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                for hook in hooks:
-                    hook.after_step(step, model)
-                if step % 10 == 0 or step == total_steps:
-                    loss_value = loss.item()
-                    bar.set_postfix(loss=f"{loss_value:.3f}")
-                    log({f"{phase}/loss": loss_value, f"{phase}/lr": scheduler.get_last_lr()[0]}, step_offset + step)
-                # A save due at the end of an epoch comes after its evaluation, below.
-                if step % steps_per_epoch and (stop or cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    save(step)
-                    if stop:
-                        raise _stopped(phase, step, total_steps, checkpoint)
+        for epoch in range(loop.step // steps_per_epoch, epochs):
+            started, paused_before = time.perf_counter(), paused()
+            first = _train_epoch(loop, train, epoch, epochs, cfg, step_fn, stop, log, step_offset)
             if train.device.type == "cuda":
                 torch.cuda.synchronize(train.device)
-            # Training time only (no evaluation, no pauses for another job's benchmark): phases
-            # compare per step, e.g. the cost of QAT.
-            paused_s = sum(h.paused_s for h in hooks) - paused_before
-            epoch_s = time.perf_counter() - epoch_started - paused_s
-            metrics = {f"{phase}/epoch": epoch + 1, f"{phase}/epoch_s": epoch_s, f"{phase}/paused_s": paused_s,
-                       f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - start, 1)}
-            scored = evaluation_due(epoch, epochs, cfg.eval_every)
-            if scored:
-                metrics[f"{phase}/acc"] = evaluate(model, test, cfg.amp)
-            for hook in hooks:
-                metrics.update(hook.on_epoch_end(epoch, model))
-                if scored:
-                    metrics.update(hook.on_evaluate(epoch, model))
-            log(metrics, step_offset + step)
+            # Training time only (no evaluation, no pauses for another job's benchmark): phases compare
+            # per step, e.g. the cost of QAT.
+            paused_s = paused() - paused_before
+            epoch_s = time.perf_counter() - started - paused_s
+            loop.metrics = {
+                f"{phase}/epoch": epoch + 1,
+                f"{phase}/epoch_s": epoch_s,
+                f"{phase}/paused_s": paused_s,
+                f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - first, 1),
+            }
+            loop.metrics.update(_score(loop, test, epoch, epochs, cfg))
+            log(loop.metrics, step_offset + loop.step)
             stopping = bool(stop)  # read once: a SIGTERM from here on is the next step's to handle
-            if (stopping or (epoch + 1) % cfg.checkpoint_epochs == 0 or epoch + 1 == epochs
-                    or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                save(step)
+            if stopping or _checkpoint_due(epoch, epochs, loop.step, cfg):
+                loop.save()
             if stopping:
                 break
         if stop:  # at an epoch's end, or after the last epoch's check: the step is saved either way
-            raise _stopped(phase, step, total_steps, checkpoint)
+            raise loop.stopped()
     for hook in hooks:
         hook.on_fit_end(model)
+    return loop.metrics
+
+
+def _step_fn(
+    model: nn.Module, cfg: TrainerConfig, loss: LossFn, loop: _Loop
+) -> Callable[[Tensor, Tensor, torch.device], Tensor]:
+    """One optimizer step on a batch (hooks around it); returns the loss, on the device."""
+    # Static shapes: the epoch's short last batch gets its own graph instead of a symbolic batch size.
+    forward = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model
+    # CUDA-graph modes reuse their output memory: each step must be marked as a new one.
+    graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def step(x: Tensor, y: Tensor, device: torch.device) -> Tensor:
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        with _autocast(device, cfg.amp):
+            value = loss(forward(x), y, x)
+        loop.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        for hook in loop.hooks:
+            hook.before_step(loop.step, model)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        loop.step += 1
+        for hook in loop.hooks:
+            hook.after_step(loop.step, model)
+        return value
+
+    return step
+
+
+def _train_epoch(
+    loop: _Loop,
+    train: Batches,
+    epoch: int,
+    epochs: int,
+    cfg: TrainerConfig,
+    step_fn,
+    stop: List[int],
+    log: LogFn,
+    step_offset: int,
+) -> int:
+    """The epoch's steps from where the loop stands; returns the step within the epoch it started at."""
+    first = loop.step - epoch * loop.steps_per_epoch
+    bar = tqdm(
+        train.epoch(epoch, first),
+        total=loop.steps_per_epoch,
+        initial=first,
+        leave=False,
+        desc=f"{loop.phase} {epoch + 1}/{epochs}",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    for x, y in bar:
+        value = step_fn(x, y, train.device)
+        if loop.step % 10 == 0 or loop.step == loop.total_steps:
+            loss_value = value.item()
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            log(
+                {f"{loop.phase}/loss": loss_value, f"{loop.phase}/lr": loop.scheduler.get_last_lr()[0]},
+                step_offset + loop.step,
+            )
+        # A save due at the end of an epoch comes after its evaluation (in fit).
+        if loop.step % loop.steps_per_epoch and (
+            stop or cfg.checkpoint_every and loop.step % cfg.checkpoint_every == 0
+        ):
+            loop.save()
+            if stop:
+                raise loop.stopped()
+    return first
+
+
+def _score(loop: _Loop, test: Batches, epoch: int, epochs: int, cfg: TrainerConfig) -> Dict[str, float]:
+    """The epoch's hook metrics, and the test accuracy (with the hooks' own) at the scored epochs."""
+    metrics: Dict[str, float] = {}
+    scored = evaluation_due(epoch, epochs, cfg.eval_every)
+    if scored:
+        metrics[f"{loop.phase}/acc"] = evaluate(loop.model, test, cfg.amp)
+    for hook in loop.hooks:
+        metrics.update(hook.on_epoch_end(epoch, loop.model))
+        if scored:
+            metrics.update(hook.on_evaluate(epoch, loop.model))
     return metrics
+
+
+def _checkpoint_due(epoch: int, epochs: int, step: int, cfg: TrainerConfig) -> bool:
+    return (
+        (epoch + 1) % cfg.checkpoint_epochs == 0
+        or epoch + 1 == epochs
+        or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+    )

@@ -21,7 +21,8 @@ DENSE = [*TINY, "prune=none", "quant=none", "bench=none"]
 
 def compose(*overrides: str):
     """The config the CLI would build for these overrides (schema-checked by OmegaConf)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from sparsebench.__main__ import CONF_DIR  # importing the app registers its schema and resolvers
 
@@ -32,8 +33,9 @@ def compose(*overrides: str):
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m sparsebench ARGS`` as a user would run it."""
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sparsebench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -31,10 +31,18 @@ def pil_reference(img: Image.Image, name: str, s: float) -> Image.Image:
     w, h = img.size
     m = abs(s)
     fill = FILL if img.mode == "L" else (FILL,) * 3
-    affine = {"shear_x": (1, 0.99 * s, 0, 0, 1, 0), "shear_y": (1, 0, 0, 0.99 * s, 1, 0),
-              "translate_x": (1, 0, s * w, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, s * h)}
-    enhance = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color,
-               "contrast": ImageEnhance.Contrast, "sharpness": ImageEnhance.Sharpness}
+    affine = {
+        "shear_x": (1, 0.99 * s, 0, 0, 1, 0),
+        "shear_y": (1, 0, 0, 0.99 * s, 1, 0),
+        "translate_x": (1, 0, s * w, 0, 1, 0),
+        "translate_y": (1, 0, 0, 0, 1, s * h),
+    }
+    enhance = {
+        "brightness": ImageEnhance.Brightness,
+        "color": ImageEnhance.Color,
+        "contrast": ImageEnhance.Contrast,
+        "sharpness": ImageEnhance.Sharpness,
+    }
     if name == "identity":
         return img
     if name in affine:
@@ -95,11 +103,13 @@ def test_strength_zero_leaves_the_image_for_all_but_the_fixed_operations():
 
 def test_images_in_one_batch_get_their_own_operation():
     x = images(3)
-    ops = torch.tensor([OPS.index(n) for n in ("rotate", "equalize", "identity", "solarize", "brightness", "posterize")])
+    ops = torch.tensor(
+        [OPS.index(n) for n in ("rotate", "equalize", "identity", "solarize", "brightness", "posterize")]
+    )
     s = torch.tensor([0.4, 0.0, 0.9, -1.0, -0.6, 0.5])
     batched = apply_ops(x, ops, s)
     for i in range(len(x)):
-        assert torch.equal(batched[i], apply_ops(x[i:i + 1], ops[i:i + 1], s[i:i + 1])[0])
+        assert torch.equal(batched[i], apply_ops(x[i : i + 1], ops[i : i + 1], s[i : i + 1])[0])
 
 
 def test_draws_cover_every_operation_level_and_sign():

@@ -27,13 +27,35 @@ class Recorder(TrainHook):
 def test_the_dense_model_ends_as_the_moving_average_of_its_steps(tmp_path):
     train, test = _digits_batches()
     model = convnet()
-    cfg = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-                          label_smoothing=0.0, amp=False, compile=False, compile_mode="default", progress=False,
-                          checkpoint_every=0, checkpoint_epochs=1, eval_every=1)
+    cfg = SimpleNamespace(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        scheduler="cosine",
+        label_smoothing=0.0,
+        amp=False,
+        compile=False,
+        compile_mode="default",
+        progress=False,
+        checkpoint_every=0,
+        checkpoint_epochs=1,
+        eval_every=1,
+    )
     recorder, decay = Recorder(), 0.9
     logged = []
-    fit(model, train, test, cfg, phase="dense", epochs=2, lr=cfg.lr, hooks=[recorder, WeightAverage(decay, test, "dense")],
-        checkpoint=tmp_path / "c.pt", log=lambda m, s: logged.append(m))
+    fit(
+        model,
+        train,
+        test,
+        cfg,
+        phase="dense",
+        epochs=2,
+        lr=cfg.lr,
+        hooks=[recorder, WeightAverage(decay, test, "dense")],
+        checkpoint=tmp_path / "c.pt",
+        log=lambda m, s: logged.append(m),
+    )
     expected = dict(recorder.states[0])  # the model as training starts
     for n, state in enumerate(recorder.states[1:]):
         d = min(decay, (1 + n) / (10 + n))  # the warm-up: early steps weigh more
@@ -49,13 +71,34 @@ def test_the_dense_model_ends_as_the_moving_average_of_its_steps(tmp_path):
 
 def test_eval_every_tests_the_model_and_its_average_at_every_nth_epoch_and_the_last(tmp_path):
     train, test = _digits_batches()
-    cfg = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-                          label_smoothing=0.0, amp=False, compile=False, compile_mode="default", progress=False,
-                          checkpoint_every=0, checkpoint_epochs=1, eval_every=2)
+    cfg = SimpleNamespace(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        scheduler="cosine",
+        label_smoothing=0.0,
+        amp=False,
+        compile=False,
+        compile_mode="default",
+        progress=False,
+        checkpoint_every=0,
+        checkpoint_epochs=1,
+        eval_every=2,
+    )
     logged = []
-    metrics = fit(convnet(), train, test, cfg, phase="dense", epochs=5, lr=cfg.lr,
-                  hooks=[WeightAverage(0.9, test, "dense")], checkpoint=tmp_path / "c.pt",
-                  log=lambda m, s: logged.append(m))
+    metrics = fit(
+        convnet(),
+        train,
+        test,
+        cfg,
+        phase="dense",
+        epochs=5,
+        lr=cfg.lr,
+        hooks=[WeightAverage(0.9, test, "dense")],
+        checkpoint=tmp_path / "c.pt",
+        log=lambda m, s: logged.append(m),
+    )
     epochs = [m for m in logged if "dense/epoch" in m]
     assert [m["dense/epoch"] for m in epochs] == [1, 2, 3, 4, 5]  # every epoch logs its time
     assert [m["dense/epoch"] for m in epochs if "dense/acc" in m] == [2, 4, 5]

@@ -13,12 +13,18 @@ from sparsebench.bench import benchmark_model
 from sparsebench.bench.backends import BACKENDS, Backend, Prepared, prune_2to4
 from sparsebench.bench.cases import cases_from_model, synthetic_case, thin
 from sparsebench.bench.config import BACKEND_NAMES, SPARSE_BACKEND_NAMES, BackendConfig, BenchConfig, validate_bench
-from sparsebench.bench.measure import (MismatchError, TimingSettings, break_even_sparsity, check, fit_time_vs_nnz,
-                                      reference_output)
+from sparsebench.bench.measure import (
+    MismatchError,
+    TimingSettings,
+    break_even_sparsity,
+    check,
+    fit_time_vs_nnz,
+    reference_output,
+)
 from sparsebench.bench.suite import LayerBench, plan_backends
-from sparsebench.bench.timing import summarize, time_cpu
 from sparsebench.errors import ConfigError
 from sparsebench.models import build_model
+from sparsebench.sparse.timing import summarize, time_cpu
 from tests.conftest import compose
 
 CPU = torch.device("cpu")
@@ -26,8 +32,13 @@ FAST = TimingSettings(warmup=1, repeats=20)
 
 
 def bench_cfg(**kw):
-    base = dict(enabled=True, baselines=["cudnn_fp32", "cudnn_fp16", "torch_csr", "semi_structured_2to4", "torch_cpu"],
-                repeats=20, warmup=1, progress=False)
+    base = dict(
+        enabled=True,
+        baselines=["cudnn_fp32", "cudnn_fp16", "torch_csr", "semi_structured_2to4", "torch_cpu"],
+        repeats=20,
+        warmup=1,
+        progress=False,
+    )
     return OmegaConf.structured(BenchConfig(**{**base, **kw}))
 
 
@@ -53,20 +64,30 @@ def tiny_model(sparsity: float = 0.7) -> torch.nn.Module:
 
 def test_registry_matches_config_names_and_has_the_issue_backends():
     assert set(BACKENDS) == set(BACKEND_NAMES)
-    for name in ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "direct_sparse", "torch_csr", "semi_structured_2to4",
-                 "torch_cpu"):
+    for name in (
+        "cudnn_fp32",
+        "cudnn_tf32",
+        "cudnn_fp16",
+        "direct_sparse",
+        "torch_csr",
+        "semi_structured_2to4",
+        "torch_cpu",
+    ):
         assert name in BACKENDS
     assert set(SPARSE_BACKEND_NAMES) - {"none"} <= {n for n, b in BACKENDS.items() if b.sparse}
     assert not BACKENDS["cudnn_fp16"].sparse and BACKENDS["direct_sparse"].sparse
 
 
-@pytest.mark.parametrize("override, key", [
-    ("backend.name=cudnn_fp32", "backend.name"),
-    ("bench.repeats=5", "bench.repeats"),
-    ("bench.cache=none", "bench.cache"),
-    ("bench.baselines=[cudnn_fp64]", "bench.baselines"),
-    ("bench.batch_sizes=[0]", "bench.batch_sizes"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("backend.name=cudnn_fp32", "backend.name"),
+        ("bench.repeats=5", "bench.repeats"),
+        ("bench.cache=none", "bench.cache"),
+        ("bench.baselines=[cudnn_fp64]", "bench.baselines"),
+        ("bench.batch_sizes=[0]", "bench.batch_sizes"),
+    ],
+)
 def test_bad_bench_settings_name_the_key(override, key):
     cfg = compose("backend=direct_sparse", "bench=default", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -173,8 +194,15 @@ def test_check_accepts_a_right_and_rejects_a_wrong_backend():
     x = torch.randn(2, *case.in_shape)
     right = BACKENDS["torch_cpu"].prepare(case, CPU, "fp32")
     assert check(case, "torch_cpu", right, x, 2) < 1e-6
-    off = Prepared(run=lambda x: right.run(x) * 1.01, convert=right.convert, weight=case.weight, tol=1e-4,
-                   weight_bytes=0, act_bytes=4, sparse=False)
+    off = Prepared(
+        run=lambda x: right.run(x) * 1.01,
+        convert=right.convert,
+        weight=case.weight,
+        tol=1e-4,
+        weight_bytes=0,
+        act_bytes=4,
+        sparse=False,
+    )
     with pytest.raises(MismatchError, match="computes layer c"):
         check(case, "off", off, x, 2)
 
@@ -182,8 +210,15 @@ def test_check_accepts_a_right_and_rejects_a_wrong_backend():
 def test_a_wrong_backend_is_an_error_not_a_row(monkeypatch):
     def prepare_wrong(case, device, activations):
         good = BACKENDS["torch_cpu"].prepare(case, device, activations)
-        return Prepared(run=lambda x: good.run(x).flip(1), convert=good.convert, weight=case.weight, tol=1e-4,
-                        weight_bytes=0, act_bytes=4, sparse=False)
+        return Prepared(
+            run=lambda x: good.run(x).flip(1),
+            convert=good.convert,
+            weight=case.weight,
+            tol=1e-4,
+            weight_bytes=0,
+            act_bytes=4,
+            sparse=False,
+        )
 
     monkeypatch.setitem(BACKENDS, "wrong", Backend("wrong", ("cpu",), False, prepare_wrong))
     plan = plan_backends(backend_cfg(name="sparse_reference"), bench_cfg(baselines=["torch_cpu", "wrong"]), CPU)
@@ -223,15 +258,34 @@ def test_break_even_from_a_linear_fit():
 def test_benchmark_model_rows_and_metrics_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = tiny_model()
-    rows, metrics = benchmark_model(backend_cfg(), bench_cfg(batch_sizes=[1, 3]), model, None,
-                                    torch.randn(4, 1, 8, 8), CPU)
+    rows, metrics = benchmark_model(
+        backend_cfg(), bench_cfg(batch_sizes=[1, 3]), model, None, torch.randn(4, 1, 8, 8), CPU
+    )
     layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     backends = ("sparse_reference", "torch_csr", "torch_cpu")
     assert len(rows) == len(layers) * 2 * len(backends)
     assert {(r["layer"], r["batch"], r["backend"]) for r in rows} == {
-        (n, b, k) for n in layers for b in (1, 3) for k in backends}
-    required = ("layer", "kind", "in_shape", "out_channels", "kernel", "stride", "sparsity", "bits", "backend", "batch",
-                "time_us", "spread_us", "speedup_vs_torch_cpu", "speedup_vs_torch_csr", "flops", "bytes", "gflops")
+        (n, b, k) for n in layers for b in (1, 3) for k in backends
+    }
+    required = (
+        "layer",
+        "kind",
+        "in_shape",
+        "out_channels",
+        "kernel",
+        "stride",
+        "sparsity",
+        "bits",
+        "backend",
+        "batch",
+        "time_us",
+        "spread_us",
+        "speedup_vs_torch_cpu",
+        "speedup_vs_torch_csr",
+        "flops",
+        "bytes",
+        "gflops",
+    )
     for r in rows:
         assert all(k in r for k in required), set(required) - set(r)
         assert r["time_us"] > 0 and r["spread_us"] >= 0 and r["flops"] > 0
@@ -244,13 +298,15 @@ def test_benchmark_model_rows_and_metrics_on_cpu(monkeypatch):
     for b in (1, 3):
         for base in ("torch_cpu", "torch_csr"):
             lat = metrics[f"latency_us/{base}/b{b}"]
-            assert metrics[f"speedup/{base}/b{b}"] == pytest.approx(lat / metrics[f"latency_us/sparse_reference/b{b}"],
-                                                                      rel=1e-3)
+            assert metrics[f"speedup/{base}/b{b}"] == pytest.approx(
+                lat / metrics[f"latency_us/sparse_reference/b{b}"], rel=1e-3
+            )
         assert metrics[f"network_error/sparse_reference/b{b}"] < 1e-5
     assert metrics["bench/backend"] == "sparse_reference" and "cudnn_fp32" in metrics["bench/skipped"]
     assert metrics["bench/noisy"] == ""  # only GPU timings are judged: a CPU's jitter more
 
 
 def test_benchmark_disabled_returns_nothing():
-    assert benchmark_model(backend_cfg(), bench_cfg(enabled=False), tiny_model(), None, torch.randn(1, 1, 8, 8),
-                           CPU) == ([], {})
+    assert benchmark_model(
+        backend_cfg(), bench_cfg(enabled=False), tiny_model(), None, torch.randn(1, 1, 8, 8), CPU
+    ) == ([], {})

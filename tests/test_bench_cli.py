@@ -18,10 +18,21 @@ FAST = ["bench.repeats=20", "bench.warmup=1", "bench.progress=false"]
 
 def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``sparsebench-bench ARGS`` as a user would run it (on a machine without a GPU)."""
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT),
-           "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", "sparsebench.bench.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "WANDB_SILENT": "true",
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sparsebench.bench.grid", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_csv(path: Path) -> list:
@@ -31,13 +42,14 @@ def read_csv(path: Path) -> list:
 
 def test_sweep_on_cpu_writes_bench_csv_and_a_table(tmp_path):
     out = tmp_path / "run"
-    res = run_bench("layers=tiny", "sweep.sparsities=[0.5,0.9]", "sweep.bits=[32,4]", *FAST, f"hydra.run.dir={out}")
+    res = run_bench("layers=tiny", "grid.sparsities=[0.5,0.9]", "grid.bits=[32,4]", *FAST, f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = read_csv(out / "bench.csv")
     ours = [r for r in rows if r["backend"] == "sparse_reference"]
     # 2 layers x 1 batch x 2 sparsities x 2 bit widths for the backend under test
     assert {(r["layer"], r["sparsity"], r["bits"]) for r in ours} == {
-        (layer, s, b) for layer in ("conv_8x16@8", "fc_64x32") for s in ("0.5", "0.9") for b in ("32", "4")}
+        (layer, s, b) for layer in ("conv_8x16@8", "fc_64x32") for s in ("0.5", "0.9") for b in ("32", "4")
+    }
     # the dense baseline is timed once per layer (it ignores the mask), torch CSR once per sparsity
     assert len([r for r in rows if r["backend"] == "torch_cpu"]) == 2
     assert len([r for r in rows if r["backend"] == "torch_csr"]) == 4
@@ -56,8 +68,17 @@ def test_sweep_on_cpu_writes_bench_csv_and_a_table(tmp_path):
 
 def test_sweep_over_a_model_config(tmp_path):
     out = tmp_path / "run"
-    res = run_bench("model=convnet", "model.width=0.25", "data=digits", "sweep.sparsities=[0.9]", "sweep.bits=[32]",
-                    "bench.baselines=[torch_cpu]", "bench.break_even=false", *FAST, f"hydra.run.dir={out}")
+    res = run_bench(
+        "model=convnet",
+        "model.width=0.25",
+        "data=digits",
+        "grid.sparsities=[0.9]",
+        "grid.bits=[32]",
+        "bench.baselines=[torch_cpu]",
+        "bench.break_even=false",
+        *FAST,
+        f"hydra.run.dir={out}",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     rows = read_csv(out / "bench.csv")
     layers = {r["layer"]: r for r in rows if r["backend"] == "sparse_reference"}
@@ -66,8 +87,11 @@ def test_sweep_over_a_model_config(tmp_path):
 
 
 def test_sweep_bad_input_is_one_line(tmp_path):
-    for args, key in ((["layers=vgg99"], "layers=vgg99"), (["sweep.bits=[3]"], "sweep.bits"),
-                      (["model=vgg16", "layers=tiny"], "layers")):
+    for args, key in (
+        (["layers=vgg99"], "layers=vgg99"),
+        (["grid.bits=[3]"], "grid.bits"),
+        (["model=vgg16", "layers=tiny"], "layers"),
+    ):
         res = run_bench(*args, f"hydra.run.dir={tmp_path / 'bad'}")
         assert res.returncode == 2, res.stderr[-1000:]
         errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -94,11 +118,20 @@ def test_row_skew_gives_uneven_rows_with_the_same_sparsity(tmp_path):
     nnz_max = {}  # skew -> (longest row, empty rows)
     for skew in (0, 2):
         out = tmp_path / f"skew{skew}"
-        res = run_bench("layers=tiny", "sweep.sparsities=[0.9]", "sweep.bits=[32]", f"sweep.row_skew={skew}",
-                        "bench.baselines=[torch_cpu]", "bench.break_even=false", *FAST, f"hydra.run.dir={out}")
+        res = run_bench(
+            "layers=tiny",
+            "grid.sparsities=[0.9]",
+            "grid.bits=[32]",
+            f"grid.row_skew={skew}",
+            "bench.baselines=[torch_cpu]",
+            "bench.break_even=false",
+            *FAST,
+            f"hydra.run.dir={out}",
+        )
         assert res.returncode == 0, res.stderr[-2000:]
-        conv = [r for r in read_csv(out / "bench.csv")
-                if r["layer"] == "conv_8x16@8" and r["backend"] == "sparse_reference"]
+        conv = [
+            r for r in read_csv(out / "bench.csv") if r["layer"] == "conv_8x16@8" and r["backend"] == "sparse_reference"
+        ]
         assert [int(r["nnz"]) for r in conv] == [round(0.1 * 16 * 8 * 9)]  # 115 of 1152: the sparsity holds
         nnz_max[skew] = (int(conv[0]["row_nnz_max"]), int(conv[0]["rows_empty"]))
     mean_row = 115 / 16
@@ -107,18 +140,30 @@ def test_row_skew_gives_uneven_rows_with_the_same_sparsity(tmp_path):
 
 
 def test_negative_row_skew_is_refused(tmp_path):
-    res = run_bench("layers=tiny", "sweep.row_skew=-1", f"hydra.run.dir={tmp_path}")
-    assert res.returncode == 2 and "sweep.row_skew=-1" in res.stderr and "a number >= 0" in res.stderr
+    res = run_bench("layers=tiny", "grid.row_skew=-1", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and "grid.row_skew=-1" in res.stderr and "a number >= 0" in res.stderr
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["+backend.tuning.rowsplit_warps_per_row=3"], "backend.tuning.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4"),
-    (["+backend.tuning.warps=2"], "backend.tuning.warps=2 is not allowed: a knob of the kernels: smem_budget, "),
-    (["+backend.tuning.blocks_per_sm=0"], "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
-    (["+backend.tuning.rowsplit_max_pixels=3000000000"], "backend.tuning.rowsplit_max_pixels=3000000000 is not allowed"),
-    (["backend=torch_csr", "+backend.tuning.min_reuse=4"], "only with backend=direct_sparse"),
-    (["+backend.tuning.min_reuse=12"], "backend.tuning.min_reuse=12 is not allowed: only with backend.autotune=false"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["+backend.tuning.rowsplit_warps_per_row=3"],
+            "backend.tuning.rowsplit_warps_per_row=3 is not allowed: 0 (automatic), 1, 2 or 4",
+        ),
+        (["+backend.tuning.warps=2"], "backend.tuning.warps=2 is not allowed: a knob of the kernels: smem_budget, "),
+        (["+backend.tuning.blocks_per_sm=0"], "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
+        (
+            ["+backend.tuning.rowsplit_max_pixels=3000000000"],
+            "backend.tuning.rowsplit_max_pixels=3000000000 is not allowed",
+        ),
+        (["backend=torch_csr", "+backend.tuning.min_reuse=4"], "only with backend=direct_sparse"),
+        (
+            ["+backend.tuning.min_reuse=12"],
+            "backend.tuning.min_reuse=12 is not allowed: only with backend.autotune=false",
+        ),
+    ],
+)
 def test_bad_kernel_tuning_is_refused(tmp_path, overrides, message):
     res = run_bench("layers=tiny", *overrides, f"hydra.run.dir={tmp_path}")
     assert res.returncode == 2 and message in res.stderr

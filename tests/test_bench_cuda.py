@@ -18,9 +18,9 @@ from sparsebench.bench.cases import synthetic_case
 from sparsebench.bench.config import BackendConfig, BenchConfig
 from sparsebench.bench.measure import TimingSettings
 from sparsebench.bench.suite import LayerBench, plan_backends
-from sparsebench.bench.timing import time_cuda
-from sparsebench.sparse.ops import plan_candidates
 from sparsebench.models import build_model
+from sparsebench.sparse.ops import plan_candidates
+from sparsebench.sparse.timing import time_cuda
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cuda
@@ -104,17 +104,39 @@ def test_benchmark_model_on_gpu_uses_cuda_graphs_on_both_sides():
         assert metrics[f"network_error/direct_sparse/b{b}"] < 1e-3
     assert len(rows) == 14 * 2 * 4  # 13 convs + 1 linear, 2 batches, ours + 3 baselines
     listed = set(filter(None, metrics["bench/noisy"].split(", ")))  # exactly the timings that spread widely
-    assert listed == {f"{k}/b{b}" for k in ("direct_sparse", "cudnn_fp32", "cudnn_fp16", "torch_csr") for b in (1, 8)
-                      if metrics[f"latency_spread_us/{k}/b{b}"] > 0.1 * metrics[f"latency_us/{k}/b{b}"]}
+    assert listed == {
+        f"{k}/b{b}"
+        for k in ("direct_sparse", "cudnn_fp32", "cudnn_fp16", "torch_csr")
+        for b in (1, 8)
+        if metrics[f"latency_spread_us/{k}/b{b}"] > 0.1 * metrics[f"latency_us/{k}/b{b}"]
+    }
 
 
 def test_sweep_cli_on_gpu(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run([sys.executable, "-m", "sparsebench.bench.cli", "layers=tiny", "sweep.sparsities=[0.8,0.95]",
-                          "sweep.bits=[32,4]", "bench.repeats=20", "bench.progress=false", f"hydra.run.dir={out}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsebench.bench.grid",
+            "layers=tiny",
+            "grid.sparsities=[0.8,0.95]",
+            "grid.bits=[32,4]",
+            "bench.repeats=20",
+            "bench.progress=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     with open(out / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))

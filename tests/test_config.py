@@ -30,32 +30,43 @@ def test_every_group_option_composes_and_validates(group, option):
 def test_default_config_is_the_embedded_experiment():
     cfg = compose()
     validate(cfg)
-    assert (cfg.data.name, cfg.model.name, cfg.logger.name, cfg.logger.mode) == ("digits", "convnet", "wandb", "offline")
+    assert (cfg.data.name, cfg.model.name, cfg.logger.name, cfg.logger.mode) == (
+        "digits",
+        "convnet",
+        "wandb",
+        "offline",
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    ("trainer.epochs=-1", "trainer.epochs"),
-    ("trainer.checkpoint_epochs=0", "trainer.checkpoint_epochs"),
-    ("prune.final_sparsity=1.5", "prune.final_sparsity"),
-    ("quant.bits=0", "quant.bits"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("trainer.optimizer=lbfgs", "trainer.optimizer"),
-    ("trainer.compile_mode=fast", "trainer.compile_mode"),
-    ("model.width=0", "model.width"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.epochs=-1", "trainer.epochs"),
+        ("trainer.checkpoint_epochs=0", "trainer.checkpoint_epochs"),
+        ("prune.final_sparsity=1.5", "prune.final_sparsity"),
+        ("quant.bits=0", "quant.bits"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.optimizer=lbfgs", "trainer.optimizer"),
+        ("trainer.compile_mode=fast", "trainer.compile_mode"),
+        ("model.width=0", "model.width"),
+    ],
+)
 def test_validate_names_the_bad_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose(override))
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("trainer.epochs=-1", "trainer.epochs=-1 is not allowed: an integer >= 0"),
-    ("data=nonexistent", "data=nonexistent is not allowed: one of cifar10, digits, mnist, synthetic"),
-    ("prune.final_sparsity=1.5", "prune.final_sparsity=1.5 is not allowed: a fraction in [0, 1)"),
-    ("quant.bits=0", "quant.bits=0 is not allowed"),
-    ("trainer.lr=abc", "trainer.lr=abc"),
-    ("quant.kmeans_per_channel=maybe", "quant.kmeans_per_channel=maybe: Value 'maybe' is not a valid bool"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("trainer.epochs=-1", "trainer.epochs=-1 is not allowed: an integer >= 0"),
+        ("data=nonexistent", "data=nonexistent is not allowed: one of cifar10, digits, mnist, synthetic"),
+        ("prune.final_sparsity=1.5", "prune.final_sparsity=1.5 is not allowed: a fraction in [0, 1)"),
+        ("quant.bits=0", "quant.bits=0 is not allowed"),
+        ("trainer.lr=abc", "trainer.lr=abc"),
+        ("quant.kmeans_per_channel=maybe", "quant.kmeans_per_channel=maybe: Value 'maybe' is not a valid bool"),
+    ],
+)
 def test_cli_bad_input_is_one_line_without_traceback(override, expected, tmp_path: Path):
     result = run_cli("logger=none", override, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2

@@ -28,8 +28,13 @@ def test_digits_is_embedded_and_split_fixed():
 def test_keras_npz(tmp_path: Path):
     rng = np.random.default_rng(0)
     path = tmp_path / "mnist.npz"
-    np.savez(path, x_train=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), y_train=np.arange(20) % 10,
-             x_test=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8), y_test=np.arange(10))
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8),
+        y_train=np.arange(20) % 10,
+        x_test=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+        y_test=np.arange(10),
+    )
     ds = load("data=mnist", f"data.path={path}")
     assert ds.x_train.shape == (20, 1, 28, 28) and ds.image_size == 28 and ds.in_channels == 1
     assert ds.y_test.tolist() == list(range(10))
@@ -107,8 +112,19 @@ def test_batches_do_not_depend_on_how_the_epoch_is_chunked(monkeypatch):
     # Every image's random choices are drawn for the whole epoch first, so augmenting 100 images at
     # a time or one batch at a time gives the same batches, and a resumed epoch starts mid-chunk.
     ds = load("data=digits")
-    make = lambda: data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 32, shuffle=True, augment=True,  # noqa: E731
-                                cutout=3, trivialaugment=True, seed=1, channels_last=True)
+    make = lambda: data.Batches(
+        ds.x_train,
+        ds.y_train,
+        ds.mean,
+        ds.std,
+        32,
+        shuffle=True,
+        augment=True,  # noqa: E731
+        cutout=3,
+        trivialaugment=True,
+        seed=1,
+        channels_last=True,
+    )
     whole = list(make().epoch(4))
     monkeypatch.setattr(data.Batches, "CHUNK_VALUES", 100 * 64)  # 100 digit images: three batches a chunk
     chunked, resumed = list(make().epoch(4)), list(make().epoch(4, start=5))
@@ -120,8 +136,16 @@ def test_batches_do_not_depend_on_how_the_epoch_is_chunked(monkeypatch):
 
 def test_drop_last_leaves_out_the_short_batch_only():
     ds = load("data=digits")
-    make = lambda n, **kw: data.Batches(ds.x_train[:n], ds.y_train[:n], ds.mean, ds.std, 100, shuffle=True,  # noqa: E731
-                                        seed=3, **kw)
+    make = lambda n, **kw: data.Batches(
+        ds.x_train[:n],
+        ds.y_train[:n],
+        ds.mean,
+        ds.std,
+        100,
+        shuffle=True,  # noqa: E731
+        seed=3,
+        **kw,
+    )
     kept, dropped = list(make(1437).epoch(0)), list(make(1437, drop_last=True).epoch(0))
     assert len(dropped) == len(make(1437, drop_last=True)) == 14 and all(len(y) == 100 for _, y in dropped)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(kept, dropped)) and len(kept[-1][1]) == 37
@@ -178,7 +202,9 @@ def test_cutout_larger_than_the_images_is_refused(tmp_path):
 
 def test_trivialaugment_batches_keep_the_order_and_are_reproducible():
     ds = load("data=digits")
-    make = lambda **kw: data.Batches(ds.x_train, ds.y_train, ds.mean, ds.std, 100, shuffle=True, augment=True, seed=3, **kw)  # noqa: E731
+    make = lambda **kw: data.Batches(
+        ds.x_train, ds.y_train, ds.mean, ds.std, 100, shuffle=True, augment=True, seed=3, **kw
+    )  # noqa: E731
     plain, ta = make(), make(trivialaugment=True)
     (xp, yp), (xt, yt) = next(iter(plain.epoch(1))), next(iter(ta.epoch(1)))
     assert torch.equal(yp, yt)  # same images in the same order

@@ -4,7 +4,8 @@ only reads the SM count (an H200's 132 when no device answers). Needs the compil
 import pytest
 import torch
 
-from sparsebench.sparse.ops import _C, kernel_plan as plan
+from sparsebench.sparse.ops import _C
+from sparsebench.sparse.ops import kernel_plan as plan
 from sparsebench.sparse.synthetic import random_layer
 
 
@@ -15,8 +16,10 @@ def _other_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_properties(0).multi_processor_count != 132
 
 
-pytestmark = [pytest.mark.skipif(_C is None, reason="sparsebench._C is not built here"),
-              pytest.mark.skipif(_other_gpu(), reason="the expected plans are for an H200's 132 SMs")]
+pytestmark = [
+    pytest.mark.skipif(_C is None, reason="sparsebench._C is not built here"),
+    pytest.mark.skipif(_other_gpu(), reason="the expected plans are for an H200's 132 SMs"),
+]
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from torch import nn
 from sparsebench.experiment import run
 from sparsebench.quant import build_quantizer, export_model
 from sparsebench.quant.config import QuantConfig
-from sparsebench.quant.export import load_for_model, packed_model, storage_bits
+from sparsebench.quant.export import storage_bits
 from sparsebench.sparse.format import load_packed
+from sparsebench.sparse.modules import load_for_model, packed_model
 from sparsebench.sparse.ops import reference_conv2d, reference_linear
 from tests.conftest import TINY, compose
 from tests.test_quant import prune_half, tiny_convnet, train_steps
@@ -44,10 +45,17 @@ def trained(method: str, bits: int = 4, **kw):
 # ---------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("method,kw", [
-    ("linear", {}), ("linear", {"symmetric": False, "per_channel": False, "learn_scale": True}),
-    ("pow2", {}), ("kmeans", {}), ("kmeans", {"kmeans_per_channel": True}), ("linear", {"bits": 3}),
-])
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("linear", {}),
+        ("linear", {"symmetric": False, "per_channel": False, "learn_scale": True}),
+        ("pow2", {}),
+        ("kmeans", {}),
+        ("kmeans", {"kmeans_per_channel": True}),
+        ("linear", {"bits": 3}),
+    ],
+)
 def test_packed_layers_reproduce_the_fake_quantized_model(tmp_path: Path, method, kw):
     model, hook, masks = trained(method, **{"bits": 4, **kw})
     path = tmp_path / "packed.safetensors"
@@ -61,12 +69,12 @@ def test_packed_layers_reproduce_the_fake_quantized_model(tmp_path: Path, method
         if layer.value_kind == "codebook":  # every stored value is a level of its row's codebook; zero among them
             books = layer.codebook.reshape(-1, layer.codebook.shape[-1]).expand(layer.out_channels, -1)
             assert layer.codebook.dim() == (2 if kw.get("kmeans_per_channel") else 1)
-            assert books.shape[1] <= 2 ** bits and bool((books == 0).any(dim=1).all())
+            assert books.shape[1] <= 2**bits and bool((books == 0).any(dim=1).all())
             for r in range(layer.out_channels):
                 assert set(values[rows == r].tolist()) <= set(books[r].tolist())
         else:  # per channel: at most 2**bits distinct levels, each scale * (integer code - zero point)
             for r in range(layer.out_channels):
-                assert len(torch.unique(values[rows == r])) <= 2 ** bits
+                assert len(torch.unique(values[rows == r])) <= 2**bits
         dense = layer.dequantize()
         assert torch.equal(dense[~masks[name]], torch.zeros(int((~masks[name]).sum())))  # pruned: exactly 0
     assert torch.equal(layers["fc"].dequantize(), model.fc.weight)  # no BatchNorm: bit for bit
@@ -77,6 +85,7 @@ def test_packed_layers_reproduce_the_fake_quantized_model(tmp_path: Path, method
     def record(name):
         def hook(module, args, output):
             inputs[name] = (args[0].clone(), output.clone())  # clone: the next ReLU is in place
+
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n in layers or n.endswith(".bn")]
@@ -99,7 +108,7 @@ def test_unquantized_export_keeps_fp32_values_with_batchnorm_folded(tmp_path: Pa
     prune_half(model)
     facts = export_model(model, [object()], tmp_path / "p.safetensors")  # a pruner-only run: no quant hook
     layers, meta = load_for_model(tmp_path / "p.safetensors", model)
-    assert {f["bits"] for f in facts.values()} == {32} and {l.value_kind for l in layers.values()} == {"float32"}
+    assert {f["bits"] for f in facts.values()} == {32} and {p.value_kind for p in layers.values()} == {"float32"}
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(packed_model(model, layers, meta)(x), model(x), rtol=1e-5, atol=1e-5)
@@ -113,12 +122,16 @@ def test_unquantized_export_keeps_fp32_values_with_batchnorm_folded(tmp_path: Pa
 def test_footprint_of_a_4bit_linear_layer_by_hand(tmp_path: Path):
     fc = nn.Linear(8, 4)
     with torch.no_grad():
-        fc.weight.copy_(torch.tensor([
-            [1.0, 0, 0, -0.5, 0, 0, 0.75, 0],  # 3 non-zeros
-            [0, 0, 0, 0, 0, 0, 0, 0],  # an empty row
-            [1.0, -1.0, 0.5, 0.5, -0.75, 1.0, 0.25, -0.25],  # 8
-            [0, 0, 0, 0, 0, 0, 0, 2.0],  # 1
-        ]))
+        fc.weight.copy_(
+            torch.tensor(
+                [
+                    [1.0, 0, 0, -0.5, 0, 0, 0.75, 0],  # 3 non-zeros
+                    [0, 0, 0, 0, 0, 0, 0, 0],  # an empty row
+                    [1.0, -1.0, 0.5, 0.5, -0.75, 1.0, 0.25, -0.25],  # 8
+                    [0, 0, 0, 0, 0, 0, 0, 2.0],  # 1
+                ]
+            )
+        )
     model = nn.Sequential(fc)
     hook = quantize(model, method="linear", bits=4)
     hook.on_fit_end(model)
@@ -182,8 +195,11 @@ def test_corrupt_or_mismatched_files_are_refused_with_a_clear_message(tmp_path: 
 
     narrow = tiny_convnet()
     narrow.block2.conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
-    with pytest.raises(ValueError, match=r"layer 'block2.conv' has weight shape \(32, 16, 3, 3\) in the file, "
-                                         r"\(8, 16, 3, 3\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'block2.conv' has weight shape \(32, 16, 3, 3\) in the file, "
+        r"\(8, 16, 3, 3\) in the model",
+    ):
         load_for_model(path, narrow)
     with pytest.raises(ValueError, match="does not match this model"):
         load_for_model(path, nn.Sequential(nn.Linear(3, 3)))
@@ -193,8 +209,18 @@ def test_corrupt_or_mismatched_files_are_refused_with_a_clear_message(tmp_path: 
 
 
 def test_agp_pruning_with_8bit_qat_keeps_exact_zeros_and_reports_the_footprint(tmp_path: Path):
-    metrics = run(compose(*TINY, "bench=none", "data.batch_size=128", "trainer.finetune_epochs=2", "prune=agp",
-                          "prune.end=1", "quant=linear"), tmp_path)
+    metrics = run(
+        compose(
+            *TINY,
+            "bench=none",
+            "data.batch_size=128",
+            "trainer.finetune_epochs=2",
+            "prune=agp",
+            "prune.end=1",
+            "quant=linear",
+        ),
+        tmp_path,
+    )
     assert metrics["weight_bits"] == 8 and metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
     masks = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["hooks"]["prune"]["masks"]
@@ -211,8 +237,11 @@ def test_agp_pruning_with_8bit_qat_keeps_exact_zeros_and_reports_the_footprint(t
     assert [r["bits"] for r in rows] == ["8"] * 4
     for r in rows:
         layer = layers[r["layer"]]
-        assert int(r["footprint_bytes"]) == layer.footprint_bytes() == sum(
-            int(r[k]) for k in ("index_bytes", "value_bytes", "grid_bytes", "bias_bytes"))
+        assert (
+            int(r["footprint_bytes"])
+            == layer.footprint_bytes()
+            == sum(int(r[k]) for k in ("index_bytes", "value_bytes", "grid_bytes", "bias_bytes"))
+        )
         assert int(r["dense_bytes"]) == layer.dense_bytes()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["footprint_bytes"] == sum(int(r["footprint_bytes"]) for r in rows)

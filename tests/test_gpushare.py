@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from sparsebench.gpushare import GpuShare
+from sparsebench.multirun.gpus import GpuShare
 
 
 def test_benchmark_runs_alone_and_trainers_resume(tmp_path: Path) -> None:
@@ -75,14 +75,17 @@ def test_a_trainer_finishes_its_gpu_work_before_a_benchmark_starts(tmp_path: Pat
     bencher.close()
 
 
-def test_time_paused_by_a_hook_is_not_training_time(tmp_path: Path) -> None:
-    import torch
+def test_time_the_loop_spends_paused_is_not_training_time(tmp_path: Path) -> None:
     from types import SimpleNamespace
+
+    import torch
 
     from sparsebench.data import Batches
     from sparsebench.train import TrainHook, fit
 
     class Waits(TrainHook):  # stands in for GpuShare waiting out another job's benchmark
+        paused_s = 0.0
+
         def after_step(self, step, model):
             started = time.perf_counter()
             time.sleep(0.05)
@@ -91,10 +94,32 @@ def test_time_paused_by_a_hook_is_not_training_time(tmp_path: Path) -> None:
     x, y = torch.randint(0, 255, (64, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (64,))
     batches = Batches(x, y, torch.zeros(1), torch.ones(1), batch_size=16, shuffle=False)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-    trainer = SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, scheduler="constant",
-                              label_smoothing=0.0, amp=False, compile=False, progress=False, checkpoint_every=0,
-                              checkpoint_epochs=1, eval_every=1)
-    metrics = fit(model, batches, batches, trainer, phase="p", epochs=1, lr=0.1, hooks=[Waits()],
-                  checkpoint=tmp_path / "last.pt")
+    trainer = SimpleNamespace(
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=0.0,
+        scheduler="constant",
+        label_smoothing=0.0,
+        amp=False,
+        compile=False,
+        progress=False,
+        checkpoint_every=0,
+        checkpoint_epochs=1,
+        eval_every=1,
+    )
+    waits = Waits()
+    metrics = fit(
+        model,
+        batches,
+        batches,
+        trainer,
+        phase="p",
+        epochs=1,
+        lr=0.1,
+        hooks=[waits],
+        checkpoint=tmp_path / "last.pt",
+        paused=lambda: waits.paused_s,
+    )
     assert metrics["p/paused_s"] >= 4 * 0.05
     assert metrics["p/step_ms"] < 25  # a 16x2 linear step; the 50 ms pauses are left out

@@ -7,8 +7,7 @@ NAMES = ["block1.conv", "block2.conv", "block3.conv", "fc"]
 
 def test_exact_name_beats_regex_and_later_regex_beats_earlier():
     chosen, unmatched = resolve_overrides(NAMES, ["block2.conv", r"block.\.conv", r"block[23]\.conv"])
-    assert chosen == {"block1.conv": r"block.\.conv", "block2.conv": "block2.conv",
-                      "block3.conv": r"block[23]\.conv"}
+    assert chosen == {"block1.conv": r"block.\.conv", "block2.conv": "block2.conv", "block3.conv": r"block[23]\.conv"}
     assert unmatched == []
 
 
@@ -48,7 +47,11 @@ def test_macs_per_weight_counts_every_position_and_call():
     class Twice(nn.Module):  # one conv applied twice, a grouped conv, and a layer never called
         def __init__(self):
             super().__init__()
-            self.conv, self.grouped, self.unused = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 8, 1, groups=2), nn.Linear(2, 2)
+            self.conv, self.grouped, self.unused = (
+                nn.Conv2d(4, 4, 3, padding=1),
+                nn.Conv2d(4, 8, 1, groups=2),
+                nn.Linear(2, 2),
+            )
 
         def forward(self, x):
             return self.grouped(self.conv(self.conv(x)))
@@ -56,4 +59,3 @@ def test_macs_per_weight_counts_every_position_and_call():
     assert macs_per_weight(Twice(), torch.zeros(1, 4, 6, 6)) == {"conv": 72, "grouped": 36}
     rows = describe(Twice(), torch.zeros(1, 4, 6, 6))
     assert [(r["in_shape"], r["macs_per_weight"]) for r in rows] == [("4x6x6", 72), ("4x6x6", 36), ("", 0)]
-

@@ -15,16 +15,20 @@ def test_every_model_runs_on_every_input_size(name, channels, size):
     assert model(torch.randn(2, channels, size, size)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name,params,convs", [
-    ("resnet20", 0.27e6, 21),   # He et al. 2016: 0.27M
-    ("resnet56", 0.85e6, 57),   # 0.85M
-    ("vgg16", 14.7e6, 13),      # VGG-16-BN for CIFAR: 13 convs, ~14.7M
-    ("resnet18", 11.2e6, 20),   # CIFAR ResNet-18: ~11.2M
-    ("lenet5", 61.7e3, 2),      # LeCun et al.: ~61.7k
-])
+@pytest.mark.parametrize(
+    "name,params,convs",
+    [
+        ("resnet20", 0.27e6, 21),  # He et al. 2016: 0.27M
+        ("resnet56", 0.85e6, 57),  # 0.85M
+        ("vgg16", 14.7e6, 13),  # VGG-16-BN for CIFAR: 13 convs, ~14.7M
+        ("resnet18", 11.2e6, 20),  # CIFAR ResNet-18: ~11.2M
+        ("lenet5", 61.7e3, 2),  # LeCun et al.: ~61.7k
+    ],
+)
 def test_published_sizes(name, params, convs):
-    model = build_model(name, in_channels=3 if name != "lenet5" else 1, num_classes=10,
-                        image_size=32 if name != "lenet5" else 28)
+    model = build_model(
+        name, in_channels=3 if name != "lenet5" else 1, num_classes=10, image_size=32 if name != "lenet5" else 28
+    )
     count = sum(p.numel() for p in model.parameters())
     assert count == pytest.approx(params, rel=0.03)
     assert sum(isinstance(m, nn.Conv2d) for m in weight_layers(model).values()) == convs

@@ -7,25 +7,53 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsebench.checkpoints
 import sparsebench.train
 from sparsebench.errors import ConfigError
 from sparsebench.experiment import run
 from sparsebench.sparse.format import load_packed
 from tests.conftest import DENSE, TINY, compose, run_cli
 
-METRIC_KEYS = {"status", "acc_dense", "acc_final", "sparsity", "weight_bits", "dense_bytes",
-               "footprint_bytes", "compression", "runtime_s"}
-LAYER_COLUMNS = {"layer", "kind", "in_shape", "out_channels", "kernel", "stride", "sparsity", "bits",
-                 "backend", "batch", "time_us", "spread_us"}
+METRIC_KEYS = {
+    "status",
+    "acc_dense",
+    "acc_final",
+    "sparsity",
+    "weight_bits",
+    "dense_bytes",
+    "footprint_bytes",
+    "compression",
+    "runtime_s",
+}
+LAYER_COLUMNS = {
+    "layer",
+    "kind",
+    "in_shape",
+    "out_channels",
+    "kernel",
+    "stride",
+    "sparsity",
+    "bits",
+    "backend",
+    "batch",
+    "time_us",
+    "spread_us",
+}
 
 
 def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
     # The default experiment (agp to 90%, 8-bit QAT, benchmark) with a short schedule.
-    result = run_cli(*TINY, "trainer.epochs=3", "trainer.finetune_epochs=4", "bench=quick",
-                     f"hydra.run.dir={tmp_path}")
+    result = run_cli(*TINY, "trainer.epochs=3", "trainer.finetune_epochs=4", "bench=quick", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    for name in (".hydra/config.yaml", "manifest.json", "metrics.json", "layers.csv", "dense.pt",
-                 "checkpoints/last.pt", "packed.safetensors"):
+    for name in (
+        ".hydra/config.yaml",
+        "manifest.json",
+        "metrics.json",
+        "layers.csv",
+        "dense.pt",
+        "checkpoints/last.pt",
+        "packed.safetensors",
+    ):
         assert (tmp_path / name).exists(), name
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -78,8 +106,17 @@ def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path, extra):
     # trainer.compile_mode=reduce-overhead replays forward and backward as CUDA graphs while the
     # hooks change the weights in place between steps: the masks and the grids must still hold.
     # With trainer.distill the dense teacher is compiled and replayed too, in bf16 and channels_last.
-    overrides = [*TINY, "trainer.epochs=3", "trainer.finetune_epochs=4", "bench=none", "trainer.device=cuda",
-                 "trainer.compile=true", "trainer.compile_mode=reduce-overhead", "quant.bits=4", *extra]
+    overrides = [
+        *TINY,
+        "trainer.epochs=3",
+        "trainer.finetune_epochs=4",
+        "bench=none",
+        "trainer.device=cuda",
+        "trainer.compile=true",
+        "trainer.compile_mode=reduce-overhead",
+        "quant.bits=4",
+        *extra,
+    ]
     metrics = run(compose(*overrides), tmp_path)
     assert metrics["status"] == "ok"
     assert metrics["acc_dense"] > 0.8 and metrics["acc_final"] > metrics["acc_dense"] - 0.1
@@ -89,8 +126,15 @@ def test_cuda_graphed_training_prunes_and_quantizes(tmp_path: Path, extra):
 @pytest.mark.cuda
 def test_cuda_graphed_dense_training_ends_with_the_average(tmp_path: Path):
     # The average is updated from the model's parameters between graph replays.
-    overrides = [*DENSE, "trainer.epochs=3", "bench=none", "trainer.device=cuda", "trainer.compile=true",
-                 "trainer.compile_mode=reduce-overhead", "trainer.ema_decay=0.9"]
+    overrides = [
+        *DENSE,
+        "trainer.epochs=3",
+        "bench=none",
+        "trainer.device=cuda",
+        "trainer.compile=true",
+        "trainer.compile_mode=reduce-overhead",
+        "trainer.ema_decay=0.9",
+    ]
     metrics = run(compose(*overrides), tmp_path)
     epochs = [h for h in history(tmp_path) if "dense/acc_ema" in h]
     assert metrics["status"] == "ok" and len(epochs) == 3
@@ -117,18 +161,18 @@ def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatc
     overrides = [*DENSE, "trainer.epochs=2", "trainer.checkpoint_every=7", "trainer.deterministic=true", *extra]
     reference = run(compose(*overrides), tmp_path / "uninterrupted")
 
-    save = sparsebench.train.atomic_torch_save
+    save = sparsebench.checkpoints.save
 
     def crash_after_step_7(obj, path):
         save(obj, path)
         if obj.get("step") == 7:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", crash_after_step_7)
+    monkeypatch.setattr(sparsebench.checkpoints, "save", crash_after_step_7)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose(*overrides), tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["status"] == "failed"
-    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", save)
+    monkeypatch.setattr(sparsebench.checkpoints, "save", save)
 
     resumed = run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
     assert resumed["acc_final"] == reference["acc_final"]
@@ -143,22 +187,31 @@ def test_resume_after_a_crash_reaches_the_same_result(tmp_path: Path, monkeypatc
 
 def test_checkpoint_epochs_saves_every_nth_epoch_and_the_last(tmp_path: Path, monkeypatch):
     saved = []
-    save = sparsebench.train.atomic_torch_save
-    monkeypatch.setattr(sparsebench.train, "atomic_torch_save",
-                        lambda obj, path: (saved.append(obj["step"]), save(obj, path)))
+    save = sparsebench.checkpoints.save
+    monkeypatch.setattr(
+        sparsebench.checkpoints,
+        "save",
+        lambda obj, path: (saved.append(obj["step"]) if "step" in obj else None, save(obj, path)),
+    )
     run(compose(*DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=2"), tmp_path / "a")
     epoch_ends = [h["step"] for h in history(tmp_path / "a") if "dense/epoch" in h]
     assert len(epoch_ends) == 5 and saved == [epoch_ends[1], epoch_ends[3], epoch_ends[4]]
     # checkpoint_every still saves on its own steps where they fall on an epoch's end.
     saved.clear()
-    run(compose(*DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=5",
-                f"trainer.checkpoint_every={2 * epoch_ends[0]}"), tmp_path / "b")
+    run(
+        compose(
+            *DENSE, "trainer.epochs=5", "trainer.checkpoint_epochs=5", f"trainer.checkpoint_every={2 * epoch_ends[0]}"
+        ),
+        tmp_path / "b",
+    )
     assert saved == [epoch_ends[1], epoch_ends[3], epoch_ends[4]]
 
 
 def test_drop_last_and_eval_every_reach_the_training_loop(tmp_path: Path):
-    run(compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.eval_every=2"),
-        tmp_path)
+    run(
+        compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.eval_every=2"),
+        tmp_path,
+    )
     epoch_ends = [h for h in history(tmp_path) if "dense/epoch" in h]
     assert [h["step"] for h in epoch_ends] == [14, 28, 42]  # 1437 digits: 14 whole batches of 100, not 15
     assert [h["dense/epoch"] for h in epoch_ends if "dense/acc" in h] == [2, 3]
@@ -168,10 +221,15 @@ def test_resume_with_other_batches_an_epoch_is_a_clear_error(tmp_path: Path):
     # The saved step would fall in another epoch, at another batch: refused rather than skipping images.
     # (The CLI refuses the changed config before this; the check guards run() called from Python.)
     run(compose(*DENSE, "trainer.epochs=2", "data.batch_size=100"), tmp_path)
-    with pytest.raises(ConfigError, match=r"trainer.resume=true: the checkpoint's run had 15 batches an epoch, this "
-                                          r"one has 14; resume with the data.batch_size and data.drop_last it ran with"):
-        run(compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.resume=true"),
-            tmp_path)
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.resume=true: the checkpoint's run had 15 batches an epoch, this "
+        r"one has 14; resume with the data.batch_size and data.drop_last it ran with",
+    ):
+        run(
+            compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.resume=true"),
+            tmp_path,
+        )
 
 
 def test_resuming_a_run_with_another_config_is_a_clear_error(tmp_path: Path):
@@ -181,12 +239,15 @@ def test_resuming_a_run_with_another_config_is_a_clear_error(tmp_path: Path):
     manifest = (tmp_path / "manifest.json").read_text()
     result = run_cli(*DENSE, "trainer.epochs=3", "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert (f"error: trainer.resume=true: {tmp_path} ran with trainer.epochs=2, this launch has trainer.epochs=3; "
-            "give a new hydra.run.dir to run the changed config") in result.stderr
+    assert (
+        f"error: trainer.resume=true: {tmp_path} ran with trainer.epochs=2, this launch has trainer.epochs=3; "
+        "give a new hydra.run.dir to run the changed config"
+    ) in result.stderr
     assert (tmp_path / "manifest.json").read_text() == manifest
     # Keys free to change on a relaunch (how often to score, the logger) resume.
-    again = run_cli(*DENSE, "trainer.epochs=2", "trainer.eval_every=2", "trainer.resume=true",
-                    f"hydra.run.dir={tmp_path}")
+    again = run_cli(
+        *DENSE, "trainer.epochs=2", "trainer.eval_every=2", "trainer.resume=true", f"hydra.run.dir={tmp_path}"
+    )
     assert again.returncode == 0, again.stderr[-2000:]
 
 
@@ -205,8 +266,12 @@ def test_init_from_skips_dense_training_and_keeps_the_weights(tmp_path: Path):
 
 def test_init_from_a_mismatched_model_is_a_clear_error(tmp_path: Path):
     run(compose(*DENSE), tmp_path / "dense")
-    result = run_cli(*DENSE, "model.width=0.5", f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}",
-                     f"hydra.run.dir={tmp_path / 'other'}")
+    result = run_cli(
+        *DENSE,
+        "model.width=0.5",
+        f"trainer.init_from={tmp_path / 'dense' / 'dense.pt'}",
+        f"hydra.run.dir={tmp_path / 'other'}",
+    )
     assert result.returncode == 2
     assert "trainer.init_from=" in result.stderr and "do not fit model=convnet" in result.stderr
 
@@ -223,8 +288,9 @@ def test_wandb_offline_writes_run_files_without_network(tmp_path: Path, monkeypa
 
 
 def test_weight_bits_of_a_mixed_precision_run_is_the_nnz_weighted_mean(tmp_path: Path):
-    metrics = run(compose(*TINY, "trainer.finetune_epochs=4", "bench=none", "quant.bits=4",
-                          "++quant.overrides={fc:8}"), tmp_path)
+    metrics = run(
+        compose(*TINY, "trainer.finetune_epochs=4", "bench=none", "quant.bits=4", "++quant.overrides={fc:8}"), tmp_path
+    )
     with open(tmp_path / "layers.csv") as f:
         rows = {r["layer"]: r for r in csv.DictReader(f)}
     assert {r["bits"] for r in rows.values()} == {"4", "8"}
@@ -233,11 +299,15 @@ def test_weight_bits_of_a_mixed_precision_run_is_the_nnz_weighted_mean(tmp_path:
     assert metrics["weight_bits"] == pytest.approx(expected, abs=1e-3) and 4 < metrics["weight_bits"] < 8
 
 
-@pytest.mark.parametrize("quant", [["quant=kmeans"], ["quant=kmeans", "quant.kmeans_per_channel=true"],
-                                   ["quant=linear"]], ids=["kmeans", "kmeans-per-channel", "linear"])
+@pytest.mark.parametrize(
+    "quant",
+    [["quant=kmeans"], ["quant=kmeans", "quant.kmeans_per_channel=true"], ["quant=linear"]],
+    ids=["kmeans", "kmeans-per-channel", "linear"],
+)
 def test_the_exported_model_is_the_one_evaluated_at_the_last_epoch(tmp_path: Path, quant: list):
-    metrics = run(compose(*TINY, "trainer.finetune_epochs=3", "prune.end=2", "bench=none", *quant, "quant.bits=3"),
-                  tmp_path)
+    metrics = run(
+        compose(*TINY, "trainer.finetune_epochs=3", "prune.end=2", "bench=none", *quant, "quant.bits=3"), tmp_path
+    )
     last_epoch = [h for h in history(tmp_path) if "finetune/acc" in h][-1]
     assert metrics["acc_final"] == last_epoch["finetune/acc"]
 
@@ -245,8 +315,17 @@ def test_the_exported_model_is_the_one_evaluated_at_the_last_epoch(tmp_path: Pat
 def test_per_channel_kmeans_runs_end_to_end(tmp_path: Path):
     # Pruned to 90%, channels of block2 keep fewer weights than their 15 levels. The packed network, each
     # row decoded through its own codebook, must compute what the trained model computes.
-    metrics = run(compose(*TINY, "trainer.finetune_epochs=4", "prune.end=2", "bench=quick", "quant=kmeans",
-                          "quant.kmeans_per_channel=true"), tmp_path)
+    metrics = run(
+        compose(
+            *TINY,
+            "trainer.finetune_epochs=4",
+            "prune.end=2",
+            "bench=quick",
+            "quant=kmeans",
+            "quant.kmeans_per_channel=true",
+        ),
+        tmp_path,
+    )
     assert metrics["status"] == "ok" and metrics["weight_bits"] == 4
     assert metrics["acc_final"] > metrics["acc_dense"] - 0.1
     assert metrics["network_export_error/b1"] < 1e-5
@@ -264,7 +343,17 @@ def test_per_channel_kmeans_runs_end_to_end(tmp_path: Path):
 def test_per_channel_kmeans_runs_on_the_kernels(tmp_path: Path):
     # The exported per-channel codebooks through our kernels: the benchmark checks every layer and the whole
     # network against an fp64 reference before it times them (a mismatch stops the run).
-    metrics = run(compose(*TINY, "trainer.finetune_epochs=4", "prune.end=2", "bench=quick", "trainer.device=cuda",
-                          "quant=kmeans", "quant.kmeans_per_channel=true"), tmp_path)
+    metrics = run(
+        compose(
+            *TINY,
+            "trainer.finetune_epochs=4",
+            "prune.end=2",
+            "bench=quick",
+            "trainer.device=cuda",
+            "quant=kmeans",
+            "quant.kmeans_per_channel=true",
+        ),
+        tmp_path,
+    )
     assert metrics["status"] == "ok" and metrics["bench/backend"] == "direct_sparse"
     assert metrics["network_error/direct_sparse/b1"] < 1e-3

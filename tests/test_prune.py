@@ -67,12 +67,16 @@ def test_iterative_and_oneshot_schedules():
 def test_regrowth_adds_a_mask_event_every_frequency_until_regrow_until():
     cfg = prune_cfg(start=0, end=2, frequency=0.5, unit="epoch", regrow_until=4)
     assert build_schedule(cfg, 10, 60) == pytest.approx(
-        {0: 0.0, 5: 0.578125, 10: 0.875, 15: 0.984375, 20: 1.0, 25: 1.0, 30: 1.0, 35: 1.0, 40: 1.0})
+        {0: 0.0, 5: 0.578125, 10: 0.875, 15: 0.984375, 20: 1.0, 25: 1.0, 30: 1.0, 35: 1.0, 40: 1.0}
+    )
     # iterative: re-chosen at the round in force; oneshot: from its cut on
     cfg = prune_cfg(method="iterative", rounds=2, start=0, end=2, frequency=1, regrow_until=3)
     assert build_schedule(cfg, 10, 60) == {0: 0.5, 10: 0.5, 20: 1.0, 30: 1.0}
-    assert build_schedule(prune_cfg(method="oneshot", start=1, frequency=1, regrow_until=3), 10, 60) == \
-        {10: 1.0, 20: 1.0, 30: 1.0}
+    assert build_schedule(prune_cfg(method="oneshot", start=1, frequency=1, regrow_until=3), 10, 60) == {
+        10: 1.0,
+        20: 1.0,
+        30: 1.0,
+    }
     with pytest.raises(ConfigError, match=r"prune\.regrow_until=7 .*only 60 steps"):
         build_schedule(prune_cfg(end=2, regrow_until=7), 10, 60)
     with pytest.raises(ConfigError, match=r"prune\.regrow_until=1 is not allowed.*>= prune\.end \(2\)"):
@@ -149,14 +153,15 @@ def test_macs_exponent_prunes_the_layer_used_most_per_sample_first(exponent):
     zeros = {}
     for e in (0.0, exponent):
         net = copy.deepcopy(model)
-        pruner = build_pruner(prune_cfg(method="oneshot", final_sparsity=0.8, scope="global", macs_exponent=e),
-                              net, sample)
+        pruner = build_pruner(
+            prune_cfg(method="oneshot", final_sparsity=0.8, scope="global", macs_exponent=e), net, sample
+        )
         pruner.on_fit_start(net, steps_per_epoch=10, total_steps=10)
         zeros[e] = {n: int((net.get_submodule(n).weight == 0).sum()) for n in ("block2.conv", "block3.conv")}
         assert sum(zeros[e].values()) == prune_count(1152 + 4608, 0.8)
     assert zeros[exponent]["block2.conv"] > zeros[0.0]["block2.conv"] + 100
     # Exactly the weights a threshold on |w| / positions^exponent keeps.
-    w2, w3 = model.block2.conv.weight.abs() / 64 ** exponent, model.block3.conv.weight.abs() / 16 ** exponent
+    w2, w3 = model.block2.conv.weight.abs() / 64**exponent, model.block3.conv.weight.abs() / 16**exponent
     threshold = torch.cat([w2.flatten(), w3.flatten()]).sort().values[prune_count(5760, 0.8) - 1]
     assert zeros[exponent] == {"block2.conv": int((w2 <= threshold).sum()), "block3.conv": int((w3 <= threshold).sum())}
 
@@ -166,8 +171,13 @@ def test_a_layer_emptied_by_the_threshold_is_named_and_a_ceiling_keeps_it(caplog
     sample = torch.zeros(1, 1, 8, 8)
     for ceiling, emptied in ((1.0, True), (0.95, False)):
         model = convnet()
-        pruner = build_pruner(prune_cfg(method="oneshot", final_sparsity=0.8, scope="global", macs_exponent=2,
-                                        max_layer_sparsity=ceiling), model, sample)
+        pruner = build_pruner(
+            prune_cfg(
+                method="oneshot", final_sparsity=0.8, scope="global", macs_exponent=2, max_layer_sparsity=ceiling
+            ),
+            model,
+            sample,
+        )
         caplog.clear()
         pruner.on_fit_start(model, steps_per_epoch=10, total_steps=10)
         zeros = int((model.block2.conv.weight == 0).sum())
@@ -177,17 +187,25 @@ def test_a_layer_emptied_by_the_threshold_is_named_and_a_ceiling_keeps_it(caplog
 
 
 def test_macs_exponent_and_the_ceiling_need_the_global_scope_and_a_sample():
-    with pytest.raises(ConfigError, match=re.escape("prune.macs_exponent=0.5 is not allowed: 0 with prune.scope=layer")):
+    with pytest.raises(
+        ConfigError, match=re.escape("prune.macs_exponent=0.5 is not allowed: 0 with prune.scope=layer")
+    ):
         validate_prune(prune_cfg(scope="layer", macs_exponent=0.5))
     for bad in (-1.0, 3.0, math.inf):
-        with pytest.raises(ConfigError, match=re.escape(f"prune.macs_exponent={bad} is not allowed: a number in [0, 2]")):
+        with pytest.raises(
+            ConfigError, match=re.escape(f"prune.macs_exponent={bad} is not allowed: a number in [0, 2]")
+        ):
             validate_prune(prune_cfg(scope="global", macs_exponent=bad))
     validate_prune(prune_cfg(scope="global", macs_exponent=0.5, max_layer_sparsity=0.95))
-    with pytest.raises(ConfigError, match=re.escape("prune.max_layer_sparsity=0.95 is not allowed: 1 with prune.scope=layer")):
+    with pytest.raises(
+        ConfigError, match=re.escape("prune.max_layer_sparsity=0.95 is not allowed: 1 with prune.scope=layer")
+    ):
         validate_prune(prune_cfg(scope="layer", max_layer_sparsity=0.95))
     for ceiling in (0.85, 0.9):
-        with pytest.raises(ConfigError, match=re.escape(f"max_layer_sparsity={ceiling} is not allowed: above "
-                                                        "prune.final_sparsity (0.9)")):
+        with pytest.raises(
+            ConfigError,
+            match=re.escape(f"max_layer_sparsity={ceiling} is not allowed: above prune.final_sparsity (0.9)"),
+        ):
             validate_prune(prune_cfg(scope="global", max_layer_sparsity=ceiling))
     with pytest.raises(ConfigError, match=re.escape("max_layer_sparsity=0 is not allowed: a fraction in (0, 1]")):
         validate_prune(prune_cfg(scope="global", max_layer_sparsity=0))
@@ -235,14 +253,17 @@ def test_overrides_file_skips_dense_layers_but_not_unknown_names(tmp_path):
         MagnitudePruner(prune_cfg(overrides_file=str(file)), model)
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(initial_sparsity=0.5, final_sparsity=0.4), "prune.final_sparsity"),
-    (dict(final_sparsity=1.0), "prune.final_sparsity"),
-    (dict(initial_sparsity=-0.1), "prune.initial_sparsity"),
-    (dict(start=3, end=2), "prune.end"),
-    (dict(overrides={"fc": 1.5}), "prune.overrides.fc"),
-    (dict(sensitivity=[0.5, 1.0]), "prune.sensitivity"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(initial_sparsity=0.5, final_sparsity=0.4), "prune.final_sparsity"),
+        (dict(final_sparsity=1.0), "prune.final_sparsity"),
+        (dict(initial_sparsity=-0.1), "prune.initial_sparsity"),
+        (dict(start=3, end=2), "prune.end"),
+        (dict(overrides={"fc": 1.5}), "prune.overrides.fc"),
+        (dict(sensitivity=[0.5, 1.0]), "prune.sensitivity"),
+    ],
+)
 def test_validate_prune_names_the_bad_key(kw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_prune(prune_cfg(**kw))
@@ -285,8 +306,10 @@ def _digits_batches():
 
     data = load_dataset(compose().data)
     common = dict(mean=data.mean, std=data.std)
-    return (Batches(data.x_train, data.y_train, batch_size=32, shuffle=True, **common),
-            Batches(data.x_test, data.y_test, batch_size=1000, shuffle=False, **common))
+    return (
+        Batches(data.x_train, data.y_train, batch_size=32, shuffle=True, **common),
+        Batches(data.x_test, data.y_test, batch_size=1000, shuffle=False, **common),
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -295,15 +318,37 @@ def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay(tmp_pat
 
     train, test = _digits_batches()
     model = convnet()
-    trainer = SimpleNamespace(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, momentum=0.9,
-                              weight_decay=5e-2, scheduler="constant", step_gamma=0.1, label_smoothing=0.0,
-                              amp=False, compile=False, progress=False, checkpoint_every=0, checkpoint_epochs=1, eval_every=1)
+    trainer = SimpleNamespace(
+        optimizer=optimizer,
+        lr=0.05 if optimizer == "sgd" else 3e-3,
+        momentum=0.9,
+        weight_decay=5e-2,
+        scheduler="constant",
+        step_gamma=0.1,
+        label_smoothing=0.0,
+        amp=False,
+        compile=False,
+        progress=False,
+        checkpoint_every=0,
+        checkpoint_epochs=1,
+        eval_every=1,
+    )
     # Several cuts while momentum buffers are full: without re-masking, momentum revives weights.
     pruner = MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.2, scope="layer"), model)
     probe = ZeroProbe(pruner)
     logged = []
-    fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=[pruner, probe],
-        checkpoint=tmp_path / "last.pt", log=lambda m, s: logged.append(m))
+    fit(
+        model,
+        train,
+        test,
+        trainer,
+        phase="finetune",
+        epochs=2,
+        lr=trainer.lr,
+        hooks=[pruner, probe],
+        checkpoint=tmp_path / "last.pt",
+        log=lambda m, s: logged.append(m),
+    )
     steps = 2 * len(train)
     assert probe.checked == steps * 2 and probe.revived == 0
     for name in pruner.layer_names:
@@ -373,8 +418,9 @@ def test_regrowing_masks_keep_the_counts_and_let_pruned_weights_back(scope):
 
 def test_target_midway_and_overrides_scale_with_the_schedule():
     model = convnet()
-    pruner = MagnitudePruner(prune_cfg(initial_sparsity=0.2, start=0, end=4, frequency=1,
-                                       overrides={"block3.conv": 0.5}), model)
+    pruner = MagnitudePruner(
+        prune_cfg(initial_sparsity=0.2, start=0, end=4, frequency=1, overrides={"block3.conv": 0.5}), model
+    )
     pruner.on_fit_start(model, steps_per_epoch=10, total_steps=50)
     w2, w3 = pruner.layers["block2.conv"].weight, pruner.layers["block3.conv"].weight
     assert int((w2 == 0).sum()) == prune_count(1152, 0.2) and int((w3 == 0).sum()) == prune_count(4608, 0.2)
@@ -383,7 +429,9 @@ def test_target_midway_and_overrides_scale_with_the_schedule():
     assert int((w3 == 0).sum()) == prune_count(4608, 0.2 + 0.3 * 0.875)
     assert pruner.on_epoch_end(1, model)["sparsity/target"] == pytest.approx(0.2 + 0.7 * 0.875)
     pruner.after_step(40, model)
-    assert int((w3 == 0).sum()) == round(0.5 * 4608) and math.isclose(float((w2 == 0).float().mean()), 0.9, abs_tol=5e-4)
+    assert int((w3 == 0).sum()) == round(0.5 * 4608) and math.isclose(
+        float((w2 == 0).float().mean()), 0.9, abs_tol=5e-4
+    )
 
 
 def test_global_scope_in_the_hook_reaches_the_pooled_target_with_uneven_layers():
@@ -399,12 +447,15 @@ def test_global_scope_in_the_hook_reaches_the_pooled_target_with_uneven_layers()
     assert z3 == prune_count(5760, 0.5) - 1152
 
 
-@pytest.mark.parametrize("text, message", [
-    (None, "no such file"),
-    ("overrides: [1, 2]\n", "needs a top-level `overrides:` mapping"),
-    ("overrides:\n  block2.conv: 1.2\n", "prune.overrides_file: block2.conv=1.2 is not allowed"),
-    ("overrides: {a: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "no such file"),
+        ("overrides: [1, 2]\n", "needs a top-level `overrides:` mapping"),
+        ("overrides:\n  block2.conv: 1.2\n", "prune.overrides_file: block2.conv=1.2 is not allowed"),
+        ("overrides: {a: [\n", "not valid YAML"),
+    ],
+)
 def test_overrides_file_bad_content_is_named(tmp_path, text, message):
     file = tmp_path / "o.yaml"
     if text is not None:
@@ -437,14 +488,20 @@ class _Float64Input(nn.Module):
         return x.double() + self.offset
 
 
-@pytest.mark.parametrize("device, mode, regrow_until, distill", [
-    ("cpu", "default", None, 0.0), ("cpu", "default", 1.75, 0.0), ("cpu", "default", None, 0.5),
-    pytest.param("cuda", "reduce-overhead", None, 0.0, marks=pytest.mark.cuda),
-    pytest.param("cuda", "reduce-overhead", 1.75, 0.0, marks=pytest.mark.cuda),
-    pytest.param("cuda", "reduce-overhead", None, 0.5, marks=pytest.mark.cuda),
-])
-def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, record_property, device, mode,
-                                                        regrow_until, distill):
+@pytest.mark.parametrize(
+    "device, mode, regrow_until, distill",
+    [
+        ("cpu", "default", None, 0.0),
+        ("cpu", "default", 1.75, 0.0),
+        ("cpu", "default", None, 0.5),
+        pytest.param("cuda", "reduce-overhead", None, 0.0, marks=pytest.mark.cuda),
+        pytest.param("cuda", "reduce-overhead", 1.75, 0.0, marks=pytest.mark.cuda),
+        pytest.param("cuda", "reduce-overhead", None, 0.5, marks=pytest.mark.cuda),
+    ],
+)
+def test_compiled_pruning_and_qat_follow_the_eager_loop(
+    tmp_path, monkeypatch, record_property, device, mode, regrow_until, distill
+):
     # The hooks write masks, weights and grids in place between compiled steps (on CUDA, between
     # CUDA-graph replays); a step that missed one would drift from the eager loop. With distill,
     # the teacher (the starting weights) is compiled and replayed too.
@@ -468,17 +525,49 @@ def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, r
     losses, acc = {}, {}
     for loop in ("eager", "compiled"):
         model = nn.Sequential(_Float64Input(), convnet()).double().to(dev)
-        trainer = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-                                  step_gamma=0.1, label_smoothing=0.0, amp=False, compile=loop == "compiled",
-                                  compile_mode=mode, progress=False,
-                                  checkpoint_every=0, checkpoint_epochs=1, eval_every=1, distill=distill, distill_temperature=4.0)
-        teacher = copy.deepcopy(model) if distill else None
-        hooks = [MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until),
-                                 model),
-                 build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model)]
+        trainer = SimpleNamespace(
+            optimizer="sgd",
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=5e-4,
+            scheduler="cosine",
+            step_gamma=0.1,
+            label_smoothing=0.0,
+            amp=False,
+            compile=loop == "compiled",
+            compile_mode=mode,
+            progress=False,
+            checkpoint_every=0,
+            checkpoint_epochs=1,
+            eval_every=1,
+            distill=distill,
+            distill_temperature=4.0,
+        )
+        loss = None
+        if distill:
+            from sparsebench.distill import Distillation
+
+            loss = Distillation(
+                copy.deepcopy(model), distill, 4.0, nn.CrossEntropyLoss(), mode if loop == "compiled" else None
+            )
+        hooks = [
+            MagnitudePruner(prune_cfg(start=0, end=1, frequency=0.25, scope="layer", regrow_until=regrow_until), model),
+            build_quantizer(compose("quant.bits=4", "quant.start=0").quant, model),
+        ]
         logged = []
-        fit(model, train, test, trainer, phase="finetune", epochs=2, lr=trainer.lr, hooks=hooks,
-            checkpoint=tmp_path / f"{loop}.pt", log=lambda m, s: logged.append(m), teacher=teacher)
+        fit(
+            model,
+            train,
+            test,
+            trainer,
+            phase="finetune",
+            epochs=2,
+            lr=trainer.lr,
+            hooks=hooks,
+            checkpoint=tmp_path / f"{loop}.pt",
+            log=lambda m, s, logged=logged: logged.append(m),
+            loss=loss,
+        )
         losses[loop] = [m["finetune/loss"] for m in logged if "finetune/loss" in m]
         acc[loop] = logged[-1]["finetune/acc"]
         assert all(float((hooks[0].layers[n].weight == 0).float().mean()) >= 0.9 - 1e-3 for n in hooks[0].layer_names)
@@ -486,7 +575,8 @@ def test_compiled_pruning_and_qat_follow_the_eager_loop(tmp_path, monkeypatch, r
         assert regrown > 0 if regrow_until else "sparsity/regrown" not in logged[-1]  # compiled steps see grown masks
     assert len(losses["eager"]) == len(losses["compiled"]) >= 8
     # How close the loops came, for the record (pytest --junitxml keeps it): the bound says only pass or fail.
-    record_property("max_relative_loss_distance",
-                    max(abs(c - e) / abs(e) for c, e in zip(losses["compiled"], losses["eager"])))
+    record_property(
+        "max_relative_loss_distance", max(abs(c - e) / abs(e) for c, e in zip(losses["compiled"], losses["eager"]))
+    )
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert abs(acc["compiled"] - acc["eager"]) <= 0.003  # 360 test images: at most one may change

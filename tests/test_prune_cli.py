@@ -9,15 +9,25 @@ from tests.conftest import TINY, run_cli
 BASE = [*TINY, "quant=none", "bench=none", "prune=agp", "trainer.finetune_epochs=2", "prune.end=1"]
 
 
-@pytest.mark.parametrize("overrides, key, allowed", [
-    (["prune.initial_sparsity=0.5", "prune.final_sparsity=0.3"], "prune.final_sparsity=0.3", ">= prune.initial_sparsity"),
-    (["prune.final_sparsity=1.0"], "prune.final_sparsity=1.0", "[0, 1)"),
-    (["prune.initial_sparsity=-0.1"], "prune.initial_sparsity=-0.1", "[0, 1)"),
-    (["prune.start=1", "prune.end=0.5"], "prune.end=0.5", ">= prune.start"),
-    (["prune.end=3"], "prune.end=3.0", "trainer.finetune_epochs (2)"),
-    ([r"++prune.overrides={classifier:0.5}"], "prune.overrides.classifier=0.5",
-     "prunable layers are: block2.conv, block3.conv"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, allowed",
+    [
+        (
+            ["prune.initial_sparsity=0.5", "prune.final_sparsity=0.3"],
+            "prune.final_sparsity=0.3",
+            ">= prune.initial_sparsity",
+        ),
+        (["prune.final_sparsity=1.0"], "prune.final_sparsity=1.0", "[0, 1)"),
+        (["prune.initial_sparsity=-0.1"], "prune.initial_sparsity=-0.1", "[0, 1)"),
+        (["prune.start=1", "prune.end=0.5"], "prune.end=0.5", ">= prune.start"),
+        (["prune.end=3"], "prune.end=3.0", "trainer.finetune_epochs (2)"),
+        (
+            [r"++prune.overrides={classifier:0.5}"],
+            "prune.overrides.classifier=0.5",
+            "prunable layers are: block2.conv, block3.conv",
+        ),
+    ],
+)
 def test_bad_prune_input_is_one_line_before_training(tmp_path, overrides, key, allowed):
     result = run_cli(*BASE, *overrides, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2, result.stderr[-2000:]

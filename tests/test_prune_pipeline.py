@@ -81,15 +81,24 @@ def test_macs_exponent_takes_more_of_the_early_layers_compute(tmp_path):
     assert weighed["sparsity"] == plain["sparsity"] and weighed["macs_kept"] < plain["macs_kept"] - 0.02
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("iterative", ["prune.rounds=3", "prune.start=0", "prune.end=1"]),
-    ("oneshot", ["prune.start=0.5"]),
-    ("agp", ["prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("iterative", ["prune.rounds=3", "prune.start=0", "prune.end=1"]),
+        ("oneshot", ["prune.start=0.5"]),
+        ("agp", ["prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
+    ],
+)
 def test_every_schedule_reaches_the_target(tmp_path, method, extra):
     # No dense epochs: the counts do not depend on how well the model was trained.
-    run_exp(tmp_path, f"prune={method}", "trainer.epochs=0", "trainer.finetune_epochs=2", "prune.final_sparsity=0.75",
-            *extra)
+    run_exp(
+        tmp_path,
+        f"prune={method}",
+        "trainer.epochs=0",
+        "trainer.finetune_epochs=2",
+        "prune.final_sparsity=0.75",
+        *extra,
+    )
     rows = layer_rows(tmp_path)
     for name in ("block2.conv", "block3.conv"):
         assert zeros(rows[name]) == prune_count(int(rows[name]["params"]), 0.75)
@@ -99,11 +108,26 @@ def test_every_schedule_reaches_the_target(tmp_path, method, extra):
 
 # With regrowing masks (until step 81, across the cut at 57), with the dense model as a teacher
 # (reloaded from the run's dense.pt on resume), and with one threshold weighed by multiply-adds.
-@pytest.mark.parametrize("extra", [[], ["prune.regrow_until=1.8"], ["trainer.distill=0.5"],
-                                   ["prune.scope=global", "prune.macs_exponent=0.5", "prune.max_layer_sparsity=0.95"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["prune.regrow_until=1.8"],
+        ["trainer.distill=0.5"],
+        ["prune.scope=global", "prune.macs_exponent=0.5", "prune.max_layer_sparsity=0.95"],
+    ],
+)
 def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, extra):
-    args = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1.5", "prune.frequency=0.2", "trainer.checkpoint_every=10",
-            "trainer.deterministic=true", "trainer.device=cpu", *extra]
+    args = [
+        "prune=agp",
+        "trainer.finetune_epochs=2",
+        "prune.end=1.5",
+        "prune.frequency=0.2",
+        "trainer.checkpoint_every=10",
+        "trainer.deterministic=true",
+        "trainer.device=cpu",
+        *extra,
+    ]
     full = run_exp(tmp_path / "full", *args)
 
     cut_dir = tmp_path / "cut"
@@ -156,8 +180,8 @@ def test_sensitivity_study_files_and_the_derived_overrides(tmp_path):
     assert min(accs[0.99] for accs in table.values()) < metrics["acc_dense"] - 0.05  # 99% of one layer hurts
 
     # Recompute one cell by hand from dense.pt: the same number.
-    from sparsebench.experiment import _batches
     from sparsebench.data import load_dataset
+    from sparsebench.experiment import make_batches
     from sparsebench.models import build_model
     from sparsebench.prune.masks import magnitude_mask
     from sparsebench.train import evaluate
@@ -169,7 +193,7 @@ def test_sensitivity_study_files_and_the_derived_overrides(tmp_path):
     with torch.no_grad():
         w = model.block3.conv.weight
         w.masked_fill_(~magnitude_mask(w, 0.9), 0.0)
-    _, test = _batches(data, cfg, torch.device("cpu"), False)
+    _, test = make_batches(data, cfg, torch.device("cpu"), False)
     assert evaluate(model, test) == table["block3.conv"][0.9]
 
     assert (sens / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -178,8 +202,12 @@ def test_sensitivity_study_files_and_the_derived_overrides(tmp_path):
     assert all(v in [0.0, *levels] for v in overrides.values())
 
     # The file feeds a pruning run: each prunable layer ends at its derived sparsity.
-    run_exp(tmp_path / "apply", *AGP, f"prune.overrides_file={sens / 'sensitivity_overrides.yaml'}",
-            f"trainer.init_from={sens / 'dense.pt'}")
+    run_exp(
+        tmp_path / "apply",
+        *AGP,
+        f"prune.overrides_file={sens / 'sensitivity_overrides.yaml'}",
+        f"trainer.init_from={sens / 'dense.pt'}",
+    )
     applied = layer_rows(tmp_path / "apply")
     for name in ("block2.conv", "block3.conv"):
         assert zeros(applied[name]) == prune_count(int(applied[name]["params"]), overrides[name])

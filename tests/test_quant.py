@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import sparsebench.checkpoints
 import sparsebench.train
 from sparsebench.errors import ConfigError
 from sparsebench.experiment import run
@@ -82,7 +83,7 @@ def test_linear_grid_has_at_most_2_to_bits_levels_per_channel_and_keeps_zero(bit
     assert torch.equal(q[w == 0], torch.zeros_like(q[w == 0]))
     for c in range(6):
         levels = torch.unique(q[c])
-        assert len(levels) <= 2 ** bits
+        assert len(levels) <= 2**bits
         k = levels / scale[c] + zp[c]  # every value is scale * (integer code - zero point)
         assert torch.allclose(k, k.round(), atol=1e-4)
         lo, hi = grids.code_range(bits, symmetric)
@@ -105,7 +106,7 @@ def test_pow2_levels_are_signed_powers_of_two_and_zero():
 def test_kmeans_codebook_finds_the_clusters_and_keeps_an_exact_zero():
     torch.manual_seed(0)
     centres = torch.tensor([-1.0, -0.3, 0.5, 2.0])
-    x = (centres[torch.randint(0, 4, (4000,))] + 0.01 * torch.randn(4000))
+    x = centres[torch.randint(0, 4, (4000,))] + 0.01 * torch.randn(4000)
     book = grids.fit_codebook(x, n_free=4, iters=50)
     assert len(book) == 5 and (book == 0).sum() == 1
     assert torch.allclose(book[book != 0], centres, atol=0.01)
@@ -151,10 +152,17 @@ def test_most_distinct_per_row_counts_each_rows_values():
     assert int(_most_distinct_per_row(rows[7:8])) == 1
 
 
-@pytest.mark.parametrize("method,kw", [
-    ("linear", {}), ("linear", {"symmetric": False, "per_channel": False}), ("linear", {"learn_scale": True}),
-    ("pow2", {}), ("kmeans", {}), ("kmeans", {"kmeans_per_channel": True}),
-])
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("linear", {}),
+        ("linear", {"symmetric": False, "per_channel": False}),
+        ("linear", {"learn_scale": True}),
+        ("pow2", {}),
+        ("kmeans", {}),
+        ("kmeans", {"kmeans_per_channel": True}),
+    ],
+)
 def test_qat_keeps_exact_zeros_and_at_most_2_to_bits_levels(method, kw):
     model = tiny_convnet()
     masks = prune_half(model)
@@ -226,7 +234,11 @@ def test_mixed_precision_overrides_by_name_and_regex():
     names = ["block1.conv", "block2.conv", "block3.conv", "fc"]
     cfg = quant_cfg(method="linear", bits=4, overrides={r"block[23]\.conv": 2, "fc": 8, "block3.conv": 32})
     assert {n: b for n, (b, _) in layer_bits(cfg, names).items()} == {
-        "block1.conv": 4, "block2.conv": 2, "block3.conv": 32, "fc": 8}
+        "block1.conv": 4,
+        "block2.conv": 2,
+        "block3.conv": 32,
+        "fc": 8,
+    }
     assert layer_bits(cfg, names)["block2.conv"][1] == r"quant.overrides.block[23]\.conv"
     model = tiny_convnet()
     hook = build_quantizer(cfg, model)
@@ -260,23 +272,36 @@ def test_hook_state_round_trips_through_a_checkpoint(per_channel):
 
 def test_resume_in_the_finetune_phase_reaches_the_same_export(tmp_path: Path, monkeypatch):
     # batch 128: 12 steps an epoch on digits, so the crash lands mid-way through the second finetune epoch
-    overrides = [*TINY, "bench=none", "data.batch_size=128", "trainer.finetune_epochs=2", "prune=agp", "prune.end=1",
-                 "quant=kmeans", "quant.bits=3", "trainer.checkpoint_every=5", "trainer.deterministic=true"]
+    overrides = [
+        *TINY,
+        "bench=none",
+        "data.batch_size=128",
+        "trainer.finetune_epochs=2",
+        "prune=agp",
+        "prune.end=1",
+        "quant=kmeans",
+        "quant.bits=3",
+        "trainer.checkpoint_every=5",
+        "trainer.deterministic=true",
+    ]
     reference = run(compose(*overrides), tmp_path / "uninterrupted")
-    save = sparsebench.train.atomic_torch_save
+    save = sparsebench.checkpoints.save
 
     def crash_in_finetune(obj, path):
         save(obj, path)
         if obj.get("phase") == "finetune" and obj.get("step") == 15:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", crash_in_finetune)
+    monkeypatch.setattr(sparsebench.checkpoints, "save", crash_in_finetune)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose(*overrides), tmp_path / "resumed")
-    monkeypatch.setattr(sparsebench.train, "atomic_torch_save", save)
+    monkeypatch.setattr(sparsebench.checkpoints, "save", save)
     # Resumed with other codebooks: one line naming the key (and the checkpoint still resumes after).
-    with pytest.raises(ConfigError, match="checkpoint was quantized with quant.kmeans_per_channel=False, this run "
-                                          "asks for quant.kmeans_per_channel=True"):
+    with pytest.raises(
+        ConfigError,
+        match="checkpoint was quantized with quant.kmeans_per_channel=False, this run "
+        "asks for quant.kmeans_per_channel=True",
+    ):
         run(compose(*overrides, "trainer.resume=true", "quant.kmeans_per_channel=true"), tmp_path / "resumed")
     resumed = run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
 
@@ -300,14 +325,17 @@ def test_kmeans_with_more_levels_than_nonzeros_is_refused_before_training():
         build_quantizer(quant_cfg(method="kmeans", bits=4, overrides={r"block1\.conv": 8}), model)
 
 
-@pytest.mark.parametrize("args,key", [
-    (["quant=linear", "quant.bits=9"], "quant.bits=9 is not allowed: an integer in 2..8"),
-    (["quant=pow2", "quant.bits=1"], "quant.bits=1 is not allowed: an integer in 2..8"),
-    (["quant=kmeans", "quant.bits=8"], "quant.bits=8 is not allowed for layer 'block1.conv'"),
-    (["quant=linear", "++quant.overrides={nope:4}"], "quant.overrides.nope: matches no conv/linear layer"),
-    (["quant=linear", "++quant.overrides={fc:12}"], "quant.overrides.fc=12 is not allowed"),
-    (["quant=linear", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer.finetune_epochs"),
-])
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["quant=linear", "quant.bits=9"], "quant.bits=9 is not allowed: an integer in 2..8"),
+        (["quant=pow2", "quant.bits=1"], "quant.bits=1 is not allowed: an integer in 2..8"),
+        (["quant=kmeans", "quant.bits=8"], "quant.bits=8 is not allowed for layer 'block1.conv'"),
+        (["quant=linear", "++quant.overrides={nope:4}"], "quant.overrides.nope: matches no conv/linear layer"),
+        (["quant=linear", "++quant.overrides={fc:12}"], "quant.overrides.fc=12 is not allowed"),
+        (["quant=linear", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer.finetune_epochs"),
+    ],
+)
 def test_bad_quant_input_is_one_clear_line(tmp_path: Path, args, key):
     result = run_cli(*TINY, "prune=none", "trainer.finetune_epochs=1", *args, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2, result.stderr
@@ -429,8 +457,14 @@ def test_only_the_method_a_key_belongs_to_reads_it(method):
             hook.on_epoch_end(epoch, model)
         return model.eval()(torch.randn(8, 1, 8, 8)).detach()
 
-    changed = {"symmetric": False, "per_channel": False, "learn_scale": True, "refit_every": 2, "kmeans_iters": 2,
-               "kmeans_per_channel": True}
+    changed = {
+        "symmetric": False,
+        "per_channel": False,
+        "learn_scale": True,
+        "refit_every": 2,
+        "kmeans_iters": 2,
+        "kmeans_per_channel": True,
+    }
     assert set(changed) == set(ONE_METHOD_KEYS) and set(ONE_METHOD_KEYS) <= set(QuantConfig.__dataclass_fields__)
     default = trained_output()
     for key, value in changed.items():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import html
 import csv
+import html
 import io
 import json
 import re
@@ -23,8 +23,16 @@ from tests.conftest import ROOT
 PNG = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
 
 
-def make_job(sweep: Path, num: int, sparsity: float, bits: int, *, metrics: bool = True, speedups: bool = True,
-             status: str = "ok") -> Path:
+def make_job(
+    sweep: Path,
+    num: int,
+    sparsity: float,
+    bits: int,
+    *,
+    metrics: bool = True,
+    speedups: bool = True,
+    status: str = "ok",
+) -> Path:
     """One job folder: .hydra/overrides.yaml + config.yaml, and (unless it 'died') metrics.json + layers.csv.
 
     Numbers follow a simple model of a compressed net so each job's values are distinct and known.
@@ -38,10 +46,19 @@ def make_job(sweep: Path, num: int, sparsity: float, bits: int, *, metrics: bool
     if not metrics:
         return job
     dense, footprint = 100_000, int(100_000 * (1 - sparsity) * bits / 32 * 1.5)
-    m = {"status": status, "acc_dense": 0.98, "acc_final": round(0.98 - sparsity ** 4 * (8 / bits) * 0.05, 4),
-         "sparsity": sparsity, "weight_bits": bits, "dense_bytes": dense, "footprint_bytes": footprint,
-         "compression": dense / footprint, "macs_kept": round(1.05 - sparsity, 2), "runtime_s": 1.5,
-         "bench/backend": "direct_sparse"}
+    m = {
+        "status": status,
+        "acc_dense": 0.98,
+        "acc_final": round(0.98 - sparsity**4 * (8 / bits) * 0.05, 4),
+        "sparsity": sparsity,
+        "weight_bits": bits,
+        "dense_bytes": dense,
+        "footprint_bytes": footprint,
+        "compression": dense / footprint,
+        "macs_kept": round(1.05 - sparsity, 2),
+        "runtime_s": 1.5,
+        "bench/backend": "direct_sparse",
+    }
     if speedups:
         m["speedup/cudnn_fp32/b1"] = round(1 / (1 - sparsity) * 0.4, 3)
         m["speedup/cudnn_fp16/b1"] = round(1 / (1 - sparsity) * 0.1, 3)
@@ -90,9 +107,22 @@ def test_summary_has_one_row_per_job_with_its_numbers(grid: Path) -> None:
     rows = read_summary(grid / "summary.csv")
     assert [r["num"] for r in rows] == ["0", "1", "2", "3", "4"]
     assert [r["status"] for r in rows] == ["ok"] * 4 + ["failed"]
-    for column in ("overrides", "acc_dense", "acc_final", "sparsity", "bits", "method", "footprint_bytes",
-                   "compression", "speedup/cudnn_fp32/b1", "speedup/cudnn_fp16/b1", "status", "error",
-                   "prune.final_sparsity", "quant.bits"):
+    for column in (
+        "overrides",
+        "acc_dense",
+        "acc_final",
+        "sparsity",
+        "bits",
+        "method",
+        "footprint_bytes",
+        "compression",
+        "speedup/cudnn_fp32/b1",
+        "speedup/cudnn_fp16/b1",
+        "status",
+        "error",
+        "prune.final_sparsity",
+        "quant.bits",
+    ):
         assert column in rows[0], column
     assert "logger" not in rows[0]  # the same in every job: not a swept column
     # Job 3 (0.9 sparsity, 8 bits): the values of its own metrics.json.
@@ -109,18 +139,25 @@ def test_report_page_is_self_contained_with_every_plot(grid: Path) -> None:
     parts = report.write_report(grid)
     page = (grid / "report.html").read_text()
     titles = [p.title for p in parts]
-    assert titles[:3] == ["Accuracy vs sparsity, per bit-width", "Whole-network speedup vs sparsity, per baseline",
-                          "Accuracy-speedup Pareto front"]
+    assert titles[:3] == [
+        "Accuracy vs sparsity, per bit-width",
+        "Whole-network speedup vs sparsity, per baseline",
+        "Accuracy-speedup Pareto front",
+    ]
     assert [t for t in titles if t.startswith("Per-layer speedup")] == [
-        "Per-layer speedup: direct_sparse vs cudnn_fp16, batch 1", "Per-layer speedup: direct_sparse vs cudnn_fp32, batch 1"]
+        "Per-layer speedup: direct_sparse vs cudnn_fp16, batch 1",
+        "Per-layer speedup: direct_sparse vs cudnn_fp32, batch 1",
+    ]
     assert titles[-2:] == ["Weight footprint", "Test accuracy per epoch, dense training and retraining"]
     assert "No job wrote history.jsonl" in parts[-1].note and html.escape(parts[-1].note) in page
     pngs = images(page)
     assert len(pngs) == len(parts) - 1 == 6 and all(p.format == "PNG" and p.width > 300 for p in pngs)
     files = sorted((grid / "plots").glob("*.png"))  # the same figures as files, in page order
-    assert [f.name for f in files][:3] == ["01-accuracy-vs-sparsity-per-bit-width.png",
-                                           "02-whole-network-speedup-vs-sparsity-per-baseline.png",
-                                           "03-accuracy-speedup-pareto-front.png"]
+    assert [f.name for f in files][:3] == [
+        "01-accuracy-vs-sparsity-per-bit-width.png",
+        "02-whole-network-speedup-vs-sparsity-per-baseline.png",
+        "03-accuracy-speedup-pareto-front.png",
+    ]
     assert [f.read_bytes() for f in files] == [p.png for p in parts if p.png]
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing fetched from elsewhere
     assert "CUDA out of memory" not in page and report.DIED in page  # failed jobs listed with their reason
@@ -160,9 +197,11 @@ def test_pareto_plot_names_its_front_in_a_key_that_grows_with_it(grid: Path) -> 
 
 
 def test_primary_speedup_prefers_the_most_common_key_then_batch_1() -> None:
-    rows = [{"status": "ok", "speedup/b/b8": 2.0, "speedup/a/b1": 1.0},
-            {"status": "ok", "speedup/b/b8": 3.0, "speedup/a/b1": 1.2, "speedup/c/b1": 4.0},
-            {"status": "failed", "speedup/c/b1": 5.0}]
+    rows = [
+        {"status": "ok", "speedup/b/b8": 2.0, "speedup/a/b1": 1.0},
+        {"status": "ok", "speedup/b/b8": 3.0, "speedup/a/b1": 1.2, "speedup/c/b1": 4.0},
+        {"status": "failed", "speedup/c/b1": 5.0},
+    ]
     assert report.primary_speedup(rows) == "speedup/a/b1"
 
 
@@ -174,12 +213,14 @@ def test_heatmap_reads_only_the_sparse_backend_rows(grid: Path) -> None:
 
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparsebench.report", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sparsebench.report", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
-def test_cli_writes_both_files_and_rejects_a_wrong_dir(grid: Path, tmp_path_factory: pytest.TempPathFactory,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_cli_writes_both_files_and_rejects_a_wrong_dir(
+    grid: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
     done = run_report(str(grid))  # the installed way: a process of its own
     assert done.returncode == 0, done.stderr
     assert "5 jobs, 1 failed" in done.stdout
@@ -212,8 +253,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_report_renders_in_headless_chromium(grid: Path) -> None:
     report.write_report(grid)
     shot = grid / "shot.png"
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(grid), str(shot), "1280x1600"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(grid), str(shot), "1280x1600"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 1600)
@@ -227,8 +272,9 @@ def test_report_renders_in_headless_chromium(grid: Path) -> None:
 def test_an_unpruned_job_has_target_sparsity_zero(tmp_path: Path) -> None:
     # An experiment file may set prune.final_sparsity; with prune=none the job's target is 0.
     job = make_job(tmp_path / "sweep", 0, 0.9, 8)
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"prune": {"method": "none", "final_sparsity": 0.9}, "quant": {"method": "linear", "bits": 8}}))
+    (job / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"prune": {"method": "none", "final_sparsity": 0.9}, "quant": {"method": "linear", "bits": 8}})
+    )
     report.write_summary(tmp_path / "sweep" / "summary.csv", report.collect(tmp_path / "sweep"))
     (row,) = read_summary(tmp_path / "sweep" / "summary.csv")
     assert (row["prune_method"], float(row["target_sparsity"]), row["method"]) == ("none", 0.0, "linear")
@@ -252,20 +298,35 @@ def test_a_swept_key_one_job_left_at_its_config_value_shows_that_value(grid: Pat
     # schema), False, and its quant group's choice, which their overrides do not name.
     for job in grid.glob("*_*"):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        config = {**config, "trainer": {"finetune_epochs": 60}, "prune": {**config["prune"], "end": 30.0},
-                  "quant": {**config["quant"], "kmeans_per_channel": False}}
+        config = {
+            **config,
+            "trainer": {"finetune_epochs": 60},
+            "prune": {**config["prune"], "end": 30.0},
+            "quant": {**config["quant"], "kmeans_per_channel": False},
+        }
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"quant": "linear"}}}}))
+        (job / ".hydra" / "hydra.yaml").write_text(
+            yaml.safe_dump({"hydra": {"runtime": {"choices": {"quant": "linear"}}}})
+        )
     other_sweep = next(grid.glob("3_*")) / ".hydra" / "overrides.yaml"
-    other_sweep.write_text(yaml.safe_dump(yaml.safe_load(other_sweep.read_text())
-                                          + ["trainer.finetune_epochs=100", "prune.end=50", "quant=kmeans",
-                                             "quant.kmeans_per_channel=true"]))
+    other_sweep.write_text(
+        yaml.safe_dump(
+            yaml.safe_load(other_sweep.read_text())
+            + ["trainer.finetune_epochs=100", "prune.end=50", "quant=kmeans", "quant.kmeans_per_channel=true"]
+        )
+    )
     rows = report.collect(grid)
     assert [r["trainer.finetune_epochs"] for r in rows] == [60, 60, 60, 100, 60]
     assert [r["prune.end"] for r in rows] == [30, 30, 30, 50, 30]  # one spelling per column
     assert [r["prune.final_sparsity"] for r in rows] == [0.5, 0.5, 0.9, 0.9, 0.95]
     assert [r["quant.kmeans_per_channel"] for r in rows] == [False, False, False, True, False]
-    assert [r["quant"] for r in rows] == ["linear", "linear", "linear", "kmeans", "linear"]  # the choice, not the subtree
+    assert [r["quant"] for r in rows] == [
+        "linear",
+        "linear",
+        "linear",
+        "kmeans",
+        "linear",
+    ]  # the choice, not the subtree
 
 
 def read_summary_of(path: Path) -> list:
@@ -290,7 +351,12 @@ def test_layer_wins_and_markdown_table(grid: Path) -> None:
     assert lines[-1] == f"Not in the table (1 of 5 jobs): `{next(grid.glob('4_*')).name}` (`{report.DIED}`)."
     metrics = json.loads(next(grid.glob("3_*/metrics.json")).read_text())
     cells = [c.strip() for c in lines[5].strip("|").split("|")]
-    assert cells[:4] == ["0.9", "8", f"{100 * metrics['acc_final']:.2f}%", f"{100 * (metrics['acc_final'] - 0.98):+.2f}"]
+    assert cells[:4] == [
+        "0.9",
+        "8",
+        f"{100 * metrics['acc_final']:.2f}%",
+        f"{100 * (metrics['acc_final'] - 0.98):+.2f}",
+    ]
     assert cells[6] == "15.0%" and rows[3]["macs_kept"] == "0.15"  # the multiply-adds kept, also in summary.csv
     assert cells[-2:] == ["0 of 3", "2 of 3"]  # fp16, fp32: columns by baseline name
     # A run directory on its own (no job number) is a job too, not the dense reference.
@@ -308,7 +374,9 @@ def test_a_key_only_left_out_jobs_set_gets_no_column_null_reads_null_and_a_missi
     add_overrides(failed, "trainer.teacher=/runs/r18/dense.pt")
     lines = markdown_lines(grid)
     assert "teacher" not in lines[0]
-    assert lines[-1].startswith(f"Not in the table (2 of 6 jobs): `{failed.name}` (`RuntimeError: CUDA out of memory`); ")
+    assert lines[-1].startswith(
+        f"Not in the table (2 of 6 jobs): `{failed.name}` (`RuntimeError: CUDA out of memory`); "
+    )
     add_overrides(next(grid.glob("1_*")), "trainer.teacher=/runs/r18/dense.pt")  # now a finished job differs
     for job in grid.glob("[23]_*"):  # their configs hold the key, at null; job 0's has none (an older job)
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
@@ -329,8 +397,11 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
     for job in grid.glob("[0-3]_*"):
         file = job / ".hydra" / "overrides.yaml"
         per_channel, scope = ("false", "global") if job.name.startswith("2_") else ("true", "layer")
-        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text())
-                                       + [f"quant.kmeans_per_channel={per_channel}", f"prune.scope={scope}"]))
+        file.write_text(
+            yaml.safe_dump(
+                yaml.safe_load(file.read_text()) + [f"quant.kmeans_per_channel={per_channel}", f"prune.scope={scope}"]
+            )
+        )
     kmeans, unpruned = next(grid.glob("3_*")), next(grid.glob("0_*"))
     for job, group, method in ((kmeans, "quant", "kmeans"), (unpruned, "prune", "none")):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
@@ -340,7 +411,11 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:6]]
     assert [(r[head.index("kmeans_per_channel")], r[head.index("scope")]) for r in rows] == [
-        ("", ""), ("", "layer"), ("", "global"), ("True", "layer")]
+        ("", ""),
+        ("", "layer"),
+        ("", "global"),
+        ("True", "layer"),
+    ]
     collected = report.collect(grid)
     swept = report.swept_keys(collected)
     assert report.job_label(collected[3], swept) == "final_sparsity=0.9 bits=8 kmeans_per_channel=True scope=layer"
@@ -348,13 +423,20 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
     report.write_report(grid)
     summary = read_summary(grid / "summary.csv")  # keeps what each job's config held
     assert [(r["quant.kmeans_per_channel"], r["prune.scope"]) for r in summary[:4]] == [
-        ("True", "layer"), ("True", "layer"), ("False", "global"), ("True", "layer")]
+        ("True", "layer"),
+        ("True", "layer"),
+        ("False", "global"),
+        ("True", "layer"),
+    ]
     # Two jobs that differ only in a key neither reads share a label: plots keyed by it keep both.
     twin = grid / "5_twin"
     shutil.copytree(next(grid.glob("1_*")), twin)
     file = twin / ".hydra" / "overrides.yaml"
-    file.write_text(yaml.safe_dump([o.replace("kmeans_per_channel=true", "kmeans_per_channel=false")
-                                    for o in yaml.safe_load(file.read_text())]))
+    file.write_text(
+        yaml.safe_dump(
+            [o.replace("kmeans_per_channel=true", "kmeans_per_channel=false") for o in yaml.safe_load(file.read_text())]
+        )
+    )
     collected = report.collect(grid)
     labels = report.unique_labels(collected, report.swept_keys(collected))
     twins = [labels[id(r)] for r in collected if r["job"] in (twin.name, next(grid.glob("1_*")).name)]
@@ -367,8 +449,10 @@ def test_a_swept_key_a_job_does_not_read_is_blank_in_its_row_and_label(grid: Pat
 def test_a_swept_method_shows_none_where_a_job_has_none(grid: Path) -> None:
     # prune.method=none,agp: the unpruned job's cell reads none, not blank (method is always read).
     job = next(grid.glob("0_*"))
-    for path, edit in ((job / ".hydra" / "overrides.yaml", lambda o: o + ["prune.method=none"]),
-                       *((j / ".hydra" / "overrides.yaml", lambda o: o + ["prune.method=agp"]) for j in grid.glob("[1-3]_*"))):
+    for path, edit in (
+        (job / ".hydra" / "overrides.yaml", lambda o: o + ["prune.method=none"]),
+        *((j / ".hydra" / "overrides.yaml", lambda o: o + ["prune.method=agp"]) for j in grid.glob("[1-3]_*")),
+    ):
         path.write_text(yaml.safe_dump(edit(yaml.safe_load(path.read_text()))))
     config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
     config["prune"]["method"] = "none"
@@ -376,7 +460,11 @@ def test_a_swept_method_shows_none_where_a_job_has_none(grid: Path) -> None:
     lines = markdown_lines(grid)
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert [[c.strip() for c in line.strip("|").split("|")][head.index("method")] for line in lines[2:6]] == [
-        "none", "agp", "agp", "agp"]
+        "none",
+        "agp",
+        "agp",
+        "agp",
+    ]
 
 
 def test_speedups_timed_beside_other_gpu_work_are_marked_noisy(grid: Path) -> None:
@@ -400,10 +488,12 @@ def test_speedups_timed_beside_other_gpu_work_are_marked_noisy(grid: Path) -> No
 
 def test_learning_curves_from_each_jobs_history(grid: Path) -> None:
     job = next(grid.glob("1_*"))
-    lines = [{"step": 10, "finetune/loss": 1.0},
-             {"step": 20, "finetune/epoch": 1, "finetune/acc": 0.5},
-             {"step": 40, "finetune/epoch": 2, "finetune/acc": 0.7},
-             {"step": 40, "finetune/epoch": 2, "finetune/acc": 0.8}]  # epoch 2 again after a resume
+    lines = [
+        {"step": 10, "finetune/loss": 1.0},
+        {"step": 20, "finetune/epoch": 1, "finetune/acc": 0.5},
+        {"step": 40, "finetune/epoch": 2, "finetune/acc": 0.7},
+        {"step": 40, "finetune/epoch": 2, "finetune/acc": 0.8},
+    ]  # epoch 2 again after a resume
     (job / "history.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 4')  # cut short
     assert report.read_curves(job) == {"finetune": [(1, 0.5), (2, 0.8)]}
     parts = report.write_report(grid)
@@ -415,12 +505,17 @@ def test_learning_curves_from_each_jobs_history(grid: Path) -> None:
 
 def test_a_moving_average_gives_its_own_curve(grid: Path) -> None:
     job = next(grid.glob("1_*"))
-    lines = [{"step": 20, "dense/epoch": 1, "dense/acc": 0.5, "dense/acc_ema": 0.4},
-             {"step": 40, "dense/epoch": 2, "dense/acc": 0.6, "dense/acc_ema": 0.7},
-             {"step": 60, "finetune/epoch": 1, "finetune/acc": 0.65}]
+    lines = [
+        {"step": 20, "dense/epoch": 1, "dense/acc": 0.5, "dense/acc_ema": 0.4},
+        {"step": 40, "dense/epoch": 2, "dense/acc": 0.6, "dense/acc_ema": 0.7},
+        {"step": 60, "finetune/epoch": 1, "finetune/acc": 0.65},
+    ]
     (job / "history.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    assert report.read_curves(job) == {"dense": [(1, 0.5), (2, 0.6)], "dense ema": [(1, 0.4), (2, 0.7)],
-                                       "finetune": [(1, 0.65)]}
+    assert report.read_curves(job) == {
+        "dense": [(1, 0.5), (2, 0.6)],
+        "dense ema": [(1, 0.4), (2, 0.7)],
+        "finetune": [(1, 0.65)],
+    }
     parts = report.write_report(grid)
     assert next(p for p in parts if p.title.startswith("Test accuracy per epoch")).png
 
@@ -445,13 +540,21 @@ def test_keys_of_one_threshold_are_blank_where_each_layer_is_pruned_alone(grid: 
         config["prune"].update(scope=scope, macs_exponent=exponent, max_layer_sparsity=ceiling)
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         file = job / ".hydra" / "overrides.yaml"
-        file.write_text(yaml.safe_dump(yaml.safe_load(file.read_text())
-                                       + [f"prune.macs_exponent={exponent}", f"prune.max_layer_sparsity={ceiling}"]))
+        file.write_text(
+            yaml.safe_dump(
+                yaml.safe_load(file.read_text())
+                + [f"prune.macs_exponent={exponent}", f"prune.max_layer_sparsity={ceiling}"]
+            )
+        )
     lines = markdown_lines(grid)
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:6]]
     assert [(r[head.index("macs_exponent")], r[head.index("max_layer_sparsity")]) for r in rows] == [
-        ("", ""), ("", ""), ("0.5", "0.98"), ("", "")]
+        ("", ""),
+        ("", ""),
+        ("0.5", "0.98"),
+        ("", ""),
+    ]
 
 
 def test_jobs_are_ordered_by_their_swept_values_across_sweeps_sharing_a_folder(grid: Path) -> None:
@@ -469,8 +572,25 @@ def test_jobs_are_ordered_by_their_swept_values_across_sweeps_sharing_a_folder(g
     report.write_report(grid)
     rows = read_summary(grid / "summary.csv")
     assert [(r["prune.final_sparsity"], r["quant.bits"], r["num"]) for r in rows] == [
-        ("0.99", "32", ""), ("0.5", "4", "0"), ("0.5", "4", "3"), ("0.5", "8", "1"), ("0.7", "4", "2"),
-        ("0.7", "16", "0"), ("0.9", "4", "2"), ("0.9", "8", "3"), ("0.95", "2", "4"), ("0.95", "4", "1")]
+        ("0.99", "32", ""),
+        ("0.5", "4", "0"),
+        ("0.5", "4", "3"),
+        ("0.5", "8", "1"),
+        ("0.7", "4", "2"),
+        ("0.7", "16", "0"),
+        ("0.9", "4", "2"),
+        ("0.9", "8", "3"),
+        ("0.95", "2", "4"),
+        ("0.95", "4", "1"),
+    ]
     cells = [[c.strip() for c in line.strip("|").split("|")][:2] for line in markdown_lines(grid)[2:10]]
-    assert cells == [["dense", ""], ["0.5", "4"], ["0.5", "8"], ["0.7", "4"], ["0.7", "16"], ["0.9", "4"],
-                     ["0.9", "8"], ["0.95", "4"]]
+    assert cells == [
+        ["dense", ""],
+        ["0.5", "4"],
+        ["0.5", "8"],
+        ["0.7", "4"],
+        ["0.7", "16"],
+        ["0.9", "4"],
+        ["0.9", "8"],
+        ["0.95", "4"],
+    ]

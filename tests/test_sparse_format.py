@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.sparse import format as fmt
-from sparsebench.sparse.synthetic import codebook_codes, linear_codes, random_layer, random_sparse_weight
 from sparsebench.sparse.format import load_packed, pack_codes, pack_weight, save_packed, unpack_codes
 from sparsebench.sparse.ops import reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
+from sparsebench.sparse.synthetic import codebook_codes, linear_codes, random_layer, random_sparse_weight
 
 
 def sparse_weight(shape, sparsity=0.7, seed=0):
@@ -141,26 +141,42 @@ def test_empty_rows_and_all_zero_weight():
     assert torch.equal(y[:, 2], torch.full((2, 4, 4), 3.0))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=3, codes=torch.zeros(2, 3, dtype=torch.int32), scale=1.0), "bits"),
-    (dict(bits=4), "codes"),
-    (dict(bits=4, codes=torch.zeros(2, 3), scale=1.0), "codes: expected an integer"),
-    (dict(bits=4, codes=torch.zeros(3, 2, dtype=torch.int32), scale=1.0), "codes: expected shape"),
-    (dict(bits=4, codes=torch.full((2, 3), 16, dtype=torch.int32), scale=1.0), r"codes: expected values in \[0, 16\)"),
-    (dict(bits=4, codes=torch.zeros(2, 3, dtype=torch.int32)), "scale/codebook"),
-    (dict(bits=4, codes=torch.zeros(2, 3, dtype=torch.int32), scale=torch.ones(3)), "scale: expected"),
-    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(5)), "codebook: expected 1..4"),
-    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(2, 5)), "codebook: expected 1..4"),
-    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(3, 4)),
-     r"codebook: expected \[levels\] \(one for the layer\) or \[2, levels\] \(one per output channel\), "
-     r"got shape \(3, 4\)"),
-    (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(2, 1, 4)), r"got shape \(2, 1, 4\)"),
-    (dict(bits=2, codes=torch.full((2, 3), 3, dtype=torch.int32), codebook=torch.ones(2, 3)),
-     r"codes: expected codebook indices in \[0, 3\)"),
-    (dict(scale=1.0), "bits"),
-    (dict(value_dtype=torch.bfloat16), "value_dtype"),
-    (dict(stride=2), "stride/padding"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=3, codes=torch.zeros(2, 3, dtype=torch.int32), scale=1.0), "bits"),
+        (dict(bits=4), "codes"),
+        (dict(bits=4, codes=torch.zeros(2, 3), scale=1.0), "codes: expected an integer"),
+        (dict(bits=4, codes=torch.zeros(3, 2, dtype=torch.int32), scale=1.0), "codes: expected shape"),
+        (
+            dict(bits=4, codes=torch.full((2, 3), 16, dtype=torch.int32), scale=1.0),
+            r"codes: expected values in \[0, 16\)",
+        ),
+        (dict(bits=4, codes=torch.zeros(2, 3, dtype=torch.int32)), "scale/codebook"),
+        (dict(bits=4, codes=torch.zeros(2, 3, dtype=torch.int32), scale=torch.ones(3)), "scale: expected"),
+        (dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(5)), "codebook: expected 1..4"),
+        (
+            dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(2, 5)),
+            "codebook: expected 1..4",
+        ),
+        (
+            dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(3, 4)),
+            r"codebook: expected \[levels\] \(one for the layer\) or \[2, levels\] \(one per output channel\), "
+            r"got shape \(3, 4\)",
+        ),
+        (
+            dict(bits=2, codes=torch.zeros(2, 3, dtype=torch.int32), codebook=torch.zeros(2, 1, 4)),
+            r"got shape \(2, 1, 4\)",
+        ),
+        (
+            dict(bits=2, codes=torch.full((2, 3), 3, dtype=torch.int32), codebook=torch.ones(2, 3)),
+            r"codes: expected codebook indices in \[0, 3\)",
+        ),
+        (dict(scale=1.0), "bits"),
+        (dict(value_dtype=torch.bfloat16), "value_dtype"),
+        (dict(stride=2), "stride/padding"),
+    ],
+)
 def test_pack_weight_refuses_bad_arguments(kwargs, match):
     w = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
     with pytest.raises(ValueError, match=match):
@@ -202,11 +218,13 @@ def test_save_load_round_trip(tmp_path):
 
 def _rewrite(path, tensors, meta):
     from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata=meta)
 
 
 def _read(path):
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
@@ -263,9 +281,11 @@ def test_a_per_channel_codebook_with_the_wrong_rows_or_dims_is_refused(tmp_path)
     save_packed(path, variety(), {})
     tensors, meta = _read(path)
     index = json.loads(meta["layers"])
-    for bad, match in ((torch.zeros(4, 16), r"conv_code4_rows\.codebook: expected shape \(5, 16\)"),
-                       (torch.zeros(5, 1, 16), r"conv_code4_rows\.codebook: expected \[levels\] or \[5, levels\]"),
-                       (torch.zeros(5, 32), r"conv_code4_rows\.codebook: .*with 1\.\.16 levels")):
+    for bad, match in (
+        (torch.zeros(4, 16), r"conv_code4_rows\.codebook: expected shape \(5, 16\)"),
+        (torch.zeros(5, 1, 16), r"conv_code4_rows\.codebook: expected \[levels\] or \[5, levels\]"),
+        (torch.zeros(5, 32), r"conv_code4_rows\.codebook: .*with 1\.\.16 levels"),
+    ):
         tensors["conv_code4_rows/codebook"] = bad
         index["conv_code4_rows"]["sha256"]["codebook"] = fmt._digest(bad)
         meta["layers"] = json.dumps(index)
@@ -321,6 +341,7 @@ def test_ops_validate_before_needing_a_gpu():
 
 def test_device_check_names_the_tensor():
     from sparsebench.sparse import ops
+
     conv = random_layer((4, 3, 3, 3), 0.5, padding=1, seed=9)
     with pytest.raises(ValueError, match="x: must be on a CUDA device"):
         ops._check_device(torch.randn(1, 3, 8, 8), conv)
@@ -329,6 +350,7 @@ def test_device_check_names_the_tensor():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_no_gpu_gives_one_clear_line():
     from sparsebench.errors import ConfigError
+
     conv = random_layer((4, 3, 3, 3), 0.5, padding=1, seed=9)
     with pytest.raises(ConfigError, match="backend direct_sparse needs a CUDA GPU and the compiled sparsebench._C"):
         sparse_conv2d(torch.randn(1, 3, 8, 8), conv)
@@ -356,6 +378,7 @@ def test_longest_row_is_counted_where_the_layer_is_built_and_travels_with_it():
     assert layer._row_nnz_max == int(counts.max()) > 2 * float(counts.float().mean())  # counted at build
     moved = layer.to("meta")  # no data on meta tensors: the count must come along, not be re-read
     assert moved.row_nnz_max == layer.row_nnz_max
-    thinned = dataclasses.replace(layer, rowptr=torch.zeros(41, dtype=torch.int32), colidx=layer.colidx[:0],
-                                  values=layer.values[:0])
+    thinned = dataclasses.replace(
+        layer, rowptr=torch.zeros(41, dtype=torch.int32), colidx=layer.colidx[:0], values=layer.values[:0]
+    )
     assert thinned.row_nnz_max == 0  # a replaced rowptr is counted afresh

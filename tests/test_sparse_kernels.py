@@ -9,16 +9,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsebench.sparse.ops import (
+    autotune_plan,
+    distinct_plans,
+    kernel_plan,
+    kernels_available,
+    set_autotune,
+    sparse_conv2d,
+    sparse_conv2d_into,
+    sparse_linear,
+)
 from sparsebench.sparse.synthetic import random_layer
-from sparsebench.sparse.ops import (autotune_plan, distinct_plans, kernel_plan, kernels_available, set_autotune,
-                                   sparse_conv2d, sparse_conv2d_into, sparse_linear)
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
+]
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-VALUES = [("float32", None), ("float16", None), ("linear", 8), ("linear", 4), ("linear", 2),
-          ("codebook", 8), ("codebook", 4), ("codebook", 2)]
+VALUES = [
+    ("float32", None),
+    ("float16", None),
+    ("linear", 8),
+    ("linear", 4),
+    ("linear", 2),
+    ("codebook", 8),
+    ("codebook", 4),
+    ("codebook", 2),
+]
 
 
 def reference(x, layer, relu=False):
@@ -51,8 +69,17 @@ def run_case(seed, variant):
     sparsity = rnd.choice([0.0, 0.5, 0.9, 0.95, 0.99])
     value, bits = rnd.choice(VALUES)
     dtype = rnd.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
-    layer = random_layer((cout, cin, k, k), sparsity, value=value, bits=bits, stride=stride, padding=pad,
-                         bias=rnd.random() < 0.8, empty_rows=rnd.randint(0, cout // 3), seed=seed).to("cuda")
+    layer = random_layer(
+        (cout, cin, k, k),
+        sparsity,
+        value=value,
+        bits=bits,
+        stride=stride,
+        padding=pad,
+        bias=rnd.random() < 0.8,
+        empty_rows=rnd.randint(0, cout // 3),
+        seed=seed,
+    ).to("cuda")
     x = torch.randn(batch, cin, hw, hw, device="cuda").to(dtype)
     relu = rnd.random() < 0.5
     n, _, h, w = x.shape
@@ -104,7 +131,9 @@ def test_long_rows_of_a_trained_like_layer(wpr, dtype, warps_per_row):
 @pytest.mark.parametrize("value, bits", VALUES)
 @pytest.mark.parametrize("variant", ["stage", "rowsplit"])
 def test_every_value_kind_on_a_deep_layer(value, bits, variant):
-    layer = random_layer((96, 80, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 1).to("cuda")
+    layer = random_layer((96, 80, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 1).to(
+        "cuda"
+    )
     x = torch.randn(6, 80, 6, 6, device="cuda")
     out = torch.full((6, 96, 6, 6), float("nan"), device="cuda")
     sparse_conv2d_into(out, x, layer, relu=True, variant=variant)
@@ -117,15 +146,17 @@ def test_every_value_kind_on_a_deep_layer(value, bits, variant):
 def test_per_channel_codebook_decodes_each_row_through_its_own_levels(bits, variant, dtype):
     # A [C_out, 2**bits] codebook, each row its own random levels scaled to its channel: a kernel that
     # decoded every row through row 0's codebook (or the wrong row's) would miss the reference by far.
-    layer = random_layer((96, 80, 3, 3), 0.9, value="codebook", bits=bits, per_channel=True, padding=1,
-                         empty_rows=5, seed=bits).to("cuda")
+    layer = random_layer(
+        (96, 80, 3, 3), 0.9, value="codebook", bits=bits, per_channel=True, padding=1, empty_rows=5, seed=bits
+    ).to("cuda")
     assert layer.codebook.shape == (96, 2**bits)
     x = torch.randn(6, 80, 6, 6, device="cuda").to(dtype)
     out = torch.full((6, 96, 6, 6), float("nan"), device="cuda", dtype=dtype)
     sparse_conv2d_into(out, x, layer, relu=True, variant=variant)
     check(out, reference(x, layer, relu=True), dtype)
-    fc = random_layer((129, 300), 0.9, value="codebook", bits=bits, per_channel=True, empty_rows=3,
-                      seed=bits).to("cuda")
+    fc = random_layer((129, 300), 0.9, value="codebook", bits=bits, per_channel=True, empty_rows=3, seed=bits).to(
+        "cuda"
+    )
     xf = torch.randn(7, 300, device="cuda").to(dtype)
     check(sparse_linear(xf, fc, relu=True, variant=variant), reference(xf, fc, relu=True), dtype)
 
@@ -207,9 +238,11 @@ def test_several_input_chunks():
     # cursors carry over between chunks, and linear lanes (5x5, stride 1) read past each chunk's input.
     from sparsebench import _C
 
-    for wshape, pad, xshape, sparsity, budget in (((17, 40, 5, 5), 2, (1, 40, 11, 11), 0.9, 16384),
-                                                  ((96, 256, 3, 3), 1, (2, 256, 14, 14), 0.5, 32768),
-                                                  ((96, 256, 3, 3), 1, (2, 256, 14, 14), 0.0, 32768)):
+    for wshape, pad, xshape, sparsity, budget in (
+        ((17, 40, 5, 5), 2, (1, 40, 11, 11), 0.9, 16384),
+        ((96, 256, 3, 3), 1, (2, 256, 14, 14), 0.5, 32768),
+        ((96, 256, 3, 3), 1, (2, 256, 14, 14), 0.0, 32768),
+    ):
         _C.set_tuning(smem_budget=budget, stage_v=4)
         layer = random_layer(wshape, sparsity, value="linear", bits=8, padding=pad, empty_rows=2, seed=18).to("cuda")
         p = kernel_plan(xshape, layer, variant="stage")

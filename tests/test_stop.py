@@ -26,9 +26,21 @@ from tests.test_prune import _digits_batches, convnet, prune_cfg
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-CFG = SimpleNamespace(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-                      label_smoothing=0.0, amp=False, compile=False, compile_mode="default", progress=False,
-                      checkpoint_every=0, checkpoint_epochs=10, eval_every=1)
+CFG = SimpleNamespace(
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-4,
+    scheduler="cosine",
+    label_smoothing=0.0,
+    amp=False,
+    compile=False,
+    compile_mode="default",
+    progress=False,
+    checkpoint_every=0,
+    checkpoint_epochs=10,
+    eval_every=1,
+)
 
 
 class SigtermAt(TrainHook):
@@ -52,6 +64,7 @@ class SigtermReachedTheTest(Exception):
 @pytest.fixture(autouse=True)
 def sigterm_guard():
     """Outside fit, a SIGTERM to this process fails the test instead of ending pytest."""
+
     def guard(signum, frame):
         raise SigtermReachedTheTest("SIGTERM was not taken by the training loop")
 
@@ -66,23 +79,39 @@ def compressing_fit(checkpoint: Path, stop_at: int = -1, resume: bool = False, f
     model's state and what fit returned."""
     train, test = _digits_batches()
     model = convnet()
-    hooks = [MagnitudePruner(prune_cfg(start=0, end=1.5, frequency=0.25), model),
-             build_quantizer(OmegaConf.structured(QuantConfig(method="kmeans", bits=3)), model),
-             SigtermAt(stop_at, fail_after_stop)]
-    metrics = fit(model, train, test, CFG, phase="finetune", epochs=2, lr=CFG.lr, hooks=hooks, checkpoint=checkpoint,
-                  resume_from=torch.load(checkpoint, weights_only=False) if resume else None)
+    hooks = [
+        MagnitudePruner(prune_cfg(start=0, end=1.5, frequency=0.25), model),
+        build_quantizer(OmegaConf.structured(QuantConfig(method="kmeans", bits=3)), model),
+        SigtermAt(stop_at, fail_after_stop),
+    ]
+    metrics = fit(
+        model,
+        train,
+        test,
+        CFG,
+        phase="finetune",
+        epochs=2,
+        lr=CFG.lr,
+        hooks=hooks,
+        checkpoint=checkpoint,
+        resume_from=torch.load(checkpoint, weights_only=False) if resume else None,
+    )
     return model.state_dict(), {k: v for k, v in metrics.items() if not k.endswith(("_s", "_ms"))}  # not timings
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "epoch-end", "last-step"])
-def test_sigterm_saves_the_step_and_the_resumed_fit_ends_as_an_uninterrupted_one(tmp_path: Path, where: str,
-                                                                                 sigterm_guard) -> None:
+def test_sigterm_saves_the_step_and_the_resumed_fit_ends_as_an_uninterrupted_one(
+    tmp_path: Path, where: str, sigterm_guard
+) -> None:
     steps_per_epoch = len(_digits_batches()[0])
     stop_at = {"mid-epoch": 7, "epoch-end": steps_per_epoch, "last-step": 2 * steps_per_epoch}[where]
     reference, reference_metrics = compressing_fit(tmp_path / "reference.pt")
 
-    with pytest.raises(StopRequested, match=f"SIGTERM during finetune training: saved step {stop_at} of "
-                                            f"{2 * steps_per_epoch} to .*stopped.pt; trainer.resume=true continues"):
+    with pytest.raises(
+        StopRequested,
+        match=f"SIGTERM during finetune training: saved step {stop_at} of "
+        f"{2 * steps_per_epoch} to .*stopped.pt; trainer.resume=true continues",
+    ):
         compressing_fit(tmp_path / "stopped.pt", stop_at=stop_at)
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # outside training, SIGTERM is as it was
     assert torch.load(tmp_path / "stopped.pt", weights_only=False)["step"] == stop_at
@@ -94,8 +123,11 @@ def test_sigterm_saves_the_step_and_the_resumed_fit_ends_as_an_uninterrupted_one
 
 def test_a_failure_after_sigterm_is_a_stop_from_the_last_checkpoint(tmp_path: Path) -> None:
     # As when torch.compile's worker processes die of the same SIGTERM, sent to the process group.
-    with pytest.raises(StopRequested, match="SIGTERM during finetune training, which then failed before it could "
-                                            "save [(]RuntimeError: a compile worker died[)]") as stopped:
+    with pytest.raises(
+        StopRequested,
+        match="SIGTERM during finetune training, which then failed before it could "
+        "save [(]RuntimeError: a compile worker died[)]",
+    ) as stopped:
         compressing_fit(tmp_path / "stopped.pt", stop_at=7, fail_after_stop=True)
     assert isinstance(stopped.value.__cause__, RuntimeError)
     assert not (tmp_path / "stopped.pt").exists()  # nothing saved at step 7 (no checkpoint was due yet)
@@ -126,8 +158,17 @@ def test_sigterm_stops_the_cli_with_a_checkpoint_and_the_resumed_run_redoes_noth
 
 
 def test_sigterm_stops_a_sweep_before_its_next_job_and_the_resumed_sweep_finishes_both(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "sparsebench", "-m", *DENSE, "trainer.epochs=20", "seed=0,1",
-            f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job${hydra.job.num}"]
+    args = [
+        sys.executable,
+        "-m",
+        "sparsebench",
+        "-m",
+        *DENSE,
+        "trainer.epochs=20",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=job${hydra.job.num}",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = tmp_path / "job0" / "history.jsonl"
     deadline = time.time() + 120
@@ -147,11 +188,22 @@ def test_sigterm_stops_a_sweep_before_its_next_job_and_the_resumed_sweep_finishe
 
 def test_sigterm_to_a_parallel_sweep_leaves_no_worker_behind(tmp_path: Path) -> None:
     # Schedulers signal the whole process group: the joblib workers save, stop and exit.
-    args = [sys.executable, "-m", "sparsebench", "-m", *DENSE, "trainer.epochs=20", "seed=0,1",
-            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}",
-            "hydra.sweep.subdir=job${hydra.job.num}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "sparsebench",
+        "-m",
+        *DENSE,
+        "trainer.epochs=20",
+        "seed=0,1",
+        "hydra/launcher=parallel",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=job${hydra.job.num}",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     histories = [tmp_path / job / "history.jsonl" for job in ("job0", "job1")]
     deadline = time.time() + 120
     while not all(h.exists() and "dense/epoch" in h.read_text() for h in histories) and time.time() < deadline:

@@ -11,13 +11,22 @@ import random
 import pytest
 import torch
 
-from sparsebench.sparse.ops import (distinct_plans, is_channels_last, kernel_plan, kernels_available, sparse_conv2d,
-                                   sparse_conv2d_into, sparse_linear)
+from sparsebench.sparse.ops import (
+    distinct_plans,
+    is_channels_last,
+    kernel_plan,
+    kernels_available,
+    sparse_conv2d,
+    sparse_conv2d_into,
+    sparse_linear,
+)
 from sparsebench.sparse.synthetic import random_layer
 from tests.test_sparse_kernels import VALUES, check, reference
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
+]
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -39,8 +48,18 @@ def tensor_case(seed):
     sparsity = rnd.choice([0.0, 0.5, 0.9, 0.95, 0.99])
     value, bits = rnd.choice(VALUES)
     kind = {"per_channel": rnd.random() < 0.5} if value == "codebook" else {}
-    layer = random_layer((cout, cin, kh, kw), sparsity, value=value, bits=bits, stride=stride, padding=pad,
-                         bias=rnd.random() < 0.8, empty_rows=rnd.randint(0, cout // 3), seed=seed, **kind).to("cuda")
+    layer = random_layer(
+        (cout, cin, kh, kw),
+        sparsity,
+        value=value,
+        bits=bits,
+        stride=stride,
+        padding=pad,
+        bias=rnd.random() < 0.8,
+        empty_rows=rnd.randint(0, cout // 3),
+        seed=seed,
+        **kind,
+    ).to("cuda")
     x = torch.randn(batch, cin, h, w, device="cuda").to(rnd.choice(HALF))
     if rnd.random() < 0.5:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -59,7 +78,9 @@ def test_random_conv_cases(seed):
 @pytest.mark.parametrize("value, bits", VALUES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_every_value_kind(value, bits, channels_last):
-    layer = random_layer((70, 48, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 2).to("cuda")
+    layer = random_layer((70, 48, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 2).to(
+        "cuda"
+    )
     for dtype in HALF:
         x = torch.randn(6, 48, 9, 13, device="cuda").to(dtype)
         if channels_last:
@@ -82,8 +103,9 @@ def test_codebooks_without_a_zero_level(bits, per_channel):
         book = torch.rand((20, levels) if per_channel else (levels,), generator=gen) + 0.5
         codes = torch.randint(0, levels, (20, 24, 3, 3), generator=gen)
         weight = (book.gather(1, codes.view(20, -1)) if per_channel else book[codes]).view(codes.shape)
-        layer = pack_weight(weight, torch.randn(20, generator=gen), padding=1, bits=bits, codes=codes,
-                            codebook=book).to("cuda")
+        layer = pack_weight(
+            weight, torch.randn(20, generator=gen), padding=1, bits=bits, codes=codes, codebook=book
+        ).to("cuda")
         x = torch.randn(3, 24, 10, 10, device="cuda", dtype=torch.float16)
         assert fragment_stream(layer, x.dtype).kind == kind
         check(sparse_conv2d(x, layer, variant="tensor"), reference(x, layer), torch.float16)
@@ -105,12 +127,16 @@ PLAN_SHAPES = [  # (weight shape, stride, padding, input shape)
 def test_every_tensor_plan(case, dtype, value):
     wshape, stride, pad, xshape = PLAN_SHAPES[case]
     kind = {"value": "codebook", "per_channel": True} if value == "codebook_per_channel" else {"value": value}
-    layer = random_layer(wshape, 0.9, bits=None if value == "float16" else 4, stride=stride, padding=pad,
-                         empty_rows=3, seed=case, **kind).to("cuda")
+    layer = random_layer(
+        wshape, 0.9, bits=None if value == "float16" else 4, stride=stride, padding=pad, empty_rows=3, seed=case, **kind
+    ).to("cuda")
     x = torch.randn(xshape, device="cuda").to(dtype)
     ref = reference(x, layer, relu=True)
-    plans = [p for p in distinct_plans(xshape, layer, dtype=dtype)
-             if kernel_plan(xshape, layer, plan=p, dtype=dtype)["variant"] == "tensor"]
+    plans = [
+        p
+        for p in distinct_plans(xshape, layer, dtype=dtype)
+        if kernel_plan(xshape, layer, plan=p, dtype=dtype)["variant"] == "tensor"
+    ]
     assert len(plans) >= 3
     for plan in plans:
         layer.tuned_plans = {(tuple(xshape), dtype, x.device.index, False): plan}
@@ -124,11 +150,16 @@ def test_many_chunks_and_straddling_k_steps():
     from sparsebench import _C
 
     try:
-        for wshape, xshape, sparsity in (((33, 40, 5, 5), (3, 40, 11, 11), 0.9), ((64, 96, 3, 3), (2, 96, 14, 14), 0.5),
-                                         ((20, 64, 1, 1), (4, 64, 8, 8), 0.0)):
+        for wshape, xshape, sparsity in (
+            ((33, 40, 5, 5), (3, 40, 11, 11), 0.9),
+            ((64, 96, 3, 3), (2, 96, 14, 14), 0.5),
+            ((20, 64, 1, 1), (4, 64, 8, 8), 0.0),
+        ):
             _C.set_tuning(tc_smem_budget=8192)
             pad = wshape[2] // 2
-            layer = random_layer(wshape, sparsity, value="linear", bits=8, padding=pad, empty_rows=2, seed=18).to("cuda")
+            layer = random_layer(wshape, sparsity, value="linear", bits=8, padding=pad, empty_rows=2, seed=18).to(
+                "cuda"
+            )
             x = torch.randn(xshape, device="cuda", dtype=torch.float16)
             p = kernel_plan(xshape, layer, variant="tensor", dtype=x.dtype)
             assert p["chunks"] > 2, p

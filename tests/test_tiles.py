@@ -7,11 +7,30 @@ import torch
 
 from sparsebench.sparse.format import check_tiles, load_packed, pack_weight, save_packed
 from sparsebench.sparse.synthetic import random_layer
-from sparsebench.sparse.tiles import (TC_CODEBOOK, TC_HALF, TC_LINEAR, TILE_K, TILE_ROWS, build_tiles,
-                                      fragment_stream, group_channels, stream_kind, stream_to_dense, unsigned)
+from sparsebench.sparse.tiles import (
+    TC_CODEBOOK,
+    TC_HALF,
+    TC_LINEAR,
+    TILE_K,
+    TILE_ROWS,
+    build_tiles,
+    fragment_stream,
+    group_channels,
+    stream_kind,
+    stream_to_dense,
+    unsigned,
+)
 
-VALUES = [("float32", None), ("float16", None), ("linear", 8), ("linear", 4), ("linear", 2),
-          ("codebook", 8), ("codebook", 4), ("codebook", 2)]
+VALUES = [
+    ("float32", None),
+    ("float16", None),
+    ("linear", 8),
+    ("linear", 4),
+    ("linear", 2),
+    ("codebook", 8),
+    ("codebook", 4),
+    ("codebook", 2),
+]
 
 
 def union_fraction(mask, rows):
@@ -32,9 +51,9 @@ def test_tiles_cover_every_nonzero_with_sorted_padded_taps(co, k, sparsity):
     assert sorted(rows[rows >= 0].tolist()) == list(range(co)) and rows.numel() == -(-co // 16) * 16
     assert int(kptr[0]) == 0 and bool((kptr % TILE_K == 0).all()) and int(kptr[-1]) == cols.numel()
     for g in range(kptr.numel() - 1):
-        taps = cols[kptr[g]:kptr[g + 1]]
+        taps = cols[kptr[g] : kptr[g + 1]]
         assert bool((taps[1:] >= taps[:-1]).all())
-        members = rows[16 * g:16 * g + 16]
+        members = rows[16 * g : 16 * g + 16]
         need = mask[members[members >= 0]].any(dim=0).nonzero().flatten()
         assert torch.equal(torch.unique(taps), need) or (need.numel() == 0 and taps.numel() == 0)
         assert taps.numel() - need.numel() < TILE_K  # padding only rounds up to the next k-step
@@ -48,8 +67,9 @@ def test_grouping_by_similarity_condenses_more_than_by_length():
     by_length, by_similarity = group_channels(mask, False), group_channels(mask, True)
     assert union_fraction(mask, by_similarity) < 0.8 * union_fraction(mask, by_length)
     random_mask = torch.rand(512, 4608, generator=gen) > 0.9
-    assert union_fraction(random_mask, group_channels(random_mask)) < union_fraction(random_mask, group_channels(
-        random_mask, False))
+    assert union_fraction(random_mask, group_channels(random_mask)) < union_fraction(
+        random_mask, group_channels(random_mask, False)
+    )
 
 
 @pytest.mark.parametrize("value, bits", VALUES)
@@ -57,8 +77,9 @@ def test_grouping_by_similarity_condenses_more_than_by_length():
 def test_stream_decodes_to_the_layer(value, bits, per_channel):
     if per_channel and value != "codebook":
         pytest.skip("per-channel codebooks only")
-    layer = random_layer((37, 20, 3, 3), 0.9, value=value, bits=bits, per_channel=per_channel, empty_rows=4,
-                         padding=1, seed=7)
+    layer = random_layer(
+        (37, 20, 3, 3), 0.9, value=value, bits=bits, per_channel=per_channel, empty_rows=4, padding=1, seed=7
+    )
     for dtype in (torch.float16, torch.bfloat16):
         stream = fragment_stream(layer, dtype)
         want = {"linear": TC_LINEAR, "codebook": TC_CODEBOOK}.get(value, TC_HALF)
@@ -112,7 +133,7 @@ def test_check_tiles_refuses_a_missing_tap():
     cols = unsigned(layer.tile_cols)
     first = int(layer.tile_kptr[1]) - 1  # group 0's last tap (or a repeat of it)
     broken = layer.tile_cols.clone()
-    broken[:first + 1] = int(cols[0])  # group 0 now lists only its first tap
+    broken[: first + 1] = int(cols[0])  # group 0 now lists only its first tap
     layer.tile_cols = broken
     with pytest.raises(ValueError, match="missing from its group's taps"):
         check_tiles(layer, "conv")

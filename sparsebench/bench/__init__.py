@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.bench.config import BackendConfig, BenchConfig
+
 log = logging.getLogger("sparsebench.bench")
 
 
-def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional[Path], sample: torch.Tensor,
-                    device: torch.device) -> Tuple[List[Dict[str, Any]], Dict[str, float]]:
+def benchmark_model(
+    backend: BackendConfig,
+    bench: BenchConfig,
+    model: nn.Module,
+    packed: Optional[Path],
+    sample: torch.Tensor,
+    device: torch.device,
+) -> Tuple[List[Dict[str, Any]], Dict[str, float]]:
     """Time every conv/linear layer and the whole network on the configured backends.
 
     Returns (layers.csv rows: one per layer x backend x batch, metrics such as
@@ -29,12 +38,13 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     from sparsebench.bench.cases import cases_from_model
     from sparsebench.bench.measure import TimingSettings
     from sparsebench.bench.suite import LayerBench, plan_backends, uniform
-    from sparsebench.bench.timing import cpu_thread_count
     from sparsebench.sparse.format import load_packed
+    from sparsebench.sparse.timing import cpu_thread_count
 
     plan = plan_backends(backend, bench, device)
-    settings = TimingSettings(warmup=bench.warmup, repeats=bench.repeats, cache=bench.cache,
-                              cpu_threads=bench.cpu_threads)
+    settings = TimingSettings(
+        warmup=bench.warmup, repeats=bench.repeats, cache=bench.cache, cpu_threads=bench.cpu_threads
+    )
     packed_layers, meta = load_packed(packed) if packed is not None else (None, {})
     # The export folds BatchNorms into the packed layers: every network then runs them as the identity.
     folded = sorted(set(meta.get("folded_bn", {}).values()))
@@ -49,8 +59,12 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
             if bench.layers:
                 runner = LayerBench(plan, settings, break_even=bench.break_even)
                 jobs = [(c, b) for c in cases for b in bench.batch_sizes]
-                for case, batch in tqdm(jobs, desc=f"bench layers ({plan.sparse} vs {len(plan.baselines)} baselines)",
-                                        disable=not bench.progress, leave=False):
+                for case, batch in tqdm(
+                    jobs,
+                    desc=f"bench layers ({plan.sparse} vs {len(plan.baselines)} baselines)",
+                    disable=not bench.progress,
+                    leave=False,
+                ):
                     rows += runner.run(case, batch)
             metrics = _network_metrics(plan, bench, settings, model, cases, sample, folded) if bench.network else {}
     finally:
@@ -60,12 +74,19 @@ def benchmark_model(backend: Any, bench: Any, model: nn.Module, packed: Optional
     return uniform(rows), metrics
 
 
-def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor,
-                     folded: List[str]) -> Dict[str, Any]:
+def _network_metrics(
+    plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor, folded: List[str]
+) -> Dict[str, Any]:
     """``speedup/<baseline>/b<batch>`` and ``latency_us/<backend>/b<batch>`` for the whole network."""
     from sparsebench.bench.backends import BACKENDS, Unsupported
     from sparsebench.bench.measure import relative_error
-    from sparsebench.bench.network import backend_network, check_network, network_input, reference_network, time_networks
+    from sparsebench.bench.network import (
+        backend_network,
+        check_network,
+        network_input,
+        reference_network,
+        time_networks,
+    )
 
     names = [plan.sparse] + [b for b in plan.baselines if b != "semi_structured_2to4"]
     if "semi_structured_2to4" in plan.baselines:
@@ -97,9 +118,14 @@ def _network_metrics(plan, bench, settings, model: nn.Module, cases, sample: tor
             metrics[f"latency_spread_us/{name}/b{batch}"] = round(t.spread_us, 3)
             if t.noisy and plan.device.type == "cuda":  # a CPU's timings jitter more: the threshold is a GPU's
                 noisy.append(f"{name}/b{batch}")
-                log.warning("bench: %s at batch %d spread %.0f us around its median %.0f us: something else may "
-                            "have been using the device; speedups against it are not to be trusted", name, batch,
-                            t.spread_us, t.median_us)
+                log.warning(
+                    "bench: %s at batch %d spread %.0f us around its median %.0f us: something else may "
+                    "have been using the device; speedups against it are not to be trusted",
+                    name,
+                    batch,
+                    t.spread_us,
+                    t.median_us,
+                )
         ours = timings[plan.sparse].median_us
         for name in names[1:]:
             if name in timings:

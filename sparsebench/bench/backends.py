@@ -106,6 +106,7 @@ def _to(device: torch.device, dtype: torch.dtype, channels_last: bool = False):
         if channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
+
     return convert
 
 
@@ -119,27 +120,75 @@ def _cudnn(dtype_name: str, tf32: bool, channels_last: bool):
         if channels_last and w.dim() == 4:
             w = w.contiguous(memory_format=torch.channels_last)
         precision = "tf32" if tf32 else dtype_name
-        return Prepared(run=_dense_forward(case, w, _bias(case, device, dtype)),
-                        convert=_to(device, dtype, channels_last), weight=case.weight, tol=TOLERANCE[precision],
-                        weight_bytes=w.numel() * w.element_size(), act_bytes=w.element_size(), sparse=False,
-                        context=lambda: cudnn_precision(tf32), dtype=dtype, channels_last=channels_last)
+        return Prepared(
+            run=_dense_forward(case, w, _bias(case, device, dtype)),
+            convert=_to(device, dtype, channels_last),
+            weight=case.weight,
+            tol=TOLERANCE[precision],
+            weight_bytes=w.numel() * w.element_size(),
+            act_bytes=w.element_size(),
+            sparse=False,
+            context=lambda: cudnn_precision(tf32),
+            dtype=dtype,
+            channels_last=channels_last,
+        )
+
     return prepare
 
 
-register(Backend("cudnn_fp32", ("cuda",), False, _cudnn("fp32", tf32=False, channels_last=False), _no_cuda,
-                 "cuDNN, fp32, TF32 off, NCHW"))
-register(Backend("cudnn_tf32", ("cuda",), False, _cudnn("fp32", tf32=True, channels_last=False), _no_cuda,
-                 "cuDNN, fp32 tensors with TF32 math, NCHW"))
-register(Backend("cudnn_fp16", ("cuda",), False, _cudnn("fp16", tf32=False, channels_last=True), _no_cuda,
-                 "cuDNN, fp16, channels_last (NHWC)"))
-register(Backend("cudnn_bf16", ("cuda",), False, _cudnn("bf16", tf32=False, channels_last=True), _no_cuda,
-                 "cuDNN, bf16, channels_last (NHWC)"))
+register(
+    Backend(
+        "cudnn_fp32",
+        ("cuda",),
+        False,
+        _cudnn("fp32", tf32=False, channels_last=False),
+        _no_cuda,
+        "cuDNN, fp32, TF32 off, NCHW",
+    )
+)
+register(
+    Backend(
+        "cudnn_tf32",
+        ("cuda",),
+        False,
+        _cudnn("fp32", tf32=True, channels_last=False),
+        _no_cuda,
+        "cuDNN, fp32 tensors with TF32 math, NCHW",
+    )
+)
+register(
+    Backend(
+        "cudnn_fp16",
+        ("cuda",),
+        False,
+        _cudnn("fp16", tf32=False, channels_last=True),
+        _no_cuda,
+        "cuDNN, fp16, channels_last (NHWC)",
+    )
+)
+register(
+    Backend(
+        "cudnn_bf16",
+        ("cuda",),
+        False,
+        _cudnn("bf16", tf32=False, channels_last=True),
+        _no_cuda,
+        "cuDNN, bf16, channels_last (NHWC)",
+    )
+)
 
 
 def _torch_cpu(case: LayerCase, device: torch.device, activations: str) -> Prepared:
     w = case.weight.clone()
-    return Prepared(run=_dense_forward(case, w, case.bias), convert=_to(device, torch.float32), weight=case.weight,
-                    tol=TOLERANCE["fp32"], weight_bytes=4 * w.numel(), act_bytes=4, sparse=False)
+    return Prepared(
+        run=_dense_forward(case, w, case.bias),
+        convert=_to(device, torch.float32),
+        weight=case.weight,
+        tol=TOLERANCE["fp32"],
+        weight_bytes=4 * w.numel(),
+        act_bytes=4,
+        sparse=False,
+    )
 
 
 register(Backend("torch_cpu", ("cpu",), False, _torch_cpu, describe="dense fp32 on the CPU (torch's own conv)"))
@@ -168,9 +217,18 @@ def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> P
         return op(x if x.is_contiguous() or is_channels_last(x) else x.contiguous(), layer)
 
     weight_bytes = layer.footprint_bytes() + (layer.tile_bytes() if dtype != torch.float32 else 0)
-    return Prepared(run=run, convert=_to(device, dtype, channels_last), weight=case.weight, tol=TOLERANCE[activations],
-                    weight_bytes=weight_bytes, act_bytes=torch.empty((), dtype=dtype).element_size(), sparse=True,
-                    dtype=dtype, channels_last=channels_last, columns=lambda: _tuned_plan(layer))
+    return Prepared(
+        run=run,
+        convert=_to(device, dtype, channels_last),
+        weight=case.weight,
+        tol=TOLERANCE[activations],
+        weight_bytes=weight_bytes,
+        act_bytes=torch.empty((), dtype=dtype).element_size(),
+        sparse=True,
+        dtype=dtype,
+        channels_last=channels_last,
+        columns=lambda: _tuned_plan(layer),
+    )
 
 
 def _tuned_plan(layer) -> Dict[str, object]:
@@ -185,8 +243,16 @@ def _tuned_plan(layer) -> Dict[str, object]:
     return {"kernel_plan": plan, "kernel": name, "layout": "nhwc" if channels_last else "nchw"}
 
 
-register(Backend("direct_sparse", ("cuda",), True, _direct_sparse, _direct_unavailable,
-                 "ours: direct sparse convolution over the packed format (sparsebench._C)"))
+register(
+    Backend(
+        "direct_sparse",
+        ("cuda",),
+        True,
+        _direct_sparse,
+        _direct_unavailable,
+        "ours: direct sparse convolution over the packed format (sparsebench._C)",
+    )
+)
 
 
 def _sparse_reference(case: LayerCase, device: torch.device, activations: str) -> Prepared:
@@ -194,12 +260,26 @@ def _sparse_reference(case: LayerCase, device: torch.device, activations: str) -
 
     layer = case.packed.to(device)
     op = reference_conv2d if case.kind == "conv2d" else reference_linear
-    return Prepared(run=lambda x: op(x, layer), convert=_to(device, torch.float32), weight=case.weight,
-                    tol=TOLERANCE["fp32"], weight_bytes=layer.footprint_bytes(), act_bytes=4, sparse=True)
+    return Prepared(
+        run=lambda x: op(x, layer),
+        convert=_to(device, torch.float32),
+        weight=case.weight,
+        tol=TOLERANCE["fp32"],
+        weight_bytes=layer.footprint_bytes(),
+        act_bytes=4,
+        sparse=True,
+    )
 
 
-register(Backend("sparse_reference", ("cpu",), True, _sparse_reference,
-                 describe="the reference sparse forward (decode the packed layer + dense conv), CPU"))
+register(
+    Backend(
+        "sparse_reference",
+        ("cpu",),
+        True,
+        _sparse_reference,
+        describe="the reference sparse forward (decode the packed layer + dense conv), CPU",
+    )
+)
 
 
 def _csr_matrix(case: LayerCase, device: torch.device) -> torch.Tensor:
@@ -207,8 +287,13 @@ def _csr_matrix(case: LayerCase, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():  # "CSR support is in beta": known, and said once per layer otherwise
         warnings.simplefilter("ignore", UserWarning)
         csr = dense.to_sparse_csr()
-        return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
-                                       csr.values(), size=dense.shape, check_invariants=False).to(device)
+        return torch.sparse_csr_tensor(
+            csr.crow_indices().to(torch.int32),
+            csr.col_indices().to(torch.int32),
+            csr.values(),
+            size=dense.shape,
+            check_invariants=False,
+        ).to(device)
 
 
 def _im2col(case: LayerCase) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -232,16 +317,32 @@ def _torch_csr(case: LayerCase, device: torch.device, activations: str) -> Prepa
             y = (w @ cols).reshape(co, n, oh, ow).transpose(0, 1)
             return y + bias.view(1, -1, 1, 1) if bias is not None else y
     else:
+
         def run(x: torch.Tensor) -> torch.Tensor:
             y = (w @ x.t()).t()
             return y + bias if bias is not None else y
+
     nnz = w.values().numel()
-    return Prepared(run=run, convert=_to(device, torch.float32), weight=case.weight, tol=TOLERANCE["fp32"],
-                    weight_bytes=8 * nnz + 4 * (co + 1), act_bytes=4, sparse=True)
+    return Prepared(
+        run=run,
+        convert=_to(device, torch.float32),
+        weight=case.weight,
+        tol=TOLERANCE["fp32"],
+        weight_bytes=8 * nnz + 4 * (co + 1),
+        act_bytes=4,
+        sparse=True,
+    )
 
 
-register(Backend("torch_csr", ("cuda", "cpu"), True, _torch_csr,
-                 describe="torch.sparse CSR (cuSPARSE SpMM on CUDA) times im2col (unfold) of the input, fp32"))
+register(
+    Backend(
+        "torch_csr",
+        ("cuda", "cpu"),
+        True,
+        _torch_csr,
+        describe="torch.sparse CSR (cuSPARSE SpMM on CUDA) times im2col (unfold) of the input, fp32",
+    )
+)
 
 
 # ------------------------------------------------------------------ 2:4 semi-structured (structured reference)
@@ -272,16 +373,23 @@ def _semi_structured(case: LayerCase, device: torch.device, activations: str) ->
     co = case.out_channels
     k = case.packed.row_length
     if k % 64 or co % 32:
-        raise Unsupported(f"2:4 (fp16) needs in_features*kernel a multiple of 64 and out_channels a multiple of 32, "
-                          f"got {k} and {co}")
+        raise Unsupported(
+            f"2:4 (fp16) needs in_features*kernel a multiple of 64 and out_channels a multiple of 32, got {k} and {co}"
+        )
     pruned = prune_2to4(case.weight.reshape(co, k))  # its own 2:4 mask: a structured-sparsity reference
     try:
         w = to_sparse_semi_structured(pruned.to(device, torch.float16))
     except (RuntimeError, ValueError) as e:
         raise Unsupported(f"to_sparse_semi_structured refused the weight: {str(e).splitlines()[0]}") from None
     bias = _bias(case, device, torch.float16)
-    wbytes = sum(t.numel() * t.element_size() for t in (getattr(w, "packed", None), getattr(w, "meta", None))
-                 if isinstance(t, torch.Tensor)) or co * k
+    wbytes = (
+        sum(
+            t.numel() * t.element_size()
+            for t in (getattr(w, "packed", None), getattr(w, "meta", None))
+            if isinstance(t, torch.Tensor)
+        )
+        or co * k
+    )
     if case.kind == "conv2d":
         im2col = _im2col(case)
         _, oh, ow = case.out_shape()
@@ -292,10 +400,20 @@ def _semi_structured(case: LayerCase, device: torch.device, activations: str) ->
             y = F.linear(rows, w, bias)  # [N*L, C_out]
             return y.reshape(n, oh, ow, co).permute(0, 3, 1, 2)
     else:
+
         def run(x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, w, bias)
-    prepared = Prepared(run=run, convert=_to(device, torch.float16), weight=pruned.reshape(case.weight.shape),
-                        tol=TOLERANCE["fp16"], weight_bytes=wbytes, act_bytes=2, sparse=True, dtype=torch.float16)
+
+    prepared = Prepared(
+        run=run,
+        convert=_to(device, torch.float16),
+        weight=pruned.reshape(case.weight.shape),
+        tol=TOLERANCE["fp16"],
+        weight_bytes=wbytes,
+        act_bytes=2,
+        sparse=True,
+        dtype=torch.float16,
+    )
     try:  # some shapes pass the checks above and still fail inside the sparse matmul
         with torch.no_grad():
             prepared.run(prepared.convert(torch.zeros((1, *case.in_shape))))
@@ -304,11 +422,16 @@ def _semi_structured(case: LayerCase, device: torch.device, activations: str) ->
     return prepared
 
 
-register(Backend("semi_structured_2to4", ("cuda",), True, _semi_structured, _semi_unavailable,
-                 "torch 2:4 semi-structured sparsity (fp16, its own 2:4 mask) over im2col: structured reference"))
-
-# Backends the `backend` group may pick as the one under test.
-SPARSE_BACKENDS = ("direct_sparse", "torch_csr", "sparse_reference")
+register(
+    Backend(
+        "semi_structured_2to4",
+        ("cuda",),
+        True,
+        _semi_structured,
+        _semi_unavailable,
+        "torch 2:4 semi-structured sparsity (fp16, its own 2:4 mask) over im2col: structured reference",
+    )
+)
 
 
 def mask_dependent(name: str) -> bool:

@@ -70,18 +70,32 @@ class LayerCase:
     def facts(self) -> Dict[str, Any]:
         """The layers.csv / bench.csv geometry columns."""
         kh, kw = self.packed.kernel_size
-        return {"layer": self.name, "kind": self.kind, "in_shape": "x".join(map(str, self.in_shape)),
-                "out_channels": self.out_channels, "kernel": f"{kh}x{kw}" if self.kind == "conv2d" else None,
-                "stride": self.stride if self.kind == "conv2d" else None,
-                "sparsity": round(self.sparsity, 6), "bits": self.bits, "nnz": self.packed.nnz,
-                "row_nnz_max": self.packed.row_nnz_max, "rows_empty": int((self.packed.row_nnz() == 0).sum()),
-                "params": self.packed.out_channels * self.packed.row_length}
+        return {
+            "layer": self.name,
+            "kind": self.kind,
+            "in_shape": "x".join(map(str, self.in_shape)),
+            "out_channels": self.out_channels,
+            "kernel": f"{kh}x{kw}" if self.kind == "conv2d" else None,
+            "stride": self.stride if self.kind == "conv2d" else None,
+            "sparsity": round(self.sparsity, 6),
+            "bits": self.bits,
+            "nnz": self.packed.nnz,
+            "row_nnz_max": self.packed.row_nnz_max,
+            "rows_empty": int((self.packed.row_nnz() == 0).sum()),
+            "params": self.packed.out_channels * self.packed.row_length,
+        }
 
 
 def case_from_packed(name: str, packed: PackedLayer, in_shape: Sequence[int]) -> LayerCase:
     bias = packed.bias.detach().cpu().float() if packed.bias is not None else None
-    return LayerCase(name=name, kind=packed.kind, in_shape=tuple(int(s) for s in in_shape), packed=packed.to("cpu"),
-                     weight=packed.to("cpu").dequantize(), bias=bias)
+    return LayerCase(
+        name=name,
+        kind=packed.kind,
+        in_shape=tuple(int(s) for s in in_shape),
+        packed=packed.to("cpu"),
+        weight=packed.to("cpu").dequantize(),
+        bias=bias,
+    )
 
 
 def module_weight(module: nn.Module) -> torch.Tensor:
@@ -90,8 +104,9 @@ def module_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.detach().to("cpu", torch.float32).clone()
 
 
-def cases_from_model(model: nn.Module, sample: torch.Tensor,
-                     packed: Optional[Dict[str, PackedLayer]] = None) -> List[LayerCase]:
+def cases_from_model(
+    model: nn.Module, sample: torch.Tensor, packed: Optional[Dict[str, PackedLayer]] = None
+) -> List[LayerCase]:
     """One case per conv/linear layer: the exported packed layer where there is one, else packed here."""
     shapes = layer_facts.input_shapes(model, sample)
     packed = packed or {}
@@ -101,8 +116,9 @@ def cases_from_model(model: nn.Module, sample: torch.Tensor,
         if layer is None:
             is_conv = isinstance(m, nn.Conv2d)
             bias = m.bias.detach().cpu() if m.bias is not None else None
-            layer = pack_weight(module_weight(m), bias, stride=m.stride[0] if is_conv else 1,
-                                padding=m.padding[0] if is_conv else 0)
+            layer = pack_weight(
+                module_weight(m), bias, stride=m.stride[0] if is_conv else 1, padding=m.padding[0] if is_conv else 0
+            )
         cases.append(case_from_packed(name, layer, shapes[name]))
     return cases
 
@@ -110,8 +126,20 @@ def cases_from_model(model: nn.Module, sample: torch.Tensor,
 # ------------------------------------------------------------------ synthetic layers (kernel sweep)
 
 
-def synthetic_case(name: str, kind: str, c_in: int, c_out: int, kernel: int, hw: int, stride: int, padding: int,
-                   sparsity: float, bits: int, generator: torch.Generator, row_skew: float = 0.0) -> LayerCase:
+def synthetic_case(
+    name: str,
+    kind: str,
+    c_in: int,
+    c_out: int,
+    kernel: int,
+    hw: int,
+    stride: int,
+    padding: int,
+    sparsity: float,
+    bits: int,
+    generator: torch.Generator,
+    row_skew: float = 0.0,
+) -> LayerCase:
     """A layer of the given shape with a random unstructured mask; bits 32 = fp32 values, 16 = fp16, else codes.
     ``row_skew``: sigma of lognormal row lengths (0: uniform)."""
     shape = (c_out, c_in, kernel, kernel) if kind == "conv2d" else (c_out, c_in)
@@ -152,5 +180,10 @@ def thin(layer: PackedLayer, keep: float, generator: torch.Generator) -> PackedL
     else:
         values = pack_codes(layer.codes()[selected], layer.bits)
     order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
-    return dataclasses.replace(layer, rowptr=rowptr.to(torch.int32), colidx=layer.colidx[selected].contiguous(),
-                               row_order=order.contiguous(), values=values)
+    return dataclasses.replace(
+        layer,
+        rowptr=rowptr.to(torch.int32),
+        colidx=layer.colidx[selected].contiguous(),
+        row_order=order.contiguous(),
+        values=values,
+    )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sparsebench.bench.backends import Prepared
 from sparsebench.bench.cases import LayerCase
-from sparsebench.bench.timing import Timing, rotation_count, time_calls
+from sparsebench.sparse.timing import Timing, rotation_count, time_calls
 
 
 class MismatchError(RuntimeError):
@@ -36,8 +36,9 @@ def make_inputs(case: LayerCase, batch: int, device: torch.device, cache: str, s
     return [first] + [first * (1 + 1e-3 * i) for i in range(1, count)]
 
 
-def reference_output(case: LayerCase, weight: torch.Tensor, x: torch.Tensor,
-                     device: Optional[torch.device] = None) -> torch.Tensor:
+def reference_output(
+    case: LayerCase, weight: torch.Tensor, x: torch.Tensor, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """The dense layer in fp64 (on ``device``: the GPU is much faster at batch 128), returned on the CPU."""
     device = device or x.device
     w = weight.to(device, torch.float64)
@@ -60,8 +61,14 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if diff != diff else diff / scale
 
 
-def check(case: LayerCase, backend: str, prepared: Prepared, x: torch.Tensor, batch: int,
-          reference: Optional[torch.Tensor] = None) -> float:
+def check(
+    case: LayerCase,
+    backend: str,
+    prepared: Prepared,
+    x: torch.Tensor,
+    batch: int,
+    reference: Optional[torch.Tensor] = None,
+) -> float:
     """Run once and compare with the dense reference (computed here unless given); raise MismatchError
     beyond the backend's tolerance."""
     with torch.no_grad(), prepared.context():
@@ -70,18 +77,27 @@ def check(case: LayerCase, backend: str, prepared: Prepared, x: torch.Tensor, ba
         reference = reference_output(case, prepared.weight, x)
     err = relative_error(y.float(), reference)
     if not err <= prepared.tol:
-        raise MismatchError(f"bench: backend {backend} computes layer {case.name} (batch {batch}) wrongly: "
-                            f"max error {err:.3g} of the largest output, allowed {prepared.tol:g}")
+        raise MismatchError(
+            f"bench: backend {backend} computes layer {case.name} (batch {batch}) wrongly: "
+            f"max error {err:.3g} of the largest output, allowed {prepared.tol:g}"
+        )
     return err
 
 
-def time_prepared(prepared: Prepared, inputs: Sequence[torch.Tensor], device: torch.device,
-                  settings: TimingSettings) -> Timing:
+def time_prepared(
+    prepared: Prepared, inputs: Sequence[torch.Tensor], device: torch.device, settings: TimingSettings
+) -> Timing:
     converted = [prepared.convert(x) for x in inputs]
     calls = [(lambda xi=xi: prepared.run(xi)) for xi in converted]
     with torch.no_grad(), prepared.context():
-        return time_calls(calls, device, warmup=settings.warmup, repeats=settings.repeats, cache=settings.cache,
-                          cpu_threads=settings.cpu_threads)
+        return time_calls(
+            calls,
+            device,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            cache=settings.cache,
+            cpu_threads=settings.cpu_threads,
+        )
 
 
 def traffic_bytes(case: LayerCase, prepared: Prepared, batch: int) -> int:
@@ -90,15 +106,24 @@ def traffic_bytes(case: LayerCase, prepared: Prepared, batch: int) -> int:
     return prepared.weight_bytes + prepared.act_bytes * acts
 
 
-def result_row(case: LayerCase, backend: str, batch: int, timing: Timing, prepared: Prepared,
-               error: float) -> Dict[str, object]:
+def result_row(
+    case: LayerCase, backend: str, batch: int, timing: Timing, prepared: Prepared, error: float
+) -> Dict[str, object]:
     flops = case.sparse_flops(batch) if prepared.sparse else case.dense_flops(batch)
-    return {**case.facts(), "backend": backend, "batch": batch, "time_us": round(timing.median_us, 3),
-            "spread_us": round(timing.spread_us, 3), "p25_us": round(timing.p25_us, 3),
-            "p75_us": round(timing.p75_us, 3), "runs": timing.runs, "flops": flops,
-            "bytes": traffic_bytes(case, prepared, batch),
-            "gflops": round(flops / (timing.median_us * 1e3), 3) if timing.median_us > 0 else None,
-            "max_rel_error": float(f"{error:.3g}")}
+    return {
+        **case.facts(),
+        "backend": backend,
+        "batch": batch,
+        "time_us": round(timing.median_us, 3),
+        "spread_us": round(timing.spread_us, 3),
+        "p25_us": round(timing.p25_us, 3),
+        "p75_us": round(timing.p75_us, 3),
+        "runs": timing.runs,
+        "flops": flops,
+        "bytes": traffic_bytes(case, prepared, batch),
+        "gflops": round(flops / (timing.median_us * 1e3), 3) if timing.median_us > 0 else None,
+        "max_rel_error": float(f"{error:.3g}"),
+    }
 
 
 # ------------------------------------------------------------------ break-even sparsity

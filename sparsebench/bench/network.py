@@ -9,9 +9,8 @@ overhead on either side); the L2 cache is flushed before every timed replay.
 
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,8 @@ from torch import nn
 from sparsebench.bench.backends import Prepared
 from sparsebench.bench.cases import LayerCase
 from sparsebench.bench.measure import MismatchError, TimingSettings, relative_error
-from sparsebench.bench.timing import Timing, time_calls
+from sparsebench.sparse.modules import swap_layers
+from sparsebench.sparse.timing import Timing, time_calls
 
 log = logging.getLogger("sparsebench.bench")
 
@@ -39,23 +39,28 @@ class LayerCall(nn.Module):
         return self.fn(x)
 
 
-def _with_layers(model: nn.Module, calls: Dict[str, Callable], device: torch.device, dtype: torch.dtype,
-                 channels_last: bool = False, folded: Sequence[str] = ()) -> nn.Module:
+def _with_layers(
+    model: nn.Module,
+    calls: Dict[str, Callable],
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool = False,
+    folded: Sequence[str] = (),
+) -> nn.Module:
     """``folded``: BatchNorms the export folded into the packed layers; they become the identity."""
-    net = copy.deepcopy(model).eval()
-    for name, fn in calls.items():
-        net.set_submodule(name, LayerCall(fn))
-    for name in folded:
-        net.set_submodule(name, nn.Identity())
+    net = swap_layers(model, {name: LayerCall(fn) for name, fn in calls.items()}, folded)
     net = net.to(device=device, dtype=dtype)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def reference_network(model: nn.Module, cases: Sequence[LayerCase], device: torch.device,
-                      folded: Sequence[str] = ()) -> nn.Module:
+def reference_network(
+    model: nn.Module, cases: Sequence[LayerCase], device: torch.device, folded: Sequence[str] = ()
+) -> nn.Module:
     """The dense model in fp64 on ``device``, with the cases' weights."""
-    weights = {c.name: (c.weight.to(device, torch.float64),
-                        c.bias.to(device, torch.float64) if c.bias is not None else None) for c in cases}
+    weights = {
+        c.name: (c.weight.to(device, torch.float64), c.bias.to(device, torch.float64) if c.bias is not None else None)
+        for c in cases
+    }
 
     def layer(c: LayerCase):
         w, b = weights[c.name]
@@ -66,22 +71,27 @@ def reference_network(model: nn.Module, cases: Sequence[LayerCase], device: torc
     return _with_layers(model, {c.name: layer(c) for c in cases}, device, torch.float64, folded=folded)
 
 
-def backend_network(model: nn.Module, prepared: Dict[str, Prepared], device: torch.device,
-                    folded: Sequence[str] = ()) -> nn.Module:
+def backend_network(
+    model: nn.Module, prepared: Dict[str, Prepared], device: torch.device, folded: Sequence[str] = ()
+) -> nn.Module:
     first = next(iter(prepared.values()))
-    return _with_layers(model, {name: p.run for name, p in prepared.items()}, device, first.dtype,
-                        first.channels_last, folded)
+    return _with_layers(
+        model, {name: p.run for name, p in prepared.items()}, device, first.dtype, first.channels_last, folded
+    )
 
 
-def check_network(name: str, net: nn.Module, prepared: Prepared, x: torch.Tensor, ref: torch.Tensor,
-                  batch: int) -> float:
+def check_network(
+    name: str, net: nn.Module, prepared: Prepared, x: torch.Tensor, ref: torch.Tensor, batch: int
+) -> float:
     with torch.no_grad(), prepared.context():
         y = net(prepared.convert(x))
     err = relative_error(y.float(), ref)
     tol = NETWORK_TOL_FACTOR * prepared.tol
     if not err <= tol:
-        raise MismatchError(f"bench: the whole network on backend {name} (batch {batch}) differs from the dense "
-                            f"fp64 model: max error {err:.3g} of the largest output, allowed {tol:g}")
+        raise MismatchError(
+            f"bench: the whole network on backend {name} (batch {batch}) differs from the dense "
+            f"fp64 model: max error {err:.3g} of the largest output, allowed {tol:g}"
+        )
     return err
 
 
@@ -103,8 +113,14 @@ class Captured:
         torch.cuda.synchronize()
 
 
-def time_networks(nets: Dict[str, nn.Module], prepared: Dict[str, Prepared], x: torch.Tensor,
-                  device: torch.device, settings: TimingSettings, graphs: bool) -> tuple:
+def time_networks(
+    nets: Dict[str, nn.Module],
+    prepared: Dict[str, Prepared],
+    x: torch.Tensor,
+    device: torch.device,
+    settings: TimingSettings,
+    graphs: bool,
+) -> tuple:
     """Median latency per backend; CUDA graphs on every side or (if any capture fails) on none."""
     inputs = {name: prepared[name].convert(x) for name in nets}
     calls: Dict[str, Callable] = {}
@@ -115,22 +131,25 @@ def time_networks(nets: Dict[str, nn.Module], prepared: Dict[str, Prepared], x: 
             calls = {name: c.graph.replay for name, c in captured.items()}
             used_graphs = True
         except RuntimeError as e:
-            log.warning("bench: CUDA graph capture failed (%s); timing every network eagerly instead",
-                        str(e).splitlines()[0])
+            log.warning(
+                "bench: CUDA graph capture failed (%s); timing every network eagerly instead", str(e).splitlines()[0]
+            )
     if not used_graphs:
         calls = {name: (lambda net=net, xi=inputs[name]: net(xi)) for name, net in nets.items()}
     out: Dict[str, Timing] = {}
     for name, call in calls.items():
         with torch.no_grad(), prepared[name].context():
-            out[name] = time_calls([call], device, warmup=settings.warmup, repeats=settings.repeats,
-                                   cache="flush", cpu_threads=settings.cpu_threads)
+            out[name] = time_calls(
+                [call],
+                device,
+                warmup=settings.warmup,
+                repeats=settings.repeats,
+                cache="flush",
+                cpu_threads=settings.cpu_threads,
+            )
     return out, used_graphs
 
 
 def network_input(sample: torch.Tensor, batch: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *sample.shape[1:]), generator=g)
-
-
-def first_prepared(prepared: Dict[str, Prepared]) -> Optional[Prepared]:
-    return next(iter(prepared.values()), None)

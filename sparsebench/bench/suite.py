@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
 from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported, mask_dependent
 from sparsebench.bench.cases import LayerCase, thin
-from sparsebench.bench.measure import (TimingSettings, break_even_sparsity, check, make_inputs, reference_output,
-                                       result_row, time_prepared)
+from sparsebench.bench.measure import (
+    TimingSettings,
+    break_even_sparsity,
+    check,
+    make_inputs,
+    reference_output,
+    result_row,
+    time_prepared,
+)
 from sparsebench.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.bench.config import BackendConfig, BenchConfig
 
 log = logging.getLogger("sparsebench.bench")
 
@@ -31,7 +41,7 @@ class Plan:
     device: torch.device = torch.device("cpu")  # where everything is timed (the CPU after a fallback)
 
 
-def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Plan:
+def plan_backends(backend_cfg: BackendConfig, bench_cfg: BenchConfig, device: torch.device) -> Plan:
     """Resolve the configured backends against this machine; log one line per skipped backend."""
     sparse = backend_cfg.name
     activations = backend_cfg.activations
@@ -39,8 +49,10 @@ def plan_backends(backend_cfg: Any, bench_cfg: Any, device: torch.device) -> Pla
     reason = BACKENDS[sparse].unavailable(device)
     if reason:
         if not backend_cfg.fallback:
-            raise ConfigError(f"backend.name={sparse} cannot run here: {reason} (set backend.fallback=true to time "
-                              f"the reference sparse forward on the CPU instead)")
+            raise ConfigError(
+                f"backend.name={sparse} cannot run here: {reason} (set backend.fallback=true to time "
+                f"the reference sparse forward on the CPU instead)"
+            )
         log.warning("bench: backend %s skipped: %s; timing %s instead", sparse, reason, CPU_FALLBACK)
         skipped[sparse] = reason
         sparse, activations, device = CPU_FALLBACK, "fp32", torch.device("cpu")
@@ -142,12 +154,19 @@ class LayerBench:
             self._add_break_even(ours, case, batch, inputs, baseline_times)
         return rows
 
-    def _add_break_even(self, row: Dict[str, Any], case: LayerCase, batch: int, inputs,
-                        baseline_times: Dict[str, float]) -> None:
+    def _add_break_even(
+        self, row: Dict[str, Any], case: LayerCase, batch: int, inputs, baseline_times: Dict[str, float]
+    ) -> None:
         """Second point: the same layer with a quarter of its nonzeros; t = a + b*nnz through both."""
         g = torch.Generator().manual_seed(1)
-        thinned = LayerCase(name=case.name, kind=case.kind, in_shape=case.in_shape,
-                            packed=thin(case.packed, THIN_KEEP, g), weight=case.weight, bias=case.bias)
+        thinned = LayerCase(
+            name=case.name,
+            kind=case.kind,
+            in_shape=case.in_shape,
+            packed=thin(case.packed, THIN_KEEP, g),
+            weight=case.weight,
+            bias=case.bias,
+        )
         thinned.weight = thinned.packed.dequantize()
         second = self._measure(self.plan.sparse, thinned, batch, inputs)
         points = [(case.packed.nnz, row["time_us"]), (thinned.packed.nnz, second["time_us"])]

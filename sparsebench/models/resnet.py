@@ -30,7 +30,9 @@ class ResNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, stage_channels: List[int], blocks_per_stage: List[int]):
         super().__init__()
         c = stage_channels[0]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        )
         stages = []
         for i, (c_out, n) in enumerate(zip(stage_channels, blocks_per_stage)):
             blocks = []

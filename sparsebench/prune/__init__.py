@@ -3,7 +3,7 @@ one-layer-at-a-time sensitivity study."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from torch import Tensor, nn
 
@@ -13,10 +13,13 @@ from sparsebench.prune.pruner import MagnitudePruner
 from sparsebench.prune.sensitivity import sensitivity_study
 from sparsebench.train import TrainHook
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.prune.config import PruneConfig
+
 __all__ = ["MagnitudePruner", "build_pruner", "sensitivity_study"]
 
 
-def build_pruner(cfg: Any, model: nn.Module, sample: Optional[Tensor] = None) -> Optional[TrainHook]:
+def build_pruner(cfg: PruneConfig, model: nn.Module, sample: Optional[Tensor] = None) -> Optional[TrainHook]:
     """The pruning hook for ``cfg`` (a PruneConfig), or None when it prunes nothing
     (``prune=none``, or every target 0). ``sample``, an input batch, shows each weight's
     multiply-adds, which ``prune.macs_exponent`` weighs by.

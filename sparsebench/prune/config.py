@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -61,14 +61,14 @@ class PruneConfig:
     sensitivity_tolerance: float = 0.01  # accuracy drop (fraction; 0.01 = 1 point) a derived override may cost
 
 
-def prunes(p: Any) -> bool:
+def prunes(p: PruneConfig) -> bool:
     """Whether ``p`` prunes anything. A method with every target at 0 (``prune.final_sparsity=0``,
     the dense point of a sparsity sweep) is the same as ``prune=none``."""
     targets = [p.final_sparsity, *p.overrides.values(), *load_overrides_file(p.overrides_file).values()]
     return p.method != "none" and any(t > 0 for t in targets)
 
 
-def schedule_end(p: Any, regrow: bool = True) -> Tuple[str, float]:
+def schedule_end(p: PruneConfig, regrow: bool = True) -> Tuple[str, float]:
     """The key and value (in ``unit``s) of the last mask event of ``p``'s schedule (``regrow=False``:
     of its pruning alone)."""
     if regrow and p.regrow_until is not None:
@@ -76,37 +76,62 @@ def schedule_end(p: Any, regrow: bool = True) -> Tuple[str, float]:
     return ("prune.start", p.start) if p.method == "oneshot" else ("prune.end", p.end)
 
 
-def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
+def validate_prune(p: PruneConfig, finetune_epochs: Optional[int] = None) -> None:
     """Check ``p`` (a PruneConfig); ``finetune_epochs`` lets epoch schedules be checked against the phase."""
     require(p.method in METHODS, "prune.method", p.method, "one of " + ", ".join(METHODS))
     require(p.unit in UNITS, "prune.unit", p.unit, "epoch or step")
     require(p.scope in ("layer", "global"), "prune.scope", p.scope, "layer or global")
     require(0 <= p.macs_exponent <= 2, "prune.macs_exponent", p.macs_exponent, "a number in [0, 2]")
-    require(p.scope == "global" or p.macs_exponent == 0, "prune.macs_exponent", p.macs_exponent,
-            "0 with prune.scope=layer (it weighs layers against each other under one threshold: prune.scope=global)")
+    require(
+        p.scope == "global" or p.macs_exponent == 0,
+        "prune.macs_exponent",
+        p.macs_exponent,
+        "0 with prune.scope=layer (it weighs layers against each other under one threshold: prune.scope=global)",
+    )
     for key in ("initial_sparsity", "final_sparsity"):
         value = getattr(p, key)
         require(0 <= value < 1, f"prune.{key}", value, "a fraction in [0, 1)")
-    require(p.final_sparsity >= p.initial_sparsity, "prune.final_sparsity", p.final_sparsity,
-            f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})")
+    require(
+        p.final_sparsity >= p.initial_sparsity,
+        "prune.final_sparsity",
+        p.final_sparsity,
+        f"a fraction >= prune.initial_sparsity ({p.initial_sparsity})",
+    )
     require(0 < p.max_layer_sparsity <= 1, "prune.max_layer_sparsity", p.max_layer_sparsity, "a fraction in (0, 1]")
-    require(p.scope == "global" or p.max_layer_sparsity == 1, "prune.max_layer_sparsity", p.max_layer_sparsity,
-            "1 with prune.scope=layer (a ceiling for the layers under one threshold: prune.scope=global)")
-    require(p.max_layer_sparsity > p.final_sparsity, "prune.max_layer_sparsity", p.max_layer_sparsity,
-            f"above prune.final_sparsity ({p.final_sparsity}): at it every layer is at the target, which is "
-            "prune.scope=layer")
+    require(
+        p.scope == "global" or p.max_layer_sparsity == 1,
+        "prune.max_layer_sparsity",
+        p.max_layer_sparsity,
+        "1 with prune.scope=layer (a ceiling for the layers under one threshold: prune.scope=global)",
+    )
+    require(
+        p.max_layer_sparsity > p.final_sparsity,
+        "prune.max_layer_sparsity",
+        p.max_layer_sparsity,
+        f"above prune.final_sparsity ({p.final_sparsity}): at it every layer is at the target, which is "
+        "prune.scope=layer",
+    )
     require(p.start >= 0, "prune.start", p.start, "a number >= 0")
     if p.method in ("agp", "iterative"):  # oneshot has no end
         require(p.end >= p.start, "prune.end", p.end, f"a number >= prune.start ({p.start})")
     if p.method == "iterative" and p.rounds > 1:
-        require(p.end > p.start, "prune.end", p.end, f"a number > prune.start ({p.start}) so that "
-                f"prune.rounds={p.rounds} rounds can be spread over [start, end]")
+        require(
+            p.end > p.start,
+            "prune.end",
+            p.end,
+            f"a number > prune.start ({p.start}) so that "
+            f"prune.rounds={p.rounds} rounds can be spread over [start, end]",
+        )
     require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
     require(0 < p.regrow_fraction < 1, "prune.regrow_fraction", p.regrow_fraction, "a fraction in (0, 1)")
     if p.regrow_until is not None:
         key, last = schedule_end(p, regrow=False)
-        require(p.regrow_until >= last, "prune.regrow_until", p.regrow_until,
-                f"null or a time >= {key} ({last}): masks regrow from the schedule's first cut until then")
+        require(
+            p.regrow_until >= last,
+            "prune.regrow_until",
+            p.regrow_until,
+            f"null or a time >= {key} ({last}): masks regrow from the schedule's first cut until then",
+        )
     require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
     for pattern, value in p.overrides.items():
         require(0 <= value < 1, f"prune.overrides.{pattern}", value, "a fraction in [0, 1)")
@@ -119,8 +144,13 @@ def validate_prune(p: Any, finetune_epochs: Optional[int] = None) -> None:
     load_overrides_file(p.overrides_file)  # a missing or malformed file is refused here, before any training
     if finetune_epochs and prunes(p) and p.unit == "epoch":
         key, last = schedule_end(p)
-        require(last <= finetune_epochs, key, last, f"at most trainer.finetune_epochs ({finetune_epochs}): the "
-                f"schedule must finish inside the finetune phase (raise trainer.finetune_epochs or lower {key})")
+        require(
+            last <= finetune_epochs,
+            key,
+            last,
+            f"at most trainer.finetune_epochs ({finetune_epochs}): the "
+            f"schedule must finish inside the finetune phase (raise trainer.finetune_epochs or lower {key})",
+        )
     for value in p.sensitivity:
         require(0 < value < 1, "prune.sensitivity", list(p.sensitivity), "a list of fractions in (0, 1)")
     require(p.sensitivity_tolerance >= 0, "prune.sensitivity_tolerance", p.sensitivity_tolerance, "a fraction >= 0")
@@ -132,16 +162,20 @@ def load_overrides_file(path: Optional[str]) -> Dict[str, float]:
         return {}
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"prune.overrides_file={path!r}: no such file (give a YAML file with an `overrides:` "
-                          "mapping, e.g. a run's sensitivity_overrides.yaml)")
+        raise ConfigError(
+            f"prune.overrides_file={path!r}: no such file (give a YAML file with an `overrides:` "
+            "mapping, e.g. a run's sensitivity_overrides.yaml)"
+        )
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"prune.overrides_file={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
     overrides = data.get("overrides") if isinstance(data, dict) else None
     if not isinstance(overrides, dict):
-        raise ConfigError(f"prune.overrides_file={path!r}: needs a top-level `overrides:` mapping of layer name "
-                          "(or regex) -> sparsity")
+        raise ConfigError(
+            f"prune.overrides_file={path!r}: needs a top-level `overrides:` mapping of layer name "
+            "(or regex) -> sparsity"
+        )
     for name, value in overrides.items():
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
         require(ok, f"prune.overrides_file: {name}", value, "a fraction in [0, 1)")

@@ -52,10 +52,13 @@ def magnitude_mask(weight: Tensor, sparsity: float, previous: Optional[Tensor] =
 
 
 @torch.no_grad()
-def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
-                           previous: Optional[Dict[str, Tensor]] = None,
-                           scale: Optional[Dict[str, float]] = None, max_layer_sparsity: float = 1.0
-                           ) -> Dict[str, Tensor]:
+def global_magnitude_masks(
+    weights: Dict[str, Tensor],
+    sparsity: float,
+    previous: Optional[Dict[str, Tensor]] = None,
+    scale: Optional[Dict[str, float]] = None,
+    max_layer_sparsity: float = 1.0,
+) -> Dict[str, Tensor]:
     """Keep-masks for ``weights`` that prune ``sparsity`` of all their weights together:
     one magnitude threshold, so layers end at different sparsities. ``scale`` multiplies a
     layer's magnitudes before they meet the threshold (default 1). No layer loses more than
@@ -77,7 +80,7 @@ def global_magnitude_masks(weights: Dict[str, Tensor], sparsity: float,
     masks, offset = {}, 0
     for n in names:
         w = weights[n]
-        masks[n] = keep[offset:offset + w.numel()].view_as(w).to(w.device)
+        masks[n] = keep[offset : offset + w.numel()].view_as(w).to(w.device)
         offset += w.numel()
     return masks
 
@@ -105,7 +108,9 @@ def drop_and_grow(weight: Tensor, keep: Tensor, grad: Tensor, fraction: float) -
         return keep
     magnitude, gradient = weight.detach().abs().flatten().float(), grad.detach().abs().flatten().float()
     drop = torch.argsort(magnitude.masked_fill(~live, math.inf), stable=True)[:n]  # the weakest live weights
-    grow = torch.argsort(gradient.masked_fill(live, -1.0), descending=True, stable=True)[:n]  # the most wanted pruned ones
+    grow = torch.argsort(gradient.masked_fill(live, -1.0), descending=True, stable=True)[
+        :n
+    ]  # the most wanted pruned ones
     new = live.clone()
     new[drop] = False
     new[grow] = True

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,9 @@ from sparsebench.prune.schedule import build_schedule, progress_at, to_steps
 from sparsebench.prune.selection import final_targets, prunable_layers
 from sparsebench.train import TrainHook
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.prune.config import PruneConfig
+
 log = logging.getLogger("sparsebench.prune")
 
 
@@ -41,7 +44,7 @@ class MagnitudePruner(TrainHook):
 
     name = "prune"
 
-    def __init__(self, cfg: Any, model: nn.Module, macs_per_weight: Optional[Dict[str, int]] = None):
+    def __init__(self, cfg: PruneConfig, model: nn.Module, macs_per_weight: Optional[Dict[str, int]] = None):
         self.cfg = cfg
         self.layers = prunable_layers(model, cfg)
         self.layer_names = list(self.layers)
@@ -81,15 +84,23 @@ class MagnitudePruner(TrainHook):
             if n not in self.pooled:
                 self.masks[n] = magnitude_mask(weights[n], self.target(n, progress), self.masks.get(n))
         if self.pooled:
-            self.masks.update(global_magnitude_masks({n: weights[n] for n in self.pooled},
-                                                     self.nominal_target(progress),
-                                                     {n: self.masks[n] for n in self.pooled if n in self.masks},
-                                                     self.score_scale, float(self.cfg.max_layer_sparsity)))
+            self.masks.update(
+                global_magnitude_masks(
+                    {n: weights[n] for n in self.pooled},
+                    self.nominal_target(progress),
+                    {n: self.masks[n] for n in self.pooled if n in self.masks},
+                    self.score_scale,
+                    float(self.cfg.max_layer_sparsity),
+                )
+            )
             if progress >= 1 and self.progress != progress:  # the final masks, once: an empty layer cuts the signal
                 empty = torch.stack([~self.masks[n].any() for n in self.pooled]).tolist()  # one sync
                 if any(empty):
-                    log.warning("prune: %s lost every weight under the one threshold; set prune.max_layer_sparsity "
-                                "below 1 to keep some", ", ".join(n for n, e in zip(self.pooled, empty) if e))
+                    log.warning(
+                        "prune: %s lost every weight under the one threshold; set prune.max_layer_sparsity "
+                        "below 1 to keep some",
+                        ", ".join(n for n, e in zip(self.pooled, empty) if e),
+                    )
         if self.grads:
             self.apply_masks()  # grown weights enter at zero, not where old momentum moved them this step
             fraction = self.regrow_fraction_at(self.step)
@@ -178,8 +189,10 @@ def _score_scale(pooled: List[str], macs_per_weight: Optional[Dict[str, int]], e
         return {}
     missing = [n for n in pooled if not (macs_per_weight or {}).get(n)]
     if missing:
-        raise ConfigError(f"prune.macs_exponent={exponent}: the forward pass never reaches {', '.join(missing)}, "
-                          "so its compute is unknown (leave it out with prune.layers)")
+        raise ConfigError(
+            f"prune.macs_exponent={exponent}: the forward pass never reaches {', '.join(missing)}, "
+            "so its compute is unknown (leave it out with prune.layers)"
+        )
     if len(pooled) < 2:
         log.warning("prune.macs_exponent=%s does nothing: fewer than two layers share the threshold", exponent)
     cheapest = min((macs_per_weight[n] for n in pooled), default=1)

@@ -11,10 +11,13 @@ events.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from sparsebench.errors import ConfigError
 from sparsebench.prune.config import schedule_end
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.prune.config import PruneConfig
 
 
 def to_steps(value: float, unit: str, steps_per_epoch: int) -> int:
@@ -30,7 +33,7 @@ def agp_progress(step: int, start: int, end: int) -> float:
     return 1.0 - (1.0 - t) ** 3
 
 
-def build_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Dict[int, float]:
+def build_schedule(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -> Dict[int, float]:
     """``{step: progress}`` for ``cfg`` (a PruneConfig) over a phase of ``total_steps`` steps."""
     start = to_steps(cfg.start, cfg.unit, steps_per_epoch)
     end = to_steps(cfg.end, cfg.unit, steps_per_epoch)
@@ -53,9 +56,11 @@ def build_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Dict[int
     key, value = schedule_end(cfg)
     last = max(events)
     if last > total_steps:
-        raise ConfigError(f"{key}={value!r} ({cfg.unit}s) is not allowed: the schedule ends at step {last} but the "
-                          f"finetune phase has only {total_steps} steps ({steps_per_epoch} per epoch); lower {key} "
-                          "or raise trainer.finetune_epochs")
+        raise ConfigError(
+            f"{key}={value!r} ({cfg.unit}s) is not allowed: the schedule ends at step {last} but the "
+            f"finetune phase has only {total_steps} steps ({steps_per_epoch} per epoch); lower {key} "
+            "or raise trainer.finetune_epochs"
+        )
     return dict(sorted(events.items()))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Set, Tuple
 
 from torch import nn
 
@@ -11,8 +11,11 @@ from sparsebench.errors import ConfigError
 from sparsebench.layers import matching_layers, resolve_overrides, weight_layers
 from sparsebench.prune.config import load_overrides_file
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.prune.config import PruneConfig
 
-def prunable_layers(model: nn.Module, cfg: Any) -> Dict[str, nn.Module]:
+
+def prunable_layers(model: nn.Module, cfg: PruneConfig) -> Dict[str, nn.Module]:
     """The conv/linear layers ``cfg`` (a PruneConfig) prunes, by qualified name, in model order.
 
     ``prune.layers`` (a regex, full match) narrows the set; keep_first_dense /
@@ -24,8 +27,10 @@ def prunable_layers(model: nn.Module, cfg: Any) -> Dict[str, nn.Module]:
     if cfg.layers is not None:
         chosen = [n for n in names if re.fullmatch(cfg.layers, n)]
         if not chosen:
-            raise ConfigError(f"prune.layers={cfg.layers!r} matches no conv/linear layer (full match); the layers "
-                              f"are: {', '.join(names)}")
+            raise ConfigError(
+                f"prune.layers={cfg.layers!r} matches no conv/linear layer (full match); the layers "
+                f"are: {', '.join(names)}"
+            )
     dense = set()
     if cfg.keep_first_dense and names:
         dense.add(names[0])
@@ -33,14 +38,16 @@ def prunable_layers(model: nn.Module, cfg: Any) -> Dict[str, nn.Module]:
         dense.add(names[-1])
     chosen = [n for n in chosen if n not in dense]
     if not chosen:
-        raise ConfigError(f"prune.layers={cfg.layers!r}: no prunable layer is left once keep_first_dense/"
-                          f"keep_last_dense keep {', '.join(sorted(dense))} dense; the layers are: {', '.join(names)}")
+        raise ConfigError(
+            f"prune.layers={cfg.layers!r}: no prunable layer is left once keep_first_dense/"
+            f"keep_last_dense keep {', '.join(sorted(dense))} dense; the layers are: {', '.join(names)}"
+        )
     return {n: every[n] for n in chosen}
 
 
-def final_targets(names: List[str], cfg: Any, all_layers: List[str]) -> Tuple[Dict[str, float], Set[str]]:
-    """Each prunable layer's final sparsity, and the set of layers an override set: prune.final_sparsity, then the overrides file,
-    then prune.overrides (regexes first, exact names last, so the most specific wins).
+def final_targets(names: List[str], cfg: PruneConfig, all_layers: List[str]) -> Tuple[Dict[str, float], Set[str]]:
+    """Each prunable layer's final sparsity, and the set of layers an override set: prune.final_sparsity,
+    then the overrides file, then prune.overrides (regexes first, exact names last, so the most specific wins).
 
     An entry of ``prune.overrides`` that matches no prunable layer is an error. An entry of the
     overrides file may name a layer this run keeps dense (the file usually comes from a study
@@ -53,16 +60,19 @@ def final_targets(names: List[str], cfg: Any, all_layers: List[str]) -> Tuple[Di
     for pattern, value in from_file.items():
         hits = matching_layers(pattern, names)
         if not hits and not matching_layers(pattern, all_layers):
-            raise ConfigError(f"prune.overrides_file: {pattern!r} matches no layer of the model; the prunable layers "
-                              f"are: {listing}")
+            raise ConfigError(
+                f"prune.overrides_file: {pattern!r} matches no layer of the model; the prunable layers are: {listing}"
+            )
         targets.update({n: float(value) for n in hits})
         overridden.update(hits)
     given = dict(cfg.overrides)
     chosen, unmatched = resolve_overrides(names, list(given))
     if unmatched:
         pattern = unmatched[0]
-        raise ConfigError(f"prune.overrides.{pattern}={given[pattern]!r} matches no prunable layer (exact name "
-                          f"or full-match regex); the prunable layers are: {listing}")
+        raise ConfigError(
+            f"prune.overrides.{pattern}={given[pattern]!r} matches no prunable layer (exact name "
+            f"or full-match regex); the prunable layers are: {listing}"
+        )
     targets.update({n: float(given[key]) for n, key in chosen.items()})
     overridden.update(chosen)
     return targets, overridden

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 import torch
 import yaml
@@ -18,11 +18,20 @@ from torch import nn
 
 from sparsebench.prune.masks import magnitude_mask, weight_param
 from sparsebench.prune.selection import prunable_layers
-from sparsebench.track import atomic_write_bytes, atomic_write_text, write_csv
+from sparsebench.rundir import atomic_write_bytes, write_csv
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.prune.config import PruneConfig
 
 
-def sensitivity_study(cfg: Any, model: nn.Module, evaluate: Callable[[], float], acc_dense: float,
-                      run_dir: Path, tracker: Any = None) -> Dict[str, Dict[float, float]]:
+def sensitivity_study(
+    cfg: PruneConfig,
+    model: nn.Module,
+    evaluate: Callable[[], float],
+    acc_dense: float,
+    run_dir: Path,
+    tracker: Any = None,
+) -> Dict[str, Dict[float, float]]:
     """Run the study for ``cfg`` (a PruneConfig) on ``model`` and write its three files.
 
     ``evaluate()`` returns the current test accuracy (a fraction). The model's weights are
@@ -43,13 +52,20 @@ def sensitivity_study(cfg: Any, model: nn.Module, evaluate: Callable[[], float],
                 weight.copy_(original)
     tolerance = float(cfg.sensitivity_tolerance)
     safe = {name: safe_sparsity(accs, acc_dense, tolerance) for name, accs in table.items()}
-    rows = [{"layer": name, "params": weight_param(layers[name]).numel(), "acc_dense": acc_dense,
-             **{f"{level:g}": acc for level, acc in accs.items()}, "safe_sparsity": safe[name]}
-            for name, accs in table.items()]
+    rows = [
+        {
+            "layer": name,
+            "params": weight_param(layers[name]).numel(),
+            "acc_dense": acc_dense,
+            **{f"{level:g}": acc for level, acc in accs.items()},
+            "safe_sparsity": safe[name],
+        }
+        for name, accs in table.items()
+    ]
     run_dir = Path(run_dir)
     write_csv(run_dir / "sensitivity.csv", rows)
     atomic_write_bytes(run_dir / "sensitivity.png", plot_png(table, acc_dense, tolerance))
-    atomic_write_text(run_dir / "sensitivity_overrides.yaml", overrides_yaml(safe, tolerance))
+    atomic_write_bytes(run_dir / "sensitivity_overrides.yaml", overrides_yaml(safe, tolerance).encode())
     if tracker is not None:
         tracker.table("sensitivity", rows)
     return table
@@ -67,9 +83,11 @@ def safe_sparsity(accs: Dict[float, float], acc_dense: float, tolerance: float) 
 
 
 def overrides_yaml(safe: Dict[str, float], tolerance: float) -> str:
-    header = (f"# Per-layer final sparsity from sensitivity.csv: the highest sparsity that cost at most "
-              f"{100 * tolerance:g} point(s)\n# of test accuracy when that layer alone was pruned (no retraining).\n"
-              "# Use: prune=agp prune.overrides_file=<this file>\n")
+    header = (
+        f"# Per-layer final sparsity from sensitivity.csv: the highest sparsity that cost at most "
+        f"{100 * tolerance:g} point(s)\n# of test accuracy when that layer alone was pruned (no retraining).\n"
+        "# Use: prune=agp prune.overrides_file=<this file>\n"
+    )
     return header + yaml.safe_dump({"overrides": {n: float(s) for n, s in safe.items()}}, sort_keys=False)
 
 
@@ -85,8 +103,9 @@ def plot_png(table: Dict[str, Dict[float, float]], acc_dense: float, tolerance: 
         levels: List[float] = sorted(accs)
         ax.plot([100 * s for s in levels], [100 * accs[s] for s in levels], marker="o", label=name)
     ax.axhline(100 * acc_dense, color="black", linestyle="--", linewidth=1, label="dense")
-    ax.axhline(100 * (acc_dense - tolerance), color="grey", linestyle=":", linewidth=1,
-               label=f"dense - {100 * tolerance:g} pt")
+    ax.axhline(
+        100 * (acc_dense - tolerance), color="grey", linestyle=":", linewidth=1, label=f"dense - {100 * tolerance:g} pt"
+    )
     ax.set_xlabel("sparsity of the one pruned layer (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Pruning sensitivity, one layer at a time (no retraining)")

@@ -8,14 +8,17 @@ quantization with a straight-through estimator), or None for ``quant=none``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from torch import nn
 
 from sparsebench.train import TrainHook
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.quant.config import QuantConfig
 
-def build_quantizer(cfg: Any, model: nn.Module) -> Optional[TrainHook]:
+
+def build_quantizer(cfg: QuantConfig, model: nn.Module) -> Optional[TrainHook]:
     """The QAT hook for ``cfg`` (a QuantConfig), or None for ``quant=none``.
 
     Checks what needs the model before any training: per-layer overrides must name a layer,

@@ -30,8 +30,14 @@ class QuantConfig:
 
 
 # The keys one method reads and the others ignore; every quantizer reads bits, start and overrides.
-ONE_METHOD_KEYS = {"symmetric": "linear", "per_channel": "linear", "learn_scale": "linear",
-                   "refit_every": "kmeans", "kmeans_iters": "kmeans", "kmeans_per_channel": "kmeans"}
+ONE_METHOD_KEYS = {
+    "symmetric": "linear",
+    "per_channel": "linear",
+    "learn_scale": "linear",
+    "refit_every": "kmeans",
+    "kmeans_iters": "kmeans",
+    "kmeans_per_channel": "kmeans",
+}
 
 
 def method_reads(method: str, key: str) -> bool:
@@ -48,23 +54,41 @@ def validate_quant(q: Any, finetune_epochs: Optional[int] = None) -> None:
     """
     require(q.method in METHODS, "quant.method", q.method, "one of " + ", ".join(METHODS))
     if q.method == "none":
-        require(q.bits == FP32, "quant.bits", q.bits,
-                "32 when quant.method=none (weights=fp32 sets both; quant=linear, pow2 or kmeans take 2..8)")
+        require(
+            q.bits == FP32,
+            "quant.bits",
+            q.bits,
+            "32 when quant.method=none (weights=fp32 sets both; quant=linear, pow2 or kmeans take 2..8)",
+        )
         require(not q.overrides, "quant.overrides", dict(q.overrides), "empty when quant.method=none")
     else:
-        require(MIN_BITS <= q.bits <= MAX_BITS, "quant.bits", q.bits,
-                f"an integer in {MIN_BITS}..{MAX_BITS} for quant.method={q.method}")
+        require(
+            MIN_BITS <= q.bits <= MAX_BITS,
+            "quant.bits",
+            q.bits,
+            f"an integer in {MIN_BITS}..{MAX_BITS} for quant.method={q.method}",
+        )
     require(q.start >= 0, "quant.start", q.start, "a number >= 0 (epochs into the finetune phase)")
     if finetune_epochs is not None and q.method != "none":
-        require(q.start <= finetune_epochs, "quant.start", q.start, f"at most trainer.finetune_epochs "
-                f"({finetune_epochs}); quant.start=trainer.finetune_epochs quantizes after retraining, without QAT")
+        require(
+            q.start <= finetune_epochs,
+            "quant.start",
+            q.start,
+            f"at most trainer.finetune_epochs "
+            f"({finetune_epochs}); quant.start=trainer.finetune_epochs quantizes after retraining, without QAT",
+        )
     require(q.refit_every >= 1, "quant.refit_every", q.refit_every, "an integer >= 1")
     require(q.kmeans_iters >= 1, "quant.kmeans_iters", q.kmeans_iters, "an integer >= 1")
     for pattern, bits in q.overrides.items():
-        require(MIN_BITS <= bits <= MAX_BITS or bits == FP32, f"quant.overrides.{pattern}", bits,
-                f"an integer in {MIN_BITS}..{MAX_BITS}, or 32 to keep that layer fp32")
+        require(
+            MIN_BITS <= bits <= MAX_BITS or bits == FP32,
+            f"quant.overrides.{pattern}",
+            bits,
+            f"an integer in {MIN_BITS}..{MAX_BITS}, or 32 to keep that layer fp32",
+        )
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"quant.overrides.{pattern}: {pattern!r} is not a valid layer name or "
-                              f"regular expression ({e})") from None
+            raise ConfigError(
+                f"quant.overrides.{pattern}: {pattern!r} is not a valid layer name or regular expression ({e})"
+            ) from None

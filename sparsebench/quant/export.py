@@ -15,14 +15,14 @@ whole conv+BN the benchmark should time. The metadata lists the folded BatchNorm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from sparsebench.layers import weight_layers
 from sparsebench.quant.fold import bn_pairs, folded
-from sparsebench.sparse.format import CODE_BITS, PackedLayer, load_packed, pack_weight, save_packed
+from sparsebench.sparse.format import CODE_BITS, PackedLayer, pack_weight, save_packed
 
 FP32 = 32
 
@@ -76,8 +76,9 @@ def layer_facts(layer: PackedLayer, bits: int, method: str) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def export_packed(model: nn.Module, quantizer: Optional[Any], path: Path,
-                  metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+def export_packed(
+    model: nn.Module, quantizer: Optional[Any], path: Path, metadata: Optional[Dict[str, Any]] = None
+) -> Dict[str, Dict[str, Any]]:
     """Pack every conv/linear layer of ``model`` into ``path``; per-layer facts by layer name.
 
     ``quantizer`` (the ``quant`` hook, after training) supplies each quantized layer's grid;
@@ -101,69 +102,3 @@ def export_packed(model: nn.Module, quantizer: Optional[Any], path: Path,
     }
     save_packed(path, packed, meta)
     return facts
-
-
-def load_for_model(path: Path, model: nn.Module) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
-    """Load ``path`` and check it belongs to ``model``: the same layers, shapes and geometry.
-
-    Raises ValueError with one line naming the file and the first mismatch (a corrupt file
-    is refused by ``load_packed`` with the tensor that fails its checksum).
-    """
-    layers, meta = load_packed(path)
-    mine = weight_layers(model)
-    missing, extra = sorted(set(mine) - set(layers)), sorted(set(layers) - set(mine))
-    if missing or extra:
-        raise ValueError(f"{path}: does not match this model: layers missing from the file {missing[:5]}, "
-                         f"layers the model lacks {extra[:5]}")
-    for name, m in mine.items():
-        shape = tuple(m.weight.shape)
-        if tuple(layers[name].weight_shape) != shape:
-            raise ValueError(f"{path}: layer {name!r} has weight shape {tuple(layers[name].weight_shape)} in the file, "
-                             f"{shape} in the model")
-        if isinstance(m, nn.Conv2d) and (layers[name].stride, layers[name].padding) != (m.stride[0], m.padding[0]):
-            raise ValueError(f"{path}: layer {name!r} has stride/padding {layers[name].stride}/{layers[name].padding} "
-                             f"in the file, {m.stride[0]}/{m.padding[0]} in the model")
-    return layers, meta
-
-
-class PackedConv2d(nn.Module):
-    """Runs one packed conv layer (BatchNorm folded in) through the sparse reference or kernel."""
-
-    def __init__(self, layer: PackedLayer, use_kernels: bool = False):
-        super().__init__()
-        self.layer, self.use_kernels = layer, use_kernels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from sparsebench.sparse import ops
-
-        op = ops.sparse_conv2d if self.use_kernels else ops.reference_conv2d
-        return op(x, self.layer.to(x.device))
-
-
-class PackedLinear(PackedConv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from sparsebench.sparse import ops
-
-        op = ops.sparse_linear if self.use_kernels else ops.reference_linear
-        return op(x, self.layer.to(x.device))
-
-
-def packed_model(model: nn.Module, layers: Dict[str, PackedLayer], metadata: Dict[str, Any],
-                 use_kernels: bool = False) -> nn.Module:
-    """A copy of ``model`` whose conv/linear layers run the packed ones and whose folded
-    BatchNorms are the identity: the whole network as the sparse kernels would run it."""
-    import copy
-
-    net = copy.deepcopy(model).eval()
-    folded_bn: List[str] = list(metadata.get("folded_bn", {}).values())
-    for name, layer in layers.items():
-        _replace(net, name, (PackedConv2d if layer.kind == "conv2d" else PackedLinear)(layer, use_kernels))
-    for name in folded_bn:
-        _replace(net, name, nn.Identity())
-    return net
-
-
-def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

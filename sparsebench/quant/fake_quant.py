@@ -26,8 +26,17 @@ class FakeQuant(nn.Module):
     ``codebook`` for kmeans ([2**bits] for the layer, or [C_out, 2**bits] with ``per_channel``).
     """
 
-    def __init__(self, method: str, bits: int, weight: torch.Tensor, *, symmetric: bool = True,
-                 per_channel: bool = True, learn_scale: bool = False, bn: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        method: str,
+        bits: int,
+        weight: torch.Tensor,
+        *,
+        symmetric: bool = True,
+        per_channel: bool = True,
+        learn_scale: bool = False,
+        bn: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.method, self.bits = method, bits
         self.symmetric = symmetric if method == "linear" else True

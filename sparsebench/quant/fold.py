@@ -38,7 +38,7 @@ def bn_pairs(model: nn.Module) -> Dict[str, str]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN) or not node.args:
             continue
         src = node.args[0]
-        if (getattr(src, "op", None) == "call_module" and src.target in layers and len(src.users) == 1):
+        if getattr(src, "op", None) == "call_module" and src.target in layers and len(src.users) == 1:
             pairs[src.target] = node.target
     return pairs
 
@@ -49,10 +49,10 @@ def _sequential_pairs(model: nn.Module) -> Dict[str, str]:
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq.named_children())
+        dot = f"{prefix}." if prefix else ""
         for (name, m), (next_name, nxt) in zip(children, children[1:]):
             if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(nxt, _BN):
-                join = (lambda n: f"{prefix}.{n}" if prefix else n)
-                pairs[join(name)] = join(next_name)
+                pairs[dot + name] = dot + next_name
     return pairs
 
 
@@ -68,8 +68,9 @@ def safe_factor(factor: torch.Tensor) -> torch.Tensor:
     return torch.where(factor == 0, torch.ones_like(factor), factor)
 
 
-def folded(weight: torch.Tensor, bias: Optional[torch.Tensor],
-           bn: Optional[_BN]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def folded(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[_BN]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(weight, bias) with ``bn`` folded in (eval-mode statistics); unchanged when bn is None."""
     if bn is None:
         return weight, bias

@@ -100,15 +100,17 @@ def asym_zero_point(w: torch.Tensor, scale: torch.Tensor, bits: int, per_channel
     return torch.round(-lo / scale.detach().reshape(-1)).clamp(qmin, qmax)
 
 
-def linear_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                 symmetric: bool) -> torch.Tensor:
+def linear_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
     """Integer codes (as float, with straight-through rounding) of w on the grid."""
     qmin, qmax = code_range(bits, symmetric)
     return torch.clamp(round_ste(w / _as_rows(scale, w)) + _as_rows(zero_point, w), qmin, qmax)
 
 
-def linear_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                      symmetric: bool) -> torch.Tensor:
+def linear_fake_quant(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
     """w snapped to ``scale * (code - zero_point)``; exact zeros stay exact zeros."""
     codes = linear_codes(w, scale, zero_point, bits, symmetric)
     return (codes - _as_rows(zero_point, w)) * _as_rows(scale, w)
@@ -149,8 +151,9 @@ def level_fake_quant(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return straight_through(w, level_values(levels, nearest_level(w, levels)))
 
 
-def fit_codebook(values: torch.Tensor, n_free: int, iters: int = 30,
-                 init: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fit_codebook(
+    values: torch.Tensor, n_free: int, iters: int = 30, init: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """1-D k-means (Lloyd) with ``n_free`` free centres plus one fixed at exactly 0, for each row of ``values``.
 
     ``values`` [R, N] are R independent fits, run together (a per-channel codebook is one row per

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -28,20 +28,29 @@ from sparsebench.quant.fake_quant import FakeQuant
 from sparsebench.quant.fold import bn_pairs
 from sparsebench.train import TrainHook
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.quant.config import QuantConfig
+
 log = logging.getLogger(__name__)
 
 
-def layer_bits(cfg: Any, names: List[str]) -> Dict[str, Tuple[int, str]]:
+def layer_bits(cfg: QuantConfig, names: List[str]) -> Dict[str, Tuple[int, str]]:
     """(bits, the config key that set them) per layer: ``quant.bits``, or the override matching
     it (an exact name first, else the last matching regex, full match). 32 keeps a layer fp32.
     An override that names no layer is refused."""
     overrides = {str(k): int(v) for k, v in cfg.overrides.items()}
     chosen, unmatched = resolve_overrides(names, list(overrides))
     if unmatched:
-        raise ConfigError(f"quant.overrides.{unmatched[0]}: matches no conv/linear layer of this model "
-                          f"(full match; the layers are: {', '.join(names)})")
-    return {name: (overrides[chosen[name]], f"quant.overrides.{chosen[name]}") if name in chosen
-            else (int(cfg.bits), "quant.bits") for name in names}
+        raise ConfigError(
+            f"quant.overrides.{unmatched[0]}: matches no conv/linear layer of this model "
+            f"(full match; the layers are: {', '.join(names)})"
+        )
+    return {
+        name: (overrides[chosen[name]], f"quant.overrides.{chosen[name]}")
+        if name in chosen
+        else (int(cfg.bits), "quant.bits")
+        for name in names
+    }
 
 
 def check_codebook_fits(name: str, weight: torch.Tensor, bits: int, key: str) -> None:
@@ -50,9 +59,11 @@ def check_codebook_fits(name: str, weight: torch.Tensor, bits: int, key: str) ->
     nonzero = int((weight != 0).sum())
     levels = (1 << bits) - 1
     if nonzero < levels:
-        raise ConfigError(f"{key}={bits} is not allowed for layer {name!r}: its kmeans codebook has {levels} "
-                          f"levels besides zero but the layer has only {nonzero} non-zero weights; lower the bits "
-                          f"(quant.overrides can set them per layer)")
+        raise ConfigError(
+            f"{key}={bits} is not allowed for layer {name!r}: its kmeans codebook has {levels} "
+            f"levels besides zero but the layer has only {nonzero} non-zero weights; lower the bits "
+            f"(quant.overrides can set them per layer)"
+        )
 
 
 class Quantizer(TrainHook):
@@ -60,7 +71,7 @@ class Quantizer(TrainHook):
 
     name = "quant"
 
-    def __init__(self, cfg: Any, model: nn.Module):
+    def __init__(self, cfg: QuantConfig, model: nn.Module):
         self.cfg = cfg
         self.method = cfg.method
         names = list(weight_layers(model))
@@ -95,8 +106,15 @@ class Quantizer(TrainHook):
                 raise RuntimeError(f"quant: layer {name} is already fake-quantized (on_fit_start called twice)")
             bn = modules.get(self.fold_pairs[name]) if name in self.fold_pairs else None
             per_channel = self.per_channel_codebooks or (self.method != "kmeans" and self.cfg.per_channel)
-            fq = FakeQuant(self.method, self.bits[name], m.weight, symmetric=self.cfg.symmetric,
-                           per_channel=per_channel, learn_scale=self.cfg.learn_scale, bn=bn)
+            fq = FakeQuant(
+                self.method,
+                self.bits[name],
+                m.weight,
+                symmetric=self.cfg.symmetric,
+                per_channel=per_channel,
+                learn_scale=self.cfg.learn_scale,
+                bn=bn,
+            )
             parametrize.register_parametrization(m, "weight", fq)
             self.fake_quants[name] = fq
         self.active = False
@@ -117,8 +135,12 @@ class Quantizer(TrainHook):
         # Nor at the end of the epoch whose last step switched QAT on: the grids were just fitted.
         last = (epoch + 1) * self.steps_per_epoch >= self.total_steps
         just_started = epoch + 1 <= start_epoch
-        if (self.method == "kmeans" and not last and not just_started
-                and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0):
+        if (
+            self.method == "kmeans"
+            and not last
+            and not just_started
+            and (epoch + 1 - start_epoch) % self.cfg.refit_every == 0
+        ):
             self._calibrate(model, warm=True)
         return {"quant/active": 1.0}
 
@@ -130,8 +152,11 @@ class Quantizer(TrainHook):
 
     def on_fit_end(self, model: nn.Module) -> None:
         if not self.active:  # quant.start at or past the end: quantize after training (no QAT)
-            log.warning("quant.start=%s is not before the end of the finetune phase: the weights are quantized "
-                        "after training, without quantization-aware retraining", self.cfg.start)
+            log.warning(
+                "quant.start=%s is not before the end of the finetune phase: the weights are quantized "
+                "after training, without quantization-aware retraining",
+                self.cfg.start,
+            )
             self._activate(model)
         self.bake(model)
 
@@ -150,8 +175,13 @@ class Quantizer(TrainHook):
             nonzero = int((w != 0).sum())
             if self.method == "kmeans" and not self.per_channel_codebooks and nonzero < (1 << self.bits[name]) - 1:
                 # Refused up front on the dense weights; pruning got here later, so warn, not fail the run.
-                log.warning("quant: layer %s has %d non-zero weights after pruning, fewer than its %d codebook "
-                            "levels; each keeps its own level", name, nonzero, (1 << self.bits[name]) - 1)
+                log.warning(
+                    "quant: layer %s has %d non-zero weights after pruning, fewer than its %d codebook "
+                    "levels; each keeps its own level",
+                    name,
+                    nonzero,
+                    (1 << self.bits[name]) - 1,
+                )
             fq.calibrate(w, self.cfg.kmeans_iters, warm=warm)
         if self.method == "kmeans":
             self.fits += 1
@@ -164,7 +194,7 @@ class Quantizer(TrainHook):
         more, which also leaves the grids (statistics scales) exactly as they produced the
         baked values.
         """
-        for name, m in weight_layers(model).items():
+        for m in weight_layers(model).values():
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 
@@ -178,8 +208,9 @@ class Quantizer(TrainHook):
                 if not parametrize.is_parametrized(layers[name], "weight"):
                     continue  # baked: count on the export instead
                 wf = fq.quantize_folded(fq.folded_input(_input_of(layers[name], fq)))
-                counts[name] = _most_distinct_per_row(wf.reshape(wf.shape[0], -1) if fq.per_channel
-                                                      else wf.reshape(1, -1))
+                counts[name] = _most_distinct_per_row(
+                    wf.reshape(wf.shape[0], -1) if fq.per_channel else wf.reshape(1, -1)
+                )
         # One host sync for the whole model, not one per channel (4,810 on ResNet-18, each
         # waiting its turn on a shared GPU).
         return dict(zip(counts, torch.stack(list(counts.values())).tolist())) if counts else {}
@@ -187,23 +218,32 @@ class Quantizer(TrainHook):
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "method": self.method, "bits": dict(self.bits), "active": self.active, "fits": self.fits,
+            "method": self.method,
+            "bits": dict(self.bits),
+            "active": self.active,
+            "fits": self.fits,
             "per_channel_codebooks": self.per_channel_codebooks,
-            "grids": {name: {k: v.detach().cpu().clone() for k, v in fq.state_dict().items()}
-                      for name, fq in self.fake_quants.items()},
+            "grids": {
+                name: {k: v.detach().cpu().clone() for k, v in fq.state_dict().items()}
+                for name, fq in self.fake_quants.items()
+            },
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not state:
             return
         if state.get("method") != self.method or state.get("bits") != self.bits:
-            raise ConfigError(f"trainer.resume=true: the checkpoint was quantized with quant.method="
-                              f"{state.get('method')} and bits {state.get('bits')}, this run asks for "
-                              f"quant.method={self.method} and bits {self.bits}")
+            raise ConfigError(
+                f"trainer.resume=true: the checkpoint was quantized with quant.method="
+                f"{state.get('method')} and bits {state.get('bits')}, this run asks for "
+                f"quant.method={self.method} and bits {self.bits}"
+            )
         if state.get("per_channel_codebooks", False) != self.per_channel_codebooks:  # absent: per layer
-            raise ConfigError(f"trainer.resume=true: the checkpoint was quantized with quant.kmeans_per_channel="
-                              f"{state.get('per_channel_codebooks', False)}, this run asks for "
-                              f"quant.kmeans_per_channel={self.per_channel_codebooks}")
+            raise ConfigError(
+                f"trainer.resume=true: the checkpoint was quantized with quant.kmeans_per_channel="
+                f"{state.get('per_channel_codebooks', False)}, this run asks for "
+                f"quant.kmeans_per_channel={self.per_channel_codebooks}"
+            )
         for name, grid in state.get("grids", {}).items():
             if name in self.fake_quants:
                 self.fake_quants[name].load_state_dict(grid)

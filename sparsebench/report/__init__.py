@@ -13,14 +13,58 @@ no other file and no network.
 - ``page``: the files, the W&B run and the command.
 """
 
-from sparsebench.report.jobs import (DIED, applies, collect, job_label, read_curves, read_job, read_layer_speedups,
-                                     swept_keys, unique_labels)
+from sparsebench.report.jobs import (
+    DIED,
+    applies,
+    collect,
+    job_label,
+    read_curves,
+    read_job,
+    read_layer_speedups,
+    swept_keys,
+    unique_labels,
+)
 from sparsebench.report.page import log_wandb, main, plot_filename, render_html, write_report
-from sparsebench.report.plots import (Section, pareto_front, plot_accuracy, plot_curves, plot_footprint,
-                                      plot_layer_heatmaps, plot_pareto, plot_speedups, primary_speedup, sections)
+from sparsebench.report.plots import (
+    Section,
+    pareto_front,
+    plot_accuracy,
+    plot_curves,
+    plot_footprint,
+    plot_layer_heatmaps,
+    plot_pareto,
+    plot_speedups,
+    primary_speedup,
+    sections,
+)
 from sparsebench.report.tables import markdown_table, summary_columns, write_summary
 
-__all__ = ["DIED", "Section", "applies", "collect", "job_label", "log_wandb", "main", "markdown_table", "pareto_front",
-           "plot_accuracy", "plot_curves", "plot_filename", "plot_footprint", "plot_layer_heatmaps", "plot_pareto",
-           "plot_speedups", "primary_speedup", "read_curves", "read_job", "read_layer_speedups", "render_html",
-           "sections", "summary_columns", "swept_keys", "unique_labels", "write_report", "write_summary"]
+__all__ = [
+    "DIED",
+    "Section",
+    "applies",
+    "collect",
+    "job_label",
+    "log_wandb",
+    "main",
+    "markdown_table",
+    "pareto_front",
+    "plot_accuracy",
+    "plot_curves",
+    "plot_filename",
+    "plot_footprint",
+    "plot_layer_heatmaps",
+    "plot_pareto",
+    "plot_speedups",
+    "primary_speedup",
+    "read_curves",
+    "read_job",
+    "read_layer_speedups",
+    "render_html",
+    "sections",
+    "summary_columns",
+    "swept_keys",
+    "unique_labels",
+    "write_report",
+    "write_summary",
+]

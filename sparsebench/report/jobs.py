@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from sparsebench import sweep
+from sparsebench import rundir
 from sparsebench.quant.config import method_reads
 
 SPEEDUP = re.compile(r"^speedup/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")
@@ -24,8 +24,16 @@ FASTER = re.compile(r"^faster/(?P<baseline>[^/]+)/b(?P<batch>\d+)$")  # "W of L"
 LAYER_SPEEDUP = "speedup_vs_"
 DIED = "no metrics.json: the job died before it finished (killed, out of memory, or still running)"
 # metrics.json keys copied as they are.
-MEASURED = ("sparsity", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression", "macs_kept",
-            "runtime_s")
+MEASURED = (
+    "sparsity",
+    "acc_dense",
+    "acc_final",
+    "dense_bytes",
+    "footprint_bytes",
+    "compression",
+    "macs_kept",
+    "runtime_s",
+)
 GLOBAL_SCOPE_KEYS = ("prune.macs_exponent", "prune.max_layer_sparsity")  # read only under one threshold
 
 
@@ -35,8 +43,11 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
     Reference runs without a job number (``dense-<key>``) come first, then jobs by number; a
     run directory given on its own is its one job.
     """
-    subs = [p for p in Path(sweep_dir).iterdir()
-            if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())]
+    subs = [
+        p
+        for p in Path(sweep_dir).iterdir()
+        if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())
+    ]
     if not subs and (Path(sweep_dir) / ".hydra").is_dir():
         subs = [Path(sweep_dir)]
     nums = {p: _job_num(p, _hydra_yaml(p)) for p in subs}
@@ -64,14 +75,6 @@ def _load_yaml(path: Path) -> Any:
         return None
 
 
-def _load_metrics(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _dig(tree: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(tree, dict):
@@ -89,11 +92,16 @@ def split_override(override: str) -> Tuple[str, Any]:
 def read_job(job_dir: Path) -> Dict[str, Any]:
     """One summary row: what the job was (overrides, config) and what it measured (metrics.json)."""
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
-    config = _load_yaml(job_dir / ".hydra" / "config.yaml") or (_load_metrics(job_dir / "manifest.json") or {}).get("config", {})
-    metrics = _load_metrics(job_dir / "metrics.json")
+    config = _load_yaml(job_dir / ".hydra" / "config.yaml") or rundir.manifest_config(job_dir) or {}
+    try:
+        metrics, unreadable = rundir.read_metrics(job_dir), None
+    except rundir.Unreadable as e:
+        metrics, unreadable = None, f"unreadable metrics.json: {e}"
     hydra = _hydra_yaml(job_dir)
     prune_method = _dig(config, "prune.method") or "none"
-    if not (_dig(config, "prune.final_sparsity") or _dig(config, "prune.overrides") or _dig(config, "prune.overrides_file")):
+    if not (
+        _dig(config, "prune.final_sparsity") or _dig(config, "prune.overrides") or _dig(config, "prune.overrides_file")
+    ):
         prune_method = "none"  # every target 0: the dense point of a sparsity sweep
     quant_method = _dig(config, "quant.method") or "none"
     methods = [m for m in (prune_method, quant_method) if m != "none"]
@@ -115,7 +123,7 @@ def read_job(job_dir: Path) -> Dict[str, Any]:
     row["_choices"] = _dig(hydra, "hydra.runtime.choices") or {}
     row["_curves"] = read_curves(job_dir)  # a job that died may still have logged its epochs
     if metrics is None:
-        row["error"] = DIED
+        row["error"] = unreadable or DIED
         return row
     row["status"] = "ok" if metrics.get("status") == "ok" else "failed"
     row["bits"] = metrics.get("weight_bits", row["bits"])
@@ -147,7 +155,7 @@ def read_layer_speedups(job_dir: Path, backend: Optional[str] = None) -> Dict[Tu
             for col, value in rec.items():
                 if not (col or "").startswith(LAYER_SPEEDUP) or as_float(value) is None:
                     continue
-                baseline = col[len(LAYER_SPEEDUP):]
+                baseline = col[len(LAYER_SPEEDUP) :]
                 row_backend = rec.get("backend") or "?"
                 if row_backend == baseline or (backend and row_backend != backend):
                     continue
@@ -208,9 +216,11 @@ def _row_order(row: Dict[str, Any], swept: Sequence[str]) -> Tuple[Any, ...]:
     """Where a job goes in summary.csv, table.md and the plots: the shared dense model first, then by the
     swept values, numbers as numbers (several sweeps sharing a folder number their jobs from 0 each, so
     job order would interleave them); a key the job does not read sorts first; ties keep job order."""
+
     def value(key: str) -> Tuple[Any, ...]:
         v = row.get(key) if applies(row, key) else None
         return (0,) if v is None or v == "" else (1, as_float(v)) if as_float(v) is not None else (2, str(v))
+
     return (not is_shared_dense(row),) + tuple(value(k) for k in swept)
 
 
@@ -282,7 +292,7 @@ def baseline_batch(key: str) -> Tuple[str, int]:
 
 def is_shared_dense(row: Dict[str, Any]) -> bool:
     """The sweep's shared dense model (trainer.init_from=shared), not one of its jobs."""
-    return sweep.is_shared_dense(row["job"])
+    return rundir.is_shared_dense(row["job"])
 
 
 def job_label(row: Dict[str, Any], swept: Sequence[str]) -> str:
@@ -302,7 +312,7 @@ def unique_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[
 
 
 def job_name(row: Dict[str, Any]) -> str:
-    """"job N", or the folder of a job without a number."""
+    """ "job N", or the folder of a job without a number."""
     return f"job {row['num']}" if row.get("num") is not None else row["job"]
 
 

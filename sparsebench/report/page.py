@@ -16,14 +16,15 @@ from typing import Any, Dict, List, Optional, Sequence
 from sparsebench.report.jobs import applies, as_float, collect, split_override, swept_keys
 from sparsebench.report.plots import Section, sections
 from sparsebench.report.tables import markdown_table, summary_columns, write_summary
-from sparsebench.track import atomic_write_bytes, atomic_write_text
+from sparsebench.rundir import atomic_write_bytes
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;max-width:1240px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .meta{color:#555;font-size:13px} .note{color:#555;font-style:italic;font-size:13px}
 img{max-width:100%;height:auto;border:1px solid #eee}
-table{border-collapse:collapse;font-size:12px;margin-top:8px} th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
+table{border-collapse:collapse;font-size:12px;margin-top:8px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
 th{background:#f4f4f4;position:sticky;top:0;text-align:center} td.l{text-align:left} tr.failed td{background:#fdecea}
 .err{color:#b00020;text-align:left;min-width:260px;max-width:420px;overflow-wrap:anywhere}
 .wide{overflow-x:auto;max-width:100%}
@@ -45,8 +46,14 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
     failed = sum(r["status"] != "ok" for r in rows)
     swept = set(swept_keys(rows))
     jobs = [r for r in rows if r.get("num") is not None] or rows
-    common = sorted({o for r in jobs for o in r["_overrides"]
-                     if split_override(o)[0] not in swept and all(o in x["_overrides"] for x in jobs)})
+    common = sorted(
+        {
+            o
+            for r in jobs
+            for o in r["_overrides"]
+            if split_override(o)[0] not in swept and all(o in x["_overrides"] for x in jobs)
+        }
+    )
     out = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>sparsebench sweep {html.escape(sweep_dir.name)}</title><style>{_CSS}</style></head><body>",
@@ -63,7 +70,9 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
             out.append(f"<img alt='{html.escape(part.title)}' src='data:image/png;base64,{b64}'>")
         if part.note:
             out.append(f"<p class='note'>{html.escape(part.note)}</p>")
-    out.append("<h2>Jobs</h2><div class='wide'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+    out.append(
+        "<h2>Jobs</h2><div class='wide'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    )
     for r in rows:
         cells = []
         for c in columns:
@@ -71,8 +80,10 @@ def render_html(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence
             value = r.get(c) if c not in swept or applies(r, c) else None
             cells.append(f"<td class='{cls}'>{html.escape(_cell(value))}</td>")
         out.append(f"<tr class='{html.escape(r['status'])}'>{''.join(cells)}</tr>")
-    out.append("</table></div><p class='meta'>All numbers also in summary.csv beside this page; one folder per job "
-               "with metrics.json, layers.csv and manifest.json.</p></body></html>\n")
+    out.append(
+        "</table></div><p class='meta'>All numbers also in summary.csv beside this page; one folder per job "
+        "with metrics.json, layers.csv and manifest.json.</p></body></html>\n"
+    )
     return "\n".join(out)
 
 
@@ -87,25 +98,40 @@ def write_report(sweep_dir: Path, rows: Optional[List[Dict[str, Any]]] = None) -
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir) if rows is None else rows
     write_summary(sweep_dir / "summary.csv", rows)
-    atomic_write_text(sweep_dir / "table.md", markdown_table(rows))
+    atomic_write_bytes(sweep_dir / "table.md", markdown_table(rows).encode())
     parts = sections(rows)
     for index, part in enumerate(parts, 1):
         if part.png:
             atomic_write_bytes(sweep_dir / "plots" / plot_filename(index, part.title), part.png)
-    atomic_write_text(sweep_dir / "report.html", render_html(sweep_dir, rows, parts))
+    atomic_write_bytes(sweep_dir / "report.html", render_html(sweep_dir, rows, parts).encode())
     return parts
 
 
-def log_wandb(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence[Section], *, mode: str,
-              project: str, entity: Optional[str]) -> str:
+def log_wandb(
+    sweep_dir: Path,
+    rows: Sequence[Dict[str, Any]],
+    parts: Sequence[Section],
+    *,
+    mode: str,
+    project: str,
+    entity: Optional[str],
+) -> str:
     """One W&B run (job_type=report, grouped with the sweep's jobs) holding the summary table and the plots."""
     import wandb
     from PIL import Image
 
     columns = summary_columns(rows)
-    run = wandb.init(project=project, entity=entity, mode=mode, dir=str(sweep_dir), group=sweep_dir.name,
-                     job_type="report", name=f"report/{sweep_dir.name}", reinit="finish_previous",
-                     settings=wandb.Settings(console="off", silent=True))
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        mode=mode,
+        dir=str(sweep_dir),
+        group=sweep_dir.name,
+        job_type="report",
+        name=f"report/{sweep_dir.name}",
+        reinit="finish_previous",
+        settings=wandb.Settings(console="off", silent=True),
+    )
     try:
         table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows], allow_mixed_types=True)
         images = {f"plots/{p.title}": wandb.Image(Image.open(io.BytesIO(p.png))) for p in parts if p.png}
@@ -117,28 +143,39 @@ def log_wandb(sweep_dir: Path, rows: Sequence[Dict[str, Any]], parts: Sequence[S
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparsebench-report",
-                                     description="Summarize a sweep directory into summary.csv and report.html.")
+    parser = argparse.ArgumentParser(
+        prog="sparsebench-report", description="Summarize a sweep directory into summary.csv and report.html."
+    )
     parser.add_argument("dir", type=Path, help="a sweep directory, e.g. multirun/default/2026-11-28_12-00-00")
     parser.add_argument("--wandb", action="store_true", help="also log the summary table and plots to W&B")
-    parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online"),
-                        help="offline (default): files under DIR/wandb, upload later with `wandb sync`")
+    parser.add_argument(
+        "--wandb-mode",
+        default="offline",
+        choices=("offline", "online"),
+        help="offline (default): files under DIR/wandb, upload later with `wandb sync`",
+    )
     parser.add_argument("--project", default="sparsebench", help="W&B project (default: sparsebench)")
     parser.add_argument("--entity", default=None, help="W&B entity (user or team); default: yours")
     args = parser.parse_args(argv)
 
     if not args.dir.is_dir():
-        print(f"error: DIR={str(args.dir)!r} is not a directory: give a sweep directory such as "
-              f"multirun/<name>/<time>", file=sys.stderr)
+        print(
+            f"error: DIR={str(args.dir)!r} is not a directory: give a sweep directory such as multirun/<name>/<time>",
+            file=sys.stderr,
+        )
         sys.exit(2)
     rows = collect(args.dir)
     if not rows:
-        print(f"error: DIR={str(args.dir)!r} holds no job folders (subfolders with .hydra/): give the "
-              f"directory of a sweep (multirun/<name>/<time>) or of one run", file=sys.stderr)
+        print(
+            f"error: DIR={str(args.dir)!r} holds no job folders (subfolders with .hydra/): give the "
+            f"directory of a sweep (multirun/<name>/<time>) or of one run",
+            file=sys.stderr,
+        )
         sys.exit(2)
     parts = write_report(args.dir, rows)
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"summary: {args.dir / 'summary.csv'} ({len(rows)} jobs, {failed} failed; as Markdown: table.md)")
     print(f"report:  {args.dir / 'report.html'} (figures also in {args.dir / 'plots'}/)")
     if args.wandb:
-        print(f"wandb:   {log_wandb(args.dir, rows, parts, mode=args.wandb_mode, project=args.project, entity=args.entity)}")
+        where = log_wandb(args.dir, rows, parts, mode=args.wandb_mode, project=args.project, entity=args.entity)
+        print(f"wandb:   {where}")

@@ -91,8 +91,11 @@ def plot_speedups(rows: Sequence[Dict[str, Any]]) -> Section:
     keys = metric_keys(rows, SPEEDUP)
     ok = [r for r in finished(rows, "sparsity") if any(as_float(r.get(k)) is not None for k in keys)]
     if not ok:
-        return Section(title, note="No job measured speedups (metrics speedup/<baseline>/b<batch>): run with "
-                                  "bench.enabled=true and a backend on a GPU to fill this plot.")
+        return Section(
+            title,
+            note="No job measured speedups (metrics speedup/<baseline>/b<batch>): run with "
+            "bench.enabled=true and a backend on a GPU to fill this plot.",
+        )
     baselines = sorted({SPEEDUP.match(k)["baseline"] for k in keys})
     fig = _figure(width=min(4.2 * len(baselines), 12.6), height=4.2)
     axes = fig.subplots(1, len(baselines), squeeze=False)[0]
@@ -132,7 +135,11 @@ def primary_speedup(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
 
 def plot_pareto(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Section:
     key = primary_speedup(rows)
-    x_key, x_name = (key, f"speedup {key.split('/', 1)[1]} (x)") if key else ("compression", "compression (x, dense fp32 bytes / packed bytes)")
+    x_key, x_name = (
+        (key, f"speedup {key.split('/', 1)[1]} (x)")
+        if key
+        else ("compression", "compression (x, dense fp32 bytes / packed bytes)")
+    )
     title = f"Accuracy-{'speedup' if key else 'compression'} Pareto front"
     ok = finished(rows, x_key, "acc_final")
     if not ok:
@@ -147,8 +154,14 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Secti
     ax, key_ax = fig.subplots(2, 1, height_ratios=[4.2, key_height])
     for label, group in _bits_groups(ok).items():
         ax.scatter([as_float(r[x_key]) for r in group], [as_float(r["acc_final"]) for r in group], s=28, label=label)
-    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black", lw=1,
-            label="Pareto front")
+    ax.step(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        where="post",
+        color="black",
+        lw=1,
+        label="Pareto front",
+    )
     for n, i in enumerate(front, 1):
         ax.annotate(str(n), points[i], fontsize=8, xytext=(3, 3), textcoords="offset points")
     key_ax.axis("off")
@@ -172,10 +185,14 @@ def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) 
     if not per_case:
         return [Section(title, note="No layers.csv has speedup_vs_<baseline> columns (no benchmark ran).")]
     cases = sorted(per_case, key=lambda c: (c[2], c[1], c[0]))
-    sections = [_heatmap(f"{title}: {backend} vs {baseline}, batch {batch}", per_case[(backend, baseline, batch)])
-                for backend, baseline, batch in cases[:MAX_HEATMAPS]]
+    sections = [
+        _heatmap(f"{title}: {backend} vs {baseline}, batch {batch}", per_case[(backend, baseline, batch)])
+        for backend, baseline, batch in cases[:MAX_HEATMAPS]
+    ]
     if len(cases) > MAX_HEATMAPS:
-        sections[-1].note = f"{len(cases) - MAX_HEATMAPS} more backend/baseline/batch cases are in each job's layers.csv."
+        sections[
+            -1
+        ].note = f"{len(cases) - MAX_HEATMAPS} more backend/baseline/batch cases are in each job's layers.csv."
     return sections
 
 
@@ -203,8 +220,12 @@ def _heatmap(title: str, jobs: Dict[str, Dict[str, float]]) -> Section:
                     ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label("log2(speedup)")
-    return Section(title, _png(fig), "Each cell: the layer's speedup of the sparse backend over the baseline "
-                                     "(blue: faster, red: slower; white: equal).")
+    return Section(
+        title,
+        _png(fig),
+        "Each cell: the layer's speedup of the sparse backend over the baseline "
+        "(blue: faster, red: slower; white: equal).",
+    )
 
 
 def plot_footprint(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Section:
@@ -235,10 +256,15 @@ def plot_curves(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Secti
     title = "Test accuracy per epoch, dense training and retraining"
     per_job = {labels[id(r)]: r["_curves"] for r in rows if r.get("_curves")}
     if not per_job:
-        return Section(title, note="No job wrote history.jsonl (runs log their per-epoch accuracy there, "
-                                      "with or without W&B; older runs have none).")
+        return Section(
+            title,
+            note="No job wrote history.jsonl (runs log their per-epoch accuracy there, "
+            "with or without W&B; older runs have none).",
+        )
     # Many jobs: each legend goes under its plot, one line a job, and the figure grows to hold it.
-    entries = max(sum((phase in c) + (f"{phase} ema" in c) for c in per_job.values()) for phase in ("dense", "finetune"))
+    entries = max(
+        sum((phase in c) + (f"{phase} ema" in c) for c in per_job.values()) for phase in ("dense", "finetune")
+    )
     below = entries > 6
     fig = _figure(width=11.0, height=4.2 + (0.12 * entries if below else 0))
     axes = fig.subplots(1, 2)
@@ -247,18 +273,31 @@ def plot_curves(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) -> Secti
             if phase in curves:
                 (line,) = ax.plot(*zip(*curves[phase]), lw=1.2, label=label)
                 if f"{phase} ema" in curves:  # the moving average, dashed in the job's colour
-                    ax.plot(*zip(*curves[f"{phase} ema"]), lw=1.2, ls="--", color=line.get_color(),
-                            label=f"{label}, moving average")
+                    ax.plot(
+                        *zip(*curves[f"{phase} ema"]),
+                        lw=1.2,
+                        ls="--",
+                        color=line.get_color(),
+                        label=f"{label}, moving average",
+                    )
         ax.set_title("dense training" if phase == "dense" else "retraining (pruning, QAT)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=6, **({"loc": "upper left", "bbox_to_anchor": (0, -0.12), "frameon": False} if below else {}))
+            ax.legend(
+                fontsize=6, **({"loc": "upper left", "bbox_to_anchor": (0, -0.12), "frameon": False} if below else {})
+            )
     axes[0].set_ylabel("test accuracy")
     return Section(title, _png(fig))
 
 
 def sections(rows: Sequence[Dict[str, Any]]) -> List[Section]:
     labels = unique_labels(rows, swept_keys(rows))
-    return [plot_accuracy(rows), plot_speedups(rows), plot_pareto(rows, labels),
-            *plot_layer_heatmaps(rows, labels), plot_footprint(rows, labels), plot_curves(rows, labels)]
+    return [
+        plot_accuracy(rows),
+        plot_speedups(rows),
+        plot_pareto(rows, labels),
+        *plot_layer_heatmaps(rows, labels),
+        plot_footprint(rows, labels),
+        plot_curves(rows, labels),
+    ]

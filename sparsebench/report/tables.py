@@ -6,15 +6,44 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from sparsebench.report.jobs import (FASTER, SPEEDUP, applies, as_float, baseline_batch, finished, is_shared_dense,
-                                     job_name, metric_keys, spelled, swept_keys)
-from sparsebench.track import write_csv
+from sparsebench.report.jobs import (
+    FASTER,
+    SPEEDUP,
+    applies,
+    as_float,
+    baseline_batch,
+    finished,
+    is_shared_dense,
+    job_name,
+    metric_keys,
+    spelled,
+    swept_keys,
+)
+from sparsebench.rundir import write_csv
 
 # Leading summary.csv columns, in this order: the swept keys go after the first four, the speedups and layer
 # counts after the rest.
-COLUMNS = ["num", "job", "status", "overrides", "method", "prune_method", "quant_method", "target_sparsity",
-           "sparsity", "bits", "acc_dense", "acc_final", "dense_bytes", "footprint_bytes", "compression",
-           "macs_kept", "runtime_s", "backend", "noisy_timings"]
+COLUMNS = [
+    "num",
+    "job",
+    "status",
+    "overrides",
+    "method",
+    "prune_method",
+    "quant_method",
+    "target_sparsity",
+    "sparsity",
+    "bits",
+    "acc_dense",
+    "acc_final",
+    "dense_bytes",
+    "footprint_bytes",
+    "compression",
+    "macs_kept",
+    "runtime_s",
+    "backend",
+    "noisy_timings",
+]
 
 
 def summary_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -43,6 +72,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     head += [f"layers faster than {FASTER.match(k)['baseline']} b{FASTER.match(k)['batch']}" for k in faster]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     marked = False
+
     def number(value: Any, fmt: str) -> str:
         return fmt.format(as_float(value)) if as_float(value) is not None else "—"
 
@@ -52,7 +82,12 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         acc, dense = as_float(r["acc_final"]), as_float(r.get("acc_dense"))
         delta = f"{100 * (acc - dense):+.2f}" if dense is not None and not reference else "—"
         megabytes = as_float(r.get("footprint_bytes")) / 1e6 if as_float(r.get("footprint_bytes")) is not None else None
-        cells = label + [f"{100 * acc:.2f}%", delta, number(megabytes, "{:.3f} MB"), number(r.get("compression"), "{:.1f}x")]
+        cells = label + [
+            f"{100 * acc:.2f}%",
+            delta,
+            number(megabytes, "{:.3f} MB"),
+            number(r.get("compression"), "{:.1f}x"),
+        ]
         cells += [number(r.get("macs_kept"), "{:.1%}")] if macs else []
         noisy = set(filter(None, r.get("noisy_timings", "").split(", ")))
         for k in speedups:
@@ -65,11 +100,18 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     shown_ids = {id(r) for r in shown}
     left_out = [r for r in rows if id(r) not in shown_ids]
     if left_out:
-        lines += ["", f"Not in the table ({len(left_out)} of {len(rows)} jobs): " + "; ".join(
-            f"`{r['job']}` ({_first_line(r.get('error') or 'no top-1')})" for r in left_out) + "."]
+        lines += [
+            "",
+            f"Not in the table ({len(left_out)} of {len(rows)} jobs): "
+            + "; ".join(f"`{r['job']}` ({_first_line(r.get('error') or 'no top-1')})" for r in left_out)
+            + ".",
+        ]
     if marked:
-        lines += ["", "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
-                      "the job's metrics.json): something else used the GPU while it was measured."]
+        lines += [
+            "",
+            "(noisy): one of the two timings spread by more than a tenth of its median (`bench/noisy` in "
+            "the job's metrics.json): something else used the GPU while it was measured.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -78,8 +120,11 @@ def _table_labels(rows: Sequence[Dict[str, Any]], swept: Sequence[str]) -> Dict[
     dense model). Rows that would read alike (they differ only in keys neither reads) end with their job."""
     labels: Dict[int, List[str]] = {}
     for r in rows:
-        labels[id(r)] = ([spelled(r.get(k)) if applies(r, k) else "" for k in swept] if not is_shared_dense(r)
-                         else ["dense"] + [""] * (len(swept) - 1)) or [r["job"]]
+        labels[id(r)] = (
+            [spelled(r.get(k)) if applies(r, k) else "" for k in swept]
+            if not is_shared_dense(r)
+            else ["dense"] + [""] * (len(swept) - 1)
+        ) or [r["job"]]
     repeated = {label for label, n in Counter(tuple(v) for v in labels.values()).items() if n > 1}
     for r in rows:
         label = labels[id(r)]

@@ -15,7 +15,18 @@ from sparsebench.sparse.ops import (
 )
 
 __all__ = [
-    "PackedLayer", "pack_weight", "save_packed", "load_packed", "sparse_conv2d", "sparse_linear",
-    "sparse_conv2d_into", "reference_conv2d", "reference_linear", "kernels_available", "require_kernels",
-    "kernel_plan", "autotune_plan", "set_autotune",
+    "PackedLayer",
+    "pack_weight",
+    "save_packed",
+    "load_packed",
+    "sparse_conv2d",
+    "sparse_linear",
+    "sparse_conv2d_into",
+    "reference_conv2d",
+    "reference_linear",
+    "kernels_available",
+    "require_kernels",
+    "kernel_plan",
+    "autotune_plan",
+    "set_autotune",
 ]

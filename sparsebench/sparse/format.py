@@ -39,8 +39,19 @@ CODE_BITS = (2, 4, 8)
 INDEX16_LIMIT = 1 << 16
 
 # Tensors a layer may hold, in file order; None-valued ones are simply absent.
-_TENSOR_FIELDS = ("rowptr", "colidx", "row_order", "values", "scale", "zero_point", "codebook", "bias",
-                  "tile_rows", "tile_kptr", "tile_cols")
+_TENSOR_FIELDS = (
+    "rowptr",
+    "colidx",
+    "row_order",
+    "values",
+    "scale",
+    "zero_point",
+    "codebook",
+    "bias",
+    "tile_rows",
+    "tile_kptr",
+    "tile_cols",
+)
 _TILE_FIELDS = ("tile_rows", "tile_kptr", "tile_cols")
 
 
@@ -190,8 +201,9 @@ class PackedLayer:
 
         rows, kptr, cols = build_tiles(self.mask().cpu(), by_similarity)
         dev = self.rowptr.device
-        built = dataclasses.replace(self, tile_rows=rows.to(dev), tile_kptr=kptr.to(dev),
-                                    tile_cols=index_tensor(cols, self.row_length).to(dev))
+        built = dataclasses.replace(
+            self, tile_rows=rows.to(dev), tile_kptr=kptr.to(dev), tile_cols=index_tensor(cols, self.row_length).to(dev)
+        )
         built._row_nnz_max = self._row_nnz_max
         return built
 
@@ -206,9 +218,16 @@ class PackedLayer:
         return moved
 
     def geometry(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "stride": self.stride,
-                "padding": self.padding, "value_kind": self.value_kind, "bits": self.bits,
-                "index_bits": self.index_bits, "nnz": self.nnz}
+        return {
+            "kind": self.kind,
+            "weight_shape": list(self.weight_shape),
+            "stride": self.stride,
+            "padding": self.padding,
+            "value_kind": self.value_kind,
+            "bits": self.bits,
+            "index_bits": self.index_bits,
+            "nnz": self.nnz,
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,14 +261,27 @@ def _per_row(t, name: str, rows: int, dtype) -> torch.Tensor:
     if t.numel() == 1:
         t = t.reshape(1).expand(rows)
     if t.dim() != 1 or t.numel() != rows:
-        raise ValueError(f"{name}: expected a scalar or {rows} values (one per output channel), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected a scalar or {rows} values (one per output channel), got shape {tuple(t.shape)}"
+        )
     return t.to(dtype).contiguous()
 
 
-def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1, padding: int = 0,
-                bits: Optional[int] = None, codes: Optional[torch.Tensor] = None, scale=None, zero_point=None,
-                codebook: Optional[torch.Tensor] = None, value_dtype: torch.dtype = torch.float32,
-                sort_rows: bool = True, tiles: bool = True) -> PackedLayer:
+def pack_weight(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    bits: Optional[int] = None,
+    codes: Optional[torch.Tensor] = None,
+    scale=None,
+    zero_point=None,
+    codebook: Optional[torch.Tensor] = None,
+    value_dtype: torch.dtype = torch.float32,
+    sort_rows: bool = True,
+    tiles: bool = True,
+) -> PackedLayer:
     """Pack a dense conv2d [C_out, C_in, KH, KW] or linear [out, in] weight; only nonzeros are stored.
 
     Float values: leave ``bits`` None (``value_dtype`` fp32 or fp16). Codes: give ``bits`` (8/4/2) and an
@@ -260,8 +292,10 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
     are those whose decoded value is nonzero; a zero weight whose code decodes to nonzero is refused.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
-        raise ValueError(f"weight: expected a 4-D conv2d or 2-D linear tensor, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        raise ValueError(
+            f"weight: expected a 4-D conv2d or 2-D linear tensor, got "
+            f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
     if not weight.is_floating_point():
         raise ValueError(f"weight: expected a floating-point tensor, got {weight.dtype}")
     kind = "conv2d" if weight.dim() == 4 else "linear"
@@ -296,7 +330,9 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
             raise ValueError(f"codes: expected shape {tuple(weight.shape)} like weight, got {tuple(codes.shape)}")
         c = codes.to(torch.int64).reshape(rows, -1)
         if (scale is None) == (codebook is None):
-            raise ValueError("scale/codebook: give exactly one (scale [+ zero_point] for linear codes, codebook for levels)")
+            raise ValueError(
+                "scale/codebook: give exactly one (scale [+ zero_point] for linear codes, codebook for levels)"
+            )
         if scale is not None:
             value_kind = "linear"
             scale_t = _per_row(scale, "scale", rows, torch.float32)
@@ -318,8 +354,10 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
             codebook_t = torch.as_tensor(codebook).detach().cpu().to(torch.float32).contiguous()
             per_row = codebook_t.dim() == 2
             if codebook_t.dim() > 2 or (per_row and codebook_t.shape[0] != rows):
-                raise ValueError(f"codebook: expected [levels] (one for the layer) or [{rows}, levels] (one per "
-                                 f"output channel), got shape {tuple(codebook_t.shape)}")
+                raise ValueError(
+                    f"codebook: expected [levels] (one for the layer) or [{rows}, levels] (one per "
+                    f"output channel), got shape {tuple(codebook_t.shape)}"
+                )
             codebook_t = codebook_t if per_row else codebook_t.flatten()
             n_levels = codebook_t.shape[-1]
             if n_levels == 0 or n_levels > (1 << bits):
@@ -327,17 +365,22 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
             if not torch.isfinite(codebook_t).all():
                 raise ValueError("codebook: contains NaN or Inf")
             if int(c.min()) < 0 or int(c.max()) >= n_levels:
-                raise ValueError(f"codes: expected codebook indices in [0, {n_levels}), "
-                                 f"got [{int(c.min())}, {int(c.max())}]")
+                raise ValueError(
+                    f"codes: expected codebook indices in [0, {n_levels}), got [{int(c.min())}, {int(c.max())}]"
+                )
             decoded = codebook_t.gather(1, c) if per_row else codebook_t[c]
         if int(c.min()) < 0 or int(c.max()) >= (1 << bits):
-            raise ValueError(f"codes: expected values in [0, {1 << bits}) (or signed [-{1 << (bits - 1)}, "
-                             f"{1 << (bits - 1)})) for {bits} bits, got [{int(c.min())}, {int(c.max())}]")
+            raise ValueError(
+                f"codes: expected values in [0, {1 << bits}) (or signed [-{1 << (bits - 1)}, "
+                f"{1 << (bits - 1)})) for {bits} bits, got [{int(c.min())}, {int(c.max())}]"
+            )
         mask = decoded != 0
         bad = int((mask & (w2 == 0)).sum())
         if bad:
-            raise ValueError(f"codes: {bad} pruned (zero) weights have codes that decode to nonzero values; "
-                             "pruned positions must decode to exactly 0")
+            raise ValueError(
+                f"codes: {bad} pruned (zero) weights have codes that decode to nonzero values; "
+                "pruned positions must decode to exactly 0"
+            )
         value_kind, stored_bits = value_kind, bits
 
     counts = mask.sum(dim=1)
@@ -357,8 +400,7 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
         values = decoded[r_idx, cols].to(torch.float16).contiguous()
     else:
         values = pack_codes(c[r_idx, cols], bits)
-    order = (torch.argsort(counts, descending=True, stable=True) if sort_rows
-             else torch.arange(rows)).to(torch.int32)
+    order = (torch.argsort(counts, descending=True, stable=True) if sort_rows else torch.arange(rows)).to(torch.int32)
     bias_t = None
     if bias is not None:
         bias_t = _per_row(bias, "bias", rows, torch.float32)
@@ -370,11 +412,25 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, st
 
         tile_rows, tile_kptr, cols64 = build_tiles(mask)
         tile_cols = index_tensor(cols64, ncols)
-    return PackedLayer(kind=kind, weight_shape=tuple(int(s) for s in weight.shape), stride=int(stride),
-                       padding=int(padding), value_kind=value_kind, bits=stored_bits,
-                       rowptr=rowptr.to(torch.int32), colidx=colidx.contiguous(), row_order=order.contiguous(),
-                       values=values, scale=scale_t, zero_point=zp_t, codebook=codebook_t, bias=bias_t,
-                       tile_rows=tile_rows, tile_kptr=tile_kptr, tile_cols=tile_cols)
+    return PackedLayer(
+        kind=kind,
+        weight_shape=tuple(int(s) for s in weight.shape),
+        stride=int(stride),
+        padding=int(padding),
+        value_kind=value_kind,
+        bits=stored_bits,
+        rowptr=rowptr.to(torch.int32),
+        colidx=colidx.contiguous(),
+        row_order=order.contiguous(),
+        values=values,
+        scale=scale_t,
+        zero_point=zp_t,
+        codebook=codebook_t,
+        bias=bias_t,
+        tile_rows=tile_rows,
+        tile_kptr=tile_kptr,
+        tile_cols=tile_cols,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,17 +469,26 @@ def check_layer(layer: PackedLayer, name: str = "layer") -> None:
         raise ValueError(f"{name}: value_kind must be one of {VALUE_KINDS}, got {layer.value_kind!r}")
     want_bits = {"float32": (32,), "float16": (16,)}.get(layer.value_kind, CODE_BITS)
     if layer.bits not in want_bits:
-        raise ValueError(f"{name}: bits must be one of {want_bits} for value_kind {layer.value_kind!r}, got {layer.bits}")
-    if layer.value_kind == "codebook" and (layer.codebook is None or layer.codebook.dim() not in (1, 2)
-                                           or not 0 < layer.codebook.shape[-1] <= 1 << layer.bits):
-        raise ValueError(f"{name}.codebook: expected [levels] or [{layer.out_channels}, levels] (one per output "
-                         f"channel) with 1..{1 << layer.bits} levels")
+        raise ValueError(
+            f"{name}: bits must be one of {want_bits} for value_kind {layer.value_kind!r}, got {layer.bits}"
+        )
+    if layer.value_kind == "codebook" and (
+        layer.codebook is None
+        or layer.codebook.dim() not in (1, 2)
+        or not 0 < layer.codebook.shape[-1] <= 1 << layer.bits
+    ):
+        raise ValueError(
+            f"{name}.codebook: expected [levels] or [{layer.out_channels}, levels] (one per output "
+            f"channel) with 1..{1 << layer.bits} levels"
+        )
     for tname, (shape, dtype) in expected_shapes(layer).items():
         t = getattr(layer, tname)
         if t is None:
             raise ValueError(f"{name}.{tname}: missing (value_kind {layer.value_kind!r} needs it)")
         if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"{name}.{tname}: expected shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"{name}.{tname}: expected shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}"
+            )
     for tname in ("scale", "zero_point", "codebook"):
         if getattr(layer, tname) is not None and tname not in expected_shapes(layer):
             raise ValueError(f"{name}.{tname}: not used by value_kind {layer.value_kind!r}; leave it None")
@@ -433,11 +498,16 @@ def check_layer(layer: PackedLayer, name: str = "layer") -> None:
     if all(tiles):
         groups = -(-layer.out_channels // 16)
         idx_dtype = torch.int16 if layer.row_length <= INDEX16_LIMIT else torch.int32
-        for tname, shape, dtype in (("tile_rows", (groups * 16,), torch.int32), ("tile_kptr", (groups + 1,), torch.int32),
-                                    ("tile_cols", (layer.tile_cols.numel(),), idx_dtype)):
+        for tname, shape, dtype in (
+            ("tile_rows", (groups * 16,), torch.int32),
+            ("tile_kptr", (groups + 1,), torch.int32),
+            ("tile_cols", (layer.tile_cols.numel(),), idx_dtype),
+        ):
             t = getattr(layer, tname)
             if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"{name}.{tname}: expected shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
+                raise ValueError(
+                    f"{name}.{tname}: expected shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}"
+                )
 
 
 def check_layer_data(layer: PackedLayer, name: str = "layer") -> None:
@@ -469,12 +539,20 @@ def check_tiles(layer: PackedLayer, name: str = "layer") -> None:
     rows = layer.tile_rows.to(torch.int64)
     live = rows[rows >= 0]
     if not torch.equal(torch.sort(live).values, torch.arange(layer.out_channels)) or bool((rows < -1).any()):
-        raise ValueError(f"{name}.tile_rows: must hold each output channel 0..{layer.out_channels - 1} once, -1 elsewhere")
+        raise ValueError(
+            f"{name}.tile_rows: must hold each output channel 0..{layer.out_channels - 1} once, -1 elsewhere"
+        )
     kptr = layer.tile_kptr.to(torch.int64)
-    if int(kptr[0]) != 0 or int(kptr[-1]) != layer.tile_cols.numel() or bool((kptr[1:] < kptr[:-1]).any()) \
-            or bool((kptr % TILE_K != 0).any()):
-        raise ValueError(f"{name}.tile_kptr: must start at 0, rise in multiples of {TILE_K} and end at "
-                         f"len(tile_cols)={layer.tile_cols.numel()}")
+    if (
+        int(kptr[0]) != 0
+        or int(kptr[-1]) != layer.tile_cols.numel()
+        or bool((kptr[1:] < kptr[:-1]).any())
+        or bool((kptr % TILE_K != 0).any())
+    ):
+        raise ValueError(
+            f"{name}.tile_kptr: must start at 0, rise in multiples of {TILE_K} and end at "
+            f"len(tile_cols)={layer.tile_cols.numel()}"
+        )
     cols = unsigned(layer.tile_cols)
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= layer.row_length):
         raise ValueError(f"{name}.tile_cols: column indices outside [0, {layer.row_length})")
@@ -518,8 +596,12 @@ def save_packed(path, layers: Dict[str, PackedLayer], metadata: Optional[Dict[st
             tensors[f"{name}/{tname}"] = t
             entry["sha256"][tname] = _digest(t)
         index[name] = entry
-    meta = {"format": "sparsebench.packed", "version": FORMAT_VERSION, "layers": json.dumps(index),
-            "metadata": json.dumps(metadata or {})}
+    meta = {
+        "format": "sparsebench.packed",
+        "version": FORMAT_VERSION,
+        "layers": json.dumps(index),
+        "metadata": json.dumps(metadata or {}),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -548,8 +630,9 @@ def load_packed(path) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
     if meta.get("format") != "sparsebench.packed":
         raise ValueError(f"{path}: not a sparsebench packed file (metadata 'format' is {meta.get('format')!r})")
     if meta.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{path}: packed format version {meta.get('version')!r}, this code reads "
-                         f"{', '.join(READABLE_VERSIONS)}")
+        raise ValueError(
+            f"{path}: packed format version {meta.get('version')!r}, this code reads {', '.join(READABLE_VERSIONS)}"
+        )
     try:
         index = json.loads(meta["layers"])
         user_meta = json.loads(meta.get("metadata", "{}"))
@@ -568,8 +651,15 @@ def load_packed(path) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
                 raise ValueError(f"{path}: layer {name!r} tensor {tname!r} fails its checksum (file corrupted)")
             parts[tname] = t
         try:
-            layer = PackedLayer(kind=entry["kind"], weight_shape=tuple(entry["weight_shape"]), stride=entry["stride"],
-                                padding=entry["padding"], value_kind=entry["value_kind"], bits=entry["bits"], **parts)
+            layer = PackedLayer(
+                kind=entry["kind"],
+                weight_shape=tuple(entry["weight_shape"]),
+                stride=entry["stride"],
+                padding=entry["padding"],
+                value_kind=entry["value_kind"],
+                bits=entry["bits"],
+                **parts,
+            )
         except TypeError as e:
             raise ValueError(f"{path}: layer {name!r} is incomplete ({e})") from None
         check_layer(layer, name)

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from sparsebench.errors import ConfigError
 from sparsebench.sparse.format import PackedLayer, check_layer
 from sparsebench.sparse.tiles import FragmentStream, fragment_stream, stream_kind
+from sparsebench.sparse.timing import time_cuda
 
 try:  # the compiled module is optional: CPU-only installs have none
     from sparsebench import _C  # type: ignore[attr-defined]
+
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as e:  # pragma: no cover - depends on the build
     _C = None
@@ -50,8 +52,10 @@ def require_kernels() -> None:
     """Raise the one-line user error when the direct_sparse backend cannot run here."""
     reason = kernels_unavailable_reason()
     if reason:
-        raise ConfigError("backend direct_sparse needs a CUDA GPU and the compiled sparsebench._C module; "
-                          f"{reason} (install on a machine with nvcc: pip install -e .)")
+        raise ConfigError(
+            "backend direct_sparse needs a CUDA GPU and the compiled sparsebench._C module; "
+            f"{reason} (install on a machine with nvcc: pip install -e .)"
+        )
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -80,8 +84,10 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 def _check_device(x: torch.Tensor, layer: PackedLayer, name: str = "x") -> None:
     if x.device.type != "cuda":
-        raise ValueError(f"{name}: must be on a CUDA device for the sparse kernels, got {x.device} "
-                         "(use reference_conv2d/reference_linear on the CPU)")
+        raise ValueError(
+            f"{name}: must be on a CUDA device for the sparse kernels, got {x.device} "
+            "(use reference_conv2d/reference_linear on the CPU)"
+        )
     if not (x.is_contiguous() or is_channels_last(x)):
         raise ValueError(f"{name}: must be contiguous (NCHW / row-major) or channels_last; call .contiguous() first")
     if x.numel() >= 2**31:
@@ -111,7 +117,9 @@ def validate_conv2d(x: torch.Tensor, layer: PackedLayer, *, device: bool = True)
     oh = conv_output_size(x.shape[2], kh, layer.stride, layer.padding)
     ow = conv_output_size(x.shape[3], kw, layer.stride, layer.padding)
     if oh < 1 or ow < 1:
-        raise ValueError(f"x: input {tuple(x.shape[2:])} is smaller than the {kh}x{kw} kernel with padding {layer.padding}")
+        raise ValueError(
+            f"x: input {tuple(x.shape[2:])} is smaller than the {kh}x{kw} kernel with padding {layer.padding}"
+        )
     if device:
         _check_device(x, layer)
     if x.shape[0] * layer.out_channels * oh * ow >= 2**31:
@@ -161,8 +169,20 @@ class _Weights(NamedTuple):
     tc_codebook: Optional[torch.Tensor]
 
 
-def _conv_args(x: torch.Tensor, out: torch.Tensor, geometry: Tuple[int, ...], w: _Weights, *, value_kind: int,
-               bits: int, tc_kind: int, relu: bool, variant: int, max_row: int, plan: int):
+def _conv_args(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    geometry: Tuple[int, ...],
+    w: _Weights,
+    *,
+    value_kind: int,
+    bits: int,
+    tc_kind: int,
+    relu: bool,
+    variant: int,
+    max_row: int,
+    plan: int,
+):
     """The kernels' ConvArgs for one call: x and out's pointers and layout, the weights, the hints."""
     n, c, h, wd, co, kh, kw, stride, pad, oh, ow = geometry
     a = _C.ConvArgs()
@@ -196,54 +216,184 @@ def _empty_out(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 @torch.library.custom_op("sparsebench::sparse_conv2d", mutates_args=())
-def _sparse_conv2d_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
-                      values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
-                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], tile_rows: Optional[torch.Tensor],
-                      tile_kptr: Optional[torch.Tensor], tile_cols: Optional[torch.Tensor],
-                      tc_values: Optional[torch.Tensor], tc_codebook: Optional[torch.Tensor], weight_shape: List[int],
-                      stride: int, padding: int, value_kind: int, bits: int, tc_kind: int, relu: bool, variant: int,
-                      max_row: int, plan: int) -> torch.Tensor:
+def _sparse_conv2d_op(
+    x: torch.Tensor,
+    rowptr: torch.Tensor,
+    colidx: torch.Tensor,
+    row_order: torch.Tensor,
+    values: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    zero_point: Optional[torch.Tensor],
+    codebook: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    tile_rows: Optional[torch.Tensor],
+    tile_kptr: Optional[torch.Tensor],
+    tile_cols: Optional[torch.Tensor],
+    tc_values: Optional[torch.Tensor],
+    tc_codebook: Optional[torch.Tensor],
+    weight_shape: List[int],
+    stride: int,
+    padding: int,
+    value_kind: int,
+    bits: int,
+    tc_kind: int,
+    relu: bool,
+    variant: int,
+    max_row: int,
+    plan: int,
+) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight_shape
     oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     out = _empty_out(x, (n, co, oh, ow))
-    weights = _Weights(rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr,
-                       tile_cols, tc_values, tc_codebook)
+    weights = _Weights(
+        rowptr,
+        colidx,
+        row_order,
+        values,
+        scale,
+        zero_point,
+        codebook,
+        bias,
+        tile_rows,
+        tile_kptr,
+        tile_cols,
+        tc_values,
+        tc_codebook,
+    )
     with torch.cuda.device(x.device):
-        _launch(x, out, (n, c, h, w, co, kh, kw, stride, padding, oh, ow), weights, value_kind=value_kind, bits=bits,
-                tc_kind=tc_kind, relu=relu, variant=variant, max_row=max_row, plan=plan)
+        _launch(
+            x,
+            out,
+            (n, c, h, w, co, kh, kw, stride, padding, oh, ow),
+            weights,
+            value_kind=value_kind,
+            bits=bits,
+            tc_kind=tc_kind,
+            relu=relu,
+            variant=variant,
+            max_row=max_row,
+            plan=plan,
+        )
     return out
 
 
 @_sparse_conv2d_op.register_fake
-def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr, tile_cols,
-      tc_values, tc_codebook, weight_shape, stride, padding, value_kind, bits, tc_kind, relu, variant, max_row, plan):
+def _(
+    x,
+    rowptr,
+    colidx,
+    row_order,
+    values,
+    scale,
+    zero_point,
+    codebook,
+    bias,
+    tile_rows,
+    tile_kptr,
+    tile_cols,
+    tc_values,
+    tc_codebook,
+    weight_shape,
+    stride,
+    padding,
+    value_kind,
+    bits,
+    tc_kind,
+    relu,
+    variant,
+    max_row,
+    plan,
+):
     n, _, h, w = x.shape
     co, _, kh, kw = weight_shape
     return _empty_out(x, (n, co, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)))
 
 
 @torch.library.custom_op("sparsebench::sparse_linear", mutates_args=())
-def _sparse_linear_op(x: torch.Tensor, rowptr: torch.Tensor, colidx: torch.Tensor, row_order: torch.Tensor,
-                      values: torch.Tensor, scale: Optional[torch.Tensor], zero_point: Optional[torch.Tensor],
-                      codebook: Optional[torch.Tensor], bias: Optional[torch.Tensor], tile_rows: Optional[torch.Tensor],
-                      tile_kptr: Optional[torch.Tensor], tile_cols: Optional[torch.Tensor],
-                      tc_values: Optional[torch.Tensor], tc_codebook: Optional[torch.Tensor], out_features: int,
-                      value_kind: int, bits: int, tc_kind: int, relu: bool, variant: int, max_row: int,
-                      plan: int) -> torch.Tensor:
+def _sparse_linear_op(
+    x: torch.Tensor,
+    rowptr: torch.Tensor,
+    colidx: torch.Tensor,
+    row_order: torch.Tensor,
+    values: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    zero_point: Optional[torch.Tensor],
+    codebook: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    tile_rows: Optional[torch.Tensor],
+    tile_kptr: Optional[torch.Tensor],
+    tile_cols: Optional[torch.Tensor],
+    tc_values: Optional[torch.Tensor],
+    tc_codebook: Optional[torch.Tensor],
+    out_features: int,
+    value_kind: int,
+    bits: int,
+    tc_kind: int,
+    relu: bool,
+    variant: int,
+    max_row: int,
+    plan: int,
+) -> torch.Tensor:
     b, c = x.shape
     out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
-    weights = _Weights(rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr,
-                       tile_cols, tc_values, tc_codebook)
+    weights = _Weights(
+        rowptr,
+        colidx,
+        row_order,
+        values,
+        scale,
+        zero_point,
+        codebook,
+        bias,
+        tile_rows,
+        tile_kptr,
+        tile_cols,
+        tc_values,
+        tc_codebook,
+    )
     with torch.cuda.device(x.device):
-        _launch(x, out, (b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1), weights, value_kind=value_kind, bits=bits,
-                tc_kind=tc_kind, relu=relu, variant=variant, max_row=max_row, plan=plan)
+        _launch(
+            x,
+            out,
+            (b, c, 1, 1, out_features, 1, 1, 1, 0, 1, 1),
+            weights,
+            value_kind=value_kind,
+            bits=bits,
+            tc_kind=tc_kind,
+            relu=relu,
+            variant=variant,
+            max_row=max_row,
+            plan=plan,
+        )
     return out
 
 
 @_sparse_linear_op.register_fake
-def _(x, rowptr, colidx, row_order, values, scale, zero_point, codebook, bias, tile_rows, tile_kptr, tile_cols,
-      tc_values, tc_codebook, out_features, value_kind, bits, tc_kind, relu, variant, max_row, plan):
+def _(
+    x,
+    rowptr,
+    colidx,
+    row_order,
+    values,
+    scale,
+    zero_point,
+    codebook,
+    bias,
+    tile_rows,
+    tile_kptr,
+    tile_cols,
+    tc_values,
+    tc_codebook,
+    out_features,
+    value_kind,
+    bits,
+    tc_kind,
+    relu,
+    variant,
+    max_row,
+    plan,
+):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -275,15 +425,31 @@ def _stream(x: torch.Tensor, layer: PackedLayer) -> Optional[FragmentStream]:
 
 def _weights(layer: PackedLayer, stream: Optional[FragmentStream]) -> _Weights:
     tiles = (layer.tile_rows, layer.tile_kptr, layer.tile_cols) if stream is not None else (None, None, None)
-    return _Weights(layer.rowptr, layer.colidx, layer.row_order, layer.values, layer.scale, layer.zero_point,
-                    layer.codebook, layer.bias, *tiles, stream.values if stream is not None else None,
-                    stream.codebook if stream is not None else None)
+    return _Weights(
+        layer.rowptr,
+        layer.colidx,
+        layer.row_order,
+        layer.values,
+        layer.scale,
+        layer.zero_point,
+        layer.codebook,
+        layer.bias,
+        *tiles,
+        stream.values if stream is not None else None,
+        stream.codebook if stream is not None else None,
+    )
 
 
 def _hints(layer: PackedLayer, stream: Optional[FragmentStream], relu: bool, variant: int, plan: int) -> dict:
-    return dict(value_kind=VALUE_KIND_CODES[layer.value_kind], bits=layer.bits,
-                tc_kind=stream.kind if stream is not None else -1, relu=bool(relu), variant=variant,
-                max_row=_max_row_hint(layer), plan=plan)
+    return dict(
+        value_kind=VALUE_KIND_CODES[layer.value_kind],
+        bits=layer.bits,
+        tc_kind=stream.kind if stream is not None else -1,
+        relu=bool(relu),
+        variant=variant,
+        max_row=_max_row_hint(layer),
+        plan=plan,
+    )
 
 
 def _geometry(x: torch.Tensor, layer: PackedLayer) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -295,7 +461,12 @@ def _geometry(x: torch.Tensor, layer: PackedLayer) -> Tuple[Tuple[int, ...], Tup
     kh, kw = layer.kernel_size
     oh = conv_output_size(h, kh, layer.stride, layer.padding)
     ow = conv_output_size(w, kw, layer.stride, layer.padding)
-    return (n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow), (n, layer.out_channels, oh, ow)
+    return (n, c, h, w, layer.out_channels, kh, kw, layer.stride, layer.padding, oh, ow), (
+        n,
+        layer.out_channels,
+        oh,
+        ow,
+    )
 
 
 def _launch_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool, variant: int, plan: int) -> None:
@@ -316,8 +487,14 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     if is_channels_last(x) and (stream is None or variant in ("stage", "rowsplit")):  # the CUDA-core kernels read NCHW
         y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)
         return y.contiguous(memory_format=torch.channels_last)
-    return _sparse_conv2d_op(x, *_weights(layer, stream), list(layer.weight_shape), layer.stride, layer.padding,
-                             **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)))
+    return _sparse_conv2d_op(
+        x,
+        *_weights(layer, stream),
+        list(layer.weight_shape),
+        layer.stride,
+        layer.padding,
+        **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)),
+    )
 
 
 def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
@@ -326,8 +503,12 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     require_kernels()
     _check_device(x, layer)
     stream = _stream(x, layer)
-    return _sparse_linear_op(x, *_weights(layer, stream), layer.out_channels,
-                             **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)))
+    return _sparse_linear_op(
+        x,
+        *_weights(layer, stream),
+        layer.out_channels,
+        **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)),
+    )
 
 
 def _check_call(x: torch.Tensor, layer: PackedLayer) -> None:
@@ -340,22 +521,31 @@ def _check_call(x: torch.Tensor, layer: PackedLayer) -> None:
     _check_device(x, layer)
 
 
-def sparse_conv2d_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *,
-                       variant: str = "auto") -> torch.Tensor:
+def sparse_conv2d_into(
+    out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto"
+) -> torch.Tensor:
     """Like sparse_conv2d (a linear layer takes x [batch, in]) but writes into the given ``out`` (in x's
     layout); the kernels write every element, so ``out`` may hold garbage (tests poison it with NaN)."""
     _check_call(x, layer)
     _, shape = _geometry(x, layer)
     nhwc = is_channels_last(x)
     if nhwc and (_stream(x, layer) is None or variant in ("stage", "rowsplit")):
-        raise ValueError("x: channels_last input runs on the tensor-core kernels only (fp16/bf16 activations, a "
-                         f"layer with tiles, variant 'auto' or 'tensor'); got {x.dtype}, variant {variant!r}")
-    fits = isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == x.dtype \
-        and out.device == x.device and (out.is_contiguous(memory_format=torch.channels_last) if nhwc
-                                        else out.is_contiguous())
+        raise ValueError(
+            "x: channels_last input runs on the tensor-core kernels only (fp16/bf16 activations, a "
+            f"layer with tiles, variant 'auto' or 'tensor'); got {x.dtype}, variant {variant!r}"
+        )
+    fits = (
+        isinstance(out, torch.Tensor)
+        and tuple(out.shape) == shape
+        and out.dtype == x.dtype
+        and out.device == x.device
+        and (out.is_contiguous(memory_format=torch.channels_last) if nhwc else out.is_contiguous())
+    )
     if not fits:
-        raise ValueError(f"out: expected a {'channels_last' if nhwc else 'contiguous'} {x.dtype} tensor of shape "
-                         f"{shape} on {x.device}")
+        raise ValueError(
+            f"out: expected a {'channels_last' if nhwc else 'contiguous'} {x.dtype} tensor of shape "
+            f"{shape} on {x.device}"
+        )
     _launch_into(out, x, layer, relu, _variant_code(variant), _call_plan(x, layer, variant))
     return out
 
@@ -413,8 +603,9 @@ def plan_candidates() -> List[Dict[str, Any]]:
     return list(_module("plan_candidates").plan_candidates())
 
 
-def _planner(x_shape, layer: PackedLayer, variant: str = "auto", dtype: torch.dtype = torch.float32,
-             channels_last: bool = False):
+def _planner(
+    x_shape, layer: PackedLayer, variant: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False
+):
     """``plan_id -> the dispatcher's plan dict`` for this input (geometry and hints worked out once)."""
     _module("kernel_plan")
     if dtype not in ACT_DTYPES:
@@ -427,20 +618,39 @@ def _planner(x_shape, layer: PackedLayer, variant: str = "auto", dtype: torch.dt
     # Planning reads no memory: the layer's tensors (on any device) and a stand-in for the stream.
     stand_in = torch.empty(1)
     csr = _weights(layer, None)[:8]
-    stand_in = _Weights(*csr, *((layer.tile_rows, layer.tile_kptr, layer.tile_cols, stand_in, stand_in) if tiled
-                                else (None,) * 5))
-    args = _conv_args(x, x, geometry, stand_in, value_kind=VALUE_KIND_CODES[layer.value_kind], bits=layer.bits,
-                      tc_kind=stream_kind(layer) if tiled else -1, relu=False, variant=_variant_code(variant),
-                      max_row=_max_row_hint(layer), plan=-1)
+    stand_in = _Weights(
+        *csr, *((layer.tile_rows, layer.tile_kptr, layer.tile_cols, stand_in, stand_in) if tiled else (None,) * 5)
+    )
+    args = _conv_args(
+        x,
+        x,
+        geometry,
+        stand_in,
+        value_kind=VALUE_KIND_CODES[layer.value_kind],
+        bits=layer.bits,
+        tc_kind=stream_kind(layer) if tiled else -1,
+        relu=False,
+        variant=_variant_code(variant),
+        max_row=_max_row_hint(layer),
+        plan=-1,
+    )
 
     def plan(plan_id: int) -> dict:
         args.plan = plan_id
         return _C.plan(args)
+
     return plan
 
 
-def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = -1, *,
-                dtype: torch.dtype = torch.float32, channels_last: bool = False) -> dict:
+def kernel_plan(
+    x_shape,
+    layer: PackedLayer,
+    variant: str = "auto",
+    plan: int = -1,
+    *,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> dict:
     """The kernel and blocking the dispatcher picks for this input shape, dtype and layout (or candidate
     ``plan``). Needs the compiled module, not a GPU: without one it plans for an H200 (132 SMs, 227 KB of
     shared memory a block)."""
@@ -453,8 +663,9 @@ def kernel_plan(x_shape, layer: PackedLayer, variant: str = "auto", plan: int = 
     return planner(plan)
 
 
-def distinct_plans(x_shape, layer: PackedLayer, *, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False) -> List[int]:
+def distinct_plans(
+    x_shape, layer: PackedLayer, *, dtype: torch.dtype = torch.float32, channels_last: bool = False
+) -> List[int]:
     """The rule (-1) and the candidate ids that launch differently for this input (many coincide)."""
     planner = _planner(x_shape, layer, "auto", dtype, channels_last)
     first: Dict[tuple, int] = {}
@@ -466,11 +677,15 @@ def distinct_plans(x_shape, layer: PackedLayer, *, dtype: torch.dtype = torch.fl
 def plan_name(plan: Dict[str, Any]) -> str:
     """A short name for a plan dict: the kernel family (CUDA cores or tensor cores) and its blocking."""
     if plan["variant"] == "tensor":
-        return (f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"
-                f"{plan['NI']}x{plan['TH']}x{plan['TWp']}/CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}")
+        return (
+            f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"
+            f"{plan['NI']}x{plan['TH']}x{plan['TWp']}/CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}"
+        )
     if plan["variant"] == "stage":
-        return (f"stage:R{plan['rows_per_block']}/V{plan['V']}/{plan['NI']}x{plan['TH']}x{plan['TW']}/"
-                f"CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}")
+        return (
+            f"stage:R{plan['rows_per_block']}/V{plan['V']}/{plan['NI']}x{plan['TH']}x{plan['TW']}/"
+            f"CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}"
+        )
     return f"{plan['variant']}:R{plan['rows_per_block']}/W{plan['warps_per_row']}"
 
 
@@ -483,8 +698,6 @@ def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, repeats: int = 10) -> 
     ``repeats`` runs, L2 flushed before each, the GPU kept ahead of the host) and remember the fastest in
     ``layer.tuned_plans`` for inputs of x's shape, dtype and device. A candidate this GPU cannot launch
     is skipped. Returns ``{"plan": id (-1: the rule), "us": its time, "rule_us": the rule's, "timed": plans timed}``."""
-    from sparsebench.bench.timing import time_cuda  # the harness's own clock (imported late: bench imports ops)
-
     _check_call(x, layer)
     if _capturing(x.device):
         raise RuntimeError("autotune_plan: cannot time while a CUDA graph is being captured; tune before capture")
@@ -511,8 +724,9 @@ def autotune_plan(x: torch.Tensor, layer: PackedLayer, *, repeats: int = 10) -> 
 
 def reference_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False) -> torch.Tensor:
     """dequantize + F.conv2d in fp32 on x's device; the result in x's dtype."""
-    return _reference(x, layer, relu, "conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=layer.stride,
-                                                                          padding=layer.padding))
+    return _reference(
+        x, layer, relu, "conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=layer.stride, padding=layer.padding)
+    )
 
 
 def reference_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False) -> torch.Tensor:

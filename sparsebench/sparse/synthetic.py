@@ -9,8 +9,9 @@ import torch
 from sparsebench.sparse.format import PackedLayer, pack_weight
 
 
-def random_sparse_weight(shape: Sequence[int], sparsity: float, gen: torch.Generator,
-                         empty_rows: int = 0, row_skew: float = 0.0) -> torch.Tensor:
+def random_sparse_weight(
+    shape: Sequence[int], sparsity: float, gen: torch.Generator, empty_rows: int = 0, row_skew: float = 0.0
+) -> torch.Tensor:
     """Gaussian weight with exactly round(sparsity * numel) zeros at random places (+ some all-zero rows).
 
     ``row_skew`` > 0 spreads the nonzeros unevenly over the rows (output channels), as magnitude
@@ -87,17 +88,29 @@ def codebook_codes(weight: torch.Tensor, bits: int, gen: torch.Generator, per_ch
     return codes, levels if per_channel else levels[0]
 
 
-def random_layer(shape: Sequence[int], sparsity: float, *, value: str = "float32", bits: Optional[int] = None,
-                 stride: int = 1, padding: int = 0, bias: bool = True, empty_rows: int = 0,
-                 row_skew: float = 0.0, per_channel: bool = False, seed: int = 0) -> PackedLayer:
+def random_layer(
+    shape: Sequence[int],
+    sparsity: float,
+    *,
+    value: str = "float32",
+    bits: Optional[int] = None,
+    stride: int = 1,
+    padding: int = 0,
+    bias: bool = True,
+    empty_rows: int = 0,
+    row_skew: float = 0.0,
+    per_channel: bool = False,
+    seed: int = 0,
+) -> PackedLayer:
     """A random PackedLayer. value: float32 | float16 | linear | codebook (the last two need bits);
     ``per_channel``: a codebook per output channel."""
     gen = torch.Generator().manual_seed(seed)
     w = random_sparse_weight(shape, sparsity, gen, empty_rows, row_skew)
     b = torch.randn(shape[0], generator=gen) if bias else None
     if value in ("float32", "float16"):
-        return pack_weight(w, b, stride=stride, padding=padding,
-                           value_dtype=torch.float32 if value == "float32" else torch.float16)
+        return pack_weight(
+            w, b, stride=stride, padding=padding, value_dtype=torch.float32 if value == "float32" else torch.float16
+        )
     if value == "linear":
         codes, scale, zp = linear_codes(w, bits)
         return pack_weight(w, b, stride=stride, padding=padding, bits=bits, codes=codes, scale=scale, zero_point=zp)

@@ -65,7 +65,7 @@ def group_channels(mask: torch.Tensor, by_similarity: bool = True) -> torch.Tens
             members.append(pick)
             left[pick] = False
             union = torch.maximum(union, m[pick])
-        out[slot:slot + len(members)] = torch.tensor(members)
+        out[slot : slot + len(members)] = torch.tensor(members)
         slot += TILE_ROWS
     return out
 
@@ -92,7 +92,7 @@ def condensed_taps(mask: torch.Tensor, tile_rows: torch.Tensor) -> Tuple[torch.T
     # Padding repeats each group's last tap, so the taps stay sorted and the kernels read a staged column.
     for g in torch.nonzero(padded > counts).flatten().tolist():
         a, n, end = int(kptr[g]), int(counts[g]), int(kptr[g + 1])
-        cols[a + n:end] = cols[a + n - 1]
+        cols[a + n : end] = cols[a + n - 1]
     return kptr, cols
 
 
@@ -167,7 +167,9 @@ def _positions(layer) -> Tuple[torch.Tensor, torch.Tensor]:
     kptr = layer.tile_kptr.to(torch.int64)
     tcols = unsigned(layer.tile_cols)
     groups = kptr.numel() - 1
-    key_tiles = torch.repeat_interleave(torch.arange(groups, device=dev), kptr[1:] - kptr[:-1]) * layer.row_length + tcols
+    key_tiles = (
+        torch.repeat_interleave(torch.arange(groups, device=dev), kptr[1:] - kptr[:-1]) * layer.row_length + tcols
+    )
     pos = torch.searchsorted(key_tiles, g * layer.row_length + cols)  # the first of any padding repeats
     local = pos - kptr[g]
     step, tap = kptr[g] // TILE_K + local // TILE_K, local % TILE_K
@@ -182,14 +184,16 @@ def _zero_code_book(layer) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     levels = book.shape[-1]
     if levels < (1 << layer.bits):  # room for one more level: zero, at code `levels`
         zero = torch.zeros(book.shape[:-1] + (1,), dtype=book.dtype, device=book.device)
-        return torch.cat([book, zero], dim=-1).contiguous(), torch.full((layer.out_channels,), levels,
-                                                                        dtype=torch.int64, device=book.device)
+        return torch.cat([book, zero], dim=-1).contiguous(), torch.full(
+            (layer.out_channels,), levels, dtype=torch.int64, device=book.device
+        )
     is_zero = book == 0
     if book.dim() == 1:
         if not bool(is_zero.any()):
             return None
-        return book.contiguous(), torch.full((layer.out_channels,), int(is_zero.nonzero()[0]), dtype=torch.int64,
-                                             device=book.device)
+        return book.contiguous(), torch.full(
+            (layer.out_channels,), int(is_zero.nonzero()[0]), dtype=torch.int64, device=book.device
+        )
     if not bool(is_zero.any(dim=1).all()):
         return None
     return book.contiguous(), is_zero.to(torch.int8).argmax(dim=1).to(torch.int64)
@@ -230,8 +234,9 @@ def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
         if zero_code is not None:
             # Every position starts as its channel's zero code (a padding slot's channel: 0).
             kptr = layer.tile_kptr.to(torch.int64)
-            step_group = torch.repeat_interleave(torch.arange(kptr.numel() - 1, device=dev),
-                                                 (kptr[1:] - kptr[:-1]) // TILE_K)
+            step_group = torch.repeat_interleave(
+                torch.arange(kptr.numel() - 1, device=dev), (kptr[1:] - kptr[:-1]) // TILE_K
+            )
             slot = _slot_of_lane_value().to(dev)
             ch = layer.tile_rows.to(torch.int64)[step_group.view(-1, 1) * TILE_ROWS + slot.view(1, -1)]
             stream = torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)

@@ -1,4 +1,4 @@
-"""What every Hydra command of the package shares: where the configs are, and the
+"""What every Hydra app of the package shares: where the configs are, and the
 one-line report of a bad override before Hydra starts."""
 
 from __future__ import annotations

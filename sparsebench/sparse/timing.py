@@ -1,4 +1,5 @@
-"""Latency measurement: CUDA events on the GPU, perf_counter on the CPU; median and spread.
+"""Latency measurement, the benchmark's and the autotuner's clock: CUDA events on the GPU, perf_counter on
+the CPU; median and spread.
 
 GPU method (per measured case):
 - ``warmup`` untimed calls first (cuDNN autotuning, lazy allocations, clocks);
@@ -26,9 +27,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 CACHE_MODES = ("flush", "rotate")
-# An inter-quartile range above this share of the median marks a timing as noisy: the whole-network
-# timings of 18 VGG-16 and ResNet-18 jobs on an H200 spread by at most 1%; those of one timed beside the GPU
-# test suite by 20-67% (docs/results.md, run F).
+# An inter-quartile range above this share of the median marks a timing as noisy: a network timed with
+# the GPU to itself spreads by about 1%, one timed beside other GPU work by tens of percent.
 NOISY_SPREAD = 0.10
 # Runs queued behind one GPU sleep; the sleep is sized from the measured host time per run.
 _CHUNK = 16
@@ -87,8 +87,14 @@ class _Flusher:
         self.buf.zero_()
 
 
-def time_cuda(calls: Sequence[Callable[[], object]], *, warmup: int = 10, repeats: int = 50,
-              cache: str = "flush", device: Optional[torch.device] = None) -> Timing:
+def time_cuda(
+    calls: Sequence[Callable[[], object]],
+    *,
+    warmup: int = 10,
+    repeats: int = 50,
+    cache: str = "flush",
+    device: Optional[torch.device] = None,
+) -> Timing:
     """Median GPU time of ``calls`` (run in rotation), one CUDA-event pair per run."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache: expected one of {CACHE_MODES}, got {cache!r}")
@@ -150,8 +156,15 @@ def time_cpu(calls: Sequence[Callable[[], object]], *, warmup: int = 3, repeats:
     return summarize(samples)
 
 
-def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, *, warmup: int, repeats: int,
-               cache: str = "flush", cpu_threads: int = 0) -> Timing:
+def time_calls(
+    calls: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    cache: str = "flush",
+    cpu_threads: int = 0,
+) -> Timing:
     if device.type == "cuda":
         return time_cuda(calls, warmup=warmup, repeats=repeats, cache=cache, device=device)
     with cpu_thread_count(cpu_threads):

@@ -1,9 +1,9 @@
-"""``sparsebench-bench``: the kernel-only sweep (no training), a Hydra app.
+"""``sparsebench-bench``: the kernel grid (layers x batches x sparsities x bit widths, no training), a Hydra app.
 
     sparsebench-bench                                   # VGG-16-CIFAR layers, 80..98%, fp32/8/4 bits, batch 1
     sparsebench-bench layers=resnet50 bench=full        # ResNet-50 layers at batch 1, 32, 128
     sparsebench-bench model=vgg16 data=cifar10          # a model config's conv/linear layers at the data's size
-    sparsebench-bench sweep.sparsities=[0.9] sweep.bits=[32] backend=direct_sparse_fp16
+    sparsebench-bench grid.sparsities=[0.9] grid.bits=[32] backend=direct_sparse_fp16
     sparsebench-bench -m bench.batch_sizes=[1],[32]     # multirun: one run directory per job
 
 Writes ``bench.csv`` (one row per layer x backend x batch x sparsity x bits), ``metrics.json``
@@ -27,9 +27,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
-from sparsebench.cli import CONF_DIR, run_checked
 from sparsebench.config import DataConfig, LoggerConfig, ModelConfig
 from sparsebench.errors import ConfigError, require
+from sparsebench.hydra_app import CONF_DIR, run_checked
 
 log = logging.getLogger("sparsebench.bench")
 
@@ -57,52 +57,72 @@ class LayerSet:
 
 
 @dataclass
-class SweepConfig:
+class GridConfig:
     sparsities: List[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.98])
     bits: List[int] = field(default_factory=lambda: [32, 8, 4])
     row_skew: float = 0.0  # 0: uniform random masks; > 0: lognormal row lengths (sigma), like trained layers
 
 
 @dataclass
-class BenchCliConfig:
+class GridAppConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     layers: Optional[LayerSet] = None
     model: Optional[ModelConfig] = None
     data: Optional[DataConfig] = None
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
     name: str = "bench"
     seed: int = 0
 
 
-ConfigStore.instance().store(name="bench_schema", node=BenchCliConfig)
+ConfigStore.instance().store(name="grid_schema", node=GridAppConfig)
 
 
-def validate(cfg: Any, overrides: Sequence[str] = ()) -> None:
+def validate(cfg: GridAppConfig, overrides: Sequence[str] = ()) -> None:
     validate_bench(cfg.backend, cfg.bench)
-    s = cfg.sweep
-    require(len(s.sparsities) >= 1 and all(0 <= x < 1 for x in s.sparsities), "sweep.sparsities", list(s.sparsities),
-            "a non-empty list of fractions in [0, 1)")
-    require(len(s.bits) >= 1 and all(b in VALUE_BITS for b in s.bits), "sweep.bits", list(s.bits),
-            "a non-empty list from 32 (fp32 values), 16 (fp16 values), 8, 4, 2 (linear codes)")
-    require(s.row_skew >= 0, "sweep.row_skew", s.row_skew, "a number >= 0 (0: every row about as long)")
+    s = cfg.grid
+    require(
+        len(s.sparsities) >= 1 and all(0 <= x < 1 for x in s.sparsities),
+        "grid.sparsities",
+        list(s.sparsities),
+        "a non-empty list of fractions in [0, 1)",
+    )
+    require(
+        len(s.bits) >= 1 and all(b in VALUE_BITS for b in s.bits),
+        "grid.bits",
+        list(s.bits),
+        "a non-empty list from 32 (fp32 values), 16 (fp16 values), 8, 4, 2 (linear codes)",
+    )
+    require(s.row_skew >= 0, "grid.row_skew", s.row_skew, "a number >= 0 (0: every row about as long)")
     explicit_layers = any(o.split("=")[0].lstrip("+~") == "layers" for o in overrides)
     if cfg.model is not None:
-        require(not explicit_layers, "layers", cfg.layers.name if cfg.layers else None,
-                "not together with model=...: give either a layer set or a model config")
+        require(
+            not explicit_layers,
+            "layers",
+            cfg.layers.name if cfg.layers else None,
+            "not together with model=...: give either a layer set or a model config",
+        )
         from sparsebench.models import MODELS
 
         require(cfg.model.name in MODELS, "model.name", cfg.model.name, "one of " + ", ".join(sorted(MODELS)))
         require(cfg.data is not None, "data", None, "a dataset (data=cifar10, ...) for the model's input size")
     else:
-        require(cfg.layers is not None and len(cfg.layers.layers) >= 1, "layers", None,
-                "a layer set (layers=vgg16_cifar, resnet50, tiny) or model=<name>")
+        require(
+            cfg.layers is not None and len(cfg.layers.layers) >= 1,
+            "layers",
+            None,
+            "a layer set (layers=vgg16_cifar, resnet50, tiny) or model=<name>",
+        )
         for i, layer in enumerate(cfg.layers.layers):
             key = f"layers.layers[{i}]"
             require(layer.kind in ("conv2d", "linear"), f"{key}.kind", layer.kind, "conv2d or linear")
-            require(min(layer.c_in, layer.c_out, layer.kernel, layer.hw, layer.stride) >= 1, key,
-                    OmegaConf.to_container(layer), "c_in, c_out, kernel, hw and stride all >= 1")
+            require(
+                min(layer.c_in, layer.c_out, layer.kernel, layer.hw, layer.stride) >= 1,
+                key,
+                OmegaConf.to_container(layer),
+                "c_in, c_out, kernel, hw and stride all >= 1",
+            )
 
 
 # ------------------------------------------------------------------ layer shapes
@@ -112,14 +132,22 @@ def shapes_from_layer_set(layer_set: Any) -> List[Dict[str, Any]]:
     out = []
     for layer in layer_set.layers:
         linear = layer.kind == "linear"
-        out.append({"name": layer.name, "kind": layer.kind, "c_in": layer.c_in, "c_out": layer.c_out,
-                    "kernel": 1 if linear else layer.kernel, "hw": 1 if linear else layer.hw,
-                    "stride": 1 if linear else layer.stride,
-                    "padding": 0 if linear else (layer.kernel // 2 if layer.padding is None else layer.padding)})
+        out.append(
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "c_in": layer.c_in,
+                "c_out": layer.c_out,
+                "kernel": 1 if linear else layer.kernel,
+                "hw": 1 if linear else layer.hw,
+                "stride": 1 if linear else layer.stride,
+                "padding": 0 if linear else (layer.kernel // 2 if layer.padding is None else layer.padding),
+            }
+        )
     return out
 
 
-def shapes_from_model(model_cfg: Any, data_cfg: Any) -> List[Dict[str, Any]]:
+def shapes_from_model(model_cfg: GridAppConfig, data_cfg: GridAppConfig) -> List[Dict[str, Any]]:
     """The model's conv/linear layers at the data's input size (one forward pass at batch 1 on the CPU)."""
     import torch
     from torch import nn
@@ -131,58 +159,93 @@ def shapes_from_model(model_cfg: Any, data_cfg: Any) -> List[Dict[str, Any]]:
         channels, size, classes = data_cfg.shape[0], data_cfg.shape[1], data_cfg.num_classes
     else:
         channels, size, classes = DATA_GEOMETRY[data_cfg.name]
-    model = build_model(model_cfg.name, in_channels=channels, num_classes=classes, image_size=size,
-                        width=model_cfg.width)
+    model = build_model(
+        model_cfg.name, in_channels=channels, num_classes=classes, image_size=size, width=model_cfg.width
+    )
     shapes = layer_facts.input_shapes(model, torch.zeros(1, channels, size, size))
     out = []
     for name, m in layer_facts.weight_layers(model).items():
         if isinstance(m, nn.Conv2d):
             c, h, _ = shapes[name]
-            out.append({"name": name, "kind": "conv2d", "c_in": c, "c_out": m.out_channels,
-                        "kernel": m.kernel_size[0], "hw": h, "stride": m.stride[0], "padding": m.padding[0]})
+            out.append(
+                {
+                    "name": name,
+                    "kind": "conv2d",
+                    "c_in": c,
+                    "c_out": m.out_channels,
+                    "kernel": m.kernel_size[0],
+                    "hw": h,
+                    "stride": m.stride[0],
+                    "padding": m.padding[0],
+                }
+            )
         else:
-            out.append({"name": name, "kind": "linear", "c_in": m.in_features, "c_out": m.out_features,
-                        "kernel": 1, "hw": 1, "stride": 1, "padding": 0})
+            out.append(
+                {
+                    "name": name,
+                    "kind": "linear",
+                    "c_in": m.in_features,
+                    "c_out": m.out_features,
+                    "kernel": 1,
+                    "hw": 1,
+                    "stride": 1,
+                    "padding": 0,
+                }
+            )
     return out
 
 
-# ------------------------------------------------------------------ the sweep
+# ------------------------------------------------------------------ the grid
 
 
-def run_sweep(cfg: Any, shapes: List[Dict[str, Any]], device) -> List[Dict[str, Any]]:
-    import torch
+def run_grid(cfg: GridAppConfig, shapes: List[Dict[str, Any]], device) -> List[Dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from sparsebench.bench.measure import TimingSettings, break_even_sparsity
     from sparsebench.bench.suite import LayerBench, plan_backends, uniform
-    from sparsebench.bench.timing import cpu_thread_count
+    from sparsebench.sparse.timing import cpu_thread_count
 
     plan = plan_backends(cfg.backend, cfg.bench, device)
-    settings = TimingSettings(warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, cache=cfg.bench.cache,
-                              cpu_threads=cfg.bench.cpu_threads)
-    sparsities, bits_list = list(cfg.sweep.sparsities), list(cfg.sweep.bits)
+    settings = TimingSettings(
+        warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, cache=cfg.bench.cache, cpu_threads=cfg.bench.cpu_threads
+    )
+    sparsities, bits_list = list(cfg.grid.sparsities), list(cfg.grid.bits)
     # With two or more sparsities the break-even fit uses them all (below); with one, a thinned copy.
     runner = LayerBench(plan, settings, break_even=cfg.bench.break_even and len(sparsities) < 2)
     jobs = [(s, b, sp, bits) for s in shapes for b in cfg.bench.batch_sizes for sp in sparsities for bits in bits_list]
     rows: List[Dict[str, Any]] = []
     with cpu_thread_count(cfg.bench.cpu_threads if plan.device.type == "cpu" else 0):
-        for shape, batch, sparsity, bits in tqdm(jobs, desc=f"sparsebench-bench ({plan.sparse})",
-                                                 disable=not cfg.bench.progress):
-            rows += _run_case(runner, shape, batch, sparsity, bits, cfg.seed, cfg.sweep.row_skew)
+        for shape, batch, sparsity, bits in tqdm(
+            jobs, desc=f"sparsebench-bench ({plan.sparse})", disable=not cfg.bench.progress
+        ):
+            rows += _run_case(runner, shape, batch, sparsity, bits, cfg.seed, cfg.grid.row_skew)
     if cfg.bench.break_even and len(sparsities) >= 2:
-        add_sweep_break_even(rows, plan.sparse, break_even_sparsity)
+        add_grid_break_even(rows, plan.sparse, break_even_sparsity)
     return uniform(rows)
 
 
-def _run_case(runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int,
-              row_skew: float = 0.0) -> List[Dict[str, Any]]:
+def _run_case(
+    runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int, row_skew: float = 0.0
+) -> List[Dict[str, Any]]:
     import torch
 
     from sparsebench.bench.cases import synthetic_case
 
     g = torch.Generator().manual_seed(seed + int(round(sparsity * 1e4)) * 100 + bits)
-    case = synthetic_case(shape["name"], shape["kind"], shape["c_in"], shape["c_out"], shape["kernel"],
-                          shape["hw"], shape["stride"], shape["padding"], sparsity, bits, g, row_skew=row_skew)
+    case = synthetic_case(
+        shape["name"],
+        shape["kind"],
+        shape["c_in"],
+        shape["c_out"],
+        shape["kernel"],
+        shape["hw"],
+        shape["stride"],
+        shape["padding"],
+        sparsity,
+        bits,
+        g,
+        row_skew=row_skew,
+    )
     rows = runner.run(case, batch, shape_key=shape["name"])
     for r in rows:  # the nominal sparsity (the mask has round(s * numel) zeros; nnz is exact)
         if r["sparsity"] is not None:
@@ -190,7 +253,7 @@ def _run_case(runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: 
     return rows
 
 
-def add_sweep_break_even(rows: List[Dict[str, Any]], sparse: str, estimate) -> None:
+def add_grid_break_even(rows: List[Dict[str, Any]], sparse: str, estimate) -> None:
     """Per (layer, batch, bits): t = a + b*nnz fitted over the measured sparsities -> break-even per baseline."""
     ours = [r for r in rows if r["backend"] == sparse]
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
@@ -214,7 +277,7 @@ def summarize(rows: List[Dict[str, Any]], sparse: str) -> Dict[str, float]:
     ours = [r for r in rows if r["backend"] == sparse]
     out: Dict[str, float] = {}
     keys = sorted({(r["batch"], r["sparsity"], r["bits"]) for r in ours})
-    baselines = sorted({k[len("speedup_vs_"):] for r in ours for k in r if k.startswith("speedup_vs_")})
+    baselines = sorted({k[len("speedup_vs_") :] for r in ours for k in r if k.startswith("speedup_vs_")})
     for batch, sparsity, bits in keys:
         sel = [r for r in ours if (r["batch"], r["sparsity"], r["bits"]) == (batch, sparsity, bits)]
         for b in baselines:
@@ -226,51 +289,51 @@ def summarize(rows: List[Dict[str, Any]], sparse: str) -> Dict[str, float]:
 def format_table(rows: List[Dict[str, Any]], sparse: str) -> str:
     """One line per case of the backend under test: its time and speedup over each baseline."""
     ours = [r for r in rows if r["backend"] == sparse]
-    baselines = sorted({k[len("speedup_vs_"):] for r in ours for k in r if k.startswith("speedup_vs_")})
+    baselines = sorted({k[len("speedup_vs_") :] for r in ours for k in r if k.startswith("speedup_vs_")})
     head = f"{'layer':<20} {'batch':>5} {'sparsity':>8} {'bits':>4} {sparse + ' us':>18}" + "".join(
-        f" {'x ' + b:>22}" for b in baselines)
+        f" {'x ' + b:>22}" for b in baselines
+    )
     lines = [head, "-" * len(head)]
     for r in ours:
         cells = "".join(f" {r.get('speedup_vs_' + b) or float('nan'):>22.2f}" for b in baselines)
-        lines.append(f"{r['layer'][:20]:<20} {r['batch']:>5} {r['sparsity']:>8.3f} {r['bits']:>4} "
-                     f"{r['time_us']:>18.1f}{cells}")
+        lines.append(
+            f"{r['layer'][:20]:<20} {r['batch']:>5} {r['sparsity']:>8.3f} {r['bits']:>4} {r['time_us']:>18.1f}{cells}"
+        )
     return "\n".join(lines)
 
 
-def sweep_main(cfg: Any, run_dir: Path, overrides: Sequence[str]) -> Dict[str, Any]:
+def grid_main(cfg: GridAppConfig, run_dir: Path, overrides: Sequence[str]) -> Dict[str, Any]:
     import torch
 
-    from sparsebench.track import Tracker, make_tracker, write_csv, write_json, write_manifest
+    from sparsebench.rundir import BENCH, write_csv
+    from sparsebench.track import envelope
 
-    validate(cfg, overrides)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    write_manifest(run_dir, config, cfg.seed, overrides)
-    tracker: Tracker = make_tracker(cfg.logger, run_dir, config, name=f"{cfg.name}/{run_dir.name}")
-    metrics: Dict[str, Any] = {"status": "failed"}
-    exit_code = 1
-    try:
+    with envelope(run_dir) as record:
+        validate(cfg, overrides)
+        record.start(
+            OmegaConf.to_container(cfg, resolve=True),
+            cfg.seed,
+            overrides,
+            cfg.logger,
+            name=f"{cfg.name}/{run_dir.name}",
+        )
         shapes = shapes_from_model(cfg.model, cfg.data) if cfg.model is not None else shapes_from_layer_set(cfg.layers)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        rows = run_sweep(cfg, shapes, device)
-        write_csv(run_dir / "bench.csv", rows)
+        rows = run_grid(cfg, shapes, device)
+        write_csv(run_dir / BENCH, rows)
         sparse = rows[0]["backend"] if rows else cfg.backend.name
         print(format_table(rows, sparse))
-        metrics.update(summarize(rows, sparse), status="ok", backend=sparse, rows=len(rows))
-        tracker.table("bench", rows)
-        exit_code = 0
-    finally:
-        write_json(run_dir / "metrics.json", metrics)
-        tracker.summary(metrics)
-        tracker.finish(exit_code)
-    return metrics
+        record.metrics.update(summarize(rows, sparse), backend=sparse, rows=len(rows))
+        record.tracker.table("bench", rows)
+    return record.metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench_cli")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="grid")
 def app(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        sweep_main(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
+        grid_main(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         if multirun:
@@ -280,7 +343,7 @@ def app(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
-    run_checked(app, "bench_cli")
+    run_checked(app, "grid")
 
 
 if __name__ == "__main__":
