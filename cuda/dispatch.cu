@@ -88,14 +88,15 @@ static Plan rowsplit_plan(const ConvArgs& a, const Tuning& tu) {
 
 // Tile shape for 32*V lanes: whole output rows first, then several rows, then several images.
 // TWv is the lanes per tile row: with stride 1 and rows that would wrap inside a warp, lanes
-// also cover the KW-1 halo columns so a warp's shared loads hit 32 consecutive words.
+// also cover the KW-1 halo columns so a warp's shared loads hit 32 consecutive words (not for a
+// halo as wide as the lanes: a kernel 32*V or more wide).
 static void tile_shape(const ConvArgs& a, const Tuning& tu, int V, int& TW, int& TWv, int& TH, int& NI) {
-  const int PT = 32 * V;
+  const int PT = 32 * V, halo = a.KW - 1;
   TW = std::min(a.OW, PT);
   TWv = TW;
-  if (tu.virtual_width && a.stride == 1 && a.KW > 1 && TW % 32 != 0) {
-    if (TW + a.KW - 1 > PT) TW = PT - (a.KW - 1);
-    TWv = TW + a.KW - 1;
+  if (tu.virtual_width && a.stride == 1 && halo > 0 && halo < PT && TW % 32 != 0) {
+    if (TW + halo > PT) TW = PT - halo;
+    TWv = TW + halo;
   }
   TH = std::max(1, std::min(a.OH, PT / TWv));
   NI = std::max(1, std::min(a.N, PT / (TWv * TH)));

@@ -7,13 +7,17 @@ OmegaConf checks types while Hydra composes the config (``trainer.lr=abc`` fails
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
+from sparsebench.errors import ConfigError
 from sparsebench.errors import require as _require
 from sparsebench.prune.config import PruneConfig, validate_prune
 from sparsebench.quant.config import QuantConfig, validate_quant
@@ -132,8 +136,60 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+# Mappings whose keys are the user's (layer names, kernel knobs): any key is allowed inside them.
+OPEN_MAPPINGS = ("prune.overrides", "quant.overrides", "backend.tuning")
+
+
+def unknown_keys(cfg: Any, schema: type = None, prefix: str = "") -> List[str]:
+    """Keys of ``cfg`` that its schema (a dataclass) does not have: typos that ``+key=``/``++key=`` let in."""
+    schema = schema or Config
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in cfg.keys() if isinstance(cfg, (DictConfig, dict)) else []:
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            found.append(dotted + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        sub = next((t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)), None)
+        if sub is not None and dotted not in OPEN_MAPPINGS and isinstance(cfg[key], (DictConfig, dict)):
+            found += unknown_keys(cfg[key], sub, dotted + ".")
+    return found
+
+
+def refuse_unknown_keys(cfg: Any, schema: type = None) -> None:
+    unknown = unknown_keys(cfg, schema)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: not a key of the config; keys come from its dataclasses "
+            f"(sparsebench/config.py and the groups' config.py), open mappings only in "
+            f"{', '.join(OPEN_MAPPINGS)}"
+        )
+
+
+def unused_settings(cfg: Config) -> List[str]:
+    """Settings the chosen methods do not read (an experiment file may set them): one warning line each."""
+    notes = []
+    p, q, t = cfg.prune, cfg.quant, cfg.trainer
+    if p.method == "none" and not p.sensitivity:
+        for key, value in (
+            ("final_sparsity", p.final_sparsity),
+            ("overrides", dict(p.overrides)),
+            ("overrides_file", p.overrides_file),
+        ):
+            if value:
+                notes.append(f"prune.{key}={value!r} is unused: prune=none prunes nothing")
+    if q.method == "none" and q.bits != 32:
+        notes.append(f"quant.bits={q.bits} is unused: quant=none keeps fp32 weights")
+    if t.distill and p.method == "none" and q.method == "none":
+        notes.append(f"trainer.distill={t.distill} is unused: without pruning or quantization there is no retraining")
+    return notes
+
+
 def validate(cfg: Config) -> None:
-    """Check ranges and cross-field rules; raise ConfigError naming the first bad key."""
+    """Check keys, ranges and cross-field rules; raise ConfigError naming the first bad key."""
+    refuse_unknown_keys(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         _require(value in allowed, key, value, "one of " + ", ".join(allowed))
@@ -167,6 +223,18 @@ def validate(cfg: Config) -> None:
     )
 
     d = cfg.data
+    _require(
+        d.path is None or str(d.path).strip() != "",
+        "data.path",
+        d.path,
+        "null or a file or folder (an empty path would read the current folder)",
+    )
+    _require(
+        d.path is None or d.name in ("mnist", "cifar10"),
+        "data.path",
+        d.path,
+        f"null for data={d.name} (only mnist and cifar10 read a path)",
+    )
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
     _require(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0 (0: off)")

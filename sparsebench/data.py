@@ -142,18 +142,67 @@ def _load_real(name: str, path: Optional[str], download: bool, cache_dir: Path) 
         )
     if source.suffix == ".npz":
         return _npz(source)
+    if source.is_file() and not zipfile.is_zipfile(source):
+        raise ConfigError(
+            f"data.path={path!r}: not an npz, a zip or a folder; give a Keras-style npz, an ImageFolder "
+            "directory (train/<class>/<image>, test/<class>/<image>) or a zip of one"
+        )
     return _cached(source, cache_dir, lambda: _image_folder(source))
 
 
 def _npz(path: Path) -> Arrays:
-    with np.load(path) as f:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-        if missing:
+    key = f"data.path={str(path)!r}"
+    try:
+        with np.load(path) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+            if missing:
+                raise ConfigError(
+                    f"{key}: npz lacks {', '.join(missing)} (a Keras-style npz has x_train, y_train, x_test, y_test)"
+                )
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except ConfigError:
+        raise
+    except ValueError as e:  # numpy refuses object arrays: they would need unpickling
+        raise ConfigError(
+            f"{key}: not an npz of plain arrays ({_first_line(e)}); give x_train, y_train, x_test, "
+            "y_test as numeric arrays"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ConfigError(
+            f"{key}: not a readable npz file (empty, truncated or another format: {_first_line(e)})"
+        ) from None
+    _check_arrays(arrays, key)
+    return {k: _to_nchw(v) if k.startswith("x") else v for k, v in arrays.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def _check_arrays(a: Arrays, key: str) -> None:
+    """Images N x H x W or N x H x W x C / N x C x H x W with N labels each, one image size, integer labels."""
+    for split in ("train", "test"):
+        x, y = a[f"x_{split}"], a[f"y_{split}"]
+        if x.ndim not in (3, 4) or x.shape[0] == 0 or min(x.shape) < 1:
             raise ConfigError(
-                f"data.path={str(path)!r}: npz lacks {', '.join(missing)} "
-                f"(a Keras-style npz has x_train, y_train, x_test, y_test)"
+                f"{key}: x_{split} has shape {x.shape}; expected N x H x W or N x H x W x C images, N >= 1"
             )
-        return {k: _to_nchw(f[k]) if k.startswith("x") else f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise ConfigError(f"{key}: x_{split} holds {x.dtype}; expected uint8 or float pixels")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ConfigError(f"{key}: y_{split} has shape {y.shape}; expected one label per image ({x.shape[0]},)")
+        if not np.issubdtype(y.dtype, np.integer) or (y.size and int(y.min()) < 0):
+            raise ConfigError(f"{key}: y_{split} must hold class indices (integers >= 0), got {y.dtype}")
+    if _to_nchw_shape(a["x_train"]) != _to_nchw_shape(a["x_test"]):
+        raise ConfigError(
+            f"{key}: train images are {a['x_train'].shape[1:]}, test images {a['x_test'].shape[1:]}; "
+            "expected one image size"
+        )
+
+
+def _to_nchw_shape(x: np.ndarray) -> tuple:
+    return _to_nchw(x[:1]).shape[1:]
 
 
 def _to_nchw(x: np.ndarray) -> np.ndarray:
@@ -182,8 +231,11 @@ def _cached(source: Path, cache_dir: Path, decode) -> Arrays:
     """Decode once; later runs (and epochs) read the uint8 arrays from the cache."""
     cached = cache_dir / f"{source.stem}-{_content_hash(source)}.npz"
     if cached.exists():
-        with np.load(cached) as f:
-            return {k: f[k] for k in f.files}
+        try:
+            with np.load(cached) as f:
+                return {k: f[k] for k in f.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache file: decode again and replace it
     arrays = decode()
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
@@ -219,10 +271,29 @@ def _image_folder(source: Path) -> Arrays:
     out: Arrays = {}
     for split, files in split_files.items():
         files.sort(key=lambda item: (item[0], str(item[1])))
-        images = [np.asarray(Image.open(io.BytesIO(read(h)))) for _, h in files]
+        images = [_read_image(Image, read, h, source) for _, h in files]
+        sizes = {im.shape for im in images}
+        if len(sizes) > 1:
+            raise ConfigError(
+                f"data.path={str(source)!r}: {split} images of {len(sizes)} sizes "
+                f"({', '.join(str(s) for s in sorted(sizes)[:3])}); expected one size"
+            )
         out[f"x_{split}"] = _to_nchw(np.stack(images))
+        missing = sorted({c for c, _ in files} - set(index))
+        if missing:
+            raise ConfigError(f"data.path={str(source)!r}: test classes {missing[:3]} have no training images")
         out[f"y_{split}"] = np.array([index[c] for c, _ in files], dtype=np.int64)
     return out
+
+
+def _read_image(image_module: Any, read: Any, handle: Any, source: Path) -> np.ndarray:
+    """One image file as an array; a file PIL cannot read is named in one line."""
+    try:
+        return np.asarray(image_module.open(io.BytesIO(read(handle))))
+    except Exception as e:  # PIL raises several error types for what is not an image
+        raise ConfigError(
+            f"data.path={str(source)!r}: {handle} is not an image PIL can read ({_first_line(e)})"
+        ) from None
 
 
 def _torchvision(name: str, cache_dir: Path) -> Arrays:

@@ -10,6 +10,7 @@ and of what earlier stages returned. Files (checkpoints, weights, teachers) go t
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import nn
 from sparsebench import checkpoints, layers
 from sparsebench.average import WeightAverage
 from sparsebench.bench import benchmark_model
-from sparsebench.config import validate
+from sparsebench.config import unused_settings, validate
 from sparsebench.data import Batches, Dataset, load_dataset
 from sparsebench.distill import Distillation
 from sparsebench.errors import ConfigError
@@ -37,6 +38,8 @@ from sparsebench.train import TrainHook, evaluate, fit, seed_everything
 if TYPE_CHECKING:  # annotations only: no import at run time
     from sparsebench.config import Config
 
+log = logging.getLogger("sparsebench")
+
 
 def run(cfg: Config, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Optional[Any] = None) -> Dict[str, Any]:
     """Run one experiment into ``run_dir``; metrics.json is written whatever happens.
@@ -45,6 +48,8 @@ def run(cfg: Config, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Op
     its benchmark runs alone, its training pauses for theirs)."""
     with envelope(run_dir) as record:
         validate(cfg)
+        for note in unused_settings(cfg):
+            log.warning(note)
         record.start(
             OmegaConf.to_container(cfg, resolve=True),
             cfg.seed,

@@ -3,6 +3,7 @@ one-line report of a bad override before Hydra starts."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -34,10 +35,28 @@ def precheck(config_name: str, overrides: List[str]) -> Optional[str]:
     return None
 
 
+def unwritable_dir(args: List[str]) -> Optional[str]:
+    """The one-line problem with an explicit hydra.run.dir / hydra.sweep.dir that cannot be created."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or not value:
+            continue
+        folder = Path(os.path.expanduser(value.strip("'\""))).absolute()
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = "not a folder" if existing is not None and not existing.is_dir() else "not writable"
+            return f"{key.lstrip('+')}={value}: cannot create it ({existing} is {what})"
+    return None
+
+
 def run_checked(app: Callable[[], object], config_name: str) -> None:
     """Run a Hydra app; a plain single run's overrides are checked first (flags such as -m,
     --cfg and --help go straight to Hydra)."""
     args = sys.argv[1:]
+    problem = unwritable_dir(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if not any(a.startswith("-") for a in args):
         problem = precheck(config_name, [a for a in args if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
         if problem:

@@ -134,3 +134,51 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
             assert p["warps_m"] * p["MT"] * 2 >= groups, (shape, p)
             assert p["warps_m"] * p["warps_k"] * p["warps_g"] == 8 and 0 < p["smem_bytes"] <= 227 * 1024
             assert 1 <= p["CC"] <= cin and p["chunks"] * p["CC"] >= cin and p["blocks"] >= 1
+
+
+def _plan_every_geometry(seed: int, results) -> None:
+    """Plan random geometries, wide kernels among them, with the rule and every candidate; put the count
+    of plans checked (or the failure) on ``results``."""
+    import random
+
+    rnd = random.Random(seed)
+    checked = 0
+    try:
+        for _ in range(40):
+            kh, kw = rnd.choice([1, 2, 3, 5, 7, 11]), rnd.choice([1, 3, 7, 31, 32, 33, 41, 64, 65, 129])
+            stride, pad = rnd.choice([1, 2, 3]), rnd.choice([0, 1, kw // 2])
+            cin, cout = rnd.choice([1, 3, 8, 64, 513]), rnd.choice([1, 5, 16, 70])
+            h, w = max(kh, rnd.choice([1, 2, 7, 33])), max(kw - 2 * min(pad, kw // 2), rnd.choice([1, 8, 56, 130]))
+            layer = random_layer((cout, cin, kh, kw), 0.9, stride=stride, padding=pad, value="linear", bits=4, seed=kw)
+            shape = (rnd.choice([1, 2, 32, 129]), cin, h, w)
+            for dtype in (torch.float32, torch.float16):
+                for i in range(-1, _C.plan_candidate_count()):
+                    p = plan(shape, layer, plan=i, dtype=dtype)
+                    assert p["blocks"] >= 1 and p["threads"] >= 32, (shape, layer.weight_shape, i, p)
+                    if p["variant"] == "stage":
+                        assert min(p["TW"], p["TWv"], p["TH"], p["NI"], p["CC"], p["chunks"]) >= 1, (shape, i, p)
+                    checked += 1
+        results.put(checked)
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_the_planner_ends_with_a_launchable_plan_for_every_geometry():
+    # Kernels as wide as the lanes or wider (1-D convolutions as 2-D: 1x41) once drove the staged
+    # kernel's tile width to zero or below, and the planner into an endless loop. In a child process:
+    # a planner that never returns fails the test instead of hanging it.
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_plan_every_geometry, args=(0, results))
+    child.start()
+    try:
+        outcome = results.get(timeout=240)
+    except queue.Empty:
+        outcome = "the planner did not return within 240 s"
+    child.join(5)
+    if child.is_alive():
+        child.terminate()
+    assert isinstance(outcome, int) and outcome > 1000, outcome

@@ -495,3 +495,25 @@ def test_job_folder_names_stay_short_and_distinct() -> None:
     assert len(a) == len(b) == 200 and a != b and a[:180] == b[:180]
     assert job_dirname(fixed + ",quant.bits=4") == a  # stable, so a resumed sweep finds its folders
     assert "/" not in job_dirname("data.path=/a/b.npz")
+
+
+def test_a_sweep_through_submitit_runs_the_slurm_code_path(tmp_path: Path) -> None:
+    # submitit_local pickles each job and runs it in a subprocess, as the SLURM launcher does on a
+    # cluster; the callback then reports in the launching process, and a failed job sets its exit status.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    done = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        *COMPRESS,
+        "trainer.lr=0.05,-1",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.launcher.timeout_min=10",
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "sweep: 1 of 2 jobs failed (job 1)" in done.stderr
+    jobs = jobs_of(tmp_path)
+    metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    assert [m["status"] for m in metrics] == ["ok", "failed"] and metrics[0]["acc_final"] > 0.2
+    assert "trainer.lr=-1" in metrics[1]["error"]
+    with open(tmp_path / "summary.csv") as f:
+        assert sorted(row["status"] for row in csv.DictReader(f)) == ["failed", "ok"]

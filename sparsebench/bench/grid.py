@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
-from sparsebench.config import DataConfig, LoggerConfig, ModelConfig
+from sparsebench.config import DataConfig, LoggerConfig, ModelConfig, refuse_unknown_keys
 from sparsebench.errors import ConfigError, require
 from sparsebench.hydra_app import CONF_DIR, run_checked
 
@@ -80,6 +80,7 @@ ConfigStore.instance().store(name="grid_schema", node=GridAppConfig)
 
 
 def validate(cfg: GridAppConfig, overrides: Sequence[str] = ()) -> None:
+    refuse_unknown_keys(cfg, GridAppConfig)
     validate_bench(cfg.backend, cfg.bench)
     s = cfg.grid
     require(

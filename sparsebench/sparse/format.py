@@ -53,6 +53,8 @@ _TENSOR_FIELDS = (
     "tile_cols",
 )
 _TILE_FIELDS = ("tile_rows", "tile_kptr", "tile_cols")
+# Metadata fields of a layer that change what it computes: covered by its geometry checksum.
+_GEOMETRY_FIELDS = ("kind", "weight_shape", "stride", "padding", "value_kind", "bits", "index_bits", "nnz")
 
 
 @dataclasses.dataclass
@@ -298,6 +300,8 @@ def pack_weight(
         )
     if not weight.is_floating_point():
         raise ValueError(f"weight: expected a floating-point tensor, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} has an empty dimension (no channels or no kernel)")
     kind = "conv2d" if weight.dim() == 4 else "linear"
     if kind == "linear" and (stride != 1 or padding != 0):
         raise ValueError("stride/padding: a linear layer takes stride=1 and padding=0")
@@ -465,6 +469,11 @@ def check_layer(layer: PackedLayer, name: str = "layer") -> None:
         raise ValueError(f"{name}: kind must be 'conv2d' or 'linear', got {layer.kind!r}")
     if len(layer.weight_shape) != (4 if layer.kind == "conv2d" else 2):
         raise ValueError(f"{name}: weight_shape {layer.weight_shape} does not fit kind {layer.kind!r}")
+    if any(int(d) < 1 for d in layer.weight_shape):
+        raise ValueError(
+            f"{name}: weight_shape {tuple(layer.weight_shape)}: every dimension must be >= 1 (a layer "
+            "without input or output channels, or with an empty kernel, computes nothing)"
+        )
     if layer.value_kind not in VALUE_KINDS:
         raise ValueError(f"{name}: value_kind must be one of {VALUE_KINDS}, got {layer.value_kind!r}")
     want_bits = {"float32": (32,), "float16": (16,)}.get(layer.value_kind, CODE_BITS)
@@ -579,6 +588,12 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _geometry_digest(entry: Dict[str, Any]) -> str:
+    """SHA-256 of a layer's geometry as the metadata records it (kind, shape, stride, padding, values, nnz)."""
+    fields = {k: entry.get(k) for k in _GEOMETRY_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def save_packed(path, layers: Dict[str, PackedLayer], metadata: Optional[Dict[str, Any]] = None) -> None:
     """Write layers to a safetensors file with JSON metadata (geometry + SHA-256 per tensor), atomically."""
     from safetensors.torch import save_file
@@ -590,6 +605,7 @@ def save_packed(path, layers: Dict[str, PackedLayer], metadata: Optional[Dict[st
             raise ValueError(f"layers: name {name!r} must not contain '/'")
         check_layer(layer, name)
         entry = layer.geometry()
+        entry["geometry_sha256"] = _geometry_digest(entry)
         entry["sha256"] = {}
         for tname, t in layer.tensors().items():
             t = t.detach().cpu().contiguous()
@@ -640,33 +656,50 @@ def load_packed(path) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
         raise ValueError(f"{path}: metadata is damaged ({e})") from None
 
     layers: Dict[str, PackedLayer] = {}
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: metadata is damaged (its layer index is not a mapping)")
     for name, entry in index.items():
-        parts = {}
-        for tname, digest in entry["sha256"].items():
-            key = f"{name}/{tname}"
-            if key not in stored:
-                raise ValueError(f"{path}: layer {name!r} tensor {tname!r} is missing")
-            t = stored.pop(key)
-            if _digest(t) != digest:
-                raise ValueError(f"{path}: layer {name!r} tensor {tname!r} fails its checksum (file corrupted)")
-            parts[tname] = t
         try:
-            layer = PackedLayer(
-                kind=entry["kind"],
-                weight_shape=tuple(entry["weight_shape"]),
-                stride=entry["stride"],
-                padding=entry["padding"],
-                value_kind=entry["value_kind"],
-                bits=entry["bits"],
-                **parts,
-            )
-        except TypeError as e:
-            raise ValueError(f"{path}: layer {name!r} is incomplete ({e})") from None
-        check_layer(layer, name)
-        if layer.nnz != entry["nnz"]:
-            raise ValueError(f"{path}: layer {name!r} has {layer.nnz} nonzeros, metadata says {entry['nnz']}")
-        check_layer_data(layer, name)
-        layers[name] = layer if layer.has_tiles else layer.with_tiles()
+            layers[name] = _load_layer(path, name, entry, stored, meta["version"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: layer {name!r}: metadata is damaged ({type(e).__name__}: {e})") from None
     if stored:
         raise ValueError(f"{path}: tensors not described by the metadata: {sorted(stored)[:5]}")
     return layers, user_meta
+
+
+def _load_layer(
+    path: Path, name: str, entry: Dict[str, Any], stored: Dict[str, torch.Tensor], version: str
+) -> PackedLayer:
+    """One layer of a packed file, every checksum verified (the geometry's too, from version 2 on)."""
+    if version != "1" and entry.get("geometry_sha256") != _geometry_digest(entry):
+        raise ValueError(
+            f"{path}: layer {name!r}: its geometry (shape, stride, padding, values) fails its checksum "
+            "(file corrupted or edited)"
+        )
+    parts = {}
+    for tname, digest in entry["sha256"].items():
+        key = f"{name}/{tname}"
+        if key not in stored:
+            raise ValueError(f"{path}: layer {name!r} tensor {tname!r} is missing")
+        t = stored.pop(key)
+        if _digest(t) != digest:
+            raise ValueError(f"{path}: layer {name!r} tensor {tname!r} fails its checksum (file corrupted)")
+        parts[tname] = t
+    try:
+        layer = PackedLayer(
+            kind=entry["kind"],
+            weight_shape=tuple(entry["weight_shape"]),
+            stride=entry["stride"],
+            padding=entry["padding"],
+            value_kind=entry["value_kind"],
+            bits=entry["bits"],
+            **parts,
+        )
+    except TypeError as e:
+        raise ValueError(f"{path}: layer {name!r} is incomplete ({e})") from None
+    check_layer(layer, name)
+    if layer.nnz != entry["nnz"]:
+        raise ValueError(f"{path}: layer {name!r} has {layer.nnz} nonzeros, metadata says {entry['nnz']}")
+    check_layer_data(layer, name)
+    return layer if layer.has_tiles else layer.with_tiles()
