@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -118,6 +118,7 @@ def register_schema() -> None:
 
 
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
+PATH_DATASETS = ("mnist", "cifar10")  # the datasets read from data.path
 CHOICES: Dict[str, tuple] = {
     "data.name": DATASETS,
     "trainer.optimizer": ("sgd", "adam"),
@@ -172,6 +173,8 @@ def unused_settings(cfg: Config) -> List[str]:
     """Settings the chosen methods do not read (an experiment file may set them): one warning line each."""
     notes = []
     p, q, t = cfg.prune, cfg.quant, cfg.trainer
+    if cfg.data.path is not None and cfg.data.name not in PATH_DATASETS:
+        notes.append(f"data.path={cfg.data.path!r} is unused: data={cfg.data.name} reads no path")
     if p.method == "none" and not p.sensitivity:
         for key, value in (
             ("final_sparsity", p.final_sparsity),
@@ -187,9 +190,18 @@ def unused_settings(cfg: Config) -> List[str]:
     return notes
 
 
-def validate(cfg: Config) -> None:
-    """Check keys, ranges and cross-field rules; raise ConfigError naming the first bad key."""
+def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
+    """Check keys, ranges and cross-field rules; raise ConfigError naming the first bad key. A setting given in
+    ``overrides`` (the command line) that the chosen method does not read is refused too (see unused_settings)."""
     refuse_unknown_keys(cfg)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "data.path" in given:
+        _require(
+            cfg.data.path is None or cfg.data.name in PATH_DATASETS,
+            "data.path",
+            cfg.data.path,
+            f"null for data={cfg.data.name} (only {' and '.join(PATH_DATASETS)} read a path)",
+        )
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         _require(value in allowed, key, value, "one of " + ", ".join(allowed))
@@ -228,12 +240,6 @@ def validate(cfg: Config) -> None:
         "data.path",
         d.path,
         "null or a file or folder (an empty path would read the current folder)",
-    )
-    _require(
-        d.path is None or d.name in ("mnist", "cifar10"),
-        "data.path",
-        d.path,
-        f"null for data={d.name} (only mnist and cifar10 read a path)",
     )
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")

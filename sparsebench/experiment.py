@@ -47,7 +47,7 @@ def run(cfg: Config, run_dir: Path, overrides: Sequence[str] = (), gpu_share: Op
     ``gpu_share``: this job's place on a GPU that other sweep jobs use too (multirun.gpus.GpuShare:
     its benchmark runs alone, its training pauses for theirs)."""
     with envelope(run_dir) as record:
-        validate(cfg)
+        validate(cfg, overrides)
         for note in unused_settings(cfg):
             log.warning(note)
         record.start(

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
+
 # Installed wheels carry the configs inside the package; a source checkout has them at the top.
 _PACKAGE = Path(__file__).resolve().parent
 CONF_DIR = str(next((p for p in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if p.is_dir()), _PACKAGE / "conf"))
@@ -15,9 +18,6 @@ CONF_DIR = str(next((p for p in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if
 
 def precheck(config_name: str, overrides: List[str]) -> Optional[str]:
     """Compose the config once up front so a bad override becomes one line, not Hydra's page."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             compose(config_name, overrides=overrides)

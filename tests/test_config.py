@@ -8,7 +8,7 @@ from sparsebench.config import validate
 from sparsebench.errors import ConfigError
 from tests.conftest import ROOT, compose, run_cli
 
-GROUPS = ["data", "model", "trainer", "prune", "quant", "backend", "bench", "logger", "experiment"]
+GROUPS = ["data", "model", "trainer", "prune", "quant", "backend", "bench", "logger", "experiment", "weights", "debug"]
 
 
 def options(group: str):
@@ -25,6 +25,36 @@ def test_every_group_option_composes_and_validates(group, option):
     validate(cfg)
     if group in ("data", "model"):
         assert cfg[group].name == option
+
+
+def test_every_launcher_and_layer_set_composes():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sparsebench.bench.grid import validate as validate_grid
+    from sparsebench.hydra_app import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for launcher in options("hydra/launcher"):
+            cfg = hydra_compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_
+        for layers in options("layers"):
+            grid = hydra_compose("grid", overrides=[f"layers={layers}"])
+            validate_grid(grid, [f"layers={layers}"])
+            assert grid.layers.name == layers and len(grid.layers.layers) >= 2
+
+
+# Every experiment on the CPU in seconds: debug=quick, synthetic data of the experiment's image size.
+QUICK = ["debug=quick", "data=synthetic", "data.path=null", "data.augment=true", "trainer.init_from=null"]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_runs_in_quick_mode(experiment, tmp_path: Path):
+    from sparsebench.experiment import run
+
+    metrics = run(compose(f"experiment={experiment}", *QUICK), tmp_path)
+    assert metrics["status"] == "ok" and 0.0 <= metrics["acc_final"] <= 1.0
+    assert (tmp_path / "manifest.json").is_file() and (tmp_path / "layers.csv").is_file()
 
 
 def test_default_config_is_the_embedded_experiment():

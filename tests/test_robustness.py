@@ -143,7 +143,8 @@ def test_bad_data_is_one_line_naming_data_path(tmp_path: Path):
 
 def test_a_data_path_the_dataset_does_not_read_or_an_empty_one_is_refused():
     with pytest.raises(ConfigError, match="data.path='x.npz' is not allowed: null for data=digits"):
-        validate(compose(*DENSE, "data.path=x.npz"))
+        validate(compose(*DENSE, "data.path=x.npz"), ["data.path=x.npz"])
+    assert unused_settings(compose(*DENSE, "data.path=x.npz"))[0].startswith("data.path='x.npz' is unused")
     with pytest.raises(ConfigError, match="data.path='' is not allowed: null or a file or folder"):
         validate(compose(*DENSE, "data=mnist", "data.path=''"))
 
@@ -210,7 +211,8 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path):
     run(compose(*overrides, "trainer.resume=true"), tmp_path)
     assert (tmp_path / "wandb-id.txt").read_text().strip() == first
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(first) for name in runs)
+    # One folder per launch, or one for both when they start within the same second: the id is the run's.
+    assert 1 <= len(runs) <= 2 and all(name.endswith(first) for name in runs)
 
 
 def test_a_pickle_payload_class_really_runs_when_unpickled(tmp_path: Path):

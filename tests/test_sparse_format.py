@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.sparse import format as fmt
-from sparsebench.sparse.format import load_packed, pack_codes, pack_weight, save_packed, unpack_codes
+from sparsebench.sparse.codes import pack_codes, unpack_codes
+from sparsebench.sparse.format import load_packed, pack_weight, save_packed
 from sparsebench.sparse.ops import reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
 from sparsebench.sparse.synthetic import codebook_codes, linear_codes, random_layer, random_sparse_weight
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from sparsebench.sparse.codes import unsigned
 from sparsebench.sparse.format import check_tiles, load_packed, pack_weight, save_packed
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.tiles import (
@@ -18,7 +19,6 @@ from sparsebench.sparse.tiles import (
     group_channels,
     stream_kind,
     stream_to_dense,
-    unsigned,
 )
 
 VALUES = [

@@ -22,6 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.bench.cases import LayerCase
+from sparsebench.sparse.ops import (
+    is_channels_last,
+    kernel_plan,
+    kernels_unavailable_reason,
+    plan_name,
+    reference_conv2d,
+    reference_linear,
+    sparse_conv2d,
+    sparse_linear,
+)
 
 ACT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Allowed max |y - ref| / max |ref| per compute precision.
@@ -198,14 +208,10 @@ register(Backend("torch_cpu", ("cpu",), False, _torch_cpu, describe="dense fp32 
 
 
 def _direct_unavailable(device: torch.device) -> Optional[str]:
-    from sparsebench.sparse.ops import kernels_unavailable_reason
-
     return kernels_unavailable_reason()
 
 
 def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> Prepared:
-    from sparsebench.sparse.ops import is_channels_last, sparse_conv2d, sparse_linear
-
     dtype = ACT_DTYPES[activations]
     layer = case.packed.to(device)
     op = sparse_conv2d if case.kind == "conv2d" else sparse_linear
@@ -233,8 +239,6 @@ def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> P
 
 def _tuned_plan(layer) -> Dict[str, object]:
     """The plan the autotuner chose for the one input this layer ran on (-1: the rule), its kernel and layout."""
-    from sparsebench.sparse.ops import kernel_plan, plan_name
-
     plans = set(layer.tuned_plans.items())
     if len(plans) != 1:
         return {"kernel_plan": -1, "kernel": None, "layout": None}
@@ -256,8 +260,6 @@ register(
 
 
 def _sparse_reference(case: LayerCase, device: torch.device, activations: str) -> Prepared:
-    from sparsebench.sparse.ops import reference_conv2d, reference_linear
-
     layer = case.packed.to(device)
     op = reference_conv2d if case.kind == "conv2d" else reference_linear
     return Prepared(

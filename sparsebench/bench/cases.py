@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from sparsebench import layers as layer_facts
-from sparsebench.sparse.format import PackedLayer, pack_codes, pack_weight
+from sparsebench.sparse.codes import pack_codes
+from sparsebench.sparse.format import PackedLayer, pack_weight
 from sparsebench.sparse.synthetic import linear_codes, random_sparse_weight
 
 

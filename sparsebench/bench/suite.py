@@ -20,6 +20,7 @@ from sparsebench.bench.measure import (
     time_prepared,
 )
 from sparsebench.errors import ConfigError
+from sparsebench.sparse.ops import _C, set_autotune
 
 if TYPE_CHECKING:  # annotations only: no import at run time
     from sparsebench.bench.config import BackendConfig, BenchConfig
@@ -58,8 +59,6 @@ def plan_backends(backend_cfg: BackendConfig, bench_cfg: BenchConfig, device: to
         sparse, activations, device = CPU_FALLBACK, "fp32", torch.device("cpu")
     if "direct_sparse" in (sparse, *bench_cfg.baselines) and not BACKENDS["direct_sparse"].unavailable(device):
         # The dispatcher's knobs are process-wide: set all of them, so a serial sweep's next job starts clean.
-        from sparsebench.sparse.ops import _C, set_autotune
-
         _C.set_tuning(**(backend_cfg.tuning if sparse == "direct_sparse" else {}))
         set_autotune(backend_cfg.autotune)
     baselines = []

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from torch import nn
 
+from sparsebench.quant.export import export_packed
+from sparsebench.quant.hook import Quantizer
 from sparsebench.train import TrainHook
 
 if TYPE_CHECKING:  # annotations only: no import at run time
@@ -26,8 +28,6 @@ def build_quantizer(cfg: QuantConfig, model: nn.Module) -> Optional[TrainHook]:
     """
     if cfg.method == "none":
         return None
-    from sparsebench.quant.hook import Quantizer
-
     return Quantizer(cfg, model)
 
 
@@ -42,7 +42,5 @@ def export_model(model: nn.Module, hooks: List[TrainHook], path: Path) -> Option
     """
     if not hooks:
         return None
-    from sparsebench.quant.export import export_packed
-
     quantizer = next((h for h in hooks if getattr(h, "name", None) == "quant"), None)
     return export_packed(model, quantizer, Path(path))

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from sparsebench.layers import weight_layers
+from sparsebench.quant.config import FP32
 from sparsebench.quant.fold import bn_pairs, folded
-from sparsebench.sparse.format import CODE_BITS, PackedLayer, pack_weight, save_packed
-
-FP32 = 32
+from sparsebench.sparse.codes import CODE_BITS
+from sparsebench.sparse.format import PackedLayer, pack_weight, save_packed
 
 
 def storage_bits(bits: int) -> int:

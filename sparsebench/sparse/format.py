@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sparsebench.sparse.codes import CODE_BITS, INDEX16_LIMIT, index_tensor, pack_codes, unpack_codes, unsigned
+from sparsebench.sparse.tiles import TILE_K, TILE_ROWS, build_tiles
 
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # version 1: no tensor-core tiles (built on load)
 VALUE_KINDS = ("float32", "float16", "linear", "codebook")
-CODE_BITS = (2, 4, 8)
-# Flat column indices up to this many fit the unsigned 16-bit index stream.
-INDEX16_LIMIT = 1 << 16
 
 # Tensors a layer may hold, in file order; None-valued ones are simply absent.
 _TENSOR_FIELDS = (
@@ -128,8 +130,7 @@ class PackedLayer:
     # -- decoding ---------------------------------------------------------------------
     def columns(self) -> torch.Tensor:
         """The column index of every nonzero as int64 (undoes the unsigned 16-bit storage)."""
-        cols = self.colidx.to(torch.int64)
-        return cols & 0xFFFF if self.index_bits == 16 else cols
+        return unsigned(self.colidx)
 
     def row_nnz(self) -> torch.Tensor:
         """Nonzeros of every row (output channel), int64 [C_out]."""
@@ -199,8 +200,6 @@ class PackedLayer:
 
     def with_tiles(self, by_similarity: bool = True) -> "PackedLayer":
         """This layer with its tensor-core tiles (re)built from its nonzero pattern (on the CPU)."""
-        from sparsebench.sparse.tiles import build_tiles, index_tensor
-
         rows, kptr, cols = build_tiles(self.mask().cpu(), by_similarity)
         dev = self.rowptr.device
         built = dataclasses.replace(
@@ -234,24 +233,6 @@ class PackedLayer:
 
 # ---------------------------------------------------------------------------------------
 # bit packing
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes (< 2**bits) into a uint8 stream, first code in the low bits."""
-    per = 8 // bits
-    c = codes.to(torch.int32).flatten()
-    pad = (-c.numel()) % per
-    if pad:
-        c = torch.cat([c, c.new_zeros(pad)])
-    c = c.reshape(-1, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
-    return (c << shifts).sum(dim=1).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    idx = torch.arange(n, dtype=torch.int64, device=packed.device) * bits
-    byte = packed.to(torch.int64)[idx >> 3]
-    return (byte >> (idx & 7)) & ((1 << bits) - 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,10 +375,7 @@ def pack_weight(
         raise ValueError("weight: more than 2**31 nonzeros do not fit the int32 row pointers")
     r_idx, cols = mask.nonzero(as_tuple=True)  # row-major, so columns come sorted within each row
     ncols = w2.shape[1]
-    if ncols <= INDEX16_LIMIT:
-        colidx = torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16)
-    else:
-        colidx = cols.to(torch.int32)
+    colidx = index_tensor(cols, ncols)
     if value_kind == "float32":
         values = decoded[r_idx, cols].contiguous()
     elif value_kind == "float16":
@@ -412,8 +390,6 @@ def pack_weight(
             raise ValueError(f"bias: expected {rows} values, got {bias_t.numel()}")
     tile_rows = tile_kptr = tile_cols = None
     if tiles:
-        from sparsebench.sparse.tiles import build_tiles, index_tensor
-
         tile_rows, tile_kptr, cols64 = build_tiles(mask)
         tile_cols = index_tensor(cols64, ncols)
     return PackedLayer(
@@ -543,8 +519,6 @@ def check_layer_data(layer: PackedLayer, name: str = "layer") -> None:
 
 def check_tiles(layer: PackedLayer, name: str = "layer") -> None:
     """The tiles must hold every channel once and, per group, sorted taps covering its channels' nonzeros."""
-    from sparsebench.sparse.tiles import TILE_K, TILE_ROWS, unsigned
-
     rows = layer.tile_rows.to(torch.int64)
     live = rows[rows >= 0]
     if not torch.equal(torch.sort(live).values, torch.arange(layer.out_channels)) or bool((rows < -1).any()):
@@ -596,8 +570,6 @@ def _geometry_digest(entry: Dict[str, Any]) -> str:
 
 def save_packed(path, layers: Dict[str, PackedLayer], metadata: Optional[Dict[str, Any]] = None) -> None:
     """Write layers to a safetensors file with JSON metadata (geometry + SHA-256 per tensor), atomically."""
-    from safetensors.torch import save_file
-
     tensors: Dict[str, torch.Tensor] = {}
     index: Dict[str, Any] = {}
     for name, layer in layers.items():
@@ -632,8 +604,6 @@ def save_packed(path, layers: Dict[str, PackedLayer], metadata: Optional[Dict[st
 
 def load_packed(path) -> Tuple[Dict[str, PackedLayer], Dict[str, Any]]:
     """Read a file written by save_packed; ValueError naming the layer/tensor on any mismatch or corruption."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from sparsebench.sparse.codes import pack_codes, unpack_codes, unsigned
+
 TILE_ROWS = 16  # output channels per group: two m16n8k16 MMAs wide
 TILE_K = 16  # taps per k-step: the MMA's K
 # Greedy grouping by mask similarity costs about CO * CO * K / 16 multiply-adds; above this it
@@ -101,20 +103,6 @@ def build_tiles(mask: torch.Tensor, by_similarity: bool = True):
     rows = group_channels(mask, by_similarity)
     kptr, cols = condensed_taps(mask, rows)
     return rows.to(torch.int32), kptr.to(torch.int32), cols
-
-
-def index_tensor(cols: torch.Tensor, row_length: int) -> torch.Tensor:
-    """Column indices as the format stores them: int16 read as unsigned up to 2**16 columns, else int32."""
-    from sparsebench.sparse.format import INDEX16_LIMIT
-
-    if row_length <= INDEX16_LIMIT:
-        return torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16).contiguous()
-    return cols.to(torch.int32).contiguous()
-
-
-def unsigned(cols: torch.Tensor) -> torch.Tensor:
-    cols = cols.to(torch.int64)
-    return cols & 0xFFFF if cols.dtype != torch.int32 else cols
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +229,6 @@ def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
             ch = layer.tile_rows.to(torch.int64)[step_group.view(-1, 1) * TILE_ROWS + slot.view(1, -1)]
             stream = torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
             stream[elem] = codes
-            from sparsebench.sparse.format import pack_codes
-
             return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book)
     values = torch.zeros(total, dtype=torch.float32, device=dev)
     values[elem] = layer.nonzero_values()
@@ -264,8 +250,6 @@ def stream_to_dense(layer, stream: FragmentStream) -> torch.Tensor:
     if stream.kind == TC_HALF:
         vals = stream.values.to(torch.float32)
     else:
-        from sparsebench.sparse.format import unpack_codes
-
         codes = unpack_codes(stream.values, layer.bits, n)
     slot = _slot_of_lane_value().to(dev).repeat(steps)
     tap_in_step = _tap_of_lane_value().to(dev).repeat(steps)
