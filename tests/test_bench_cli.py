@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsebench.errors import ConfigError
 from tests.conftest import ROOT, TINY, run_cli
 
 FAST = ["bench.repeats=20", "bench.warmup=1", "bench.progress=false"]
@@ -164,9 +165,17 @@ def test_negative_row_skew_is_refused(tmp_path):
         ),
     ],
 )
-def test_bad_kernel_tuning_is_refused(tmp_path, overrides, message):
-    res = run_bench("layers=tiny", *overrides, f"hydra.run.dir={tmp_path}")
-    assert res.returncode == 2 and message in res.stderr
+def test_bad_kernel_tuning_is_refused(overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from sparsebench.bench.grid import validate
+    from sparsebench.hydra_app import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("grid", overrides=["layers=tiny", *overrides])
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, overrides)
+    assert message in str(refused.value)
 
 
 def test_kernel_tuning_knobs_are_the_modules_own():

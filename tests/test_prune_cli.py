@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from sparsebench.errors import ConfigError
+from sparsebench.experiment import run
+from tests.conftest import TINY, compose, run_cli
 
 BASE = [*TINY, "quant=none", "bench=none", "prune=agp", "trainer.finetune_epochs=2", "prune.end=1"]
 
@@ -28,10 +30,15 @@ BASE = [*TINY, "quant=none", "bench=none", "prune=agp", "trainer.finetune_epochs
         ),
     ],
 )
-def test_bad_prune_input_is_one_line_before_training(tmp_path, overrides, key, allowed):
-    result = run_cli(*BASE, *overrides, f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and key in errors[0] and allowed in errors[0], result.stderr[-2000:]
+def test_bad_prune_input_is_refused_before_training(tmp_path, overrides, key, allowed):
+    with pytest.raises(ConfigError) as refused:
+        run(compose(*BASE, *overrides), tmp_path)
+    assert key in str(refused.value) and allowed in str(refused.value) and "\n" not in str(refused.value)
     assert not (tmp_path / "dense.pt").exists() and not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+def test_a_prune_error_from_the_cli_is_one_line(tmp_path):
+    result = run_cli(*BASE, r"++prune.overrides={classifier:0.5}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "prune.overrides.classifier=0.5" in errors[0], result.stderr[-2000:]

@@ -336,14 +336,19 @@ def test_kmeans_with_more_levels_than_nonzeros_is_refused_before_training():
         (["quant=linear", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer.finetune_epochs"),
     ],
 )
-def test_bad_quant_input_is_one_clear_line(tmp_path: Path, args, key):
-    result = run_cli(*TINY, "prune=none", "trainer.finetune_epochs=1", *args, f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 2, result.stderr
-    assert key in result.stderr and "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
+def test_bad_quant_input_is_refused_before_training(tmp_path: Path, args, key):
+    with pytest.raises(ConfigError) as refused:
+        run(compose(*TINY, "prune=none", "trainer.finetune_epochs=1", *args), tmp_path)
+    assert key in str(refused.value) and "\n" not in str(refused.value)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "dense_bytes" not in metrics  # refused before any training
+
+
+def test_a_quant_error_from_the_cli_is_one_line(tmp_path: Path):
+    result = run_cli(*TINY, "prune=none", "quant=kmeans", "quant.bits=8", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "quant.bits=8 is not allowed for layer 'block1.conv'" in error_lines[0]
 
 
 def test_kmeans_layer_pruned_below_its_level_count_keeps_one_level_per_value():

@@ -220,3 +220,29 @@ def test_a_pickle_payload_class_really_runs_when_unpickled(tmp_path: Path):
     marker = tmp_path / MARKER
     pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.exists()
+
+
+def test_result_files_reach_the_disk_before_they_replace_the_old_ones(tmp_path: Path, monkeypatch):
+    from sparsebench import rundir
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(rundir.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    rundir.write_json(tmp_path / "metrics.json", {"status": "ok"})
+    assert len(synced) == 2  # the file's bytes, then the folder's rename
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"status": "ok"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+def test_a_layer_without_channels_is_refused_when_packed():
+    from sparsebench.sparse.format import pack_weight
+
+    with pytest.raises(ValueError, match="weight: shape .* has an empty dimension"):
+        pack_weight(torch.zeros(4, 0, 3, 3))
+
+
+def test_a_damaged_history_file_costs_the_report_only_its_curves(tmp_path: Path):
+    from sparsebench.report import read_curves
+
+    (tmp_path / "history.jsonl").write_bytes(b'{"dense/epoch": 1, "dense/acc": 0.5}\n3\n\xff\xfe{"cut\n')
+    assert read_curves(tmp_path) == {"dense": [(1.0, 0.5)]}

@@ -173,10 +173,12 @@ def read_curves(job_dir: Path) -> Dict[str, List[Tuple[float, float]]]:
     path = job_dir / "history.jsonl"
     if not path.exists():
         return {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:  # a line cut short by a crash
+            continue
+        if not isinstance(entry, dict):
             continue
         for phase in ("dense", "finetune"):
             epoch = as_float(entry.get(f"{phase}/epoch"))
