@@ -35,6 +35,15 @@ def precheck(config_name: str, overrides: List[str]) -> Optional[str]:
     return None
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # late: only --version asks
+
+    try:
+        return version("sparsebench")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def unwritable_dir(args: List[str]) -> Optional[str]:
     """The one-line problem with an explicit hydra.run.dir / hydra.sweep.dir that cannot be created."""
     for arg in args:
@@ -53,6 +62,9 @@ def run_checked(app: Callable[[], object], config_name: str) -> None:
     """Run a Hydra app; a plain single run's overrides are checked first (flags such as -m,
     --cfg and --help go straight to Hydra)."""
     args = sys.argv[1:]
+    if "--version" in args:
+        print(f"sparsebench {package_version()}")
+        return
     problem = unwritable_dir(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

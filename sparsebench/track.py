@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
 
 from sparsebench.rundir import HISTORY, MANIFEST, METRICS, WANDB_ID, write_json
 
@@ -225,3 +225,32 @@ def envelope(run_dir: Path) -> Iterator[Run]:
         write_json(run.run_dir / METRICS, run.metrics)
         run.tracker.summary(run.metrics)
         run.tracker.finish(exit_code)
+
+
+def result_lines(metrics: Dict[str, Any], run_dir: Path) -> List[str]:
+    """What a finished run found, for the console: accuracy, sparsity and bits, size, speed, where it is."""
+    lines = [f"sparsebench: {metrics.get('status', '?')} in {metrics.get('runtime_s', 0):.1f} s -> {run_dir}"]
+    dense, final = metrics.get("acc_dense"), metrics.get("acc_final")
+    if dense is not None and final is not None:
+        lines.append(
+            f"  accuracy  dense {100 * dense:.2f}% -> final {100 * final:.2f}% ({100 * (final - dense):+.2f} point)"
+        )
+    if metrics.get("sparsity") is not None:
+        kept = metrics.get("macs_kept")
+        lines.append(
+            f"  sparsity  {100 * metrics['sparsity']:.1f}% of the pruned layers' weights, "
+            f"{metrics.get('weight_bits')}-bit weights"
+            + (f", {100 * kept:.1f}% of the multiply-adds kept" if kept is not None else "")
+        )
+    if metrics.get("footprint_bytes"):
+        lines.append(
+            f"  size      {metrics['footprint_bytes'] / 1e6:.3f} MB packed, "
+            f"{metrics.get('compression', 1):.1f}x smaller than the fp32 dense weights"
+        )
+    speedups = sorted(k for k in metrics if k.startswith("speedup/"))
+    if speedups:
+        cells = [f"{k.split('/')[1]} {k.split('/')[2]} {metrics[k]:.2f}x" for k in speedups]
+        lines.append(f"  speedup   whole network, {metrics.get('bench/backend')} vs " + ", ".join(cells))
+    elif metrics.get("status") == "ok":
+        lines.append("  speedup   not measured (bench=none, or nothing was compressed)")
+    return lines

@@ -58,6 +58,11 @@ def test_cli_default_experiment_writes_the_contracted_files(tmp_path: Path):
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert METRIC_KEYS <= metrics.keys()
+    # The run tells its user what it found, and where.
+    told = result.stdout.splitlines()
+    assert f"sparsebench: ok in {metrics['runtime_s']:.1f} s -> {tmp_path}" in told
+    assert any(line.startswith("  accuracy  dense ") for line in told)
+    assert any(line.startswith("  speedup   whole network, ") for line in told)
     assert metrics["status"] == "ok"
     assert 0.8 < metrics["acc_dense"] <= 1.0  # 3 epochs of a quarter-width convnet on digits
     assert metrics["acc_final"] > metrics["acc_dense"] - 0.1
@@ -357,3 +362,11 @@ def test_per_channel_kmeans_runs_on_the_kernels(tmp_path: Path):
     )
     assert metrics["status"] == "ok" and metrics["bench/backend"] == "direct_sparse"
     assert metrics["network_error/direct_sparse/b1"] < 1e-3
+
+
+def test_version_and_help_describe_the_tool():
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("sparsebench ")
+    helped = run_cli("--help")
+    assert helped.returncode == 0 and "sparsebench: train a CNN" in helped.stdout and "debug: quick" in helped.stdout
+    assert "powered by Hydra" not in helped.stdout
