@@ -327,3 +327,16 @@ def test_validation_on_the_gpu():
         sparse_conv2d(torch.randn(1, 4, 8, 8, device="cuda"), cpu_values)
     with pytest.raises(ValueError, match="out: expected a contiguous"):
         sparse_conv2d_into(torch.empty(1, 8, 5, 5, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda"), layer)
+
+
+@pytest.mark.parametrize("variant", ["auto", "stage", "rowsplit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernels_as_wide_as_the_lanes(variant, dtype):
+    # 1-D convolutions written as 2-D: a 1x33 or 1x41 kernel once broke the staged kernel's planner
+    # (a zero-width tile: SIGFPE on the GPU, an endless loop on the CPU).
+    for kw, width in ((33, 56), (41, 64), (129, 130)):
+        layer = random_layer((16, 8, 1, kw), 0.5, padding=0, seed=kw).to("cuda")
+        x = torch.randn(32, 8, 1, width, device="cuda").to(dtype)
+        out = torch.full((32, 16, 1, width - kw + 1), float("nan"), device="cuda", dtype=dtype)
+        sparse_conv2d_into(out, x, layer, relu=True, variant=variant)
+        check(out, reference(x, layer, relu=True), dtype)
