@@ -17,8 +17,9 @@ from sparsebench.rundir import is_shared_dense
 log = logging.getLogger("sparsebench")
 
 
-def own_jobs(rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str],
-             sweeper_params: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+def own_jobs(
+    rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str], sweeper_params: Optional[Dict[str, Any]] = None
+) -> List[Dict[str, Any]]:
     """The report rows of the jobs this sweep launched, and the shared dense models in the folder.
 
     Sweeps may share a folder (and its dense model). A job is this sweep's when its recorded
@@ -44,8 +45,11 @@ def own_jobs(rows: Sequence[Dict[str, Any]], task_overrides: Sequence[str],
             ran = {parser.parse_override(line).get_key_element(): line for line in recorded}
         except HydraException:
             ran = {}
-        if (is_shared_dense(row["job"]) or not ran
-                or (set(ran) == set(allowed) and all(v is None or ran[k] in v for k, v in allowed.items()))):
+        if (
+            is_shared_dense(row["job"])
+            or not ran
+            or (set(ran) == set(allowed) and all(v is None or ran[k] in v for k, v in allowed.items()))
+        ):
             mine.append(row)
     return mine
 
@@ -68,13 +72,22 @@ class SweepReport(Callback):
         try:
             mine = own_jobs(rows, list(config.hydra.overrides.task), OmegaConf.to_container(params) if params else None)
         except Exception as e:  # Hydra turns a callback's exception into a warning: count every job instead
-            log.error("sweep: could not tell this sweep's jobs from others' (%s: %s); counting all", type(e).__name__, e)
+            log.error(
+                "sweep: could not tell this sweep's jobs from others' (%s: %s); counting all", type(e).__name__, e
+            )
             mine = rows
         if len(mine) < len(rows):
-            log.info("sweep: %d of the %d jobs in %s are another sweep's (other values); not counted here",
-                     len(rows) - len(mine), len(rows), sweep_dir)
-        failed = [str(r["num"] if r["num"] is not None else r["job"])  # by job number (the report orders by values)
-                  for r in sorted(mine, key=lambda r: (r["num"] is None, r["num"] or 0)) if r["status"] != "ok"]
+            log.info(
+                "sweep: %d of the %d jobs in %s are another sweep's (other values); not counted here",
+                len(rows) - len(mine),
+                len(rows),
+                sweep_dir,
+            )
+        failed = [
+            str(r["num"] if r["num"] is not None else r["job"])  # by job number (the report orders by values)
+            for r in sorted(mine, key=lambda r: (r["num"] is None, r["num"] or 0))
+            if r["status"] != "ok"
+        ]
         if self.enabled and rows:
             try:
                 report.write_report(sweep_dir, rows)
@@ -88,6 +101,7 @@ class SweepReport(Callback):
         if not failed:
             log.info("sweep: all %d jobs ok; see %s", len(mine), where)
             return
-        print(f"sweep: {len(failed)} of {len(mine)} jobs failed (job {', '.join(failed)}); see {where}",
-              file=sys.stderr)
+        print(
+            f"sweep: {len(failed)} of {len(mine)} jobs failed (job {', '.join(failed)}); see {where}", file=sys.stderr
+        )
         raise SystemExit(1)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from omegaconf import OmegaConf
 
@@ -30,16 +30,32 @@ log = logging.getLogger("sparsebench")
 SHARED = "shared"
 # Trainer keys that only matter after dense training, or only for how fast it runs (compile,
 # threads): jobs differing in them share one dense model.
-_NOT_DENSE = ("finetune_epochs", "finetune_lr", "distill", "distill_temperature", "teacher", "init_from", "resume",
-              "progress", "checkpoint_every", "checkpoint_epochs", "eval_every", "compile", "compile_mode", "cpu_threads")
+_NOT_DENSE = (
+    "finetune_epochs",
+    "finetune_lr",
+    "distill",
+    "distill_temperature",
+    "teacher",
+    "init_from",
+    "resume",
+    "progress",
+    "checkpoint_every",
+    "checkpoint_epochs",
+    "eval_every",
+    "compile",
+    "compile_mode",
+    "cpu_threads",
+)
 
 
 def dense_key(cfg: Config) -> str:
     """A short hash of everything that shapes the dense model (data, model, dense trainer settings, seed).
     Compile settings are left out: the shared model is trained in the mode of the job that gets
     to it first, which its dense-<key>/manifest.json records."""
-    facts = {group: without_added_defaults(OmegaConf.to_container(cfg[group], resolve=True), group)
-             for group in ("data", "model", "trainer")}
+    facts = {
+        group: without_added_defaults(OmegaConf.to_container(cfg[group], resolve=True), group)
+        for group in ("data", "model", "trainer")
+    }
     facts["trainer"] = {k: v for k, v in facts["trainer"].items() if k not in _NOT_DENSE}
     facts["seed"] = cfg.seed
     return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -10,7 +10,7 @@ import sys
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from hydra.types import RunMode
 
@@ -51,8 +51,10 @@ def run_job(cfg: Config, hc: Any, run: RunFn) -> Optional[float]:
                 relaunch.check_relaunch(cfg, run_dir, "hydra.run.dir")
             if cfg.trainer.init_from == dense.SHARED:  # one dense pre-training for the whole sweep
                 if sweep_dir is None:
-                    raise ConfigError("trainer.init_from=shared needs a multirun (-m): it shares one dense model "
-                                      "between the jobs of a sweep; give a dense.pt path for a single run")
+                    raise ConfigError(
+                        "trainer.init_from=shared needs a multirun (-m): it shares one dense model "
+                        "between the jobs of a sweep; give a dense.pt path for a single run"
+                    )
                 cfg.trainer.init_from = dense.shared_dense(cfg, sweep_dir, run)  # resumed, if asked
             if resuming_sweep:
                 relaunch.resume_or_start(cfg, run_dir, job_num)  # a job without a checkpoint starts afresh

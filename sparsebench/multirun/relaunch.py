@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
@@ -25,22 +25,36 @@ log = logging.getLogger("sparsebench")
 # Keys added since sweeps became resumable, with the value that computes what a config did before
 # they existed: at that value they are left out of the dense key and of the relaunch check, so a
 # sweep folder from before them keeps its dense model and finished jobs.
-ADDED_AT_DEFAULT = {"data.trivialaugment": False, "trainer.ema_decay": None,
-                    "prune.regrow_until": None, "prune.regrow_fraction": 0.3,
-                    "trainer.distill": 0.0, "trainer.distill_temperature": 4.0,
-                    "quant.kmeans_per_channel": False, "trainer.teacher": None, "data.drop_last": False}
+ADDED_AT_DEFAULT = {
+    "data.trivialaugment": False,
+    "trainer.ema_decay": None,
+    "prune.regrow_until": None,
+    "prune.regrow_fraction": 0.3,
+    "trainer.distill": 0.0,
+    "trainer.distill_temperature": 4.0,
+    "quant.kmeans_per_channel": False,
+    "trainer.teacher": None,
+    "data.drop_last": False,
+}
 # Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
 # dense model's path is filled in; logger: tags name the overrides, resume among them; eval_every:
 # only how often the test set is scored).
-_RELAUNCH_FREE = ("trainer.resume", "trainer.progress", "trainer.init_from", "trainer.eval_every", "bench.progress",
-                  "logger.")
+_RELAUNCH_FREE = (
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.init_from",
+    "trainer.eval_every",
+    "bench.progress",
+    "logger.",
+)
 
 
 def without_added_defaults(flat: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """``flat`` (keys under ``prefix``) less the keys of ADDED_AT_DEFAULT that hold their old-behaviour value."""
     dot = f"{prefix}." if prefix else ""
-    return {k: v for k, v in flat.items()
-            if not (f"{dot}{k}" in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[f"{dot}{k}"])}
+    return {
+        k: v for k, v in flat.items() if not (f"{dot}{k}" in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[f"{dot}{k}"])
+    }
 
 
 def check_relaunch(cfg: Config, run_dir: Path, new_dir_key: str) -> bool:
@@ -52,17 +66,22 @@ def check_relaunch(cfg: Config, run_dir: Path, new_dir_key: str) -> bool:
     earlier = recorded_config(run_dir)
     if earlier is None:
         if checkpoint_path(run_dir).exists():  # it ran here, but nothing says with which config
-            raise ConfigError(f"trainer.resume=true: {run_dir} has a checkpoint but no {MANIFEST} to show the config "
-                              f"it ran with; without it a resume could mix two recipes: give a new {new_dir_key}")
+            raise ConfigError(
+                f"trainer.resume=true: {run_dir} has a checkpoint but no {MANIFEST} to show the config "
+                f"it ran with; without it a resume could mix two recipes: give a new {new_dir_key}"
+            )
         return False  # never started here
     now = without_added_defaults(_flat(OmegaConf.to_container(cfg, resolve=True)))
     then = without_added_defaults(_flat(earlier))
-    changed = sorted(k for k in now.keys() | then.keys()
-                     if now.get(k) != then.get(k) and not k.startswith(_RELAUNCH_FREE))
+    changed = sorted(
+        k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and not k.startswith(_RELAUNCH_FREE)
+    )
     if changed:
         k = changed[0]
-        raise ConfigError(f"trainer.resume=true: {run_dir} ran with {k}={then.get(k)!r}, this launch has "
-                          f"{k}={now.get(k)!r}; give a new {new_dir_key} to run the changed config")
+        raise ConfigError(
+            f"trainer.resume=true: {run_dir} ran with {k}={then.get(k)!r}, this launch has "
+            f"{k}={now.get(k)!r}; give a new {new_dir_key} to run the changed config"
+        )
     return True
 
 
@@ -75,8 +94,10 @@ def recorded_config(run_dir: Path) -> Optional[Dict[str, Any]]:
     if manifest is None:
         return None
     if not isinstance(manifest.get("config"), dict):
-        raise ConfigError(f"trainer.resume=true: {run_dir / MANIFEST} holds no config; the config this run started "
-                          "with cannot be checked")
+        raise ConfigError(
+            f"trainer.resume=true: {run_dir / MANIFEST} holds no config; the config this run started "
+            "with cannot be checked"
+        )
     return manifest["config"]
 
 
