@@ -70,7 +70,7 @@ class Dataset:
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Build the dataset named by ``cfg.name`` (a DataConfig)."""
     if cfg.name == "digits":
-        arrays = _digits(cfg.test_fraction)
+        arrays = _digits(cfg.test_fraction, Path(os.path.expanduser(cfg.cache_dir)))
     elif cfg.name == "synthetic":
         arrays = _synthetic(list(cfg.shape), cfg.num_classes, cfg.train_size, cfg.test_size)
     else:
@@ -91,8 +91,27 @@ def _to_dataset(name: str, a: Arrays) -> Dataset:
     )
 
 
-def _digits(test_fraction: float) -> Arrays:
-    from sklearn.datasets import load_digits
+def _digits(test_fraction: float, cache_dir: Path) -> Arrays:
+    """The digits split, decoded once per scikit-learn version and kept in the cache (importing
+    scikit-learn costs a fresh process seconds; the cached split is the same arrays)."""
+    from importlib.metadata import version
+
+    cached = cache_dir / f"digits-sklearn{version('scikit-learn')}-test{test_fraction:g}.npz"
+    try:
+        with np.load(cached) as f:
+            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # not cached yet, or damaged: decode again
+    arrays = _split_digits(test_fraction)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **arrays)
+    os.replace(tmp.name, cached)
+    return arrays
+
+
+def _split_digits(test_fraction: float) -> Arrays:
+    from sklearn.datasets import load_digits  # late: a second-scale import, needed once per cache
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
