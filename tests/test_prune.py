@@ -57,6 +57,22 @@ def test_agp_schedule_in_steps_with_late_start_and_fractional_epochs():
     assert agp_progress(15, 0, 18) == pytest.approx(1 - (3 / 18) ** 3)
 
 
+def test_a_schedule_in_fractions_scales_with_the_phase():
+    # The agp group's default (end 0.4, an update every 0.025 of the phase) is the old epoch schedule
+    # (end 4, every quarter epoch) at 10 epochs, and stays inside the phase at any length.
+    fraction = prune_cfg(start=0, end=0.4, frequency=0.025, unit="fraction")
+    epochs = prune_cfg(start=0, end=4, frequency=0.25, unit="epoch")
+    assert build_schedule(fraction, 45, 450) == build_schedule(epochs, 45, 450)
+    short = build_schedule(fraction, 45, 90)  # trainer.finetune_epochs=2
+    assert max(short) == 36 and short[36] == 1.0 and len(short) == 19  # every round(2.25) = 2 steps
+    oneshot = prune_cfg(method="oneshot", start=0.5, unit="fraction")
+    assert build_schedule(oneshot, 7, 70) == {35: 1.0}
+    for key, value in (("end", 1.5), ("frequency", 2.0), ("regrow_until", 1.2)):
+        with pytest.raises(ConfigError, match=rf"prune\.{key}={value} .*fraction of the finetune phase"):
+            validate_prune(prune_cfg(**{"start": 0, "end": 0.4, "unit": "fraction", key: value}))
+    validate_prune(prune_cfg(start=0, end=1.0, unit="fraction"), finetune_epochs=1)  # the whole phase: fine
+
+
 def test_iterative_and_oneshot_schedules():
     cfg = prune_cfg(method="iterative", rounds=4, start=0, end=6, unit="epoch")
     assert build_schedule(cfg, 10, 80) == pytest.approx({0: 0.25, 20: 0.5, 40: 0.75, 60: 1.0})

@@ -21,7 +21,7 @@ from tests.conftest import TINY, compose
 # Pruning alone (whatever the default experiment adds), on tiny runs.
 BASE = [*TINY, "prune=none", "quant=none", "bench=none"]
 # One dense epoch, then 2 finetune epochs with the schedule done after the first.
-AGP = ["prune=agp", "trainer.finetune_epochs=2", "prune.end=1", "prune.frequency=0.5"]
+AGP = ["prune=agp", "trainer.finetune_epochs=2", "prune.unit=epoch", "prune.end=1", "prune.frequency=0.5"]
 
 
 def run_exp(run_dir: Path, *overrides: str) -> dict:
@@ -84,9 +84,9 @@ def test_macs_exponent_takes_more_of_the_early_layers_compute(tmp_path):
 @pytest.mark.parametrize(
     "method, extra",
     [
-        ("iterative", ["prune.rounds=3", "prune.start=0", "prune.end=1"]),
+        ("iterative", ["prune.rounds=3", "prune.start=0", "prune.unit=epoch", "prune.end=1"]),
         ("oneshot", ["prune.start=0.5"]),
-        ("agp", ["prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
+        ("agp", ["prune.unit=epoch", "prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
     ],
 )
 def test_every_schedule_reaches_the_target(tmp_path, method, extra):
@@ -121,7 +121,7 @@ def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatc
     args = [
         "prune=agp",
         "trainer.finetune_epochs=2",
-        "prune.end=1.5",
+        "prune.unit=epoch", "prune.end=1.5",
         "prune.frequency=0.2",
         "trainer.checkpoint_every=10",
         "trainer.deterministic=true",

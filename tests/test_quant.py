@@ -206,6 +206,17 @@ def test_qat_starts_at_quant_start():
     assert hook.active and all(n <= 4 for n in hook.distinct_levels(model).values())
 
 
+def test_qat_start_as_a_fraction_of_the_phase():
+    model = tiny_convnet()
+    hook = build_quantizer(quant_cfg(method="linear", bits=2, start=0.5, unit="fraction"), model)
+    hook.on_fit_start(model, steps_per_epoch=3, total_steps=12)
+    assert hook.start_step == 6  # half of the 12 steps, however many epochs they make
+    train_steps(model, hook, {}, steps=5)
+    assert not hook.active
+    train_steps(model, hook, {}, steps=2, first=6)
+    assert hook.active
+
+
 def test_kmeans_starting_at_an_epoch_boundary_is_fitted_once_there():
     model = tiny_convnet()
     hook = build_quantizer(quant_cfg(method="kmeans", bits=3, start=2.0), model)
@@ -333,7 +344,9 @@ def test_kmeans_with_more_levels_than_nonzeros_is_refused_before_training():
         (["quant=kmeans", "quant.bits=8"], "quant.bits=8 is not allowed for layer 'block1.conv'"),
         (["quant=linear", "++quant.overrides={nope:4}"], "quant.overrides.nope: matches no conv/linear layer"),
         (["quant=linear", "++quant.overrides={fc:12}"], "quant.overrides.fc=12 is not allowed"),
-        (["quant=linear", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer.finetune_epochs"),
+        (["quant=linear", "quant.start=1.5"], "quant.start=1.5 is not allowed: a fraction of the finetune phase"),
+        (["quant=linear", "quant.unit=epoch", "quant.start=5"], "quant.start=5.0 is not allowed: at most trainer."),
+        (["quant=linear", "quant.unit=step"], "quant.unit='step' is not allowed: epoch or fraction"),
     ],
 )
 def test_bad_quant_input_is_refused_before_training(tmp_path: Path, args, key):

@@ -21,7 +21,7 @@ from tests.conftest import DENSE, TINY, run_cli
 from tests.conftest import compose as compose_job
 
 # Seconds per job on a CPU: no benchmark, one short retraining epoch with pruning and QAT.
-COMPRESS = [*TINY, "bench=none", "trainer.finetune_epochs=1", "prune.end=1"]
+COMPRESS = [*TINY, "bench=none", "trainer.finetune_epochs=1", "prune.unit=epoch", "prune.end=1"]
 
 
 def jobs_of(sweep_dir: Path) -> list:

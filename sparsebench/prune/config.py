@@ -17,7 +17,7 @@ import yaml
 from sparsebench.errors import ConfigError, require
 
 METHODS = ("none", "agp", "iterative", "oneshot")
-UNITS = ("epoch", "step")
+UNITS = ("epoch", "step", "fraction")
 
 
 @dataclass
@@ -25,13 +25,14 @@ class PruneConfig:
     method: str = "none"  # none | agp | iterative | oneshot
     initial_sparsity: float = 0.0  # agp / iterative: the sparsity of the first mask update
     final_sparsity: float = 0.0  # every prunable layer's target (unless overridden)
-    # Schedule, in `unit`s from the start of the finetune phase. agp: cubic ramp from start
+    # Schedule, in `unit`s from the start of the finetune phase (fraction: of the phase's length, so the
+    # schedule scales with trainer.finetune_epochs; epoch; step). agp: cubic ramp from start
     # to end, masks updated every `frequency`; iterative: `rounds` equal sparsity steps
     # spread evenly over [start, end], retraining in between; oneshot: one cut at `start`.
     start: float = 0.0
     end: float = 0.0
     frequency: float = 1.0
-    unit: str = "epoch"  # epoch | step
+    unit: str = "epoch"  # epoch | step | fraction
     rounds: int = 1  # iterative: number of prune-then-retrain cycles
     scope: str = "layer"  # layer: every layer to its target | global: one magnitude threshold
     # scope=global: rank weights by |w| / m^macs_exponent, m a weight's multiply-adds per sample (its
@@ -79,7 +80,7 @@ def schedule_end(p: PruneConfig, regrow: bool = True) -> Tuple[str, float]:
 def validate_prune(p: PruneConfig, finetune_epochs: Optional[int] = None) -> None:
     """Check ``p`` (a PruneConfig); ``finetune_epochs`` lets epoch schedules be checked against the phase."""
     require(p.method in METHODS, "prune.method", p.method, "one of " + ", ".join(METHODS))
-    require(p.unit in UNITS, "prune.unit", p.unit, "epoch or step")
+    require(p.unit in UNITS, "prune.unit", p.unit, "one of " + ", ".join(UNITS))
     require(p.scope in ("layer", "global"), "prune.scope", p.scope, "layer or global")
     require(0 <= p.macs_exponent <= 2, "prune.macs_exponent", p.macs_exponent, "a number in [0, 2]")
     require(
@@ -123,6 +124,15 @@ def validate_prune(p: PruneConfig, finetune_epochs: Optional[int] = None) -> Non
             f"prune.rounds={p.rounds} rounds can be spread over [start, end]",
         )
     require(p.frequency > 0, "prune.frequency", p.frequency, "a number > 0")
+    if p.unit == "fraction":
+        for key in ("start", "end", "frequency", "regrow_until"):
+            value = getattr(p, key)
+            require(
+                value is None or value <= 1,
+                f"prune.{key}",
+                value,
+                "a fraction of the finetune phase in [0, 1] with prune.unit=fraction",
+            )
     require(0 < p.regrow_fraction < 1, "prune.regrow_fraction", p.regrow_fraction, "a fraction in (0, 1)")
     if p.regrow_until is not None:
         key, last = schedule_end(p, regrow=False)

@@ -139,7 +139,7 @@ class MagnitudePruner(TrainHook):
         self.schedule = build_schedule(self.cfg, steps_per_epoch, total_steps)
         self.first_cut_step = min(self.schedule)
         if self.cfg.regrow_until is not None:
-            self.regrow_end_step = to_steps(self.cfg.regrow_until, self.cfg.unit, steps_per_epoch)
+            self.regrow_end_step = to_steps(self.cfg.regrow_until, self.cfg.unit, steps_per_epoch, total_steps)
         self.masks, self.grads, self.regrown = {}, {}, 0
         self.progress, self.step = None, 0
         if 0 in self.schedule:  # an event at step 0 prunes before the first update

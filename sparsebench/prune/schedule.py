@@ -20,9 +20,13 @@ if TYPE_CHECKING:  # annotations only: no import at run time
     from sparsebench.prune.config import PruneConfig
 
 
-def to_steps(value: float, unit: str, steps_per_epoch: int) -> int:
-    """A schedule time in steps (epochs may be fractional: 0.5 = half an epoch)."""
-    return int(math.floor(value * steps_per_epoch + 0.5)) if unit == "epoch" else int(value)
+def to_steps(value: float, unit: str, steps_per_epoch: int, total_steps: int) -> int:
+    """A schedule time in steps: ``unit`` epoch (0.5 = half an epoch), step, or fraction (of the
+    finetune phase: 0.5 = its middle, whatever its length)."""
+    if unit == "step":
+        return int(value)
+    per_unit = total_steps if unit == "fraction" else steps_per_epoch
+    return int(math.floor(value * per_unit + 0.5))
 
 
 def agp_progress(step: int, start: int, end: int) -> float:
@@ -35,9 +39,9 @@ def agp_progress(step: int, start: int, end: int) -> float:
 
 def build_schedule(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -> Dict[int, float]:
     """``{step: progress}`` for ``cfg`` (a PruneConfig) over a phase of ``total_steps`` steps."""
-    start = to_steps(cfg.start, cfg.unit, steps_per_epoch)
-    end = to_steps(cfg.end, cfg.unit, steps_per_epoch)
-    every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch))
+    start = to_steps(cfg.start, cfg.unit, steps_per_epoch, total_steps)
+    end = to_steps(cfg.end, cfg.unit, steps_per_epoch, total_steps)
+    every = max(1, to_steps(cfg.frequency, cfg.unit, steps_per_epoch, total_steps))
     if cfg.method == "oneshot":
         events = {start: 1.0}
     elif cfg.method == "iterative":
@@ -50,7 +54,7 @@ def build_schedule(cfg: PruneConfig, steps_per_epoch: int, total_steps: int) -> 
     else:
         raise ValueError(f"no schedule for prune.method={cfg.method!r}")
     if cfg.regrow_until is not None:  # masks regrow every `frequency` from the first cut on, at the progress then
-        until = to_steps(cfg.regrow_until, cfg.unit, steps_per_epoch)
+        until = to_steps(cfg.regrow_until, cfg.unit, steps_per_epoch, total_steps)
         ordered = dict(sorted(events.items()))
         events.update({s: progress_at(ordered, s) for s in range(min(events), until + 1, every) if s not in events})
     key, value = schedule_end(cfg)

@@ -10,6 +10,7 @@ from sparsebench.errors import ConfigError, require
 
 METHODS = ("none", "linear", "pow2", "kmeans")
 MIN_BITS, MAX_BITS = 2, 8
+UNITS = ("epoch", "fraction")
 FP32 = 32  # a per-layer override of 32 keeps that layer unquantized (fp32)
 
 
@@ -20,7 +21,8 @@ class QuantConfig:
     symmetric: bool = True  # linear: codes centred on zero (else an integer zero point per scale)
     per_channel: bool = True  # linear: one scale per output channel (pow2: per layer; kmeans: see kmeans_per_channel)
     learn_scale: bool = False  # linear: LSQ-style learned scales (else max-abs / min-max statistics)
-    start: float = 0.0  # epoch of the finetune phase at which QAT begins (may overlap pruning)
+    start: float = 0.0  # when QAT begins, in `unit`s of the finetune phase (may overlap pruning)
+    unit: str = "epoch"  # epoch | fraction (of the finetune phase's length)
     refit_every: int = 1  # kmeans: re-fit codebooks every N epochs after QAT begins (not after the last)
     kmeans_iters: int = 30  # kmeans: Lloyd iterations per fit
     # kmeans: one codebook per output channel instead of one per layer. Its own key rather than
@@ -68,8 +70,16 @@ def validate_quant(q: Any, finetune_epochs: Optional[int] = None) -> None:
             q.bits,
             f"an integer in {MIN_BITS}..{MAX_BITS} for quant.method={q.method}",
         )
-    require(q.start >= 0, "quant.start", q.start, "a number >= 0 (epochs into the finetune phase)")
-    if finetune_epochs is not None and q.method != "none":
+    require(q.unit in UNITS, "quant.unit", q.unit, "epoch or fraction")
+    require(q.start >= 0, "quant.start", q.start, f"a number >= 0 ({q.unit}s into the finetune phase)")
+    if q.unit == "fraction":
+        require(
+            q.start <= 1,
+            "quant.start",
+            q.start,
+            "a fraction of the finetune phase in [0, 1] with quant.unit=fraction; 1 quantizes after retraining",
+        )
+    elif finetune_epochs is not None and q.method != "none":
         require(
             q.start <= finetune_epochs,
             "quant.start",

@@ -3,7 +3,7 @@
 Lifecycle: ``on_fit_start`` registers an (inactive) ``FakeQuant`` per quantized layer, last
 in the weight's parametrization chain, so a pruning mask registered before it is applied
 first and the quantizer sees exact zeros (zero is a level of every grid, so they stay
-zero). At ``quant.start`` epochs the grids are calibrated on the current weights and
+zero). At ``quant.start`` the grids are calibrated on the current weights and
 quantization switches on; kmeans codebooks (one per layer, or per output channel with
 ``kmeans_per_channel``) are re-fitted every ``refit_every`` epochs (never after the last, so the
 model evaluated there is the one baked).
@@ -95,7 +95,8 @@ class Quantizer(TrainHook):
     def on_fit_start(self, model: nn.Module, steps_per_epoch: int, total_steps: int) -> None:
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = total_steps
-        self.start_step = int(math.ceil(self.cfg.start * self.steps_per_epoch))
+        per_unit = total_steps if self.cfg.unit == "fraction" else self.steps_per_epoch
+        self.start_step = int(math.ceil(self.cfg.start * per_unit))
         modules = dict(model.named_modules())
         self.fake_quants = {}
         for name, m in weight_layers(model).items():
