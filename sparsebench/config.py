@@ -40,6 +40,10 @@ class DataConfig:
     # Training leaves out each epoch's last, short batch (a compiled model then needs one graph, not two).
     drop_last: bool = False
     test_fraction: float = 0.2  # digits only: held-out share
+    # Share of the training images held out (stratified, the same images for every seed) as the validation
+    # split: per-epoch scores and every choice a run makes (the sensitivity tolerance) read it; the test
+    # set is scored at the end of each phase. 0: no split (per-epoch scores then read the test set).
+    val_fraction: float = 0.1
     # synthetic only
     shape: List[int] = field(default_factory=lambda: [3, 32, 32])
     num_classes: int = 10
@@ -257,6 +261,13 @@ def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
         "false unless data.augment=true (it is part of the augmentation)",
     )
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in [0, 1) (0: no validation split)")
+    _require(
+        d.val_fraction > 0 or not cfg.prune.sensitivity,
+        "data.val_fraction",
+        d.val_fraction,
+        "> 0 with prune.sensitivity (the study's tolerance is a choice: it reads the validation split)",
+    )
     _require(
         len(d.shape) == 3 and all(s >= 1 for s in d.shape),
         "data.shape",

@@ -9,6 +9,7 @@ are cut from the tensors directly (no DataLoader workers), on the CPU or on the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -41,6 +42,8 @@ class Dataset:
     num_classes: int
     mean: Tensor  # per channel, in [0, 1] units
     std: Tensor
+    x_val: Optional[Tensor] = None  # held out of x_train (data.val_fraction): what a run's choices read
+    y_val: Optional[Tensor] = None
 
     @property
     def in_channels(self) -> int:
@@ -51,17 +54,43 @@ class Dataset:
         return self.x_train.shape[2]
 
     def to(self, device: torch.device) -> "Dataset":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Dataset(
-            self.name,
-            move(self.x_train),
-            move(self.y_train),
-            move(self.x_test),
-            move(self.y_test),
-            self.num_classes,
-            move(self.mean),
-            move(self.std),
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+
+def hold_out(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """``data`` with ``fraction`` of its training images moved to a validation split, the same share of
+    every class. The split depends on ``seed`` alone (not on the run's seed), so runs that differ in
+    seed or recipe are scored on the same held-out images. ``fraction`` 0: no split."""
+    if fraction <= 0:
+        return data
+    g = torch.Generator().manual_seed(seed)
+    labels = data.y_train.cpu()
+    val = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        take = int(round(fraction * len(members)))
+        val.append(members[torch.randperm(len(members), generator=g)[:take]])
+    val = torch.cat(val).sort().values
+    if len(val) == 0 or len(val) == len(labels):
+        raise ConfigError(
+            f"data.val_fraction={fraction} is not allowed for {len(labels)} training images: it leaves "
+            f"{len(labels) - len(val)} to train on and {len(val)} to validate on (both must be >= 1)"
         )
+    train = torch.ones(len(labels), dtype=torch.bool)
+    train[val] = False
+    on = data.x_train.device
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train[train.to(on)],
+        y_train=data.y_train[train.to(on)],
+        x_val=data.x_train[val.to(on)],
+        y_val=data.y_train[val.to(on)],
+    )
 
 
 # ---------------------------------------------------------------- loading

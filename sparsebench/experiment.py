@@ -25,7 +25,7 @@ from sparsebench import checkpoints, layers
 from sparsebench.average import WeightAverage
 from sparsebench.bench import benchmark_model
 from sparsebench.config import unused_settings, validate
-from sparsebench.data import Batches, Dataset, load_dataset
+from sparsebench.data import Batches, Dataset, hold_out, load_dataset
 from sparsebench.distill import Distillation
 from sparsebench.errors import ConfigError
 from sparsebench.models import build_model
@@ -72,7 +72,7 @@ def pipeline(cfg: Config, run_dir: Path, tracker: Tracker, gpu_share: Optional[A
     phases.done("dense")
     if cfg.prune.sensitivity and not job.in_finetune:  # prune one layer at a time (experiment=sensitivity)
         sensitivity_study(
-            cfg.prune, model, lambda: evaluate(model, job.test, cfg.trainer.amp), dense.acc, run_dir, tracker
+            cfg.prune, model, lambda: evaluate(model, job.val, cfg.trainer.amp), dense.acc_val, run_dir, tracker
         )
         phases.done("sensitivity")
     compressed = compress(job, model, plan, dense)
@@ -115,6 +115,7 @@ class Job:
     resume: Optional[Dict[str, Any]] = None  # the checkpoint trainer.resume=true continues
     data: Optional[Dataset] = None
     train: Optional[Batches] = None
+    val: Optional[Batches] = None  # the validation split (data.val_fraction), else None
     test: Optional[Batches] = None
     sample: Optional[torch.Tensor] = None  # one test batch: the pruner's, the layer table's and the benchmark's input
 
@@ -122,6 +123,16 @@ class Job:
     def in_finetune(self) -> bool:
         """The run resumes inside compression: dense training is done."""
         return self.resume is not None and self.resume["phase"] == "finetune"
+
+    @property
+    def scored(self) -> Batches:
+        """What the loop scores every few epochs: the validation split, or the test set without one."""
+        return self.val if self.val is not None else self.test
+
+    def accuracy(self, model: nn.Module) -> Dict[str, float]:
+        """The end-of-phase scores: ``acc`` on the test set and ``acc_val`` on the validation split."""
+        amp = self.cfg.trainer.amp
+        return {"acc": evaluate(model, self.test, amp), "acc_val": evaluate(model, self.val, amp) if self.val is not None else None}
 
     @property
     def checkpoint(self) -> Path:
@@ -167,13 +178,15 @@ class Plan:
 
 @dataclass
 class Dense:
-    acc: float
+    acc: float  # on the test set
+    acc_val: Optional[float] = None  # on the validation split, when there is one
     last_epoch: Dict[str, float] = field(default_factory=dict)  # fit's metrics of its last epoch (step_ms among them)
 
 
 @dataclass
 class Compressed:
     acc: float
+    acc_val: Optional[float] = None
     last_epoch: Dict[str, float] = field(default_factory=dict)  # fit's metrics of its last epoch (step_ms among them)
 
 
@@ -210,10 +223,10 @@ def load_data_and_model(job: Job) -> Tuple[nn.Module, "Plan"]:
     """The data as batches, the network, and the compression plan (a bad prune, quant or teacher
     setting fails here, before any training)."""
     cfg = job.cfg
-    job.data = load_dataset(cfg.data)
+    job.data = hold_out(load_dataset(cfg.data), cfg.data.val_fraction)
     if cfg.data.on_device:
         job.data = job.data.to(job.device)
-    job.train, job.test = make_batches(job.data, cfg, job.device, job.channels_last)
+    job.train, job.val, job.test = make_batches(job.data, cfg, job.device, job.channels_last)
     job.sample = next(iter(job.test))[0].clone()  # a copy, not a view that keeps its chunk alive
     model = job.new_model()
     plan = Plan(build_pruner(cfg.prune, model, job.sample), build_quantizer(cfg.quant, model))
@@ -227,15 +240,16 @@ def train_dense(job: Job, model: nn.Module) -> Dense:
     cfg, t = job.cfg, job.cfg.trainer
     if t.init_from:
         checkpoints.load_weights(model, t.init_from, f"trainer.init_from={t.init_from!r}", expected_model(cfg))
-        dense = Dense(evaluate(model, job.test, t.amp))
+        dense = Dense(**job.accuracy(model))
     elif job.in_finetune:
-        dense = Dense(job.resume["extra"]["acc_dense"])
+        extra = job.resume["extra"]
+        dense = Dense(extra["acc_dense"], extra.get("acc_val_dense"))
     else:
-        average = [WeightAverage(t.ema_decay, job.test, "dense", t.amp)] if t.ema_decay else []
+        average = [WeightAverage(t.ema_decay, job.scored, "dense", t.amp)] if t.ema_decay else []
         last = fit(
             model,
             job.train,
-            job.test,
+            job.scored,
             t,
             phase="dense",
             epochs=t.epochs,
@@ -246,9 +260,9 @@ def train_dense(job: Job, model: nn.Module) -> Dense:
             log=job.tracker.log,
             paused=job.paused_s,
         )
-        dense = Dense(evaluate(model, job.test, t.amp), last)
+        dense = Dense(**job.accuracy(model), last_epoch=last)
         checkpoints.save_dense(job.run_dir / DENSE, model, dense.acc, OmegaConf.to_container(cfg.model), cfg.data.name)
-    job.tracker.log({"acc_dense": dense.acc}, t.epochs * len(job.train))
+    job.tracker.log(phase_scores("dense", dense), t.epochs * len(job.train))
     return dense
 
 
@@ -256,12 +270,12 @@ def compress(job: Job, model: nn.Module, plan: Plan, dense: Dense) -> Compressed
     """Pruning and quantization-aware retraining (nothing to do without hooks), distilling if asked."""
     t = job.cfg.trainer
     if not plan.hooks:
-        return Compressed(evaluate(model, job.test, t.amp))
+        return Compressed(**job.accuracy(model))
     loss = distillation(job, plan) if t.distill else None
     last = fit(
         model,
         job.train,
-        job.test,
+        job.scored,
         t,
         phase="finetune",
         epochs=t.finetune_epochs,
@@ -269,14 +283,14 @@ def compress(job: Job, model: nn.Module, plan: Plan, dense: Dense) -> Compressed
         hooks=plan.hooks + job.share_hooks,
         checkpoint=job.checkpoint,
         loss=loss,
-        extra={"acc_dense": dense.acc},
+        extra=phase_scores("dense", dense),
         resume_from=job.resume if job.in_finetune else None,
         log=job.tracker.log,
         step_offset=t.epochs * len(job.train),
         paused=job.paused_s,
     )
     plan.teacher = None  # not through export and the benchmark
-    return Compressed(evaluate(model, job.test, t.amp), last)
+    return Compressed(**job.accuracy(model), last_epoch=last)
 
 
 def export(job: Job, model: nn.Module, plan: Plan) -> Exported:
@@ -304,8 +318,9 @@ def summary(
     footprint = sum(r["footprint_bytes"] for r in rows)
     last_epochs = {**dense.last_epoch, **compressed.last_epoch}
     return {
-        "acc_dense": dense.acc,
-        "acc_final": compressed.acc,
+        **phase_scores("dense", dense),
+        **phase_scores("final", compressed),
+        "val_size": len(job.val.y) if job.val is not None else 0,
         **({"acc_teacher": plan.acc_teacher} if plan.acc_teacher is not None else {}),
         "sparsity": layers.sparsity(model, plan.pruner.layer_names if plan.pruner is not None else None),
         "weight_bits": mean_bits(rows),
@@ -321,6 +336,14 @@ def summary(
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def phase_scores(phase: str, result: Any) -> Dict[str, float]:
+    """``acc_<phase>`` (test set) and, with a validation split, ``acc_val_<phase>``."""
+    scores = {f"acc_{phase}": result.acc}
+    if result.acc_val is not None:
+        scores[f"acc_val_{phase}"] = result.acc_val
+    return scores
 
 
 def pick_device(name: str) -> torch.device:
@@ -348,8 +371,9 @@ def make_batches(data: Dataset, cfg: Config, device: torch.device, channels_last
         drop_last=cfg.data.drop_last,
         **common,
     )
-    test = Batches(data.x_test, data.y_test, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)
-    return train, test
+    held_out = lambda x, y: Batches(x, y, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)  # noqa: E731
+    val = held_out(data.x_val, data.y_val) if data.x_val is not None else None
+    return train, val, held_out(data.x_test, data.y_test)
 
 
 def expected_model(cfg: Config) -> str:

@@ -122,6 +122,8 @@ class WandbTracker(Tracker):
         for key in (
             "acc_dense",
             "acc_final",
+            "acc_val_dense",
+            "acc_val_final",
             "sparsity",
             "weight_bits",
             "compression",
@@ -233,8 +235,12 @@ def result_lines(metrics: Dict[str, Any], run_dir: Path) -> List[str]:
     dense, final = metrics.get("acc_dense"), metrics.get("acc_final")
     if dense is not None and final is not None:
         lines.append(
-            f"  accuracy  dense {100 * dense:.2f}% -> final {100 * final:.2f}% ({100 * (final - dense):+.2f} point)"
+            f"  accuracy  dense {100 * dense:.2f}% -> final {100 * final:.2f}% ({100 * (final - dense):+.2f} point) "
+            "on the test set"
         )
+        val_dense, val_final = metrics.get("acc_val_dense"), metrics.get("acc_val_final")
+        if val_dense is not None and val_final is not None:
+            lines.append(f"            dense {100 * val_dense:.2f}% -> final {100 * val_final:.2f}% on the validation split")
     if metrics.get("sparsity") is not None:
         kept = metrics.get("macs_kept")
         lines.append(

@@ -25,6 +25,24 @@ def test_digits_is_embedded_and_split_fixed():
     assert torch.equal(ds.y_test, load("data=digits", "seed=5").y_test)
 
 
+def test_the_validation_split_is_held_out_per_class_and_the_same_for_every_run():
+    ds = load("data=digits")
+    split = data.hold_out(ds, 0.1)
+    assert len(split.y_val) == sum(round(0.1 * int((ds.y_train == c).sum())) for c in range(10))
+    assert len(split.y_train) + len(split.y_val) == len(ds.y_train)
+    for c in range(10):  # stratified: every class gives its share
+        assert abs(int((split.y_val == c).sum()) - 0.1 * int((ds.y_train == c).sum())) <= 0.5
+    # Disjoint: together the two splits are the training set, image for image.
+    both = torch.cat([split.x_train, split.x_val]).flatten(1)
+    assert torch.equal(both.sort(0).values, ds.x_train.flatten(1).sort(0).values)
+    assert torch.equal(data.hold_out(ds, 0.1).x_val, split.x_val)  # seeded: the same images again
+    assert not torch.equal(data.hold_out(ds, 0.1, seed=1).x_val, split.x_val)
+    assert data.hold_out(ds, 0.0) is ds
+    tiny = data.Dataset("t", ds.x_train[:3], ds.y_train[:3], ds.x_test, ds.y_test, 10, ds.mean, ds.std)
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.1 is not allowed for 3 training images"):
+        data.hold_out(tiny, 0.1)
+
+
 def test_keras_npz(tmp_path: Path):
     rng = np.random.default_rng(0)
     path = tmp_path / "mnist.npz"

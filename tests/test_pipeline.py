@@ -219,7 +219,8 @@ def test_drop_last_and_eval_every_reach_the_training_loop(tmp_path: Path):
         tmp_path,
     )
     epoch_ends = [h for h in history(tmp_path) if "dense/epoch" in h]
-    assert [h["step"] for h in epoch_ends] == [14, 28, 42]  # 1437 digits: 14 whole batches of 100, not 15
+    # 1437 digits less a tenth held out for validation: 1293, 12 whole batches of 100, not 13.
+    assert [h["step"] for h in epoch_ends] == [12, 24, 36]
     assert [h["dense/epoch"] for h in epoch_ends if "dense/acc" in h] == [2, 3]
 
 
@@ -229,8 +230,8 @@ def test_resume_with_other_batches_an_epoch_is_a_clear_error(tmp_path: Path):
     run(compose(*DENSE, "trainer.epochs=2", "data.batch_size=100"), tmp_path)
     with pytest.raises(
         ConfigError,
-        match=r"trainer.resume=true: the checkpoint's run had 15 batches an epoch, this "
-        r"one has 14; resume with the data.batch_size and data.drop_last it ran with",
+        match=r"trainer.resume=true: the checkpoint's run had 13 batches an epoch, this "
+        r"one has 12; resume with the data.batch_size and data.drop_last it ran with",
     ):
         run(
             compose(*DENSE, "trainer.epochs=3", "data.batch_size=100", "data.drop_last=true", "trainer.resume=true"),
@@ -315,7 +316,20 @@ def test_the_exported_model_is_the_one_evaluated_at_the_last_epoch(tmp_path: Pat
         compose(*TINY, "trainer.finetune_epochs=3", "prune.unit=epoch", "prune.end=2", "bench=none", *quant, "quant.bits=3"), tmp_path
     )
     last_epoch = [h for h in history(tmp_path) if "finetune/acc" in h][-1]
-    assert metrics["acc_final"] == last_epoch["finetune/acc"]
+    assert metrics["acc_val_final"] == last_epoch["finetune/acc"]  # the loop scores the validation split
+
+
+def test_the_validation_split_is_scored_every_epoch_and_the_test_set_at_each_phase_end(tmp_path: Path):
+    metrics = run(compose(*TINY, "trainer.finetune_epochs=2", "bench=none", "data.val_fraction=0.2"), tmp_path)
+    assert metrics["val_size"] == 287  # a fifth of each class of the 1437 training digits
+    scores = history(tmp_path)
+    assert [h["dense/acc"] for h in scores if "dense/acc" in h][-1] == metrics["acc_val_dense"]
+    assert [h["finetune/acc"] for h in scores if "finetune/acc" in h][-1] == metrics["acc_val_final"]
+    ends = next(h for h in scores if "acc_dense" in h)  # logged when dense training ends, both splits
+    assert ends["acc_dense"] == metrics["acc_dense"] and ends["acc_val_dense"] == metrics["acc_val_dense"]
+    assert metrics["acc_dense"] != metrics["acc_val_dense"] or metrics["acc_final"] != metrics["acc_val_final"]
+    unsplit = run(compose(*TINY, "trainer.finetune_epochs=2", "bench=none", "data.val_fraction=0"), tmp_path / "all")
+    assert "acc_val_final" not in unsplit and unsplit["val_size"] == 0
 
 
 def test_per_channel_kmeans_runs_end_to_end(tmp_path: Path):

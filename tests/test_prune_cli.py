@@ -22,7 +22,8 @@ BASE = [*TINY, "quant=none", "bench=none", "prune=agp", "trainer.finetune_epochs
         (["prune.final_sparsity=1.0"], "prune.final_sparsity=1.0", "[0, 1)"),
         (["prune.initial_sparsity=-0.1"], "prune.initial_sparsity=-0.1", "[0, 1)"),
         (["prune.start=1", "prune.end=0.5"], "prune.end=0.5", ">= prune.start"),
-        (["prune.end=3"], "prune.end=3.0", "trainer.finetune_epochs (2)"),
+        (["prune.unit=epoch", "prune.end=3"], "prune.end=3.0", "trainer.finetune_epochs (2)"),
+        (["prune.end=3"], "prune.end=3.0", "a fraction of the finetune phase in [0, 1] with prune.unit=fraction"),
         (
             [r"++prune.overrides={classifier:0.5}"],
             "prune.overrides.classifier=0.5",

@@ -35,6 +35,8 @@ ADDED_AT_DEFAULT = {
     "quant.kmeans_per_channel": False,
     "trainer.teacher": None,
     "data.drop_last": False,
+    "data.val_fraction": 0.0,
+    "quant.unit": "epoch",
 }
 # Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
 # dense model's path is filled in; logger: tags name the overrides, resume among them; eval_every:

@@ -1,5 +1,5 @@
 """Sensitivity study (``experiment=sensitivity``): prune one layer at a time to each listed
-sparsity, without retraining, and record test accuracy.
+sparsity, without retraining, and record validation accuracy (data.val_fraction).
 
 Writes into the run directory: ``sensitivity.csv`` (one row per layer, one column per
 sparsity), ``sensitivity.png`` (accuracy vs sparsity, a line per layer) and
@@ -34,7 +34,7 @@ def sensitivity_study(
 ) -> Dict[str, Dict[float, float]]:
     """Run the study for ``cfg`` (a PruneConfig) on ``model`` and write its three files.
 
-    ``evaluate()`` returns the current test accuracy (a fraction). The model's weights are
+    ``evaluate()`` returns the current validation accuracy (a fraction). The model's weights are
     restored exactly after every trial. Returns ``{layer: {sparsity: accuracy}}``.
     """
     levels = sorted({float(s) for s in cfg.sensitivity})
@@ -85,7 +85,7 @@ def safe_sparsity(accs: Dict[float, float], acc_dense: float, tolerance: float) 
 def overrides_yaml(safe: Dict[str, float], tolerance: float) -> str:
     header = (
         f"# Per-layer final sparsity from sensitivity.csv: the highest sparsity that cost at most "
-        f"{100 * tolerance:g} point(s)\n# of test accuracy when that layer alone was pruned (no retraining).\n"
+        f"{100 * tolerance:g} point(s)\n# of validation accuracy when that layer alone was pruned (no retraining).\n"
         "# Use: prune=agp prune.overrides_file=<this file>\n"
     )
     return header + yaml.safe_dump({"overrides": {n: float(s) for n, s in safe.items()}}, sort_keys=False)
@@ -107,7 +107,7 @@ def plot_png(table: Dict[str, Dict[float, float]], acc_dense: float, tolerance: 
         100 * (acc_dense - tolerance), color="grey", linestyle=":", linewidth=1, label=f"dense - {100 * tolerance:g} pt"
     )
     ax.set_xlabel("sparsity of the one pruned layer (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Pruning sensitivity, one layer at a time (no retraining)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
