@@ -261,7 +261,9 @@ def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
         "false unless data.augment=true (it is part of the augmentation)",
     )
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
-    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in [0, 1) (0: no validation split)")
+    _require(
+        0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in [0, 1) (0: no validation split)"
+    )
     _require(
         d.val_fraction > 0 or not cfg.prune.sensitivity,
         "data.val_fraction",

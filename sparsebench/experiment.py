@@ -132,7 +132,10 @@ class Job:
     def accuracy(self, model: nn.Module) -> Dict[str, float]:
         """The end-of-phase scores: ``acc`` on the test set and ``acc_val`` on the validation split."""
         amp = self.cfg.trainer.amp
-        return {"acc": evaluate(model, self.test, amp), "acc_val": evaluate(model, self.val, amp) if self.val is not None else None}
+        return {
+            "acc": evaluate(model, self.test, amp),
+            "acc_val": evaluate(model, self.val, amp) if self.val is not None else None,
+        }
 
     @property
     def checkpoint(self) -> Path:

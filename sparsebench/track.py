@@ -240,7 +240,9 @@ def result_lines(metrics: Dict[str, Any], run_dir: Path) -> List[str]:
         )
         val_dense, val_final = metrics.get("acc_val_dense"), metrics.get("acc_val_final")
         if val_dense is not None and val_final is not None:
-            lines.append(f"            dense {100 * val_dense:.2f}% -> final {100 * val_final:.2f}% on the validation split")
+            lines.append(
+                f"            dense {100 * val_dense:.2f}% -> final {100 * val_final:.2f}% on the validation split"
+            )
     if metrics.get("sparsity") is not None:
         kept = metrics.get("macs_kept")
         lines.append(

@@ -41,7 +41,8 @@ BASE = [
     "quant=none",
     "bench=none",
     "trainer.finetune_epochs=2",
-    "prune.unit=epoch", "prune.end=1",
+    "prune.unit=epoch",
+    "prune.end=1",
     "trainer.deterministic=true",
     "trainer.device=cpu",
 ]

@@ -313,7 +313,10 @@ def test_weight_bits_of_a_mixed_precision_run_is_the_nnz_weighted_mean(tmp_path:
 )
 def test_the_exported_model_is_the_one_evaluated_at_the_last_epoch(tmp_path: Path, quant: list):
     metrics = run(
-        compose(*TINY, "trainer.finetune_epochs=3", "prune.unit=epoch", "prune.end=2", "bench=none", *quant, "quant.bits=3"), tmp_path
+        compose(
+            *TINY, "trainer.finetune_epochs=3", "prune.unit=epoch", "prune.end=2", "bench=none", *quant, "quant.bits=3"
+        ),
+        tmp_path,
     )
     last_epoch = [h for h in history(tmp_path) if "finetune/acc" in h][-1]
     assert metrics["acc_val_final"] == last_epoch["finetune/acc"]  # the loop scores the validation split
@@ -339,7 +342,8 @@ def test_per_channel_kmeans_runs_end_to_end(tmp_path: Path):
         compose(
             *TINY,
             "trainer.finetune_epochs=4",
-            "prune.unit=epoch", "prune.end=2",
+            "prune.unit=epoch",
+            "prune.end=2",
             "bench=quick",
             "quant=kmeans",
             "quant.kmeans_per_channel=true",
@@ -367,7 +371,8 @@ def test_per_channel_kmeans_runs_on_the_kernels(tmp_path: Path):
         compose(
             *TINY,
             "trainer.finetune_epochs=4",
-            "prune.unit=epoch", "prune.end=2",
+            "prune.unit=epoch",
+            "prune.end=2",
             "bench=quick",
             "trainer.device=cuda",
             "quant=kmeans",

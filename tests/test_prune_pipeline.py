@@ -86,7 +86,10 @@ def test_macs_exponent_takes_more_of_the_early_layers_compute(tmp_path):
     [
         ("iterative", ["prune.rounds=3", "prune.start=0", "prune.unit=epoch", "prune.end=1"]),
         ("oneshot", ["prune.start=0.5"]),
-        ("agp", ["prune.unit=epoch", "prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"]),  # masks regrow until 1.75
+        (
+            "agp",
+            ["prune.unit=epoch", "prune.end=1", "prune.frequency=0.25", "prune.regrow_until=1.75"],
+        ),  # masks regrow until 1.75
     ],
 )
 def test_every_schedule_reaches_the_target(tmp_path, method, extra):
@@ -121,7 +124,8 @@ def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatc
     args = [
         "prune=agp",
         "trainer.finetune_epochs=2",
-        "prune.unit=epoch", "prune.end=1.5",
+        "prune.unit=epoch",
+        "prune.end=1.5",
         "prune.frequency=0.2",
         "trainer.checkpoint_every=10",
         "trainer.deterministic=true",

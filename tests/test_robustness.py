@@ -45,7 +45,11 @@ def hostile_file(path: Path, marker: Path) -> Path:
 def test_a_hostile_pickle_is_refused_and_never_runs(tmp_path: Path, key: str):
     marker = tmp_path / MARKER
     bad = hostile_file(tmp_path / "dense.pt", marker)
-    extra = ["prune=agp", "trainer.finetune_epochs=1", "prune.unit=epoch", "prune.end=1", "trainer.distill=0.5"] if "teacher" in key else []
+    extra = (
+        ["prune=agp", "trainer.finetune_epochs=1", "prune.unit=epoch", "prune.end=1", "trainer.distill=0.5"]
+        if "teacher" in key
+        else []
+    )
     cfg = compose(*DENSE, *extra, f"{key}={bad}")
     with pytest.raises(ConfigError, match=rf"{key}=.*holds more than tensors and plain containers"):
         run(cfg, tmp_path / "run")
