@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -21,6 +22,10 @@ from sparsebench.errors import ConfigError
 from sparsebench.errors import require as _require
 from sparsebench.prune.config import PruneConfig, validate_prune
 from sparsebench.quant.config import QuantConfig, validate_quant
+
+# The config groups' folder: installed wheels carry it inside the package, a source checkout at the top.
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = str(next((p for p in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if p.is_dir()), _PACKAGE / "conf"))
 
 
 @dataclass

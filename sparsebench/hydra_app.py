@@ -11,9 +11,7 @@ from typing import Callable, List, Optional
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, MissingConfigException
 
-# Installed wheels carry the configs inside the package; a source checkout has them at the top.
-_PACKAGE = Path(__file__).resolve().parent
-CONF_DIR = str(next((p for p in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if p.is_dir()), _PACKAGE / "conf"))
+from sparsebench.config import CONF_DIR
 
 
 def precheck(config_name: str, overrides: List[str]) -> Optional[str]:

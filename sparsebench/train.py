@@ -180,7 +180,7 @@ class _Loop:
     hooks: List[TrainHook]
     steps_per_epoch: int
     total_steps: int
-    checkpoint: Path
+    checkpoint: Optional[Path]  # None: no checkpoints (the Python API's retraining)
     extra: Dict[str, Any] = field(default_factory=dict)
     step: int = 0
     metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's: a resumed run returns them too
@@ -203,6 +203,8 @@ class _Loop:
         self.metrics = dict(saved.get("metrics", {}))
 
     def save(self) -> None:
+        if self.checkpoint is None:
+            return
         checkpoints.save(
             {
                 "phase": self.phase,
@@ -229,14 +231,14 @@ class _Loop:
 def fit(
     model: nn.Module,
     train: Batches,
-    test: Batches,
+    val: Optional[Batches],
     cfg: TrainerConfig,
     *,
     phase: str,
     epochs: int,
     lr: float,
     hooks: List[TrainHook],
-    checkpoint: Path,
+    checkpoint: Optional[Path],
     loss: Optional[LossFn] = None,
     extra: Optional[Dict[str, Any]] = None,
     resume_from: Optional[Dict[str, Any]] = None,
@@ -244,7 +246,10 @@ def fit(
     step_offset: int = 0,
     paused: Callable[[], float] = lambda: 0.0,
 ) -> Dict[str, float]:
-    """Train ``epochs`` epochs with ``hooks``; checkpoint to ``checkpoint`` as it goes.
+    """Train ``epochs`` epochs with ``hooks``; score ``val`` every ``cfg.eval_every`` epochs (None: no
+    scores); checkpoint to ``checkpoint`` as it goes (None: no checkpoints).
+
+    ``train`` and ``val``: ``data.Batches``, or ``loaders.Loader`` over a DataLoader.
 
     ``loss`` (default: cross-entropy with ``cfg.label_smoothing``); ``resume_from``: a checkpoint of this
     same phase to continue; ``extra`` rides along in checkpoints (e.g. an earlier phase's accuracy);
@@ -290,7 +295,7 @@ def fit(
                 f"{phase}/paused_s": paused_s,
                 f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - first, 1),
             }
-            loop.metrics.update(_score(loop, test, epoch, epochs, cfg))
+            loop.metrics.update(_score(loop, val, epoch, epochs, cfg))
             log(loop.metrics, step_offset + loop.step)
             stopping = bool(stop)  # read once: a SIGTERM from here on is the next step's to handle
             if stopping or _checkpoint_due(epoch, epochs, loop.step, cfg):
@@ -373,12 +378,12 @@ def _train_epoch(
     return first
 
 
-def _score(loop: _Loop, test: Batches, epoch: int, epochs: int, cfg: TrainerConfig) -> Dict[str, float]:
-    """The epoch's hook metrics, and the test accuracy (with the hooks' own) at the scored epochs."""
+def _score(loop: _Loop, val: Optional[Batches], epoch: int, epochs: int, cfg: TrainerConfig) -> Dict[str, float]:
+    """The epoch's hook metrics, and the held-out accuracy (with the hooks' own) at the scored epochs."""
     metrics: Dict[str, float] = {}
-    scored = evaluation_due(epoch, epochs, cfg.eval_every)
+    scored = val is not None and evaluation_due(epoch, epochs, cfg.eval_every)
     if scored:
-        metrics[f"{loop.phase}/acc"] = evaluate(loop.model, test, cfg.amp)
+        metrics[f"{loop.phase}/acc"] = evaluate(loop.model, val, cfg.amp)
     for hook in loop.hooks:
         metrics.update(hook.on_epoch_end(epoch, loop.model))
         if scored:

@@ -24,6 +24,14 @@ FORBIDDEN = {
     "sparsebench.quant": ("sparsebench.bench", "sparsebench.multirun", "sparsebench.experiment", "sparsebench.report"),
     "sparsebench.train": ("sparsebench.bench", "sparsebench.multirun", "sparsebench.experiment"),
     "sparsebench.data": ("sparsebench.bench", "sparsebench.multirun", "sparsebench.experiment"),
+    "sparsebench.loaders": ("sparsebench.bench", "sparsebench.multirun", "sparsebench.experiment"),
+    # The Python API stands beside the Hydra app, on the library: none of the app's own wing.
+    "sparsebench.api": (
+        "sparsebench.multirun",
+        "sparsebench.experiment",
+        "sparsebench.report",
+        "sparsebench.hydra_app",
+    ),
     "sparsebench.models": ("sparsebench.bench", "sparsebench.multirun", "sparsebench.experiment"),
     "sparsebench.bench": ("sparsebench.multirun", "sparsebench.experiment", "sparsebench.report"),
     "sparsebench.report": ("sparsebench.multirun", "sparsebench.experiment"),
