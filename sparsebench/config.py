@@ -30,7 +30,7 @@ CONF_DIR = str(next((p for p in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # digits | mnist | cifar10 | synthetic
+    name: str = MISSING  # digits | mnist | cifar10 | synthetic; with data.train: any label
     path: Optional[str] = None  # npz file, ImageFolder directory or zip of one
     download: bool = False  # torchvision download into cache_dir when no path is given
     cache_dir: str = "~/.cache/sparsebench"
@@ -49,6 +49,12 @@ class DataConfig:
     # split: per-epoch scores and every choice a run makes (the sensitivity tolerance) read it; the test
     # set is scored at the end of each phase. 0: no split (per-epoch scores then read the test set).
     val_fraction: float = 0.1
+    # Any torch Dataset instead of the built-in sources: `_target_` nodes that Hydra instantiates (e.g.
+    # torchvision.datasets.ImageFolder with its transform; conf/data/imagefolder.yaml), streamed through a
+    # DataLoader (workers, pinned memory) rather than decoded into memory. Augmentation is the dataset's.
+    train: Optional[Any] = None
+    test: Optional[Any] = None
+    workers: int = 4  # DataLoader worker processes for data.train/test
     # synthetic only
     shape: List[int] = field(default_factory=lambda: [3, 32, 32])
     num_classes: int = 10
@@ -58,8 +64,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # convnet | lenet5 | vgg16 | resnet18 | resnet20 | resnet56
-    width: float = 1.0  # channel multiplier, so tests can stay tiny
+    name: str = MISSING  # convnet | lenet5 | vgg16 | resnet18 | resnet20 | resnet56; with _target_: any label
+    width: float = 1.0  # channel multiplier, so tests can stay tiny (the registry's models)
+    # Any importable model factory or class instead of the registry (model._target_=torchvision.models.resnet50),
+    # called with model.kwargs (e.g. {num_classes: 10}); pretrained weights through its own kwargs or
+    # trainer.init_from, and trainer.epochs=0 to skip dense training.
+    _target_: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,7 +158,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 # Mappings whose keys are the user's (layer names, kernel knobs): any key is allowed inside them.
-OPEN_MAPPINGS = ("prune.overrides", "quant.overrides", "backend.tuning")
+OPEN_MAPPINGS = ("prune.overrides", "quant.overrides", "backend.tuning", "model.kwargs", "data.train", "data.test")
 
 
 def unknown_keys(cfg: Any, schema: type = None, prefix: str = "") -> List[str]:
@@ -182,7 +193,7 @@ def unused_settings(cfg: Config) -> List[str]:
     """Settings the chosen methods do not read (an experiment file may set them): one warning line each."""
     notes = []
     p, q, t = cfg.prune, cfg.quant, cfg.trainer
-    if cfg.data.path is not None and cfg.data.name not in PATH_DATASETS:
+    if cfg.data.path is not None and cfg.data.name not in PATH_DATASETS and cfg.data.train is None:
         notes.append(f"data.path={cfg.data.path!r} is unused: data={cfg.data.name} reads no path")
     if p.method == "none" and not p.sensitivity:
         for key, value in (
@@ -204,7 +215,7 @@ def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
     ``overrides`` (the command line) that the chosen method does not read is refused too (see unused_settings)."""
     refuse_unknown_keys(cfg)
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if "data.path" in given:
+    if "data.path" in given and cfg.data.train is None:
         _require(
             cfg.data.path is None or cfg.data.name in PATH_DATASETS,
             "data.path",
@@ -212,12 +223,35 @@ def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
             f"null for data={cfg.data.name} (only {' and '.join(PATH_DATASETS)} read a path)",
         )
     for key, allowed in CHOICES.items():
+        if key == "data.name" and (cfg.data.train is not None or cfg.data.test is not None):
+            continue  # a dataset of the user's: its name is a label
         value = _get(cfg, key)
         _require(value in allowed, key, value, "one of " + ", ".join(allowed))
 
     from sparsebench.models import MODELS  # late: the registry imports torch
 
-    _require(cfg.model.name in MODELS, "model.name", cfg.model.name, "one of " + ", ".join(sorted(MODELS)))
+    _require(
+        cfg.model._target_ is not None or cfg.model.name in MODELS,
+        "model.name",
+        cfg.model.name,
+        "one of " + ", ".join(sorted(MODELS)) + ", or any label with model._target_",
+    )
+    d = cfg.data
+    _require(
+        (d.train is None) == (d.test is None),
+        "data.test" if d.test is None else "data.train",
+        None,
+        "a Dataset (_target_) whenever the other one is given: a run trains on data.train and tests on data.test",
+    )
+    if d.train is not None:
+        for key in ("augment", "on_device"):
+            _require(
+                not getattr(d, key),
+                f"data.{key}",
+                getattr(d, key),
+                "false with data.train (a streamed dataset augments in its own transform)",
+            )
+    _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
     _require(cfg.model.width > 0, "model.width", cfg.model.width, "a number > 0")
 
     t = cfg.trainer

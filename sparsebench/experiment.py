@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import random_split
 
 from sparsebench import checkpoints, layers
 from sparsebench.average import WeightAverage
@@ -28,6 +30,7 @@ from sparsebench.config import unused_settings, validate
 from sparsebench.data import Batches, Dataset, hold_out, load_dataset
 from sparsebench.distill import Distillation
 from sparsebench.errors import ConfigError
+from sparsebench.loaders import Loader, stream
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner, sensitivity_study
 from sparsebench.quant import build_quantizer, export_model
@@ -113,10 +116,11 @@ class Job:
     device: torch.device
     share: Optional[Any] = None  # multirun.gpus.GpuShare
     resume: Optional[Dict[str, Any]] = None  # the checkpoint trainer.resume=true continues
-    data: Optional[Dataset] = None
-    train: Optional[Batches] = None
+    data: Optional[Any] = None  # data.Dataset in memory, or Streamed (data.train/test)
+    train: Optional[Batches] = None  # data.Batches, or loaders.Loader over a DataLoader
     val: Optional[Batches] = None  # the validation split (data.val_fraction), else None
     test: Optional[Batches] = None
+    val_size: int = 0
     sample: Optional[torch.Tensor] = None  # one test batch: the pruner's, the layer table's and the benchmark's input
 
     @property
@@ -151,13 +155,16 @@ class Job:
     def new_model(self, spec: Any = None) -> nn.Module:
         """The configured network (or ``spec``, another model config) for this data, on the device."""
         spec = spec if spec is not None else self.cfg.model
-        net = build_model(
-            spec["name"],
-            in_channels=self.data.in_channels,
-            num_classes=self.data.num_classes,
-            image_size=self.data.image_size,
-            width=spec.get("width", 1.0),
-        ).to(self.device)
+        if spec.get("_target_"):  # any importable factory, with its own arguments
+            net = build("model._target_", {"_target_": spec["_target_"], **spec.get("kwargs", {})}).to(self.device)
+        else:
+            net = build_model(
+                spec["name"],
+                in_channels=self.data.in_channels,
+                num_classes=self.data.num_classes,
+                image_size=self.data.image_size,
+                width=spec.get("width", 1.0),
+            ).to(self.device)
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     @property
@@ -226,10 +233,14 @@ def load_data_and_model(job: Job) -> Tuple[nn.Module, "Plan"]:
     """The data as batches, the network, and the compression plan (a bad prune, quant or teacher
     setting fails here, before any training)."""
     cfg = job.cfg
-    job.data = hold_out(load_dataset(cfg.data), cfg.data.val_fraction)
-    if cfg.data.on_device:
-        job.data = job.data.to(job.device)
-    job.train, job.val, job.test = make_batches(job.data, cfg, job.device, job.channels_last)
+    if cfg.data.train is not None:
+        stream_data(job)
+    else:
+        job.data = hold_out(load_dataset(cfg.data), cfg.data.val_fraction)
+        if cfg.data.on_device:
+            job.data = job.data.to(job.device)
+        job.train, job.val, job.test = make_batches(job.data, cfg, job.device, job.channels_last)
+        job.val_size = len(job.data.y_val) if job.data.y_val is not None else 0
     job.sample = next(iter(job.test))[0].clone()  # a copy, not a view that keeps its chunk alive
     model = job.new_model()
     plan = Plan(build_pruner(cfg.prune, model, job.sample), build_quantizer(cfg.quant, model))
@@ -323,7 +334,7 @@ def summary(
     return {
         **phase_scores("dense", dense),
         **phase_scores("final", compressed),
-        "val_size": len(job.val.y) if job.val is not None else 0,
+        "val_size": job.val_size,
         **({"acc_teacher": plan.acc_teacher} if plan.acc_teacher is not None else {}),
         "sparsity": layers.sparsity(model, plan.pruner.layer_names if plan.pruner is not None else None),
         "weight_bits": mean_bits(rows),
@@ -377,6 +388,56 @@ def make_batches(data: Dataset, cfg: Config, device: torch.device, channels_last
     held_out = lambda x, y: Batches(x, y, batch_size=cfg.data.eval_batch_size, shuffle=False, **common)  # noqa: E731
     val = held_out(data.x_val, data.y_val) if data.x_val is not None else None
     return train, val, held_out(data.x_test, data.y_test)
+
+
+@dataclass
+class Streamed:
+    """What a run knows of the user's datasets (data.train/test): what the registry's models are built for."""
+
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+
+def stream_data(job: Job) -> None:
+    """data.train/test instantiated and streamed through DataLoaders; the validation split is a seeded
+    random share of data.train (the same images for every run seed)."""
+    d = job.cfg.data
+    train, test = build("data.train", d.train), build("data.test", d.test)
+    classes = getattr(train, "classes", None)
+    x, _ = train[0]
+    val = None
+    if d.val_fraction > 0:
+        held = int(round(d.val_fraction * len(train)))
+        train, val = random_split(train, [len(train) - held, held], generator=torch.Generator().manual_seed(0))
+        job.val_size = held
+
+    def loader(dataset: Any, batch_size: int, shuffle: bool, drop_last: bool = False) -> Loader:
+        batches = stream(
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            seed=job.cfg.seed,
+            workers=d.workers,
+            drop_last=drop_last,
+            pin_memory=job.device.type == "cuda",
+        )
+        return Loader(batches, job.device, job.channels_last)
+
+    job.train = loader(train, d.batch_size, True, d.drop_last)
+    job.val = loader(val, d.eval_batch_size, False) if val is not None else None
+    job.test = loader(test, d.eval_batch_size, False)
+    job.data = Streamed(d.name, x.shape[0], x.shape[-1], len(classes) if classes else d.num_classes)
+
+
+def build(key: str, node: Any) -> Any:
+    """Hydra's instantiate of a user's ``_target_`` node; whatever goes wrong is one line naming ``key``."""
+    try:
+        return instantiate(node)
+    except Exception as e:  # an import error, a bad argument, a missing folder: the user's to fix
+        cause = e.__cause__ or e
+        raise ConfigError(f"{key}: could not build it ({type(cause).__name__}: {str(cause).splitlines()[0]})") from e
 
 
 def expected_model(cfg: Config) -> str:

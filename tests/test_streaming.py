@@ -1,0 +1,135 @@
+"""Any model and any dataset in the app: model._target_, data.train/test streamed through DataLoaders."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebench.errors import ConfigError
+from sparsebench.experiment import run
+from sparsebench.loaders import EpochSampler, Loader, stream
+from tests.conftest import TINY, compose
+
+
+class PatternImages(torch.utils.data.Dataset):
+    """A user's Dataset: ``size`` 3x12x12 float images, each class a noisy copy of its own pattern."""
+
+    classes = ["a", "b", "c", "d"]
+
+    def __init__(self, size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        patterns = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(99))
+        self.y = torch.randint(0, 4, (size,), generator=g)
+        self.x = patterns[self.y] + 0.5 * torch.randn(size, 3, 12, 12, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+class UserNet(nn.Module):
+    """A user's network, built from its own arguments (not the registry's)."""
+
+    def __init__(self, classes: int, hidden: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+USER = [
+    "model.name=usernet",
+    "model._target_=tests.test_streaming.UserNet",
+    "++model.kwargs={classes:4,hidden:24}",
+    "data.name=patterns",
+    "data.train={_target_:tests.test_streaming.PatternImages,size:400,seed:0}",
+    "data.test={_target_:tests.test_streaming.PatternImages,size:100,seed:1}",
+    "data.workers=0",
+]
+
+
+def test_a_users_model_and_dataset_run_through_the_whole_pipeline(tmp_path: Path):
+    cfg = compose(*TINY, *USER, "trainer.epochs=3", "trainer.finetune_epochs=2", "bench=quick")
+    metrics = run(cfg, tmp_path)
+    assert metrics["status"] == "ok" and metrics["val_size"] == 40  # a tenth of data.train held out
+    assert metrics["acc_dense"] > 0.6 and metrics["acc_final"] > 0.5  # four patterns: learnt
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=1e-3)  # body.3 alone: first conv and head stay dense
+    with open(tmp_path / "layers.csv") as f:
+        layers = {r["layer"] for r in csv.DictReader(f)}
+    assert layers == {"body.0", "body.3", "head"}  # the user's layer names
+    assert metrics["network_export_error/b1"] < 1e-4  # the packed network is the trained one
+    assert (tmp_path / "packed.safetensors").is_file()
+
+
+def test_streamed_epochs_are_seeded_and_a_resume_starts_at_its_batch():
+    data = PatternImages(50)
+    batches = Loader(stream(data, 8, shuffle=True, seed=3), torch.device("cpu"))
+    first, again = [y for _, y in batches.epoch(0)], [y for _, y in batches.epoch(0)]
+    assert len(first) == len(batches) == 7 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(torch.cat(first), torch.cat([y for _, y in batches.epoch(1)]))
+    resumed = [y for _, y in batches.epoch(0, start=4)]  # the sampler starts there: nothing read twice
+    assert all(torch.equal(a, b) for a, b in zip(first[4:], resumed)) and len(resumed) == 3
+    assert len(EpochSampler(50, shuffle=False)) == 50
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train=null"], "data.train=None is not allowed: a Dataset (_target_) whenever the other one is given"),
+        (["data.augment=true"], "data.augment=True is not allowed: false with data.train"),
+        (["data.workers=-1"], "data.workers=-1 is not allowed: an integer >= 0"),
+        (["data.test={_target_:tests.test_streaming.Missing}"], "data.test: could not build it ("),
+        (["++model.kwargs={classes:4,depth:3}"], "model._target_: could not build it (TypeError: "),
+    ],
+)
+def test_bad_user_data_settings_are_one_line(tmp_path: Path, overrides, message):
+    with pytest.raises(ConfigError) as refused:
+        run(compose(*TINY, *USER, "bench=none", *overrides), tmp_path)
+    assert message in str(refused.value)
+
+
+def test_torchvision_model_on_an_imagefolder_tree(tmp_path: Path):
+    # The conf example end to end (experiment=imagefolder_resnet50's data and model), where torchvision is.
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, colour in enumerate(("red", "green", "blue")):
+            folder = tmp_path / "tree" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), colour).save(folder / f"{i}.png")
+    metrics = run(
+        compose(
+            *TINY,
+            "experiment=imagefolder_resnet50",
+            f"data.path={tmp_path / 'tree'}",
+            "data.workers=0",
+            "data.batch_size=4",
+            "model._target_=torchvision.models.resnet18",
+            "++model.kwargs={num_classes:3}",
+            "trainer.epochs=1",
+            "trainer.finetune_epochs=1",
+            "bench=none",
+        ),
+        tmp_path / "run",
+    )
+    assert metrics["status"] == "ok" and metrics["val_size"] == 1
+    assert (tmp_path / "run" / "packed.safetensors").is_file()
