@@ -117,6 +117,7 @@ class LoggerConfig:
     group: Optional[str] = None
     job_type: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    artifacts: bool = True  # the packed file and the dense weights as W&B model artifacts
 
 
 @dataclass

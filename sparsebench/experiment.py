@@ -276,6 +276,7 @@ def train_dense(job: Job, model: nn.Module) -> Dense:
         )
         dense = Dense(**job.accuracy(model), last_epoch=last)
         checkpoints.save_dense(job.run_dir / DENSE, model, dense.acc, OmegaConf.to_container(cfg.model), cfg.data.name)
+        job.tracker.artifact(job.run_dir / DENSE, artifact_name(cfg, "dense"), "model")
     job.tracker.log(phase_scores("dense", dense), t.epochs * len(job.train))
     return dense
 
@@ -312,6 +313,8 @@ def export(job: Job, model: nn.Module, plan: Plan) -> Exported:
     rows = layers.describe(model, job.sample)
     path = job.run_dir / PACKED
     packed = export_model(model, plan.hooks, path) or {}
+    if packed:
+        job.tracker.artifact(path, artifact_name(job.cfg, "packed"), "model")
     for row in rows:
         row.update({"bits": 32, "footprint_bytes": row["dense_bytes"]}, **packed.get(row["layer"], {}))
     return Exported(rows, path if packed else None)
@@ -429,6 +432,11 @@ def stream_data(job: Job) -> None:
     job.val = loader(val, d.eval_batch_size, False) if val is not None else None
     job.test = loader(test, d.eval_batch_size, False)
     job.data = Streamed(d.name, x.shape[0], x.shape[-1], len(classes) if classes else d.num_classes)
+
+
+def artifact_name(cfg: Config, kind: str) -> str:
+    """A W&B artifact's name: the experiment and what the file is; W&B versions the runs' files under it."""
+    return f"{cfg.name}-{kind}"
 
 
 def build(key: str, node: Any) -> Any:

@@ -88,6 +88,9 @@ class Tracker:
     def table(self, name: str, rows: Sequence[Dict[str, Any]]) -> None:
         pass
 
+    def artifact(self, path: Path, name: str, kind: str) -> None:
+        """Keep the file ``path`` with the run (W&B: an artifact ``name`` of type ``kind``, versioned)."""
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -98,7 +101,7 @@ class WandbTracker(Tracker):
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: str, resume: bool = False):
         import wandb
 
-        self.wandb = wandb
+        self.wandb, self.artifacts = wandb, cfg.artifacts
         id_file = Path(run_dir) / WANDB_ID
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.run = wandb.init(
@@ -145,6 +148,13 @@ class WandbTracker(Tracker):
             columns = list(rows[0])
             self.run.log({name: self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
 
+    def artifact(self, path: Path, name: str, kind: str) -> None:
+        if not self.artifacts:
+            return
+        art = self.wandb.Artifact(name, type=kind)
+        art.add_file(str(path))
+        self.run.log_artifact(art)
+
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -172,6 +182,9 @@ class HistoryFile(Tracker):
 
     def table(self, name: str, rows: Sequence[Dict[str, Any]]) -> None:
         self.inner.table(name, rows)
+
+    def artifact(self, path: Path, name: str, kind: str) -> None:
+        self.inner.artifact(path, name, kind)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.file is not None:

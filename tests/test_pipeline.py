@@ -290,8 +290,12 @@ def test_wandb_offline_writes_run_files_without_network(tmp_path: Path, monkeypa
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert list(runs[0].glob("run-*.wandb")), "no offline W&B log file"
+    records = list(runs[0].glob("run-*.wandb"))
+    assert records, "no offline W&B log file"
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "ok"
+    # The dense weights went along as a model artifact, under the experiment's name; grouped by it too.
+    logged = records[0].read_bytes()
+    assert b"default-dense" in logged and b"dense.pt" in logged and b"default" in logged
 
 
 def test_weight_bits_of_a_mixed_precision_run_is_the_nnz_weighted_mean(tmp_path: Path):

@@ -376,14 +376,14 @@ def test_job_defaults_fill_only_what_the_user_left_empty() -> None:
         "model.name=" + "x" * 80,
     ]
     naming.job_defaults(cfg, overrides, Path("/runs/multirun/default/2026-11-28_12-00-00"))
-    assert cfg.logger.group == "2026-11-28_12-00-00" and cfg.logger.job_type == "agp+linear"
+    assert cfg.logger.group == "default/2026-11-28_12-00-00" and cfg.logger.job_type == "agp+linear"
     assert list(cfg.logger.tags) == ["prune.final_sparsity=0.9", ("model.name=" + "x" * 80)[:64]]
     mine = compose_job("logger.group=mine", "logger.job_type=study", "logger.tags=[a]")
     naming.job_defaults(mine, ["seed=1"], Path("/s/t"))
     assert (mine.logger.group, mine.logger.job_type, list(mine.logger.tags)) == ("mine", "study", ["a"])
-    single = compose_job("prune=none", "quant=none")
-    naming.job_defaults(single, ["seed=1"], None)  # a single run: no group, no tags
-    assert (single.logger.group, single.logger.job_type, list(single.logger.tags)) == (None, "dense", [])
+    single = compose_job("prune=none", "quant=none", "name=study")
+    naming.job_defaults(single, ["seed=1", "hydra.run.dir=/x"], None)  # a single run: its experiment's group
+    assert (single.logger.group, single.logger.job_type, list(single.logger.tags)) == ("study", "dense", ["seed=1"])
 
 
 def test_claim_gpu_gives_jobs_running_at_once_different_gpus(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ RunFn = Callable[..., Dict[str, Any]]  # experiment.run(cfg, run_dir, overrides,
 
 
 def run_job(cfg: Config, hc: Any, run: RunFn) -> Optional[float]:
-    """Run the job Hydra composed (``hc``: its HydraConfig); the test accuracy is the sweeper's objective."""
+    """Run the job Hydra composed (``hc``: its HydraConfig); the sweeper's objective is the final accuracy on the
+    validation split (the test set's when the run has none: data.val_fraction=0)."""
     import torch
 
     multirun = hc.mode == RunMode.MULTIRUN
@@ -46,7 +47,7 @@ def run_job(cfg: Config, hc: Any, run: RunFn) -> Optional[float]:
                 finished = relaunch.finished_job(cfg, run_dir)
                 if finished is not None:
                     log.info("job %s finished in an earlier launch; kept as it is (%s)", job_num, run_dir)
-                    return finished.get("acc_final")
+                    return objective(finished)
             elif cfg.trainer.resume:  # a single run continues only with the config it ran with
                 relaunch.check_relaunch(cfg, run_dir, "hydra.run.dir")
             if cfg.trainer.init_from == dense.SHARED:  # one dense pre-training for the whole sweep
@@ -63,7 +64,7 @@ def run_job(cfg: Config, hc: Any, run: RunFn) -> Optional[float]:
                 metrics = run(cfg, run_dir, hc.overrides.task, gpu_share=share)
             if not multirun:  # a sweep prints its table at the end instead
                 print("\n".join(result_lines(metrics, run_dir)), flush=True)
-            return metrics.get("acc_final")
+            return objective(metrics)
         except StopRequested as e:
             if "joblib" in str(hc.launcher.get("_target_", "")).lower():
                 # A joblib worker would wait for more work, holding the sweep's pipes and its GPU memory.
@@ -84,3 +85,8 @@ def run_job(cfg: Config, hc: Any, run: RunFn) -> Optional[float]:
             if torch.cuda.is_available():  # after an out-of-memory, give the next job its memory back
                 torch.cuda.empty_cache()
     return None
+
+
+def objective(metrics: Dict[str, Any]) -> Optional[float]:
+    """What a search sweeper maximises: a choice, so the validation split's accuracy where there is one."""
+    return metrics.get("acc_val_final", metrics.get("acc_final"))

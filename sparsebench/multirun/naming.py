@@ -57,13 +57,14 @@ def override_tags(overrides: Sequence[str]) -> List[str]:
 def job_defaults(cfg: Config, overrides: Sequence[str], sweep_dir: Optional[Path]) -> None:
     """Fill logger.group / job_type / tags where the user left them empty.
 
-    In a multirun (``sweep_dir`` given) every job of the sweep shares the group named after the
-    sweep directory, so W&B shows the sweep as one group; tags are the job's own overrides.
+    A single run is grouped by its experiment's name; the jobs of a multirun (``sweep_dir`` given) share
+    one group, the experiment's name and the sweep's folder ("paper_vgg16_cifar10/2026-12-07_08-00-00"),
+    so W&B shows the sweep as one group and its study beside the others. Tags are the job's overrides.
     """
     lg = cfg.logger
-    if sweep_dir is not None and not lg.group:
-        lg.group = Path(sweep_dir).name
+    if not lg.group:
+        lg.group = f"{cfg.name}/{Path(sweep_dir).name}" if sweep_dir is not None else cfg.name
     if not lg.job_type:
         lg.job_type = job_type(cfg)
-    if sweep_dir is not None and not lg.tags:
+    if not lg.tags:
         lg.tags = override_tags(overrides)
