@@ -127,6 +127,7 @@ def test_resume_mid_finetune_ends_like_an_uninterrupted_run(tmp_path, monkeypatc
         "prune.unit=epoch",
         "prune.end=1.5",
         "prune.frequency=0.2",
+        "data.val_fraction=0",  # 45 steps an epoch: the step numbers above
         "trainer.checkpoint_every=10",
         "trainer.deterministic=true",
         "trainer.device=cpu",
@@ -184,25 +185,25 @@ def test_sensitivity_study_files_and_the_derived_overrides(tmp_path):
     assert min(accs[0.99] for accs in table.values()) < metrics["acc_dense"] - 0.05  # 99% of one layer hurts
 
     # Recompute one cell by hand from dense.pt: the same number.
-    from sparsebench.data import load_dataset
+    from sparsebench.data import hold_out, load_dataset
     from sparsebench.experiment import make_batches
     from sparsebench.models import build_model
     from sparsebench.prune.masks import magnitude_mask
     from sparsebench.train import evaluate
 
     cfg = compose(*TINY)
-    data = load_dataset(cfg.data)
+    data = hold_out(load_dataset(cfg.data), cfg.data.val_fraction)  # the study reads the validation split
     model = build_model("convnet", in_channels=1, num_classes=10, image_size=8, width=0.25)
     model.load_state_dict(torch.load(sens / "dense.pt", weights_only=False)["model"])
     with torch.no_grad():
         w = model.block3.conv.weight
         w.masked_fill_(~magnitude_mask(w, 0.9), 0.0)
-    _, test = make_batches(data, cfg, torch.device("cpu"), False)
-    assert evaluate(model, test) == table["block3.conv"][0.9]
+    _, val, _ = make_batches(data, cfg, torch.device("cpu"), False)
+    assert evaluate(model, val) == table["block3.conv"][0.9]
 
     assert (sens / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     overrides = yaml.safe_load((sens / "sensitivity_overrides.yaml").read_text())["overrides"]
-    assert overrides == {n: safe_sparsity(accs, metrics["acc_dense"], 0.01) for n, accs in table.items()}
+    assert overrides == {n: safe_sparsity(accs, metrics["acc_val_dense"], 0.01) for n, accs in table.items()}
     assert all(v in [0.0, *levels] for v in overrides.values())
 
     # The file feeds a pruning run: each prunable layer ends at its derived sparsity.

@@ -106,7 +106,7 @@ def test_jobs_share_one_dense_pretraining(tmp_path: Path) -> None:
         assert json.loads((job / "metrics.json").read_text())["acc_dense"] == dense["acc_dense"]
         # W&B: grouped by the sweep, typed, tagged with the job's overrides; one offline run a job.
         logger = manifest["config"]["logger"]
-        assert logger["group"] == tmp_path.name and logger["job_type"] == "dense"
+        assert logger["group"] == f"default/{tmp_path.name}" and logger["job_type"] == "dense"
         assert "trainer.finetune_lr=" + job.name.split("finetune_lr=")[1].split(",")[0] in logger["tags"]
         assert not any(t.startswith(("logger.", "hydra.", "trainer.init_from")) for t in logger["tags"])
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1

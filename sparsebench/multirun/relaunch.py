@@ -36,6 +36,11 @@ ADDED_AT_DEFAULT = {
     "trainer.teacher": None,
     "data.drop_last": False,
     "data.val_fraction": 0.0,
+    "data.train": None,
+    "data.test": None,
+    "data.workers": 4,
+    "model._target_": None,
+    "model.kwargs": {},
     "quant.unit": "epoch",
 }
 # Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
