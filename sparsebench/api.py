@@ -33,6 +33,7 @@ from sparsebench.prune.config import PruneConfig, validate_prune
 from sparsebench.quant import build_quantizer
 from sparsebench.quant.config import QuantConfig, validate_quant
 from sparsebench.quant.export import export_packed
+from sparsebench.sparse import ops
 from sparsebench.sparse.modules import load_for_model, packed_model
 from sparsebench.train import evaluate, fit
 
@@ -116,8 +117,6 @@ def load(path: Union[str, Path], model: nn.Module, *, use_kernels: Optional[bool
     A file that does not match ``model`` raises ValueError naming the first difference."""
     layers, meta = load_for_model(Path(path), model)
     if use_kernels is None:
-        from sparsebench.sparse import ops  # late: only the default needs to ask
-
         use_kernels = ops.kernels_available()
     return packed_model(model, layers, meta, use_kernels=use_kernels)
 
