@@ -51,9 +51,13 @@ class DataConfig:
     val_fraction: float = 0.1
     # Any torch Dataset instead of the built-in sources: `_target_` nodes that Hydra instantiates (e.g.
     # torchvision.datasets.ImageFolder with its transform; conf/data/imagefolder.yaml), streamed through a
-    # DataLoader (workers, pinned memory) rather than decoded into memory. Augmentation is the dataset's.
+    # DataLoader (workers, pinned memory) rather than decoded into memory. Augmentation is the dataset's
+    # transform's, and data.augment's crop and flip on the device.
     train: Optional[Any] = None
     test: Optional[Any] = None
+    # The same items as data.train read with evaluation transforms (no random crop): the validation share
+    # is taken from it, so it is scored as the test set is. null: from data.train itself.
+    val: Optional[Any] = None
     workers: int = 4  # DataLoader worker processes for data.train/test
     # synthetic only
     shape: List[int] = field(default_factory=lambda: [3, 32, 32])
@@ -159,7 +163,15 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 # Mappings whose keys are the user's (layer names, kernel knobs): any key is allowed inside them.
-OPEN_MAPPINGS = ("prune.overrides", "quant.overrides", "backend.tuning", "model.kwargs", "data.train", "data.test")
+OPEN_MAPPINGS = (
+    "prune.overrides",
+    "quant.overrides",
+    "backend.tuning",
+    "model.kwargs",
+    "data.train",
+    "data.test",
+    "data.val",
+)
 
 
 def unknown_keys(cfg: Any, schema: type = None, prefix: str = "") -> List[str]:
@@ -244,14 +256,22 @@ def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
         None,
         "a Dataset (_target_) whenever the other one is given: a run trains on data.train and tests on data.test",
     )
+    if d.val is not None and (d.train is None or d.val_fraction == 0):
+        raise ConfigError(
+            "data.val is not allowed here: only with data.train and data.val_fraction > 0 (it serves data.train's "
+            "validation share)"
+        )
     if d.train is not None:
-        for key in ("augment", "on_device"):
-            _require(
-                not getattr(d, key),
-                f"data.{key}",
-                getattr(d, key),
-                "false with data.train (a streamed dataset augments in its own transform)",
-            )
+        _require(
+            not d.on_device, "data.on_device", d.on_device, "false with data.train (a streamed dataset stays on disk)"
+        )
+        _require(
+            not d.trivialaugment,
+            "data.trivialaugment",
+            d.trivialaugment,
+            "false with data.train (it works on uint8 pixels: put torchvision's TrivialAugmentWide in the "
+            "dataset's transform)",
+        )
     _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
     _require(cfg.model.width > 0, "model.width", cfg.model.width, "a number > 0")
 

@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import random_split
+from torch.utils.data import Subset, random_split
 
 from sparsebench import checkpoints, layers
 from sparsebench.average import WeightAverage
@@ -30,7 +30,7 @@ from sparsebench.config import unused_settings, validate
 from sparsebench.data import Batches, Dataset, hold_out, load_dataset
 from sparsebench.distill import Distillation
 from sparsebench.errors import ConfigError
-from sparsebench.loaders import Loader, stream
+from sparsebench.loaders import CropFlip, Loader, stream
 from sparsebench.models import build_model
 from sparsebench.prune import build_pruner, sensitivity_study
 from sparsebench.quant import build_quantizer, export_model
@@ -371,10 +371,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_cutout(cutout: int, image: torch.Tensor) -> None:
+    """Only known once the images are: a square larger than the image blanks most of every image."""
+    side = min(image.shape[-2:])
+    if cutout > side:
+        raise ConfigError(f"data.cutout={cutout} is not allowed: at most the image side ({side} here)")
+
+
 def make_batches(data: Dataset, cfg: Config, device: torch.device, channels_last: bool) -> tuple:
-    side = min(data.x_train.shape[-2:])
-    if cfg.data.cutout > side:  # only known once the images are: a larger square blanks most of every image
-        raise ConfigError(f"data.cutout={cfg.data.cutout} is not allowed: at most the image side ({side} here)")
+    check_cutout(cfg.data.cutout, data.x_train[0])
     common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
     train = Batches(
         data.x_train,
@@ -410,13 +415,17 @@ def stream_data(job: Job) -> None:
     train, test = build("data.train", d.train), build("data.test", d.test)
     classes = getattr(train, "classes", None)
     x, _ = train[0]
+    check_cutout(d.cutout, x)
     val = None
     if d.val_fraction > 0:
         held = int(round(d.val_fraction * len(train)))
+        whole = train
         train, val = random_split(train, [len(train) - held, held], generator=torch.Generator().manual_seed(0))
+        if d.val is not None:  # the same items, read with evaluation transforms
+            val = Subset(same_items("data.val", build("data.val", d.val), whole), val.indices)
         job.val_size = held
 
-    def loader(dataset: Any, batch_size: int, shuffle: bool, drop_last: bool = False) -> Loader:
+    def loader(dataset: Any, batch_size: int, shuffle: bool, drop_last: bool = False, augment: bool = False) -> Loader:
         batches = stream(
             dataset,
             batch_size,
@@ -426,12 +435,22 @@ def stream_data(job: Job) -> None:
             drop_last=drop_last,
             pin_memory=job.device.type == "cuda",
         )
-        return Loader(batches, job.device, job.channels_last)
+        return Loader(batches, job.device, job.channels_last, CropFlip(d.cutout, job.cfg.seed) if augment else None)
 
-    job.train = loader(train, d.batch_size, True, d.drop_last)
+    job.train = loader(train, d.batch_size, True, d.drop_last, d.augment)
     job.val = loader(val, d.eval_batch_size, False) if val is not None else None
     job.test = loader(test, d.eval_batch_size, False)
     job.data = Streamed(d.name, x.shape[0], x.shape[-1], len(classes) if classes else d.num_classes)
+
+
+def same_items(key: str, dataset: Any, train: Any) -> Any:
+    """``dataset``, once it is known to list as many items as data.train (it is meant to be the same ones)."""
+    if len(dataset) != len(train):
+        raise ConfigError(
+            f"{key}: has {len(dataset)} items and data.train {len(train)}: it must be data.train's items "
+            "(read with evaluation transforms)"
+        )
+    return dataset
 
 
 def artifact_name(cfg: Config, kind: str) -> str:

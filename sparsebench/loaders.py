@@ -9,11 +9,14 @@ only on (seed, epoch), so a resumed run sees the batches it would have seen).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Tuple
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
+
+from sparsebench.data import crop_flip, cutout_keep, draw_crop_flip, draw_cutout
 
 
 class EpochSampler(Sampler[int]):
@@ -59,14 +62,44 @@ def stream(
     )
 
 
+@dataclass
+class CropFlip:
+    """``data.augment`` on streamed batches: the in-memory path's pad-4 crop, horizontal flip and cutout,
+    applied to a whole batch on its device once the dataset's own transform has normalised it (the
+    padding and the cutout square are 0 there: the mean colour). Each batch's draws depend only on
+    (seed, epoch, batch), so a resumed run augments as it would have."""
+
+    cutout: int = 0
+    seed: int = 0
+
+    def __call__(self, x: Tensor, epoch: int, batch: int) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"data.augment: crop and flip need N x C x H x W image batches, not {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + batch)
+        draws = [t.to(x.device) for t in draw_crop_flip(n, g)]
+        x = crop_flip(x, *draws)
+        if self.cutout:
+            x = x * cutout_keep(x.shape, self.cutout, *(t.to(x.device) for t in draw_cutout(n, h, w, g)))
+        return x
+
+
 class Loader:
     """Batches of ``source`` (a DataLoader, or any iterable of ``(inputs, labels)`` with a length) moved
-    to ``device`` (channels_last there when asked), read the way the loop reads ``data.Batches``."""
+    to ``device`` (channels_last there when asked, ``augment`` applied there), read the way the loop reads
+    ``data.Batches``."""
 
-    def __init__(self, source: Iterable, device: torch.device, channels_last: bool = False):
+    def __init__(
+        self,
+        source: Iterable,
+        device: torch.device,
+        channels_last: bool = False,
+        augment: Optional[CropFlip] = None,
+    ):
         if not hasattr(source, "__len__"):
             raise TypeError(f"{type(source).__name__}: the batches need a length (a DataLoader has one)")
         self.source, self.device, self.channels_last = source, torch.device(device), channels_last
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.source)
@@ -83,10 +116,12 @@ class Loader:
         for i, (x, y) in enumerate(self.source, start=skipped):
             if i < start:  # another loader: read and dropped, so the order stays its own
                 continue
-            yield self._to_device(x), y.to(self.device, non_blocking=True)
+            yield self._to_device(x, epoch, i), y.to(self.device, non_blocking=True)
 
-    def _to_device(self, x: Tensor) -> Tensor:
+    def _to_device(self, x: Tensor, epoch: int, batch: int) -> Tensor:
         x = x.to(self.device, non_blocking=True)
+        if self.augment is not None:
+            x = self.augment(x, epoch, batch)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

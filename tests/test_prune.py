@@ -248,6 +248,31 @@ def test_prunable_layers_default_keeps_first_and_last_dense():
         prunable_layers(model, prune_cfg(layers=r"conv.*"))  # full match: "conv.*" is not "block1.conv"
 
 
+class GatedLinear(nn.Linear):
+    """A user's layer class: chosen by its own name or by its base's."""
+
+
+def test_prunable_layers_by_type_and_name():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), GatedLinear(64, 16), nn.Linear(16, 10))
+    every = dict(keep_first_dense=False, keep_last_dense=False)
+    assert list(prunable_layers(model, prune_cfg(types=["Conv2d"], **every))) == ["0", "1"]
+    assert list(prunable_layers(model, prune_cfg(types=["Linear"], **every))) == ["3", "4"]
+    assert list(prunable_layers(model, prune_cfg(types=["GatedLinear"], **every))) == ["3"]
+    assert list(prunable_layers(model, prune_cfg(types=["Linear"], layers=r"[0-3]", **every))) == ["3"]
+    assert list(prunable_layers(model, prune_cfg(types=["Conv2d", "Linear"]))) == ["1", "3"]  # first/last dense
+    with pytest.raises(ConfigError, match=r"prune\.types=\['Conv1d'\] matches no conv/linear layer.*: Conv2d, "):
+        prunable_layers(model, prune_cfg(types=["Conv1d"]))
+    with pytest.raises(ConfigError, match=r"prune\.layers='0' matches no conv/linear layer of prune\.types.*: 3, 4$"):
+        prunable_layers(model, prune_cfg(types=["Linear"], layers="0", **every))
+    with pytest.raises(ConfigError, match=r"no prunable layer is left.*keep 4 dense"):
+        prunable_layers(model, prune_cfg(types=["Linear"], layers="4", keep_first_dense=False))
+    for bad in (["nn.Conv2d"], ["Conv 2d"], [3]):
+        with pytest.raises(ConfigError, match=r"prune\.types=.* is not allowed: a list of layer class names"):
+            validate_prune(prune_cfg(types=bad))
+    pruner = build_pruner(prune_cfg(types=["Conv2d"], **every), model)
+    assert pruner.layer_names == ["0", "1"]
+
+
 def test_overrides_by_name_and_regex_exact_name_wins():
     names = ["block2.conv", "block3.conv"]
     targets, overridden = final_targets(names, prune_cfg(overrides={r"block\d\.conv": 0.5, "block3.conv": 0.7}), names)

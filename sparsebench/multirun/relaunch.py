@@ -38,6 +38,7 @@ ADDED_AT_DEFAULT = {
     "data.val_fraction": 0.0,
     "data.train": None,
     "data.test": None,
+    "data.val": None,
     "data.workers": 4,
     "model._target_": None,
     "model.kwargs": {},

@@ -52,6 +52,9 @@ class PruneConfig:
     keep_first_dense: bool = True  # the first conv stays dense
     keep_last_dense: bool = True  # the classifier stays dense
     layers: Optional[str] = None  # regex (full match) over layer names that may be pruned; None: every conv/linear
+    # Layer classes that may be pruned, by class name (Conv2d, Linear, or a subclass of either by its own
+    # name: a layer is taken when any class it inherits from is named); empty: every conv/linear.
+    types: List[str] = field(default_factory=list)
     # Per-layer final sparsity: exact layer name or regex (full match) -> fraction. Exact
     # names win over regexes; among regexes the later one wins.
     overrides: Dict[str, float] = field(default_factory=dict)
@@ -145,6 +148,13 @@ def validate_prune(p: PruneConfig, finetune_epochs: Optional[int] = None) -> Non
     require(p.rounds >= 1, "prune.rounds", p.rounds, "an integer >= 1")
     for pattern, value in p.overrides.items():
         require(0 <= value < 1, f"prune.overrides.{pattern}", value, "a fraction in [0, 1)")
+    for name in p.types:
+        require(
+            isinstance(name, str) and name.isidentifier(),
+            "prune.types",
+            list(p.types),
+            "a list of layer class names such as [Conv2d] or [Linear]",
+        )
     for key, pattern in [("prune.layers", p.layers)] + [(f"prune.overrides.{k}", k) for k in p.overrides]:
         if pattern is not None:
             try:

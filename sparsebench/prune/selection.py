@@ -18,18 +18,28 @@ if TYPE_CHECKING:  # annotations only: no import at run time
 def prunable_layers(model: nn.Module, cfg: PruneConfig) -> Dict[str, nn.Module]:
     """The conv/linear layers ``cfg`` (a PruneConfig) prunes, by qualified name, in model order.
 
-    ``prune.layers`` (a regex, full match) narrows the set; keep_first_dense /
-    keep_last_dense then drop the model's first and last weight layer.
+    ``prune.types`` (class names) and ``prune.layers`` (a regex, full match) narrow the set;
+    keep_first_dense / keep_last_dense then drop the model's first and last weight layer.
     """
     every = weight_layers(model)
     names = list(every)
     chosen = names
-    if cfg.layers is not None:
-        chosen = [n for n in names if re.fullmatch(cfg.layers, n)]
+    if cfg.types:
+        chosen = [n for n in names if set(cfg.types) & class_names(every[n])]
         if not chosen:
+            present = sorted({type(m).__name__ for m in every.values()})
             raise ConfigError(
-                f"prune.layers={cfg.layers!r} matches no conv/linear layer (full match); the layers "
-                f"are: {', '.join(names)}"
+                f"prune.types={list(cfg.types)} matches no conv/linear layer; the model's layer classes "
+                f"are: {', '.join(present)}"
+            )
+    if cfg.layers is not None:
+        candidates = chosen
+        chosen = [n for n in candidates if re.fullmatch(cfg.layers, n)]
+        if not chosen:
+            of_types = f" of prune.types={list(cfg.types)}" if cfg.types else ""
+            raise ConfigError(
+                f"prune.layers={cfg.layers!r} matches no conv/linear layer{of_types} (full match); the layers "
+                f"are: {', '.join(candidates)}"
             )
     dense = set()
     if cfg.keep_first_dense and names:
@@ -38,11 +48,17 @@ def prunable_layers(model: nn.Module, cfg: PruneConfig) -> Dict[str, nn.Module]:
         dense.add(names[-1])
     chosen = [n for n in chosen if n not in dense]
     if not chosen:
+        selection = f"prune.layers={cfg.layers!r}" + (f", prune.types={list(cfg.types)}" if cfg.types else "")
         raise ConfigError(
-            f"prune.layers={cfg.layers!r}: no prunable layer is left once keep_first_dense/"
-            f"keep_last_dense keep {', '.join(sorted(dense))} dense; the layers are: {', '.join(names)}"
+            f"{selection}: no prunable layer is left once keep_first_dense/keep_last_dense keep "
+            f"{', '.join(sorted(dense))} dense; the layers are: {', '.join(names)}"
         )
     return {n: every[n] for n in chosen}
+
+
+def class_names(module: nn.Module) -> Set[str]:
+    """The names of every class ``module`` is an instance of (its own and its bases')."""
+    return {cls.__name__ for cls in type(module).__mro__}
 
 
 def final_targets(names: List[str], cfg: PruneConfig, all_layers: List[str]) -> Tuple[Dict[str, float], Set[str]]:
