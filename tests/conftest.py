@@ -1,4 +1,4 @@
-"""Shared test helpers: compose configs like the CLI does, run the app in a subprocess."""
+"""Shared test helpers: compose configs like the CLI does, run the app in a process of its own."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import pytest
 import torch
+
+from tests import cli_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +32,23 @@ def compose(*overrides: str):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=False)
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m sparsebench ARGS`` as a user would run it."""
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
+def cli_env(**extra: str) -> Dict[str, str]:
+    """The environment the suite runs the command lines in."""
+    return {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``sparsebench ARGS`` as a user would run it: in a process of its own, forked from one that has the
+    imports done (tests/cli_process.py); ``fresh``: ``python -m sparsebench`` in a new interpreter."""
+    if not fresh:
+        return cli_process.run("sparsebench", list(args), cwd, cli_env(), timeout)
     return subprocess.run(
-        [sys.executable, "-m", "sparsebench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "sparsebench", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

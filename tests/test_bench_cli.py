@@ -4,36 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sparsebench.errors import ConfigError
-from tests.conftest import ROOT, TINY, run_cli
+from tests import cli_process
+from tests.conftest import ROOT, TINY, cli_env, run_cli
 
 FAST = ["bench.repeats=20", "bench.warmup=1", "bench.progress=false"]
 
 
 def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``sparsebench-bench ARGS`` as a user would run it (on a machine without a GPU)."""
-    env = {
-        **os.environ,
-        "WANDB_SILENT": "true",
-        "HYDRA_FULL_ERROR": "0",
-        "PYTHONPATH": str(ROOT),
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "sparsebench.bench.grid", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``sparsebench-bench ARGS`` as a user would run it (on a machine without a GPU), in a process of its own."""
+    return cli_process.run("sparsebench-bench", list(args), ROOT, cli_env(CUDA_VISIBLE_DEVICES=""), timeout)
 
 
 def read_csv(path: Path) -> list:

@@ -112,6 +112,8 @@ def test_unquantized_export_keeps_fp32_values_with_batchnorm_folded(tmp_path: Pa
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(packed_model(model, layers, meta)(x), model(x), rtol=1e-5, atol=1e-5)
+        # With the kernels asked for, an input on the CPU still runs (through the reference: they are CUDA only).
+        assert torch.allclose(packed_model(model, layers, meta, use_kernels=True)(x), model(x), rtol=1e-5, atol=1e-5)
     assert export_model(model, [], tmp_path / "none.safetensors") is None  # dense run: nothing to pack
     assert not (tmp_path / "none.safetensors").exists()
 

@@ -389,8 +389,8 @@ def test_per_channel_kmeans_runs_on_the_kernels(tmp_path: Path):
 
 
 def test_version_and_help_describe_the_tool():
-    version = run_cli("--version")
+    version = run_cli("--version", fresh=True)
     assert version.returncode == 0 and version.stdout.startswith("sparsebench ")
-    helped = run_cli("--help")
+    helped = run_cli("--help", fresh=True)
     assert helped.returncode == 0 and "sparsebench: train a CNN" in helped.stdout and "debug: quick" in helped.stdout
     assert "powered by Hydra" not in helped.stdout

@@ -21,7 +21,8 @@ from sparsebench.prune.pruner import MagnitudePruner
 from sparsebench.quant import build_quantizer
 from sparsebench.quant.config import QuantConfig
 from sparsebench.train import TrainHook, fit
-from tests.conftest import DENSE, ROOT
+from tests import cli_process
+from tests.conftest import DENSE, ROOT, cli_env, run_cli
 from tests.test_prune import _digits_batches, convnet, prune_cfg
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -134,22 +135,22 @@ def test_a_failure_after_sigterm_is_a_stop_from_the_last_checkpoint(tmp_path: Pa
 
 
 def test_sigterm_stops_the_cli_with_a_checkpoint_and_the_resumed_run_redoes_nothing(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "sparsebench", *DENSE, "trainer.epochs=20", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [*DENSE, "trainer.epochs=20", f"hydra.run.dir={tmp_path}"]
+    proc = cli_process.start("sparsebench", args, ROOT, cli_env())
     history = tmp_path / "history.jsonl"
     deadline = time.time() + 120
     while not (history.exists() and "dense/epoch" in history.read_text()) and time.time() < deadline:
         time.sleep(0.1)  # until it trains
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("stopped: SIGTERM during dense training: saved step ")
+    os.kill(proc.pid, signal.SIGTERM)
+    stopped = proc.wait(timeout=60)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM during dense training: saved step ")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["step"]
     assert metrics["status"] == "failed"
     assert metrics["error"].startswith(f"StopRequested: SIGTERM during dense training: saved step {saved} of ")
 
-    done = subprocess.run([*args, "trainer.resume=true"], cwd=ROOT, capture_output=True, text=True)
+    done = run_cli(*args, "trainer.resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "ok"
     # Every epoch logged once over both runs: the resumed one went on from the step the stop saved.
@@ -159,9 +160,6 @@ def test_sigterm_stops_the_cli_with_a_checkpoint_and_the_resumed_run_redoes_noth
 
 def test_sigterm_stops_a_sweep_before_its_next_job_and_the_resumed_sweep_finishes_both(tmp_path: Path) -> None:
     args = [
-        sys.executable,
-        "-m",
-        "sparsebench",
         "-m",
         *DENSE,
         "trainer.epochs=20",
@@ -169,17 +167,17 @@ def test_sigterm_stops_a_sweep_before_its_next_job_and_the_resumed_sweep_finishe
         f"hydra.sweep.dir={tmp_path}",
         "hydra.sweep.subdir=job${hydra.job.num}",
     ]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli_process.start("sparsebench", args, ROOT, cli_env())
     history = tmp_path / "job0" / "history.jsonl"
     deadline = time.time() + 120
     while not (history.exists() and "dense/epoch" in history.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    stopped = proc.wait(timeout=60)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert not (tmp_path / "job1").exists()  # the second job never started
 
-    done = subprocess.run([*args, "trainer.resume=true"], cwd=ROOT, capture_output=True, text=True)
+    done = run_cli(*args, "trainer.resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
     for job in ("job0", "job1"):
         lines = (tmp_path / job / "history.jsonl").read_text().splitlines()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -77,6 +78,17 @@ def benchmark_model(
     return uniform(rows), metrics
 
 
+@contextmanager
+def ieee_fp32_convs() -> Iterator[None]:
+    """cuDNN convolutions in full fp32 for the block (by default cuDNN may round their inputs to TF32)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def _network_metrics(
     plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor, folded: List[str]
 ) -> Dict[str, Any]:
@@ -92,8 +104,10 @@ def _network_metrics(
         x = network_input(sample, batch)
         with torch.no_grad():
             ref = ref_net(x.to(plan.device, torch.float64)).cpu()
-            # How far the packed model (folded, quantized) is from the trained model itself: an export check.
-            own = model(x.to(next(model.parameters()).device)).float().cpu()
+            # How far the packed model (folded, quantized) is from the trained model itself: an export check,
+            # so the trained model runs in full fp32 (cuDNN's default TF32 convs alone would differ by ~1e-4).
+            with ieee_fp32_convs():
+                own = model(x.to(next(model.parameters()).device)).float().cpu()
         metrics[f"network_export_error/b{batch}"] = float(f"{relative_error(own, ref):.3g}")
         nets, prepared = {}, {}
         for name in names:

@@ -20,14 +20,15 @@ from sparsebench.sparse.format import PackedLayer, load_packed
 
 
 class PackedConv2d(nn.Module):
-    """One packed conv layer (BatchNorm folded in), through the kernels or the reference."""
+    """One packed conv layer (BatchNorm folded in): through the kernels (``use_kernels``) for an input on a
+    GPU, else through the reference (the kernels are CUDA only)."""
 
     def __init__(self, layer: PackedLayer, use_kernels: bool = False):
         super().__init__()
         self.layer, self.use_kernels = layer, use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = ops.sparse_conv2d if self.use_kernels else ops.reference_conv2d
+        op = ops.sparse_conv2d if self.use_kernels and x.is_cuda else ops.reference_conv2d
         return op(x, self._on(x.device))
 
     def _on(self, device: torch.device) -> PackedLayer:
@@ -39,7 +40,7 @@ class PackedConv2d(nn.Module):
 
 class PackedLinear(PackedConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = ops.sparse_linear if self.use_kernels else ops.reference_linear
+        op = ops.sparse_linear if self.use_kernels and x.is_cuda else ops.reference_linear
         return op(x, self._on(x.device))
 
 
