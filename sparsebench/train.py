@@ -228,6 +228,25 @@ class _Loop:
         )
 
 
+def _start(
+    phase: str,
+    model: nn.Module,
+    hooks: List[TrainHook],
+    cfg: TrainerConfig,
+    lr: float,
+    steps_per_epoch: int,
+    total_steps: int,
+    checkpoint: Optional[Path],
+    extra: Optional[Dict[str, Any]],
+) -> _Loop:
+    """The hooks told the schedule, then the optimizer (after them: they may re-parametrize the weights)."""
+    for hook in hooks:
+        hook.on_fit_start(model, steps_per_epoch, total_steps)
+    optimizer = make_optimizer(model.parameters(), cfg, lr)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    return _Loop(phase, model, optimizer, scheduler, hooks, steps_per_epoch, total_steps, checkpoint, extra or {})
+
+
 def fit(
     model: nn.Module,
     train: Batches,
@@ -259,22 +278,7 @@ def fit(
     """
     log = log or (lambda metrics, step: None)
     steps_per_epoch = len(train)
-    total_steps = epochs * steps_per_epoch
-    for hook in hooks:
-        hook.on_fit_start(model, steps_per_epoch, total_steps)
-    # Built after the hooks, which may re-parametrize the model's weights.
-    optimizer = make_optimizer(model.parameters(), cfg, lr)
-    loop = _Loop(
-        phase,
-        model,
-        optimizer,
-        make_scheduler(optimizer, cfg, total_steps),
-        hooks,
-        steps_per_epoch,
-        total_steps,
-        checkpoint,
-        extra or {},
-    )
+    loop = _start(phase, model, hooks, cfg, lr, steps_per_epoch, epochs * steps_per_epoch, checkpoint, extra)
     if resume_from is not None:
         loop.restore(resume_from)
     step_fn = _step_fn(model, cfg, loss or cross_entropy(cfg), loop)
@@ -294,8 +298,8 @@ def fit(
                 f"{phase}/epoch_s": epoch_s,
                 f"{phase}/paused_s": paused_s,
                 f"{phase}/step_ms": 1e3 * epoch_s / max(steps_per_epoch - first, 1),
+                **_score(loop, val, epoch, epochs, cfg),
             }
-            loop.metrics.update(_score(loop, val, epoch, epochs, cfg))
             log(loop.metrics, step_offset + loop.step)
             stopping = bool(stop)  # read once: a SIGTERM from here on is the next step's to handle
             if stopping or _checkpoint_due(epoch, epochs, loop.step, cfg):
