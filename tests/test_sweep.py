@@ -334,6 +334,7 @@ def test_keys_added_since_leave_an_older_sweep_folder_resumable(tmp_path: Path) 
     del earlier["prune"]["regrow_until"], earlier["prune"]["regrow_fraction"]
     del earlier["quant"]["kmeans_per_channel"], earlier["trainer"]["teacher"]
     del earlier["data"]["drop_last"], earlier["trainer"]["eval_every"]
+    del earlier["prune"]["types"], earlier["data"]["val"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config": earlier}))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "acc_final": 0.9}))
     assert relaunch.finished_job(cfg, tmp_path) == {"status": "ok", "acc_final": 0.9}

@@ -43,6 +43,7 @@ ADDED_AT_DEFAULT = {
     "model._target_": None,
     "model.kwargs": {},
     "quant.unit": "epoch",
+    "prune.types": [],
 }
 # Keys a relaunch may change without changing what a job computes (init_from: "shared" before the
 # dense model's path is filled in; logger: tags name the overrides, resume among them; eval_every:
