@@ -10,7 +10,7 @@ __all__ = ["compress", "export", "load", "benchmark", "accuracy"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from sparsebench import api
+        from sparsebench import api  # late: `import sparsebench` (the CLI's first line) stays light
 
         return getattr(api, name)
     raise AttributeError(f"module 'sparsebench' has no attribute {name!r}")

@@ -123,7 +123,7 @@ def _to_dataset(name: str, a: Arrays) -> Dataset:
 def _digits(test_fraction: float, cache_dir: Path) -> Arrays:
     """The digits split, decoded once per scikit-learn version and kept in the cache (importing
     scikit-learn costs a fresh process seconds; the cached split is the same arrays)."""
-    from importlib.metadata import version
+    from importlib.metadata import version  # late, as scikit-learn below: only the digits source asks
 
     cached = cache_dir / f"digits-sklearn{version('scikit-learn')}-test{test_fraction:g}.npz"
     try:
@@ -294,7 +294,7 @@ def _cached(source: Path, cache_dir: Path, decode) -> Arrays:
 
 def _image_folder(source: Path) -> Arrays:
     """``train/<class>/*`` and ``test/<class>/*`` from a directory or a zip of one."""
-    from PIL import Image
+    from PIL import Image  # late: only an image-folder source needs Pillow
 
     if source.is_dir():
         entries = [(p.relative_to(source).as_posix(), p) for p in source.rglob("*") if p.is_file()]
@@ -346,7 +346,7 @@ def _read_image(image_module: Any, read: Any, handle: Any, source: Path) -> np.n
 
 def _torchvision(name: str, cache_dir: Path) -> Arrays:
     try:
-        import torchvision
+        import torchvision  # optional: only data.download=true needs it
     except ImportError:
         raise ConfigError("data.download=true needs torchvision (pip install torchvision), or give data.path") from None
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]

@@ -99,7 +99,7 @@ class WandbTracker(Tracker):
     """One W&B run per run directory: its id is kept there, so a resumed run continues the same W&B run."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: str, resume: bool = False):
-        import wandb
+        import wandb  # optional: only logger=wandb needs it
 
         self.wandb, self.artifacts = wandb, cfg.artifacts
         id_file = Path(run_dir) / WANDB_ID

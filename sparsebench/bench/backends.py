@@ -370,7 +370,7 @@ def prune_2to4(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _semi_structured(case: LayerCase, device: torch.device, activations: str) -> Prepared:
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import to_sparse_semi_structured  # late: loads torch's sparse-GEMM machinery
 
     co = case.out_channels
     k = case.packed.row_length

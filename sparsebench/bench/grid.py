@@ -21,15 +21,26 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
 
+from sparsebench import layers as layer_facts
+from sparsebench.bench.cases import synthetic_case
 from sparsebench.bench.config import BackendConfig, BenchConfig, validate_bench
+from sparsebench.bench.measure import TimingSettings, break_even_sparsity
+from sparsebench.bench.suite import LayerBench, plan_backends, uniform
 from sparsebench.config import DataConfig, LoggerConfig, ModelConfig, refuse_unknown_keys
 from sparsebench.errors import ConfigError, require
 from sparsebench.hydra_app import CONF_DIR, run_checked
+from sparsebench.models import MODELS, build_model
+from sparsebench.rundir import BENCH, write_csv
+from sparsebench.sparse.timing import cpu_thread_count
+from sparsebench.track import envelope
 
 log = logging.getLogger("sparsebench.bench")
 
@@ -104,8 +115,6 @@ def validate(cfg: GridAppConfig, overrides: Sequence[str] = ()) -> None:
             cfg.layers.name if cfg.layers else None,
             "not together with model=...: give either a layer set or a model config",
         )
-        from sparsebench.models import MODELS
-
         require(cfg.model.name in MODELS, "model.name", cfg.model.name, "one of " + ", ".join(sorted(MODELS)))
         require(cfg.data is not None, "data", None, "a dataset (data=cifar10, ...) for the model's input size")
     else:
@@ -150,12 +159,6 @@ def shapes_from_layer_set(layer_set: Any) -> List[Dict[str, Any]]:
 
 def shapes_from_model(model_cfg: GridAppConfig, data_cfg: GridAppConfig) -> List[Dict[str, Any]]:
     """The model's conv/linear layers at the data's input size (one forward pass at batch 1 on the CPU)."""
-    import torch
-    from torch import nn
-
-    from sparsebench import layers as layer_facts
-    from sparsebench.models import build_model
-
     if data_cfg.name == "synthetic":
         channels, size, classes = data_cfg.shape[0], data_cfg.shape[1], data_cfg.num_classes
     else:
@@ -200,12 +203,6 @@ def shapes_from_model(model_cfg: GridAppConfig, data_cfg: GridAppConfig) -> List
 
 
 def run_grid(cfg: GridAppConfig, shapes: List[Dict[str, Any]], device) -> List[Dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    from sparsebench.bench.measure import TimingSettings, break_even_sparsity
-    from sparsebench.bench.suite import LayerBench, plan_backends, uniform
-    from sparsebench.sparse.timing import cpu_thread_count
-
     plan = plan_backends(cfg.backend, cfg.bench, device)
     settings = TimingSettings(
         warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, cache=cfg.bench.cache, cpu_threads=cfg.bench.cpu_threads
@@ -228,10 +225,6 @@ def run_grid(cfg: GridAppConfig, shapes: List[Dict[str, Any]], device) -> List[D
 def _run_case(
     runner, shape: Dict[str, Any], batch: int, sparsity: float, bits: int, seed: int, row_skew: float = 0.0
 ) -> List[Dict[str, Any]]:
-    import torch
-
-    from sparsebench.bench.cases import synthetic_case
-
     g = torch.Generator().manual_seed(seed + int(round(sparsity * 1e4)) * 100 + bits)
     case = synthetic_case(
         shape["name"],
@@ -304,11 +297,6 @@ def format_table(rows: List[Dict[str, Any]], sparse: str) -> str:
 
 
 def grid_main(cfg: GridAppConfig, run_dir: Path, overrides: Sequence[str]) -> Dict[str, Any]:
-    import torch
-
-    from sparsebench.rundir import BENCH, write_csv
-    from sparsebench.track import envelope
-
     with envelope(run_dir) as record:
         validate(cfg, overrides)
         record.start(

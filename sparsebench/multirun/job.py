@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
+import torch
 from hydra.types import RunMode
 
 from sparsebench.errors import ConfigError, StopRequested
@@ -29,8 +30,6 @@ RunFn = Callable[..., Dict[str, Any]]  # experiment.run(cfg, run_dir, overrides,
 def run_job(cfg: Config, hc: Any, run: RunFn) -> Optional[float]:
     """Run the job Hydra composed (``hc``: its HydraConfig); the sweeper's objective is the final accuracy on the
     validation split (the test set's when the run has none: data.val_fraction=0)."""
-    import torch
-
     multirun = hc.mode == RunMode.MULTIRUN
     sweep_dir = Path(hc.sweep.dir) if multirun else None
     naming.job_defaults(cfg, hc.overrides.task, sweep_dir)

@@ -93,7 +93,7 @@ def overrides_yaml(safe: Dict[str, float], tolerance: float) -> str:
 
 def plot_png(table: Dict[str, Dict[float, float]], acc_dense: float, tolerance: float) -> bytes:
     """Accuracy (%) vs sparsity, one line per layer, as PNG bytes (Agg, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # late: only the sensitivity study plots
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), dpi=110)

@@ -117,7 +117,7 @@ def log_wandb(
     entity: Optional[str],
 ) -> str:
     """One W&B run (job_type=report, grouped with the sweep's jobs) holding the summary table and the plots."""
-    import wandb
+    import wandb  # optional: only --wandb needs it
     from PIL import Image
 
     columns = summary_columns(rows)

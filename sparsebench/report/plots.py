@@ -22,7 +22,9 @@ class Section:
 
 
 def _figure(width: float = 7.0, height: float = 4.2) -> Any:
-    from matplotlib.figure import Figure  # Figure + Agg canvas: no pyplot state, no display needed
+    # Late: matplotlib takes a second to import and only reports need it. Figure + Agg canvas: no pyplot
+    # state, no display needed.
+    from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -35,7 +37,7 @@ def _png(fig: Any) -> bytes:
 
 def _plain_log_labels(axis: Any) -> None:
     """Plain major labels ("2", "0.5") and no minor labels on a log axis: readable, and fast to lay out."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # late, as in _figure
 
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1 0.2 0.5 1 2 5: labels even on a short range
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -197,7 +199,7 @@ def plot_layer_heatmaps(rows: Sequence[Dict[str, Any]], labels: Dict[int, str]) 
 
 
 def _heatmap(title: str, jobs: Dict[str, Dict[str, float]]) -> Section:
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import TwoSlopeNorm  # late, as in _figure
 
     layers: List[str] = []
     for values in jobs.values():
