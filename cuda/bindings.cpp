@@ -72,6 +72,7 @@ py::dict knobs_dict(const Tuning& t) {
   d["tc_pixels"] = t.tc_pixels;
   d["tc_warps_k"] = t.tc_warps_k;
   d["tc_smem_budget"] = t.tc_smem_budget;
+  d["tc_pack_images"] = t.tc_pack_images;
   return d;
 }
 
@@ -189,7 +190,7 @@ PYBIND11_MODULE(_C, m) {
       "set_tuning",
       [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width,
          int rowsplit_warps_per_row, int stage_v, int min_rows, int tc_mt, int tc_pixels, int tc_warps_k,
-         int tc_smem_budget) {
+         int tc_smem_budget, int tc_pack_images) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         if (rowsplit_warps_per_row != 0 && rowsplit_warps_per_row != 1 && rowsplit_warps_per_row != 2 &&
@@ -217,12 +218,13 @@ PYBIND11_MODULE(_C, m) {
         t.tc_pixels = tc_pixels;
         t.tc_warps_k = tc_warps_k;
         t.tc_smem_budget = tc_smem_budget;
+        t.tc_pack_images = tc_pack_images ? 1 : 0;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
       py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0, py::arg("stage_v") = 0,
       py::arg("min_rows") = 32, py::arg("tc_mt") = 4, py::arg("tc_pixels") = 128, py::arg("tc_warps_k") = 1,
-      py::arg("tc_smem_budget") = 96 * 1024);
+      py::arg("tc_smem_budget") = 96 * 1024, py::arg("tc_pack_images") = 1);
 
   m.def("get_tuning", []() { return knobs_dict(tuning()); });
 

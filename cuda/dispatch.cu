@@ -210,9 +210,9 @@ static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 // Columns of a tensor-core tile: narrow images go side by side (P of them, the fewest that fill
 // whole 8-column groups, if that wastes less than padding one image); wider ones are cut into
 // column tiles of a multiple of 8, the width that pads the least.
-static void tensor_columns(const ConvArgs& a, int& P, int& TWp, int& OWv, int& tiles_w) {
+static void tensor_columns(const ConvArgs& a, const Tuning& tu, int& P, int& TWp, int& OWv, int& tiles_w) {
   P = 1;
-  if (a.OW < 32 && a.N > 1) {
+  if (tu.tc_pack_images && a.OW < 32 && a.N > 1) {
     int p = std::min(8 / gcd(a.OW, 8), a.N);
     while (p > 1 && p * a.OW > 64) --p;
     const double waste_side = 1.0 - static_cast<double>(p * a.OW) / round8(p * a.OW);
@@ -241,7 +241,7 @@ static void tensor_columns(const ConvArgs& a, int& P, int& TWp, int& OWv, int& t
 static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg& t) {
   if (!tensor_unsupported(a).empty()) return false;
   int P, TWp, OWv, tiles_w;
-  tensor_columns(a, P, TWp, OWv, tiles_w);
+  tensor_columns(a, tu, P, TWp, OWv, tiles_w);
   const int NC = TWp / 8, PITCH = NC | 1;
   // Rows, then bands of images, up to the pixels a block aims for (padded columns counted), and no
   // more than its warps cover: 8 warps x MT m16 tiles (16 pixels, 2 groups of 8 columns).
@@ -354,7 +354,8 @@ constexpr int kCandMT[] = {4, 2, 1};
 constexpr int kCandPixels[] = {128, 64, 256};
 constexpr int kCandWarpsK[] = {1, 2, 4, 8};
 constexpr int kCandTcBudget[] = {96 * 1024, 192 * 1024};
-constexpr int kTensorCandidates = 3 * 3 * 4 * 2;
+constexpr int kCandPack[] = {1, 0};
+constexpr int kTensorCandidates = 3 * 3 * 4 * 2 * 2;
 }  // namespace
 
 int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates; }
@@ -366,6 +367,8 @@ bool plan_candidate(int id, Tuning& knobs, int& variant) {
     id -= kStageCandidates + kRowSplitCandidates;
     variant = kTensor;
     knobs.tc_smem_budget = kCandTcBudget[id % 2];
+    id /= 2;
+    knobs.tc_pack_images = kCandPack[id % 2];
     id /= 2;
     knobs.tc_warps_k = kCandWarpsK[id % 4];
     id /= 4;

@@ -90,6 +90,9 @@ struct Tuning {
   int tc_pixels = 128;            // output pixels a block aims for (16..1024)
   int tc_warps_k = 1;             // warps that split one group's k-steps (1, 2, 4 or 8)
   int tc_smem_budget = 96 * 1024; // bytes of shared memory a tensor-core block may stage
+  // Narrow images (< 32 columns) side by side in a row band where that pads fewer columns to a multiple
+  // of 8; 0: one image a band, its columns padded, so the stride-1 staging reads each input window once.
+  int tc_pack_images = 1;
 };
 
 Tuning& tuning();

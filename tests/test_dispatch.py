@@ -136,6 +136,17 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
             assert 1 <= p["CC"] <= cin and p["chunks"] * p["CC"] >= cin and p["blocks"] >= 1
 
 
+def test_narrow_images_go_side_by_side_unless_the_knob_says_one_a_band(tuning):
+    layer = random_layer((256, 256, 3, 3), 0.9, padding=1, seed=2)
+    shape = (128, 256, 14, 14)
+    packed = plan(shape, layer, variant="tensor", dtype=torch.float16)
+    assert (packed["P"], packed["TWp"]) == (4, 56)  # four 14-column images fill 56 columns: none padded
+    tuning(tc_pack_images=0)
+    banded = plan(shape, layer, variant="tensor", dtype=torch.float16)
+    assert (banded["P"], banded["TWp"]) == (1, 16) and banded["TH"] > packed["TH"]  # taller: less halo
+    assert {c["tc_pack_images"] for c in _C.plan_candidates() if c["variant"] == "tensor"} == {0, 1}
+
+
 def _plan_every_geometry(seed: int, results) -> None:
     """Plan random geometries, wide kernels among them, with the rule and every candidate; put the count
     of plans checked (or the failure) on ``results``."""

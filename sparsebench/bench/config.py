@@ -39,6 +39,7 @@ KERNEL_TUNING = {
         "8192..232448 (bytes of shared memory a tensor-core block may stage)",
         lambda v: 8192 <= v <= 227 * 1024,
     ),
+    "tc_pack_images": ("0 or 1 (narrow images side by side in a tensor-core tile)", lambda v: v in (0, 1)),
 }
 
 
