@@ -148,6 +148,9 @@ def main(argv=None) -> int:
                     )
                     rows.append(row)
                     print(" ".join(f"{v}" for v in row.values()), flush=True)
+    if not rows:
+        print("no case ran (--budget-s spent before the first layer)")
+        return 1
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

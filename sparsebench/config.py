@@ -216,6 +216,8 @@ def unused_settings(cfg: Config) -> List[str]:
         ):
             if value:
                 notes.append(f"prune.{key}={value!r} is unused: prune=none prunes nothing")
+    if cfg.data.val is not None and cfg.data.train is not None and cfg.data.val_fraction == 0:
+        notes.append("data.val is unused: data.val_fraction=0 holds no validation share out of data.train")
     if q.method == "none" and q.bits != 32:
         notes.append(f"quant.bits={q.bits} is unused: quant=none keeps fp32 weights")
     if t.distill and p.method == "none" and q.method == "none":
@@ -256,10 +258,9 @@ def validate(cfg: Config, overrides: Sequence[str] = ()) -> None:
         None,
         "a Dataset (_target_) whenever the other one is given: a run trains on data.train and tests on data.test",
     )
-    if d.val is not None and (d.train is None or d.val_fraction == 0):
+    if d.val is not None and d.train is None:
         raise ConfigError(
-            "data.val is not allowed here: only with data.train and data.val_fraction > 0 (it serves data.train's "
-            "validation share)"
+            "data.val is not allowed without data.train: it reads data.train's validation share (data.val=null)"
         )
     if d.train is not None:
         _require(

@@ -80,7 +80,8 @@ class CropFlip:
         draws = [t.to(x.device) for t in draw_crop_flip(n, g)]
         x = crop_flip(x, *draws)
         if self.cutout:
-            x = x * cutout_keep(x.shape, self.cutout, *(t.to(x.device) for t in draw_cutout(n, h, w, g)))
+            keep = cutout_keep(x.shape, self.cutout, *(t.to(x.device) for t in draw_cutout(n, h, w, g)))
+            x = x * keep.to(x.dtype)
         return x
 
 

@@ -1,8 +1,9 @@
 """The package's command lines in processes of their own, forked from a server that has already imported
 torch, torch._dynamo (every optimizer's first use imports it), Hydra and the apps: about 5 s a call less
 than a fresh interpreter on a 2-core machine, with the same isolation (its own exit code, signals,
-environment and working folder). Tests of what a fresh interpreter does (--help, --version, a stop
-signalled to a process group) start one instead."""
+process group, environment and working folder; environment variables that torch reads at import, such
+as OMP_NUM_THREADS, keep the server's values). Tests of what a fresh interpreter does (--help,
+--version, a stop signalled to a process group) start one instead."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import atexit
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,8 @@ _context.set_forkserver_preload(PRELOAD)
 
 def _child(command: str, args: List[str], cwd: str, env: Dict[str, str], out: str, err: str) -> None:
     """In the forked process: the console script's main() with this argv, folder, environment and output."""
+    os.setsid()  # a group of its own: a timeout kills its workers too
+    multiprocessing.set_start_method(None, force=True)  # its own workers start as a console script's do (fork)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -62,11 +66,11 @@ class Started:
         """The exit code (-N for signal N, as subprocess gives it) and everything the process wrote."""
         self._process.join(timeout)
         try:
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-                raise subprocess.TimeoutExpired(self.args, timeout)
             read = lambda path: Path(path).read_text() if os.path.exists(path) else ""  # noqa: E731
+            if self._process.is_alive():
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.join()
+                raise subprocess.TimeoutExpired(self.args, timeout, read(self._out), read(self._err))
             return subprocess.CompletedProcess(self.args, self._process.exitcode, read(self._out), read(self._err))
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -108,7 +108,8 @@ def test_streamed_augmentation_crops_flips_and_cuts_out_reproducibly():
     assert all(shifted_or_flipped(o, i) for a, b in zip(first, plain) for o, i in zip(a, b))
     assert sum(not torch.equal(a, b) for a, b in zip(first, plain)) == len(plain)  # every batch is changed
     assert all(torch.equal(a, b) for a, b in zip(first[2:], [x for x, _ in augmented.epoch(2, start=2)]))
-    assert not torch.equal(first[0], next(augmented.epoch(3))[0][: len(first[0])])
+    in_order = Loader(stream(data, 8, shuffle=False), torch.device("cpu"), augment=CropFlip(seed=3))
+    assert not torch.equal(next(in_order.epoch(0))[0], next(in_order.epoch(1))[0])  # the draws follow the epoch
     # Cutout blanks a square on top of the same crops: every zero stays, 3 x 4 x 4 more per image at most.
     cut = Loader(stream(data, 8, shuffle=True, seed=3), torch.device("cpu"), augment=CropFlip(cutout=4, seed=3))
     for a, b in zip(first, [x for x, _ in cut.epoch(2)]):
@@ -117,6 +118,18 @@ def test_streamed_augmentation_crops_flips_and_cuts_out_reproducibly():
         assert (b == 0).sum() > (a == 0).sum()
     with pytest.raises(ValueError, match=r"data\.augment: crop and flip need N x C x H x W .*, not \(4, 10\)"):
         CropFlip()(torch.zeros(4, 10), 0, 0)
+
+
+def test_data_val_needs_data_train_and_is_unused_without_a_validation_share(tmp_path: Path):
+    from sparsebench.config import unused_settings, validate
+
+    val = "data.val={_target_:tests.test_streaming.PatternImages,size:400}"
+    with pytest.raises(ConfigError, match=r"data\.val is not allowed without data\.train: .*\(data\.val=null\)"):
+        validate(compose(*TINY, val))
+    cfg = compose(*TINY, *USER, val, "data.val_fraction=0")  # every image trains: data.val reads nothing
+    validate(cfg)
+    (note,) = unused_settings(cfg)
+    assert note == "data.val is unused: data.val_fraction=0 holds no validation share out of data.train"
 
 
 def test_the_validation_share_is_read_through_data_val(tmp_path: Path):
@@ -142,7 +155,6 @@ def test_the_validation_share_is_read_through_data_val(tmp_path: Path):
         (["data.augment=true", "data.cutout=13"], "data.cutout=13 is not allowed: at most the image side (12 here)"),
         (["data.workers=-1"], "data.workers=-1 is not allowed: an integer >= 0"),
         (["data.val={_target_:tests.test_streaming.PatternImages,size:9}"], "data.val: has 9 items and data.train 400"),
-        (["data.val={_target_:tests.test_streaming.PatternImages,size:400}", "data.val_fraction=0"], "data.val is not"),
         (["data.test={_target_:tests.test_streaming.Missing}"], "data.test: could not build it ("),
         (["++model.kwargs={classes:4,depth:3}"], "model._target_: could not build it (TypeError: "),
     ],

@@ -79,14 +79,15 @@ def benchmark_model(
 
 
 @contextmanager
-def ieee_fp32_convs() -> Iterator[None]:
-    """cuDNN convolutions in full fp32 for the block (by default cuDNN may round their inputs to TF32)."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+def ieee_fp32() -> Iterator[None]:
+    """Convolutions and matmuls in full fp32 for the block (cuDNN's default, or a user's
+    ``set_float32_matmul_precision``, may round their inputs to TF32)."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _network_metrics(
@@ -106,7 +107,7 @@ def _network_metrics(
             ref = ref_net(x.to(plan.device, torch.float64)).cpu()
             # How far the packed model (folded, quantized) is from the trained model itself: an export check,
             # so the trained model runs in full fp32 (cuDNN's default TF32 convs alone would differ by ~1e-4).
-            with ieee_fp32_convs():
+            with ieee_fp32():
                 own = model(x.to(next(model.parameters()).device)).float().cpu()
         metrics[f"network_export_error/b{batch}"] = float(f"{relative_error(own, ref):.3g}")
         nets, prepared = {}, {}

@@ -48,7 +48,8 @@ def prunable_layers(model: nn.Module, cfg: PruneConfig) -> Dict[str, nn.Module]:
         dense.add(names[-1])
     chosen = [n for n in chosen if n not in dense]
     if not chosen:
-        selection = f"prune.layers={cfg.layers!r}" + (f", prune.types={list(cfg.types)}" if cfg.types else "")
+        given = [f"prune.layers={cfg.layers!r}"] if cfg.layers is not None else []
+        selection = ", ".join(given + ([f"prune.types={list(cfg.types)}"] if cfg.types else [])) or "prune.layers"
         raise ConfigError(
             f"{selection}: no prunable layer is left once keep_first_dense/keep_last_dense keep "
             f"{', '.join(sorted(dense))} dense; the layers are: {', '.join(names)}"
