@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -126,17 +126,7 @@ def _digits(test_fraction: float, cache_dir: Path) -> Arrays:
     from importlib.metadata import version  # late, as scikit-learn below: only the digits source asks
 
     cached = cache_dir / f"digits-sklearn{version('scikit-learn')}-test{test_fraction:g}.npz"
-    try:
-        with np.load(cached) as f:
-            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # not cached yet, or damaged: decode again
-    arrays = _split_digits(test_fraction)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **arrays)
-    os.replace(tmp.name, cached)
-    return arrays
+    return _read_or_decode(cached, lambda: _split_digits(test_fraction))
 
 
 def _split_digits(test_fraction: float) -> Arrays:
@@ -275,18 +265,24 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _cached(source: Path, cache_dir: Path, decode) -> Arrays:
+def _cached(source: Path, cache_dir: Path, decode: Callable[[], Arrays]) -> Arrays:
     """Decode once; later runs (and epochs) read the uint8 arrays from the cache."""
-    cached = cache_dir / f"{source.stem}-{_content_hash(source)}.npz"
-    if cached.exists():
-        try:
-            with np.load(cached) as f:
-                return {k: f[k] for k in f.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-            pass  # a damaged cache file: decode again and replace it
+    return _read_or_decode(cache_dir / f"{source.stem}-{_content_hash(source)}.npz", decode)
+
+
+def _read_or_decode(cached: Path, decode: Callable[[], Arrays]) -> Arrays:
+    """The arrays of the npz file ``cached``, or, when it is missing or damaged, ``decode()``'s, written
+    there atomically for the next run."""
+    try:
+        with np.load(cached) as f:
+            arrays = {k: f[k] for k in f.files}
+        if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
+            return arrays
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # not cached yet, or damaged: decode again and replace it
     arrays = decode()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npz", delete=False) as tmp:
         np.savez(tmp, **arrays)
     os.replace(tmp.name, cached)
     return arrays
