@@ -199,7 +199,7 @@ PYBIND11_MODULE(_C, m) {
         if (stage_v != 0 && stage_v != 1 && stage_v != 2 && stage_v != 4)
           throw std::invalid_argument("stage_v: expected 0 (automatic), 1, 2 or 4");
         if (min_rows < 1) throw std::invalid_argument("min_rows: expected an integer >= 1");
-        if (tc_mt != 1 && tc_mt != 2 && tc_mt != 4) throw std::invalid_argument("tc_mt: expected 1, 2 or 4");
+        if (tc_mt != 1 && tc_mt != 2 && tc_mt != 4 && tc_mt != 8) throw std::invalid_argument("tc_mt: expected 1, 2, 4 or 8");
         if (tc_pixels < 16 || tc_pixels > 1024) throw std::invalid_argument("tc_pixels: expected 16..1024");
         if (tc_warps_k != 1 && tc_warps_k != 2 && tc_warps_k != 4 && tc_warps_k != 8)
           throw std::invalid_argument("tc_warps_k: expected 1, 2, 4 or 8");
@@ -239,7 +239,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime"] = cuda_runtime_version();
     d["cuda_driver"] = cuda_driver_version();
     d["kernels"] = py::make_tuple("conv_stage<V=1,2,4; LINEAR>", "conv_rowsplit<P=16; WPR=1,2,4; CONTIGUOUS>",
-                                  "conv_tensor<fp16,bf16; MT=1,2,4; values,linear,codebook 8/4/2-bit>");
+                                  "conv_tensor<fp16,bf16; MT=1,2,4,8; values,linear,codebook 8/4/2-bit>");
     return d;
   });
 }

@@ -34,20 +34,20 @@ template <typename T> __device__ __forceinline__ void load_act4(const T* p, floa
   for (int i = 0; i < 4; ++i) v[i] = to_f32<T>(h[i]);
 }
 
-// Division by a divisor fixed at launch (round-up multiply-shift; exact for n < 2^31).
+// Division by a divisor fixed at launch, without a branch: q = (umulhi(n, mul) + n) >> shr with a
+// 33-bit magic number (mul + 2^32), l = ceil(log2 d); exact for n < 2^31 (the sum then fits 32 bits),
+// and d = 1 is mul 1, shr 0.
 struct FastDiv {
-  uint32_t d = 1, mul = 0, shr = 0;
+  uint32_t d = 1, mul = 1, shr = 0;
   FastDiv() = default;
   explicit FastDiv(uint32_t div) : d(div) {
-    if (d > 1) {
-      uint32_t l = 0;
-      while ((1u << l) < d) ++l;
-      uint64_t p = 31 + l;
-      mul = static_cast<uint32_t>(((1ull << p) + d - 1) / d);
-      shr = static_cast<uint32_t>(p - 32);
-    }
+    if (d == 0) return;  // never divided by: the identity
+    uint32_t l = 0;
+    while ((1ull << l) < d) ++l;
+    mul = static_cast<uint32_t>(((1ull << 32) * ((1ull << l) - d)) / d + 1);
+    shr = l;
   }
-  __device__ __forceinline__ uint32_t div(uint32_t n) const { return d == 1 ? n : (__umulhi(n, mul) >> shr); }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, mul) + n) >> shr; }
 };
 
 __device__ __forceinline__ int load_col(const ConvArgs& a, int k) {

@@ -147,7 +147,7 @@ struct CodeStream {
   }
 };
 
-__device__ __forceinline__ int tile_col(const ConvArgs& a, int64_t k) {
+__device__ __forceinline__ int tile_col(const ConvArgs& a, int k) {
   return a.tile_col_bits == 16 ? static_cast<int>(__ldg(static_cast<const uint16_t*>(a.tile_cols) + k))
                                : __ldg(static_cast<const int32_t*>(a.tile_cols) + k);
 }
@@ -183,9 +183,11 @@ constexpr int kWindowKW = 7;  // widest kernel the staging's sliding window serv
 
 // Copies input channels [c0, c0 + ccn) of the block's tile into shared memory (zeros outside the
 // image), each as KW shifted copies. A thread builds the KW units of one (channel, band, row, column
-// group); with stride 1 and one image a band, their 8 + KW - 1 input columns are one window, each
-// loaded once. NCHW: consecutive threads take consecutive column groups of a row; NHWC: consecutive
-// channels (coalesced either way).
+// group). With stride 1 their 8 + KW - 1 input columns are one window, each loaded once: one image a
+// band, or images side by side whose output is as wide as their input (OW == W), so the window runs
+// on from one image into the next and each element keeps only its own image's columns. NCHW:
+// consecutive threads take consecutive column groups of a row; NHWC: consecutive channels (coalesced
+// either way).
 template <typename T>
 __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& t, uint4* smem, int c0, int ccn,
                                             int n0, int oh0, int ow0) {
@@ -193,7 +195,7 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
   const bool nhwc = a.layout == kNHWC;
   const int units = (nhwc ? t.CC : ccn) * t.NB * t.RH * t.NC;
   const int ih0 = oh0 * a.stride - a.pad;
-  const bool window = a.stride == 1 && t.P == 1 && a.KW <= kWindowKW;
+  const bool window = a.stride == 1 && a.KW <= kWindowKW && (t.P == 1 || a.OW == a.W);
   const int kw_rows = t.NB * t.RH;
   for (int e = threadIdx.x; e < units; e += kTensorWarps * 32) {
     int cc = 0, rest = e;
@@ -209,30 +211,75 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
     const int ih = ih0 + r;
     const bool row_in = static_cast<unsigned>(ih) < static_cast<unsigned>(a.H);
     uint4* dst = smem + cc * t.CSTRIDE + (band * t.RH + r) * t.PITCH + c;
-    // Element (n, channel c0 + cc, ih, iw) is at row_base + iw * col_step.
+    // Element (n, channel c0 + cc, ih, iw) is at row_base(n) + iw * col_step.
     auto row_base = [&](int n) -> int64_t {
       return nhwc ? (static_cast<int64_t>(n) * a.H + ih) * a.W * a.C + c0 + cc
                   : ((static_cast<int64_t>(n) * a.C + c0 + cc) * a.H + ih) * a.W;
     };
-    const int64_t col_step = nhwc ? a.C : 1;
-    if (window) {
+    const int col_step = nhwc ? a.C : 1;  // a row of one channel spans < 2^31 elements
+    auto pack = [](const unsigned short (&v)[8]) {
+      return make_uint4(v[0] | (static_cast<uint32_t>(v[1]) << 16), v[2] | (static_cast<uint32_t>(v[3]) << 16),
+                        v[4] | (static_cast<uint32_t>(v[5]) << 16), v[6] | (static_cast<uint32_t>(v[7]) << 16));
+    };
+    if (window && t.P == 1) {  // w[j]: input column ow0 + 8c + j - pad of the band's image
       const int n = n0 + band;
       const bool live = row_in && n < a.N;
-      const int64_t base = live ? row_base(n) : 0;
+      const unsigned short* __restrict__ row = x + (live ? row_base(n) : 0);
       const int iw0 = ow0 + 8 * c - a.pad;
       unsigned short w[8 + kWindowKW - 1];
 #pragma unroll
       for (int j = 0; j < 8 + kWindowKW - 1; ++j) {
         const int iw = iw0 + j;
         const bool in = live && j < 7 + a.KW && static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
-        w[j] = in ? __ldg(x + base + iw * col_step) : static_cast<unsigned short>(0);
+        w[j] = in ? __ldg(row + iw * col_step) : static_cast<unsigned short>(0);
       }
 #pragma unroll
       for (int kw = 0; kw < kWindowKW; ++kw) {
         if (kw >= a.KW) break;
-        dst[kw * kw_rows * t.PITCH] =
-            make_uint4(w[kw] | (static_cast<uint32_t>(w[kw + 1]) << 16), w[kw + 2] | (static_cast<uint32_t>(w[kw + 3]) << 16),
-                       w[kw + 4] | (static_cast<uint32_t>(w[kw + 5]) << 16), w[kw + 6] | (static_cast<uint32_t>(w[kw + 7]) << 16));
+        unsigned short v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = w[i + kw];
+        dst[kw * kw_rows * t.PITCH] = pack(v);
+      }
+      continue;
+    }
+    if (window) {
+      // Side by side: w[j] is the input under tile column 8c + j - pad, the columns running on from
+      // one image (slot) into the next; element i (output column ow_i of its image) keeps tap kw only
+      // inside its own image.
+      const int first = 8 * c - a.pad;
+      int slot = 0, iw = first;
+      if (first > 0) {
+        slot = t.div_OW.div(first);
+        iw = first - slot * a.OW;
+      }
+      const int nb = n0 + band * t.P;
+      unsigned short w[8 + kWindowKW - 1];
+#pragma unroll
+      for (int j = 0; j < 8 + kWindowKW - 1; ++j) {
+        const int n = nb + slot;
+        const bool in = row_in && j < 7 + a.KW && slot < t.P && n < a.N &&
+                        static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
+        w[j] = in ? __ldg(x + row_base(n) + iw * col_step) : static_cast<unsigned short>(0);
+        if (++iw == a.OW) {
+          iw = 0;
+          ++slot;
+        }
+      }
+      int ow_i[8];
+      ow_i[0] = 8 * c - static_cast<int>(t.div_OW.div(8 * c)) * a.OW;
+#pragma unroll
+      for (int i = 1; i < 8; ++i) ow_i[i] = ow_i[i - 1] + 1 == a.OW ? 0 : ow_i[i - 1] + 1;
+#pragma unroll
+      for (int kw = 0; kw < kWindowKW; ++kw) {
+        if (kw >= a.KW) break;
+        unsigned short v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const bool own = static_cast<unsigned>(ow_i[i] + kw - a.pad) < static_cast<unsigned>(a.W);
+          v[i] = own ? w[i + kw] : static_cast<unsigned short>(0);
+        }
+        dst[kw * kw_rows * t.PITCH] = pack(v);
       }
       continue;
     }
@@ -246,8 +293,7 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
         const bool in = row_in && n < a.N && static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
         v[i] = in ? __ldg(x + row_base(n) + iw * col_step) : static_cast<unsigned short>(0);
       }
-      dst[kw * kw_rows * t.PITCH] = make_uint4(v[0] | (static_cast<uint32_t>(v[1]) << 16), v[2] | (static_cast<uint32_t>(v[3]) << 16),
-                                               v[4] | (static_cast<uint32_t>(v[5]) << 16), v[6] | (static_cast<uint32_t>(v[7]) << 16));
+      dst[kw * kw_rows * t.PITCH] = pack(v);
     }
   }
 }
@@ -271,7 +317,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
 
   // This lane's ldmatrix row: tap 8*(lane/16) + lane%8 of the k-step, pixel half (lane/8)%2 of each m16 tile.
   const int tap_lane = 8 * (lane >> 4) + (lane & 7);
-  int pix[MT];
+  uint32_t pix[MT];  // shared address of its first unit (channel 0, copy 0), set below
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
     const int pg = 2 * (warp_m * MT + i) + ((lane >> 3) & 1);
@@ -284,7 +330,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   for (int j = 0; j < 2; ++j) bch[j] = live ? __ldg(a.tile_rows + group * kTileRows + 8 * j + (lane >> 2)) : -1;
   vals.setup(a, bch);
 
-  int64_t s_cur = 0, s_last = 0;
+  int s_cur = 0, s_last = 0;  // k-steps: tile_kptr is int32
   if (live) {
     s_cur = __ldg(a.tile_kptr + group) / kTileK;
     s_last = __ldg(a.tile_kptr + group + 1) / kTileK;
@@ -299,7 +345,10 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
 
   const int KK = a.KH * a.KW;
-  const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("" : "+r"(sbase));  // keep it in a register: nvcc would rebuild it (an S2R) in the k-loop
+#pragma unroll
+  for (int i = 0; i < MT; ++i) pix[i] = sbase + pix[i] * 16u;
   const uint32_t zero_addr = sbase + static_cast<uint32_t>(t.zero_unit) * 16u;
   const int kw_rows = t.NB * t.RH;
   if (tid == 0) smem[t.zero_unit] = make_uint4(0, 0, 0, 0);
@@ -308,7 +357,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   const uint32_t ring_addr = sbase + static_cast<uint32_t>(t.ring + warp * kTensorStages * t.ring_stage);
   constexpr int b_bytes = 32 * Values::kLaneBytes;
   const int col_bytes = a.tile_col_bits / 8;
-  const int stage_bytes = b_bytes + kTileK * col_bytes;
+  const int b_units = b_bytes / 16, units = b_units + kTileK * col_bytes / 16;  // a k-step's 16-byte units (<= 36)
   const char* cols = static_cast<const char*>(a.tile_cols);
 
   for (int chunk = 0, c0 = 0; chunk < t.chunks; ++chunk, c0 += t.CC) {
@@ -319,9 +368,9 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     if (!live) continue;
     const int col_hi = (c0 + ccn) * KK;
     // This chunk's k-steps are [s_cur, s_stop): those whose first tap lies before col_hi.
-    int64_t s_stop = s_cur;
+    int s_stop = s_cur;
     for (;;) {
-      const int64_t s = s_stop + lane;
+      const int s = s_stop + lane;
       const bool beyond = s >= s_last || tile_col(a, s * kTileK) >= col_hi;
       const unsigned m = __ballot_sync(0xffffffffu, beyond);
       if (m) {
@@ -330,45 +379,78 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       }
       s_stop += 32;
     }
-    // Each warp keeps its next kTensorStages - 1 k-steps (weights and taps) in flight into its ring.
-    auto fetch = [&](int64_t step, int stage) {
-      if (step < s_last) {
-        for (int q = lane; q * 16 < stage_bytes; q += 32) {
-          const char* src = q * 16 < b_bytes ? vals.bytes + step * b_bytes + q * 16
-                                             : cols + step * kTileK * col_bytes + (q * 16 - b_bytes);
-          cp_async16(ring_addr + stage * t.ring_stage + q * 16, src);
-        }
+    // Each warp keeps its next kTensorStages - 1 k-steps (weights and taps) in flight into its ring:
+    // a step is `units` 16-byte units, the lanes take unit lane and lane + 32, whose sources advance
+    // by a fixed stride a step.
+    const int s0 = s_cur + warp_k;
+    int f_step = s0;
+    const char* src[2];
+    int64_t src_inc[2];
+    bool src_live[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int q = lane + 32 * h;
+      src_live[h] = q < units;
+      const bool weight = q < b_units;
+      const char* base = weight ? vals.bytes + q * 16 : cols + (q - b_units) * 16;
+      const int64_t per_step = weight ? b_bytes : kTileK * col_bytes;
+      src[h] = base + static_cast<int64_t>(s0) * per_step;
+      src_inc[h] = per_step * t.warps_k;
+    }
+    const uint32_t lane_dst = ring_addr + lane * 16;
+    auto fetch = [&](int stage) {
+      if (f_step < s_last) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (src_live[h]) cp_async16(lane_dst + stage * t.ring_stage + 512 * h, src[h]);
       }
       cp_async_commit();
-    };
-    const int64_t s0 = s_cur + warp_k;
+      f_step += t.warps_k;
 #pragma unroll
-    for (int d = 0; d < kTensorStages - 1; ++d) fetch(s0 + d * t.warps_k, d);
-    int stage = 0;
-    for (int64_t s = s0; s < s_stop; s += t.warps_k) {
-      fetch(s + (kTensorStages - 1) * t.warps_k, stage == 0 ? kTensorStages - 1 : stage - 1);
-      cp_async_wait<kTensorStages - 1>();
+      for (int h = 0; h < 2; ++h) src[h] += src_inc[h];
+    };
+#pragma unroll
+    for (int d = 0; d < kTensorStages - 1; ++d) fetch(d);
+    // A step's weights and tap are read from the ring and decoded one step ahead, so those shared
+    // loads and the decode overlap the MMAs of the step before. Past the chunk's last step they read
+    // a stale stage, never used.
+    typename Values::Raw raw;
+    int col;
+    auto read_step = [&](int stage) {  // the step in `stage` has landed: at most kTensorStages - 2 pending
+      cp_async_wait<kTensorStages - 2>();
       __syncwarp();
       const char* here = ring + stage * t.ring_stage;
-      const typename Values::Raw raw = vals.read(here, lane);
-      const int col = col_bytes == 2 ? static_cast<int>(reinterpret_cast<const uint16_t*>(here + b_bytes)[tap_lane])
-                                     : reinterpret_cast<const int32_t*>(here + b_bytes)[tap_lane];
-      __syncwarp();  // every lane has read the stage before the next iteration refills it
-      stage = stage == kTensorStages - 1 ? 0 : stage + 1;
+      raw = vals.read(here, lane);
+      col = col_bytes == 2 ? static_cast<int>(reinterpret_cast<const uint16_t*>(here + b_bytes)[tap_lane])
+                           : reinterpret_cast<const int32_t*>(here + b_bytes)[tap_lane];
+      __syncwarp();  // every lane has read the stage before a later fetch refills it
+    };
+    uint32_t b[2][2], tap;
+    bool in;
+    auto decode_step = [&]() {
       const int ci = t.div_KK.div(col), rem = col - ci * KK;
       const int kh = t.div_KW.div(rem), kw = rem - kh * a.KW;
       const int cc = ci - c0;
-      const bool in = static_cast<unsigned>(cc) < static_cast<unsigned>(ccn);
-      const uint32_t tap = sbase + static_cast<uint32_t>(cc * t.CSTRIDE + (kw * kw_rows + kh) * t.PITCH) * 16u;
-      uint32_t b[2][2];
+      in = static_cast<unsigned>(cc) < static_cast<unsigned>(ccn);
+      tap = static_cast<uint32_t>(cc * t.CSTRIDE + (kw * kw_rows + kh) * t.PITCH) * 16u;
       vals.decode(raw, b);
+    };
+    read_step(0);
+    decode_step();
+    int stage = 0;
+    for (int s = s0; s < s_stop; s += t.warps_k) {
+      uint32_t af[MT][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        uint32_t af[4];
-        ldmatrix_x4_trans(af, in ? tap + static_cast<uint32_t>(pix[i]) * 16u : zero_addr);
+      for (int i = 0; i < MT; ++i) ldmatrix_x4_trans(af[i], in ? pix[i] + tap : zero_addr);
+      // Refill the stage of the step before this one (read an iteration ago), then read the next step.
+      fetch(stage == 0 ? kTensorStages - 1 : stage - 1);
+      stage = stage == kTensorStages - 1 ? 0 : stage + 1;
+      read_step(stage);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) Mma<T>::run(acc[i][j], af, b[j][0], b[j][1]);
-      }
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) Mma<T>::run(acc[i][j], af[i], b[j][0], b[j][1]);
+      decode_step();
     }
     cp_async_wait<0>();  // no copy may land in the ring after the loop (the next chunk refills it)
     __syncwarp();
@@ -490,7 +572,8 @@ std::string launch_dtype(const ConvArgs& a, const TensorCfg& t, int MT, int64_t 
     case 1: return launch_kind<T, 1>(a, t, smem, s);
     case 2: return launch_kind<T, 2>(a, t, smem, s);
     case 4: return launch_kind<T, 4>(a, t, smem, s);
-    default: return "tensor-core kernels: MT must be 1, 2 or 4";
+    case 8: return launch_kind<T, 8>(a, t, smem, s);
+    default: return "tensor-core kernels: MT must be 1, 2, 4 or 8";
   }
 }
 

@@ -245,7 +245,7 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   const int NC = TWp / 8, PITCH = NC | 1;
   // Rows, then bands of images, up to the pixels a block aims for (padded columns counted), and no
   // more than its warps cover: 8 warps x MT m16 tiles (16 pixels, 2 groups of 8 columns).
-  const int MT = tu.tc_mt == 1 || tu.tc_mt == 2 ? tu.tc_mt : 4;
+  const int MT = tu.tc_mt == 1 || tu.tc_mt == 2 || tu.tc_mt == 8 ? tu.tc_mt : 4;
   const int pixels = std::max(16, std::min(tu.tc_pixels, kTensorWarps * MT * 16));
   int TH = std::min(a.OH, std::max(1, pixels / TWp));
   const int tiles_h = static_cast<int>(cdiv(a.OH, TH));
@@ -350,12 +350,12 @@ constexpr int kCandRows[] = {2 * kStageWarps, kStageWarps};
 constexpr int kCandWarps[] = {1, 2, 4};
 constexpr int kStageCandidates = 3 * 2 * 3 * 2 * 3 * 2;
 constexpr int kRowSplitCandidates = 3;
-constexpr int kCandMT[] = {4, 2, 1};
+constexpr int kCandMT[] = {4, 8, 2, 1};
 constexpr int kCandPixels[] = {128, 64, 256};
 constexpr int kCandWarpsK[] = {1, 2, 4, 8};
 constexpr int kCandTcBudget[] = {96 * 1024, 192 * 1024};
 constexpr int kCandPack[] = {1, 0};
-constexpr int kTensorCandidates = 3 * 3 * 4 * 2 * 2;
+constexpr int kTensorCandidates = 4 * 3 * 4 * 2 * 2;
 }  // namespace
 
 int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates; }

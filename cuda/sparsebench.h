@@ -86,7 +86,7 @@ struct Tuning {
   int stage_v = 0;                // pixels per lane of the staged kernel (1, 2 or 4); 0: the widest that fills the GPU
   int min_rows = 32;              // fewest output channels a staged block takes (32: 2 per warp)
   // Tensor-core kernels.
-  int tc_mt = 4;                  // m16 pixel tiles per warp (1, 2 or 4)
+  int tc_mt = 4;                  // m16 pixel tiles per warp (1, 2, 4 or 8)
   int tc_pixels = 128;            // output pixels a block aims for (16..1024)
   int tc_warps_k = 1;             // warps that split one group's k-steps (1, 2, 4 or 8)
   int tc_smem_budget = 96 * 1024; // bytes of shared memory a tensor-core block may stage

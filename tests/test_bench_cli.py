@@ -139,6 +139,7 @@ def test_negative_row_skew_is_refused(tmp_path):
         ),
         (["+backend.tuning.warps=2"], "backend.tuning.warps=2 is not allowed: a knob of the kernels: smem_budget, "),
         (["+backend.tuning.blocks_per_sm=0"], "backend.tuning.blocks_per_sm=0 is not allowed: 1..32"),
+        (["+backend.tuning.tc_mt=3"], "backend.tuning.tc_mt=3 is not allowed: 1, 2, 4 or 8 (m16 pixel tiles"),
         (
             ["+backend.tuning.rowsplit_max_pixels=3000000000"],
             "backend.tuning.rowsplit_max_pixels=3000000000 is not allowed",

@@ -171,6 +171,31 @@ def test_many_chunks_and_straddling_k_steps():
         _C.set_tuning()
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 7, 12, 14])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_narrow_images_side_by_side(width, k):
+    # Same padding keeps OW == W, so the staging reads one window that runs across the images of a
+    # band; each element must keep only its own image's columns (a width below 8 puts 2-8 images in
+    # one group of 8 columns). Every tensor plan, in both layouts.
+    layer = random_layer((40, 19, k, k), 0.8, padding=k // 2, empty_rows=2, seed=width * 8 + k).to("cuda")
+    for channels_last in (False, True):
+        x = torch.randn(11, 19, 6, width, device="cuda", dtype=torch.float16)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ref = reference(x, layer, relu=False)
+        side_by_side = 0
+        for plan in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=channels_last):
+            p = kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=channels_last)
+            if p["variant"] != "tensor":
+                continue
+            side_by_side += p["P"] > 1
+            layer.tuned_plans = {(tuple(x.shape), x.dtype, x.device.index, channels_last): plan}
+            out = poisoned(ref.shape, x.dtype, channels_last)
+            sparse_conv2d_into(out, x, layer)
+            check(out, ref, x.dtype)
+        assert side_by_side or width % 8 == 0 or width >= 32
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("batch", [1, 7, 64, 300])
 def test_linear(dtype, batch):

@@ -32,7 +32,7 @@ KERNEL_TUNING = {
     "rowsplit_warps_per_row": ("0 (automatic), 1, 2 or 4", lambda v: v in (0, 1, 2, 4)),
     "stage_v": ("0 (automatic), 1, 2 or 4 (output pixels per lane of the staged kernel)", lambda v: v in (0, 1, 2, 4)),
     "min_rows": ("an integer >= 1 (fewest output channels per staged block)", lambda v: v >= 1),
-    "tc_mt": ("1, 2 or 4 (m16 pixel tiles per warp of the tensor-core kernel)", lambda v: v in (1, 2, 4)),
+    "tc_mt": ("1, 2, 4 or 8 (m16 pixel tiles per warp of the tensor-core kernel)", lambda v: v in (1, 2, 4, 8)),
     "tc_pixels": ("16..1024 (output pixels a tensor-core block aims for)", lambda v: 16 <= v <= 1024),
     "tc_warps_k": ("1, 2, 4 or 8 (warps that split one channel group's taps)", lambda v: v in (1, 2, 4, 8)),
     "tc_smem_budget": (
