@@ -80,6 +80,20 @@ def best_of(x, layer, family, repeats):
     return best
 
 
+# Dense fp16 tensor-core peak (TFLOP/s, fp32 accumulation) of the cards we measure on, by name.
+PEAK_FP16_TFLOPS = {"H100 80GB HBM3": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
+
+
+def peak_tflops(device_name: str) -> float:
+    return next((v for k, v in PEAK_FP16_TFLOPS.items() if k in device_name), math.nan)
+
+
+def median(values) -> float:
+    values = sorted(values)
+    n = len(values)
+    return (values[n // 2] + values[(n - 1) // 2]) / 2 if n else math.nan
+
+
 def geomean(rows, key: str) -> float:
     values = [r[key] for r in rows if r[key] != ""]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
@@ -97,8 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--budget-s", type=float, default=None, help="start no new layer after this many seconds (the summary follows)"
     )
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense fp16 peak (default: by its name)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
+    peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name(dev))
     torch.backends.cudnn.benchmark = True
     rows = []
     t0 = time.time()
@@ -127,7 +143,10 @@ def main(argv=None) -> int:
                     tc = best_of(x, layer, "tensor", args.repeats)
                     tcl = best_of(xl, layer, "tensor", args.repeats)
                     cc = (math.nan, None, "") if args.no_cuda_cores else best_of(x, layer, "cuda", args.repeats)
-                    flops = 2.0 * layer.nnz * batch * (hw // stride) ** 2
+                    pixels = batch * (hw // stride) ** 2
+                    flops = 2.0 * layer.nnz * pixels  # the real (nonzero) work
+                    mma_flops = 2.0 * 16 * int(layer.tile_kptr[-1]) * pixels  # every MMA issued: 16 channels a group
+                    tc_us = min(tc[0], tcl[0])
                     row = dict(
                         layer=name,
                         sparsity=sparsity,
@@ -144,7 +163,10 @@ def main(argv=None) -> int:
                         speedup_tc=round(cudnn / min(tc[0], tcl[0]), 3),
                         speedup_cc=round(cudnn / cc[0], 3) if cc[1] is not None else "",
                         speedup_best=round(cudnn / min(tc[0], tcl[0], cc[0] if cc[1] is not None else math.inf), 3),
-                        tflops_real=round(flops / min(tc[0], tcl[0]) / 1e6, 1),
+                        tflops_real=round(flops / tc_us / 1e6, 1),
+                        tflops_mma=round(mma_flops / tc_us / 1e6, 1),
+                        peak_real=round(flops / tc_us / 1e6 / peak, 4),
+                        peak_mma=round(mma_flops / tc_us / 1e6 / peak, 4),
                     )
                     rows.append(row)
                     print(" ".join(f"{v}" for v in row.values()), flush=True)
@@ -157,13 +179,16 @@ def main(argv=None) -> int:
         w.writerows(rows)
     done = len({r["layer"] for r in rows})
     print(f"\n{len(rows)} cases ({done} layers) in {time.time() - t0:.0f} s; geomean speedup over cuDNN fp16 NHWC:")
-    print("sparsity weights batch  tensor-core  cuda-core  faster of the two")
+    print(f"(tensor cores: median fraction of the dense fp16 peak, {peak:g} TFLOP/s, in real work and in MMAs issued)")
+    print("sparsity weights batch  tensor-core  cuda-core  faster of the two  peak real  peak MMA")
     for sparsity in args.sparsities:
         for weights in args.weights:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
                 tc, cc, best = (geomean(sel, k) for k in ("speedup_tc", "speedup_cc", "speedup_best"))
-                print(f"{sparsity:8} {weights:7} {batch:5}  {tc:11.3f}  {cc:9.3f}  {best:17.3f}")
+                real, mma = (median(r[k] for r in sel) for k in ("peak_real", "peak_mma"))
+                speedups = f"{tc:11.3f}  {cc:9.3f}  {best:17.3f}"
+                print(f"{sparsity:8} {weights:7} {batch:5}  {speedups}  {real:9.2%}  {mma:8.2%}")
     return 0
 
 
