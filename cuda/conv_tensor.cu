@@ -355,6 +355,10 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   // This warp's ring of k-steps: the weights of 32 lanes (b_bytes), then the step's 16 taps.
   char* ring = reinterpret_cast<char*>(smem) + t.ring + warp * kTensorStages * t.ring_stage;
   const uint32_t ring_addr = sbase + static_cast<uint32_t>(t.ring + warp * kTensorStages * t.ring_stage);
+  // The ring starts zeroed: the step after a warp's last is read and decoded (never used) from a stage
+  // no fetch may have written, and a codebook decode indexes memory with its codes (zero is a level).
+  for (int q = lane; q < kTensorStages * t.ring_stage / 16; q += 32) reinterpret_cast<uint4*>(ring)[q] = uint4{};
+  __syncwarp();
   constexpr int b_bytes = 32 * Values::kLaneBytes;
   const int col_bytes = a.tile_col_bits / 8;
   const int b_units = b_bytes / 16, units = b_units + kTileK * col_bytes / 16;  // a k-step's 16-byte units (<= 36)
@@ -442,7 +446,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       uint32_t af[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) ldmatrix_x4_trans(af[i], in ? pix[i] + tap : zero_addr);
-      // Refill the stage of the step before this one (read an iteration ago), then read the next step.
+      // Refill the stage of the step before this one (read two read_steps ago), then read the next step.
       fetch(stage == 0 ? kTensorStages - 1 : stage - 1);
       stage = stage == kTensorStages - 1 ? 0 : stage + 1;
       read_step(stage);

@@ -25,7 +25,21 @@ CASES = [  # (weight shape, stride, padding, input shape, value, bits, channels_
     ((33, 24, 3, 3), 2, 1, (4, 24, 11, 11), "linear", 4, False, None),  # stride 2: the general copy
     ((24, 130, 1, 1), 1, 0, (2, 130, 7, 7), "codebook", 4, True, None),  # many taps, few pixels: split K
     ((20, 64, 5, 5), 1, 2, (2, 64, 8, 8), "linear", 8, False, 24 * 1024),  # several chunks, straddling k-steps
+    # A 4-level codebook of 4-bit codes, few k-steps a group: warps with no step (split K) decode stages
+    # no fetch wrote, whose codes must stay inside the codebook.
+    ((20, 8, 3, 3), 1, 1, (2, 8, 6, 6), "few_levels", 4, False, None),
 ]
+
+
+def few_level_codebook_layer(wshape, bits: int, pad: int):
+    from sparsebench.sparse.format import pack_weight
+
+    gen = torch.Generator().manual_seed(3)
+    book = torch.tensor([0.0, -1.0, 0.5, 1.0])
+    codes = torch.randint(0, len(book), wshape, generator=gen)
+    bias = torch.randn(wshape[0], generator=gen)
+    layer = pack_weight(book[codes], bias, padding=pad, bits=bits, codes=codes, codebook=book)
+    return layer.to("cuda")
 
 
 def main() -> int:
@@ -35,7 +49,10 @@ def main() -> int:
     wrong = launches = 0
     for wshape, stride, pad, xshape, value, bits, channels_last, budget in CASES:
         _C.set_tuning(**({"tc_smem_budget": budget} if budget else {}))
-        layer = random_layer(wshape, 0.9, value=value, bits=bits, stride=stride, padding=pad, seed=7).to("cuda")
+        if value == "few_levels":
+            layer = few_level_codebook_layer(wshape, bits, pad)
+        else:
+            layer = random_layer(wshape, 0.9, value=value, bits=bits, stride=stride, padding=pad, seed=7).to("cuda")
         x = torch.randn(xshape, device="cuda", dtype=torch.float16)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
