@@ -19,7 +19,9 @@ from sparsebench.bench.measure import (
     break_even_sparsity,
     check,
     fit_time_vs_nnz,
+    fp16_tensor_peak_tflops,
     reference_output,
+    result_row,
 )
 from sparsebench.bench.suite import LayerBench, plan_backends
 from sparsebench.errors import ConfigError
@@ -135,6 +137,39 @@ def test_a_timing_is_noisy_when_its_quartiles_spread_past_a_tenth_of_the_median(
     assert not summarize([100.0, 101, 99, 100, 102, 98, 100]).noisy  # an idle device: 2% spread
     busy = summarize([100.0, 160, 95, 150, 100, 170, 98, 140])  # another job's kernels in some samples
     assert busy.spread_us > 10 and busy.noisy
+
+
+def test_peak_share_is_the_real_work_over_the_gpus_fp16_peak(monkeypatch):
+    assert fp16_tensor_peak_tflops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert fp16_tensor_peak_tflops(torch.device("cuda", 0)) == 989.4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    assert fp16_tensor_peak_tflops(torch.device("cuda", 0)) is None  # unknown card: no share, no guess
+    case = synthetic_case("c", "conv2d", 16, 32, 3, 8, 1, 1, 0.9, 32, torch.Generator().manual_seed(0))
+    prepared = Prepared(
+        run=lambda x: x, convert=lambda x: x, weight=case.weight, tol=0.0, weight_bytes=0, act_bytes=4, sparse=True
+    )
+    timing = summarize([10.0])  # 10 us
+    row = result_row(case, "ours", 4, timing, prepared, 0.0, peak_tflops=989.4)
+    tflops = case.sparse_flops(4) / 10e-6 / 1e12
+    assert row["gflops"] == pytest.approx(tflops * 1e3, abs=1e-3)  # rounded to 3 decimals
+    assert row["peak_share"] == pytest.approx(tflops / 989.4, rel=1e-3)  # 4 significant digits
+    assert result_row(case, "ours", 4, timing, prepared, 0.0)["peak_share"] is None
+
+
+def test_grid_summary_has_the_median_peak_share_of_our_rows():
+    from sparsebench.bench.grid import summarize as grid_summary
+
+    rows = [
+        dict(backend="ours", batch=32, sparsity=0.9, bits=16, speedup_vs_cudnn_fp16=s, peak_share=p)
+        for s, p in ((0.5, 0.01), (2.0, 0.03), (1.0, 0.02))
+    ]
+    rows.append(dict(backend="cudnn_fp16", batch=32, sparsity=None, bits=None, peak_share=0.3))
+    out = grid_summary(rows, "ours")
+    assert out["geomean_speedup/cudnn_fp16/b32/s0.9/16bit"] == pytest.approx(1.0)
+    assert out["median_peak_share/b32/s0.9/16bit"] == 0.02  # ours only, the median of three
+    rows = [{**r, "peak_share": None} for r in rows]
+    assert not any(k.startswith("median_peak_share") for k in grid_summary(rows, "ours"))  # an unknown GPU
 
 
 def test_summarize_median_and_iqr():

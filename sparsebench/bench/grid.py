@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,8 @@ def geomean(values: Sequence[float]) -> float:
 
 
 def summarize(rows: List[Dict[str, Any]], sparse: str) -> Dict[str, float]:
-    """Geomean over layers of our speedup vs each baseline, per batch, sparsity and bits."""
+    """Geomean over layers of our speedup vs each baseline, per batch, sparsity and bits; and the median
+    share of the GPU's fp16 tensor peak our real work reaches, where the GPU's peak is known."""
     ours = [r for r in rows if r["backend"] == sparse]
     out: Dict[str, float] = {}
     keys = sorted({(r["batch"], r["sparsity"], r["bits"]) for r in ours})
@@ -277,6 +279,9 @@ def summarize(rows: List[Dict[str, Any]], sparse: str) -> Dict[str, float]:
         for b in baselines:
             value = geomean([r.get(f"speedup_vs_{b}") for r in sel])
             out[f"geomean_speedup/{b}/b{batch}/s{sparsity:g}/{bits}bit"] = round(value, 4)
+        shares = [r["peak_share"] for r in sel if r.get("peak_share") is not None]
+        if shares:
+            out[f"median_peak_share/b{batch}/s{sparsity:g}/{bits}bit"] = float(f"{statistics.median(shares):.4g}")
     return out
 
 

@@ -12,6 +12,18 @@ from sparsebench.bench.backends import Prepared
 from sparsebench.bench.cases import LayerCase
 from sparsebench.sparse.timing import Timing, rotation_count, time_calls
 
+# Dense fp16 tensor-core peak (TFLOP/s, fp32 accumulation) by GPU name: the yardstick for a row's
+# `peak_share`, the fraction of it its work reaches (the real, nonzero work for a sparse backend).
+FP16_TENSOR_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H200": 989.4, "H100 PCIe": 756.5, "A100": 312.0}
+
+
+def fp16_tensor_peak_tflops(device: torch.device) -> Optional[float]:
+    """The table's peak for this GPU; None on the CPU or a GPU it does not name."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in FP16_TENSOR_PEAK_TFLOPS.items() if k in name), None)
+
 
 class MismatchError(RuntimeError):
     """A backend computed something else than the dense reference: an error, never a row."""
@@ -107,9 +119,16 @@ def traffic_bytes(case: LayerCase, prepared: Prepared, batch: int) -> int:
 
 
 def result_row(
-    case: LayerCase, backend: str, batch: int, timing: Timing, prepared: Prepared, error: float
+    case: LayerCase,
+    backend: str,
+    batch: int,
+    timing: Timing,
+    prepared: Prepared,
+    error: float,
+    peak_tflops: Optional[float] = None,
 ) -> Dict[str, object]:
     flops = case.sparse_flops(batch) if prepared.sparse else case.dense_flops(batch)
+    tflops = flops / (timing.median_us * 1e6) if timing.median_us > 0 else None
     return {
         **case.facts(),
         "backend": backend,
@@ -121,7 +140,8 @@ def result_row(
         "runs": timing.runs,
         "flops": flops,
         "bytes": traffic_bytes(case, prepared, batch),
-        "gflops": round(flops / (timing.median_us * 1e3), 3) if timing.median_us > 0 else None,
+        "gflops": round(tflops * 1e3, 3) if tflops is not None else None,
+        "peak_share": float(f"{tflops / peak_tflops:.4g}") if tflops is not None and peak_tflops else None,
         "max_rel_error": float(f"{error:.3g}"),
     }
 

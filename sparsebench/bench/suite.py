@@ -14,6 +14,7 @@ from sparsebench.bench.measure import (
     TimingSettings,
     break_even_sparsity,
     check,
+    fp16_tensor_peak_tflops,
     make_inputs,
     reference_output,
     result_row,
@@ -80,6 +81,7 @@ class LayerBench:
     def __init__(self, plan: Plan, settings: TimingSettings, break_even: bool = True):
         self.plan = plan
         self.device = plan.device
+        self.peak_tflops = fp16_tensor_peak_tflops(plan.device)
         self.settings = settings
         self.break_even = break_even
         self.unsupported: Dict[Tuple[str, str], str] = {}
@@ -110,7 +112,8 @@ class LayerBench:
             return None
         error = check(case, name, prepared, inputs[0], batch, self._reference(case, prepared.weight, inputs[0]))
         timing = time_prepared(prepared, inputs, self.device, self.settings)
-        return {**result_row(case, name, batch, timing, prepared, error), **prepared.columns()}
+        row = result_row(case, name, batch, timing, prepared, error, self.peak_tflops)
+        return {**row, **prepared.columns()}
 
     def baseline_key(self, name: str, case: LayerCase, batch: int, shape_key: Optional[str]) -> Optional[tuple]:
         """Dense baselines (and 2:4, which uses its own mask) need timing once per layer shape and batch."""
