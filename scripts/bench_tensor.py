@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparsebench.bench.measure import fp16_tensor_peak_tflops
 from sparsebench.sparse import ops
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.timing import time_cuda
@@ -80,14 +81,6 @@ def best_of(x, layer, family, repeats):
     return best
 
 
-# Dense fp16 tensor-core peak (TFLOP/s, fp32 accumulation) of the cards we measure on, by name.
-PEAK_FP16_TFLOPS = {"H100 80GB HBM3": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
-
-
-def peak_tflops(device_name: str) -> float:
-    return next((v for k, v in PEAK_FP16_TFLOPS.items() if k in device_name), math.nan)
-
-
 def median(values) -> float:
     values = sorted(values)
     n = len(values)
@@ -114,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense fp16 peak (default: by its name)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
-    peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name(dev))
+    peak = args.peak_tflops or fp16_tensor_peak_tflops(dev) or math.nan
     torch.backends.cudnn.benchmark = True
     rows = []
     t0 = time.time()
