@@ -14,6 +14,7 @@ import argparse
 import csv
 import functools
 import math
+import statistics
 import sys
 import time
 
@@ -63,10 +64,8 @@ def best_of(x, layer, family, repeats):
     best = (math.inf, None, "")
     _, shape = ops._geometry(x, layer)
     out = ops._empty_out(x, shape)
-    for plan in ops.distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=cl):
+    for plan in ops.distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=cl, tensor=family == "tensor"):
         p = ops.kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=cl)
-        if (p["variant"] == "tensor") != (family == "tensor"):
-            continue
         run = functools.partial(ops._launch_into, out, x, layer, False, 0, plan)
         try:
             out.fill_(float("nan"))
@@ -79,12 +78,6 @@ def best_of(x, layer, family, repeats):
         if t < best[0]:
             best = (t, plan, ops.plan_name(p))
     return best
-
-
-def median(values) -> float:
-    values = sorted(values)
-    n = len(values)
-    return (values[n // 2] + values[(n - 1) // 2]) / 2 if n else math.nan
 
 
 def geomean(rows, key: str) -> float:
@@ -179,7 +172,8 @@ def main(argv=None) -> int:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
                 tc, cc, best = (geomean(sel, k) for k in ("speedup_tc", "speedup_cc", "speedup_best"))
-                real, mma = (median(r[k] for r in sel) for k in ("peak_real", "peak_mma"))
+                shares = [(r["peak_real"], r["peak_mma"]) for r in sel]
+                real, mma = map(statistics.median, zip(*shares)) if shares else (math.nan, math.nan)
                 speedups = f"{tc:11.3f}  {cc:9.3f}  {best:17.3f}"
                 print(f"{sparsity:8} {weights:7} {batch:5}  {speedups}  {real:9.2%}  {mma:8.2%}")
     return 0

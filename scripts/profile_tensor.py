@@ -44,11 +44,7 @@ def main() -> None:
 
     plan = args.plan
     if plan is None:
-        candidates = [
-            c
-            for c in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=args.channels_last)
-            if plan_of(c)["variant"] == "tensor"
-        ]
+        candidates = distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=args.channels_last, tensor=True)
         times = {c: time_cuda([lambda c=c: run_plan(c)], warmup=2, repeats=10).median_us for c in candidates}
         plan = min(times, key=times.get)
         print(f"fastest of {len(candidates)} tensor-core plans: {times[plan]:.1f} us", flush=True)

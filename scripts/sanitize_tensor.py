@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench import _C
-from sparsebench.sparse.ops import distinct_plans, kernel_plan, sparse_conv2d_into
+from sparsebench.sparse.ops import distinct_plans, sparse_conv2d_into
 from sparsebench.sparse.synthetic import random_layer
 
 CASES = [  # (weight shape, stride, padding, input shape, value, bits, channels_last, staging budget or None)
@@ -58,11 +58,7 @@ def main() -> int:
             x = x.contiguous(memory_format=torch.channels_last)
         w = layer.dequantize().double()
         ref = F.conv2d(x.double(), w, layer.bias.double(), stride=stride, padding=pad)
-        plans = [
-            p
-            for p in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=channels_last)
-            if kernel_plan(x.shape, layer, plan=p, dtype=x.dtype, channels_last=channels_last)["variant"] == "tensor"
-        ]
+        plans = distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=channels_last, tensor=True)
         for plan in plans[:3] if args.quick else plans:
             layer.tuned_plans = {(tuple(x.shape), x.dtype, x.device.index, channels_last): plan}
             out = torch.full(ref.shape, float("nan"), device="cuda", dtype=x.dtype)

@@ -136,6 +136,19 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
             assert 1 <= p["CC"] <= cin and p["chunks"] * p["CC"] >= cin and p["blocks"] >= 1
 
 
+def test_distinct_plans_of_one_kernel_family():
+    from sparsebench.sparse.ops import distinct_plans
+
+    layer = random_layer((64, 48, 3, 3), 0.9, padding=1, seed=5)
+    shape = (8, 48, 14, 14)
+    every = distinct_plans(shape, layer, dtype=torch.float16)
+    tensor = distinct_plans(shape, layer, dtype=torch.float16, tensor=True)
+    cuda_cores = distinct_plans(shape, layer, dtype=torch.float16, tensor=False)
+    assert tensor and cuda_cores and sorted(tensor + cuda_cores) == sorted(every)
+    assert {plan(shape, layer, plan=p, dtype=torch.float16)["variant"] for p in tensor} == {"tensor"}
+    assert "tensor" not in {plan(shape, layer, plan=p, dtype=torch.float16)["variant"] for p in cuda_cores}
+
+
 def test_narrow_images_go_side_by_side_unless_the_knob_says_one_a_band(tuning):
     layer = random_layer((256, 256, 3, 3), 0.9, padding=1, seed=2)
     shape = (128, 256, 14, 14)

@@ -132,11 +132,7 @@ def test_every_tensor_plan(case, dtype, value):
     ).to("cuda")
     x = torch.randn(xshape, device="cuda").to(dtype)
     ref = reference(x, layer, relu=True)
-    plans = [
-        p
-        for p in distinct_plans(xshape, layer, dtype=dtype)
-        if kernel_plan(xshape, layer, plan=p, dtype=dtype)["variant"] == "tensor"
-    ]
+    plans = distinct_plans(xshape, layer, dtype=dtype, tensor=True)
     assert len(plans) >= 3
     for plan in plans:
         layer.tuned_plans = {(tuple(xshape), dtype, x.device.index, False): plan}
@@ -184,10 +180,8 @@ def test_narrow_images_side_by_side(width, k):
             x = x.contiguous(memory_format=torch.channels_last)
         ref = reference(x, layer, relu=False)
         side_by_side = 0
-        for plan in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=channels_last):
+        for plan in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=channels_last, tensor=True):
             p = kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=channels_last)
-            if p["variant"] != "tensor":
-                continue
             side_by_side += p["P"] > 1
             layer.tuned_plans = {(tuple(x.shape), x.dtype, x.device.index, channels_last): plan}
             out = poisoned(ref.shape, x.dtype, channels_last)

@@ -89,10 +89,11 @@ def _no_cuda(device: torch.device) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def cudnn_precision(tf32: bool):
-    """cuDNN autotuning on, TF32 on or off for convolutions and matmuls (legacy flags, restored after)."""
+def cudnn_precision(tf32: bool, benchmark: bool = True):
+    """TF32 on or off for convolutions and matmuls, cuDNN autotuning as ``benchmark`` says (legacy flags,
+    restored after)."""
     old_mm = torch.backends.cuda.matmul.allow_tf32
-    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=tf32):
+    with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark, deterministic=False, allow_tf32=tf32):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             yield

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsebench.bench.backends import BACKENDS, Unsupported
+from sparsebench.bench.backends import BACKENDS, Unsupported, cudnn_precision
 from sparsebench.bench.cases import cases_from_model
 from sparsebench.bench.measure import TimingSettings, relative_error
 from sparsebench.bench.network import backend_network, check_network, network_input, reference_network, time_networks
@@ -78,18 +77,6 @@ def benchmark_model(
     return uniform(rows), metrics
 
 
-@contextmanager
-def ieee_fp32() -> Iterator[None]:
-    """Convolutions and matmuls in full fp32 for the block (cuDNN's default, or a user's
-    ``set_float32_matmul_precision``, may round their inputs to TF32)."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def _network_metrics(
     plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor, folded: List[str]
 ) -> Dict[str, Any]:
@@ -107,7 +94,7 @@ def _network_metrics(
             ref = ref_net(x.to(plan.device, torch.float64)).cpu()
             # How far the packed model (folded, quantized) is from the trained model itself: an export check,
             # so the trained model runs in full fp32 (cuDNN's default TF32 convs alone would differ by ~1e-4).
-            with ieee_fp32():
+            with cudnn_precision(tf32=False, benchmark=torch.backends.cudnn.benchmark):
                 own = model(x.to(next(model.parameters()).device)).float().cpu()
         metrics[f"network_export_error/b{batch}"] = float(f"{relative_error(own, ref):.3g}")
         nets, prepared = {}, {}

@@ -664,13 +664,21 @@ def kernel_plan(
 
 
 def distinct_plans(
-    x_shape, layer: PackedLayer, *, dtype: torch.dtype = torch.float32, channels_last: bool = False
+    x_shape,
+    layer: PackedLayer,
+    *,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    tensor: Optional[bool] = None,
 ) -> List[int]:
-    """The rule (-1) and the candidate ids that launch differently for this input (many coincide)."""
+    """The rule (-1) and the candidate ids that launch differently for this input (many coincide);
+    ``tensor``: only those on the tensor cores (True) or on the CUDA cores (False)."""
     planner = _planner(x_shape, layer, "auto", dtype, channels_last)
     first: Dict[tuple, int] = {}
     for plan in range(-1, _C.plan_candidate_count()):
-        first.setdefault(tuple(sorted(planner(plan).items())), plan)
+        p = planner(plan)
+        if tensor is None or (p["variant"] == "tensor") == tensor:
+            first.setdefault(tuple(sorted(p.items())), plan)
     return list(first.values())
 
 
