@@ -23,7 +23,7 @@ constexpr int kStageWarps = 16;
 
 std::string launch_stage(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream);
 
-// Tensor-core kernel blocking (conv_tensor.cu). The block's output tile is NB bands x TH output
+// Tensor-core kernel blocking (conv_tensor.cuh). The block's output tile is NB bands x TH output
 // rows x TWp columns: a band holds P images side by side (P > 1 for narrow images) or one image's
 // column tile [ow0, ow0 + OWv). Pixels go in groups of 8 consecutive columns (NC per tile row).
 // The staged input is CC channels x KW column-shifted copies x NB*RH rows x PITCH 16-byte units.
@@ -41,6 +41,10 @@ constexpr int kTensorWarps = 8;
 constexpr int kTensorStages = 8;  // k-steps each warp has in flight (weights and taps, by cp.async)
 
 std::string launch_tensor(const ConvArgs& a, const TensorCfg& t, int MT, int64_t smem_bytes, cudaStream_t stream);
+// One activation dtype (__half, __nv_bfloat16) and MT of launch_tensor: conv_tensor.cuh, instantiated
+// once per pair by a generated file (conv_tensor_inst.cu.in).
+template <typename T, int MT>
+std::string launch_tensor_mt(const ConvArgs& a, const TensorCfg& t, int64_t smem_bytes, cudaStream_t stream);
 std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t stream);
 
 // Row-split kernel blocking: warps per block (1, 2 or 4 of them per row) and output pixels per warp.

@@ -50,7 +50,7 @@ struct ConvArgs {
   int tile_col_bits = 16;
   int groups = 0;
   int64_t tile_steps = 0;              // tile_kptr[groups] / kTileK (a planning hint; 0 = unknown)
-  const void* tc_values = nullptr;     // the weights of every k-step in MMA fragment order (see conv_tensor.cu)
+  const void* tc_values = nullptr;     // the weights of every k-step in MMA fragment order (see conv_tensor.cuh)
   int tc_kind = kTcNone;
   const float* tc_codebook = nullptr;  // kTcCodebook: the codebook the stream's codes index (with a zero level)
   int tc_codebook_stride = 0;          // as codebook_stride, for tc_codebook

@@ -1,6 +1,6 @@
 """Tensor-core tiles of a packed layer: its output channels in groups of 16, each group's condensed taps.
 
-The tensor-core kernels (``cuda/conv_tensor.cu``) compute a group of ``TILE_ROWS`` output channels as
+The tensor-core kernels (``cuda/conv_tensor.cuh``) compute a group of ``TILE_ROWS`` output channels as
 dense MMAs over the group's *condensed taps*: the flat columns ``(c_in*KH + kh)*KW + kw`` that any of
 its channels uses, so a column no channel of the group needs costs nothing. Three tensors describe
 them (stored in the packed file since format version 2, built on load for older files):
