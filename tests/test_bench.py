@@ -341,6 +341,56 @@ def test_benchmark_model_rows_and_metrics_on_cpu(monkeypatch):
     assert metrics["bench/noisy"] == ""  # only GPU timings are judged: a CPU's jitter more
 
 
+def _two_layout_backend(slow_layout: str):
+    """sparse_reference that also runs in another layout; the one named ``slow_layout`` waits 2 ms a call."""
+    reference = BACKENDS["sparse_reference"]
+
+    def prepare(case, device, activations, channels_last=None):
+        good = reference.prepare(case, device, activations)
+        conv = case.kind == "conv2d"
+        layout = "nhwc" if (channels_last is None and conv) or channels_last else "nchw"
+        primary_conv = conv and channels_last is None
+
+        def run(x):
+            if layout == slow_layout:
+                time.sleep(0.002)
+            return good.run(x)
+
+        return Prepared(
+            run=run,
+            convert=good.convert,
+            weight=case.weight,
+            tol=good.tol,
+            weight_bytes=good.weight_bytes,
+            act_bytes=4,
+            sparse=True,
+            channels_last=layout == "nhwc",
+            columns=lambda: {"layout": layout},
+            other_layout=(lambda: prepare(case, device, activations, False)) if primary_conv else None,
+        )
+
+    return Backend("sparse_reference", ("cpu",), True, prepare)
+
+
+@pytest.mark.parametrize("slow, kept", [("nhwc", "nchw"), ("nchw", "nhwc")])
+def test_ours_is_timed_in_both_layouts_and_the_faster_counts(monkeypatch, slow, kept):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(BACKENDS, "sparse_reference", _two_layout_backend(slow))
+    model = tiny_model()
+    rows, metrics = benchmark_model(
+        backend_cfg(), bench_cfg(baselines=["torch_cpu"], break_even=False), model, None, torch.randn(4, 1, 8, 8), CPU
+    )
+    convs = [r for r in rows if r["backend"] == "sparse_reference" and r["kind"] == "conv2d"]
+    assert convs and all(r["layout"] == kept and r["time_us"] < 1500 for r in convs)
+    linears = [r for r in rows if r["backend"] == "sparse_reference" and r["kind"] == "linear"]
+    assert linears and all(r["layout"] == "nchw" for r in linears)  # one layout: slow if that is the slow one
+    assert metrics["network_layout/sparse_reference/b1"] == kept
+    n_slow = sum(1 for r in convs) + (len(linears) if slow == "nchw" else 0)  # sleeps in the slow network
+    assert metrics["latency_us/sparse_reference/b1"] < n_slow * 2000
+    assert metrics["network_error/sparse_reference/b1"] < 1e-5
+    assert not any(k.startswith(("latency_us/other", "speedup/other", "network_error/other")) for k in metrics)
+
+
 def test_benchmark_disabled_returns_nothing():
     assert benchmark_model(
         backend_cfg(), bench_cfg(enabled=False), tiny_model(), None, torch.randn(1, 1, 8, 8), CPU

@@ -71,6 +71,8 @@ def test_every_gpu_backend_passes_the_check_and_is_timed(bits, activations):
         with cudnn_precision(tf32):
             assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
     assert "break_even_vs_cudnn_fp16" in by["direct_sparse"]
+    # fp16 convs of ours run in both layouts and the faster counts; fp32 only in NCHW.
+    assert by["direct_sparse"]["layout"] in (("nchw", "nhwc") if activations == "fp16" else ("nchw",))
     # Autotuned by default (like cuDNN's benchmark mode): the row names the candidate plan it ran (-1: the rule).
     from sparsebench.sparse.ops import autotune_enabled
 
@@ -86,6 +88,20 @@ def test_autotune_off_runs_the_rule(monkeypatch):
     case = synthetic_case("vgg.conv5", "conv2d", 128, 256, 3, 8, 1, 1, 0.9, 32, torch.Generator().manual_seed(0))
     rows = LayerBench(plan_backends(backend, bench, GPU), TimingSettings(warmup=3, repeats=20)).run(case, 32)
     assert rows[0]["backend"] == "direct_sparse" and rows[0]["kernel_plan"] == -1
+
+
+def test_fp16_network_of_ours_runs_in_its_faster_layout():
+    torch.manual_seed(0)
+    model = build_model("vgg16", in_channels=3, num_classes=10, image_size=32, width=0.25).to(GPU).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.mul_((torch.rand_like(m.weight) >= 0.9).float())
+    backend, bench = cfgs("fp16", batch_sizes=[1], baselines=["cudnn_fp16"], layers=False)
+    _, metrics = benchmark_model(backend, bench, model, None, torch.randn(4, 3, 32, 32, device=GPU), GPU)
+    assert metrics["network_layout/direct_sparse/b1"] in ("nchw", "nhwc")
+    assert metrics["speedup/cudnn_fp16/b1"] > 0 and "network_error/direct_sparse/b1" in metrics
+    assert not any(k.startswith(("latency_us/other", "network_error/other")) for k in metrics)
 
 
 def test_benchmark_model_on_gpu_uses_cuda_graphs_on_both_sides():

@@ -55,6 +55,9 @@ class Prepared:
     dtype: torch.dtype = torch.float32  # activations, for the rest of a network around this layer
     channels_last: bool = False
     columns: Callable[[], Dict[str, object]] = dict  # extra result columns, read after the timed runs
+    # The same backend in the other activation layout, where either may be the faster (fp16/bf16 convs
+    # of ours: in NCHW the CUDA-core kernels compete too). The benchmark times both and keeps the faster.
+    other_layout: Optional[Callable[[], "Prepared"]] = None
 
 
 @dataclass(frozen=True)
@@ -212,13 +215,21 @@ def _direct_unavailable(device: torch.device) -> Optional[str]:
     return kernels_unavailable_reason()
 
 
-def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> Prepared:
+def _direct_sparse(
+    case: LayerCase, device: torch.device, activations: str, channels_last: Optional[bool] = None
+) -> Prepared:
     dtype = ACT_DTYPES[activations]
     layer = case.packed.to(device)
     op = sparse_conv2d if case.kind == "conv2d" else sparse_linear
-    # fp16/bf16 run channels_last, as cuDNN does: the tensor-core kernels read either layout, and
-    # the CUDA-core ones (fp32) NCHW. Inside a network a view may arrive (e.g. after flatten).
-    channels_last = dtype != torch.float32 and case.kind == "conv2d"
+    # fp16/bf16 convs run channels_last first, as cuDNN does (only the tensor-core kernels read it), and
+    # NCHW as the other layout (the CUDA-core kernels too): the faster counts. fp32 and linear layers
+    # run NCHW. Inside a network a view may arrive (e.g. after flatten).
+    either = dtype != torch.float32 and case.kind == "conv2d"
+    other = None
+    if channels_last is None:
+        channels_last = either
+        if either:
+            other = lambda: _direct_sparse(case, device, activations, channels_last=False)  # noqa: E731
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return op(x if x.is_contiguous() or is_channels_last(x) else x.contiguous(), layer)
@@ -235,6 +246,7 @@ def _direct_sparse(case: LayerCase, device: torch.device, activations: str) -> P
         dtype=dtype,
         channels_last=channels_last,
         columns=lambda: _tuned_plan(layer),
+        other_layout=other,
     )
 
 

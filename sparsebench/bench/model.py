@@ -77,6 +77,9 @@ def benchmark_model(
     return uniform(rows), metrics
 
 
+OTHER_LAYOUT = "other-layout:"  # the key of our network in its other activation layout, timed beside it
+
+
 def _network_metrics(
     plan, bench, settings, model: nn.Module, cases, sample: torch.Tensor, folded: List[str]
 ) -> Dict[str, Any]:
@@ -97,18 +100,15 @@ def _network_metrics(
             with cudnn_precision(tf32=False, benchmark=torch.backends.cudnn.benchmark):
                 own = model(x.to(next(model.parameters()).device)).float().cpu()
         metrics[f"network_export_error/b{batch}"] = float(f"{relative_error(own, ref):.3g}")
-        nets, prepared = {}, {}
-        for name in names:
-            try:
-                per_layer = {c.name: BACKENDS[name].prepare(c, plan.device, plan.activations) for c in cases}
-            except Unsupported as e:
-                log.info("bench: whole network skips %s: %s", name, e)
-                continue
-            nets[name] = backend_network(model, per_layer, plan.device, folded)
-            prepared[name] = next(iter(per_layer.values()))
-            metrics[f"network_error/{name}/b{batch}"] = check_network(name, nets[name], prepared[name], x, ref, batch)
+        nets, prepared, errors = _networks(plan, names, model, cases, folded, x, ref, batch)
         timings, graphs = time_networks(nets, prepared, x, plan.device, settings, bench.graphs)
         metrics["bench/graphs"] = graphs
+        layout = _keep_faster_layout(plan.sparse, timings, prepared, errors)
+        if layout:
+            metrics[f"network_layout/{plan.sparse}/b{batch}"] = layout
+        for name in names:
+            if name in errors:
+                metrics[f"network_error/{name}/b{batch}"] = errors[name]
         for name, t in timings.items():
             metrics[f"latency_us/{name}/b{batch}"] = round(t.median_us, 3)
             metrics[f"latency_spread_us/{name}/b{batch}"] = round(t.spread_us, 3)
@@ -128,3 +128,39 @@ def _network_metrics(
                 metrics[f"speedup/{name}/b{batch}"] = round(timings[name].median_us / ours, 4)
     metrics["bench/noisy"] = ", ".join(noisy)  # <backend>/b<batch> whose whole-network timing spread widely
     return metrics
+
+
+def _networks(plan, names: List[str], model: nn.Module, cases, folded: List[str], x, ref, batch: int) -> tuple:
+    """Each backend's network, checked against ``ref``: ``(nets, first prepared layer, error)`` by key.
+    Ours also in its other activation layout, under ``OTHER_LAYOUT + name``, where its layers have one."""
+    nets, prepared, errors = {}, {}, {}
+    for name in names:
+        try:
+            per_layer = {c.name: BACKENDS[name].prepare(c, plan.device, plan.activations) for c in cases}
+        except Unsupported as e:
+            log.info("bench: whole network skips %s: %s", name, e)
+            continue
+        variants = {name: per_layer}
+        if name == plan.sparse and any(p.other_layout is not None for p in per_layer.values()):
+            variants[OTHER_LAYOUT + name] = {
+                c: (p.other_layout() if p.other_layout is not None else p) for c, p in per_layer.items()
+            }
+        for key, layers in variants.items():
+            nets[key] = backend_network(model, layers, plan.device, folded)
+            prepared[key] = next(iter(layers.values()))
+            errors[key] = check_network(name, nets[key], prepared[key], x, ref, batch)
+    return nets, prepared, errors
+
+
+def _keep_faster_layout(name: str, timings: Dict[str, Any], prepared: Dict[str, Any], errors: Dict[str, float]):
+    """Ours in the faster of its layouts, under its own name; returns that layout ("nchw" or "nhwc"),
+    or None where ours did not run."""
+    key = OTHER_LAYOUT + name
+    other = timings.pop(key, None)
+    if name not in timings:
+        return None
+    if other is not None and other.median_us < timings[name].median_us:
+        timings[name], errors[name] = other, errors[key]
+    else:
+        key = name
+    return "nhwc" if prepared[key].channels_last else "nchw"
