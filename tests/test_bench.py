@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsebench.bench import benchmark_model
-from sparsebench.bench.backends import BACKENDS, Backend, Prepared, prune_2to4
+from sparsebench.bench.backends import BACKENDS, Backend, Prepared, faster_layout, prune_2to4
 from sparsebench.bench.cases import cases_from_model, synthetic_case, thin
 from sparsebench.bench.config import BACKEND_NAMES, SPARSE_BACKEND_NAMES, BackendConfig, BenchConfig, validate_bench
 from sparsebench.bench.measure import (
@@ -378,10 +378,11 @@ def test_ours_is_timed_in_both_layouts_and_the_faster_counts(monkeypatch, slow, 
     monkeypatch.setitem(BACKENDS, "sparse_reference", _two_layout_backend(slow))
     model = tiny_model()
     rows, metrics = benchmark_model(
-        backend_cfg(), bench_cfg(baselines=["torch_cpu"], break_even=False), model, None, torch.randn(4, 1, 8, 8), CPU
+        backend_cfg(), bench_cfg(baselines=["torch_cpu"]), model, None, torch.randn(4, 1, 8, 8), CPU
     )
     convs = [r for r in rows if r["backend"] == "sparse_reference" and r["kind"] == "conv2d"]
     assert convs and all(r["layout"] == kept and r["time_us"] < 1500 for r in convs)
+    assert all("break_even_vs_torch_cpu" in r for r in convs)  # its second point timed in the same layout
     linears = [r for r in rows if r["backend"] == "sparse_reference" and r["kind"] == "linear"]
     assert linears and all(r["layout"] == "nchw" for r in linears)  # one layout: slow if that is the slow one
     assert metrics["network_layout/sparse_reference/b1"] == kept
@@ -389,6 +390,10 @@ def test_ours_is_timed_in_both_layouts_and_the_faster_counts(monkeypatch, slow, 
     assert metrics["latency_us/sparse_reference/b1"] < n_slow * 2000
     assert metrics["network_error/sparse_reference/b1"] < 1e-5
     assert not any(k.startswith(("latency_us/other", "speedup/other", "network_error/other")) for k in metrics)
+
+
+def test_the_other_layout_counts_only_when_clearly_faster():
+    assert faster_layout(100.0, 90.0) and not faster_layout(100.0, 98.0) and not faster_layout(100.0, 120.0)
 
 
 def test_benchmark_disabled_returns_nothing():

@@ -99,7 +99,7 @@ def test_fp16_network_of_ours_runs_in_its_faster_layout():
                 m.weight.mul_((torch.rand_like(m.weight) >= 0.9).float())
     backend, bench = cfgs("fp16", batch_sizes=[1], baselines=["cudnn_fp16"], layers=False)
     _, metrics = benchmark_model(backend, bench, model, None, torch.randn(4, 3, 32, 32, device=GPU), GPU)
-    assert metrics["network_layout/direct_sparse/b1"] in ("nchw", "nhwc")
+    assert metrics["network_layout/direct_sparse/b1"] in ("nchw", "nhwc") and metrics["bench/graphs"] is True
     assert metrics["speedup/cudnn_fp16/b1"] > 0 and "network_error/direct_sparse/b1" in metrics
     assert not any(k.startswith(("latency_us/other", "network_error/other")) for k in metrics)
 

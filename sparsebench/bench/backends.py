@@ -59,6 +59,20 @@ class Prepared:
     # of ours: in NCHW the CUDA-core kernels compete too). The benchmark times both and keeps the faster.
     other_layout: Optional[Callable[[], "Prepared"]] = None
 
+    @property
+    def layout(self) -> str:
+        return "nhwc" if self.channels_last else "nchw"
+
+
+# The other layout counts only when faster by this much: the first (cuDNN's) wins near-ties, so picking
+# the smaller of two noisy medians does not flatter ours.
+LAYOUT_MARGIN = 0.03
+
+
+def faster_layout(first_us: float, other_us: float) -> bool:
+    """Whether the other layout's time beats the first one's by ``LAYOUT_MARGIN``."""
+    return other_us < (1.0 - LAYOUT_MARGIN) * first_us
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -245,7 +259,7 @@ def _direct_sparse(
         sparse=True,
         dtype=dtype,
         channels_last=channels_last,
-        columns=lambda: _tuned_plan(layer),
+        columns=lambda: {**_tuned_plan(layer), "layout": "nhwc" if channels_last else "nchw"},
         other_layout=other,
     )
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsebench.bench.backends import BACKENDS, Unsupported, cudnn_precision
+from sparsebench.bench.backends import BACKENDS, Unsupported, cudnn_precision, faster_layout
 from sparsebench.bench.cases import cases_from_model
 from sparsebench.bench.measure import TimingSettings, relative_error
 from sparsebench.bench.network import backend_network, check_network, network_input, reference_network, time_networks
@@ -148,7 +148,8 @@ def _networks(plan, names: List[str], model: nn.Module, cases, folded: List[str]
         for key, layers in variants.items():
             nets[key] = backend_network(model, layers, plan.device, folded)
             prepared[key] = next(iter(layers.values()))
-            errors[key] = check_network(name, nets[key], prepared[key], x, ref, batch)
+            label = f"{name} ({prepared[key].layout})" if len(variants) > 1 else name
+            errors[key] = check_network(label, nets[key], prepared[key], x, ref, batch)
     return nets, prepared, errors
 
 
@@ -159,8 +160,8 @@ def _keep_faster_layout(name: str, timings: Dict[str, Any], prepared: Dict[str, 
     other = timings.pop(key, None)
     if name not in timings:
         return None
-    if other is not None and other.median_us < timings[name].median_us:
+    if other is not None and faster_layout(timings[name].median_us, other.median_us):
         timings[name], errors[name] = other, errors[key]
     else:
         key = name
-    return "nhwc" if prepared[key].channels_last else "nchw"
+    return prepared[key].layout

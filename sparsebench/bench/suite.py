@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported, mask_dependent
+from sparsebench.bench.backends import BACKENDS, Prepared, Unsupported, faster_layout, mask_dependent
 from sparsebench.bench.cases import LayerCase, thin
 from sparsebench.bench.measure import (
     TimingSettings,
@@ -106,20 +106,28 @@ class LayerBench:
             self._references[key] = (weight, x, reference_output(case, weight, x, self.device))
         return self._references[key][2]
 
-    def _measure(self, name: str, case: LayerCase, batch: int, inputs) -> Optional[Dict[str, Any]]:
-        """The backend's row; where it has another layout, the faster of the two (its ``layout`` says which)."""
+    def _measure(
+        self, name: str, case: LayerCase, batch: int, inputs, layout: Optional[str] = None
+    ) -> Optional[Dict[str, Any]]:
+        """The backend's row; where it has another layout, the faster of the two (its ``layout`` says
+        which), or the one named by ``layout``."""
         prepared = self.prepare(name, case)
         if prepared is None:
             return None
-        row = self._row(name, case, batch, inputs, prepared)
-        if prepared.other_layout is not None:
-            other = self._row(name, case, batch, inputs, prepared.other_layout())
-            if other["time_us"] < row["time_us"]:
-                row = other
-        return row
+        if prepared.other_layout is None:
+            return self._row(name, case, batch, inputs, prepared)
+        other = prepared.other_layout()
+        if layout is not None:
+            return self._row(name, case, batch, inputs, other if other.layout == layout else prepared, True)
+        row = self._row(name, case, batch, inputs, prepared, True)
+        other_row = self._row(name, case, batch, inputs, other, True)
+        return other_row if faster_layout(row["time_us"], other_row["time_us"]) else row
 
-    def _row(self, name: str, case: LayerCase, batch: int, inputs, prepared: Prepared) -> Dict[str, Any]:
-        error = check(case, name, prepared, inputs[0], batch, self._reference(case, prepared.weight, inputs[0]))
+    def _row(
+        self, name: str, case: LayerCase, batch: int, inputs, prepared: Prepared, named_layout: bool = False
+    ) -> Dict[str, Any]:
+        label = f"{name} ({prepared.layout})" if named_layout else name  # which layout, should one be wrong
+        error = check(case, label, prepared, inputs[0], batch, self._reference(case, prepared.weight, inputs[0]))
         timing = time_prepared(prepared, inputs, self.device, self.settings)
         row = result_row(case, name, batch, timing, prepared, error, self.peak_tflops)
         return {**row, **prepared.columns()}
@@ -179,7 +187,7 @@ class LayerBench:
             bias=case.bias,
         )
         thinned.weight = thinned.packed.dequantize()
-        second = self._measure(self.plan.sparse, thinned, batch, inputs)
+        second = self._measure(self.plan.sparse, thinned, batch, inputs, layout=row.get("layout"))  # the same layout
         points = [(case.packed.nnz, row["time_us"]), (thinned.packed.nnz, second["time_us"])]
         numel = case.packed.out_channels * case.packed.row_length
         for name, t in baseline_times.items():
