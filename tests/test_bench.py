@@ -365,7 +365,6 @@ def _two_layout_backend(slow_layout: str):
             act_bytes=4,
             sparse=True,
             channels_last=layout == "nhwc",
-            columns=lambda: {"layout": layout},
             other_layout=(lambda: prepare(case, device, activations, False)) if primary_conv else None,
         )
 

@@ -90,13 +90,19 @@ def test_autotune_off_runs_the_rule(monkeypatch):
     assert rows[0]["backend"] == "direct_sparse" and rows[0]["kernel_plan"] == -1
 
 
-def test_fp16_network_of_ours_runs_in_its_faster_layout():
+def sparse_vgg16() -> torch.nn.Module:
+    """A quarter-width VGG-16 on the GPU with 90% of each weight layer zeroed at random."""
     torch.manual_seed(0)
     model = build_model("vgg16", in_channels=3, num_classes=10, image_size=32, width=0.25).to(GPU).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                 m.weight.mul_((torch.rand_like(m.weight) >= 0.9).float())
+    return model
+
+
+def test_fp16_network_of_ours_runs_in_its_faster_layout():
+    model = sparse_vgg16()
     backend, bench = cfgs("fp16", batch_sizes=[1], baselines=["cudnn_fp16"], layers=False)
     _, metrics = benchmark_model(backend, bench, model, None, torch.randn(4, 3, 32, 32, device=GPU), GPU)
     assert metrics["network_layout/direct_sparse/b1"] in ("nchw", "nhwc") and metrics["bench/graphs"] is True
@@ -105,12 +111,7 @@ def test_fp16_network_of_ours_runs_in_its_faster_layout():
 
 
 def test_benchmark_model_on_gpu_uses_cuda_graphs_on_both_sides():
-    torch.manual_seed(0)
-    model = build_model("vgg16", in_channels=3, num_classes=10, image_size=32, width=0.25).to(GPU).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                m.weight.mul_((torch.rand_like(m.weight) >= 0.9).float())
+    model = sparse_vgg16()
     backend, bench = cfgs(batch_sizes=[1, 8], baselines=["cudnn_fp32", "cudnn_fp16", "torch_csr"])
     rows, metrics = benchmark_model(backend, bench, model, None, torch.randn(4, 3, 32, 32, device=GPU), GPU)
     assert metrics["bench/graphs"] is True and metrics["bench/backend"] == "direct_sparse"

@@ -259,19 +259,19 @@ def _direct_sparse(
         sparse=True,
         dtype=dtype,
         channels_last=channels_last,
-        columns=lambda: {**_tuned_plan(layer), "layout": "nhwc" if channels_last else "nchw"},
+        columns=lambda: _tuned_plan(layer),
         other_layout=other,
     )
 
 
 def _tuned_plan(layer) -> Dict[str, object]:
-    """The plan the autotuner chose for the one input this layer ran on (-1: the rule), its kernel and layout."""
+    """The plan the autotuner chose for the one input this layer ran on (-1: the rule) and its kernel."""
     plans = set(layer.tuned_plans.items())
     if len(plans) != 1:
-        return {"kernel_plan": -1, "kernel": None, "layout": None}
+        return {"kernel_plan": -1, "kernel": None}
     (shape, dtype, _, channels_last), plan = plans.pop()
     name = plan_name(kernel_plan(shape, layer, plan=plan, dtype=dtype, channels_last=channels_last))
-    return {"kernel_plan": plan, "kernel": name, "layout": "nhwc" if channels_last else "nchw"}
+    return {"kernel_plan": plan, "kernel": name}
 
 
 register(

@@ -143,6 +143,7 @@ def result_row(
         "gflops": round(tflops * 1e3, 3) if tflops is not None else None,
         "peak_share": float(f"{tflops / peak_tflops:.4g}") if tflops is not None and peak_tflops else None,
         "max_rel_error": float(f"{error:.3g}"),
+        "layout": prepared.layout,  # the activations' layout the backend ran in
     }
 
 

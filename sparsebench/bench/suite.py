@@ -116,11 +116,11 @@ class LayerBench:
             return None
         if prepared.other_layout is None:
             return self._row(name, case, batch, inputs, prepared)
-        other = prepared.other_layout()
         if layout is not None:
-            return self._row(name, case, batch, inputs, other if other.layout == layout else prepared, True)
+            chosen = prepared if prepared.layout == layout else prepared.other_layout()
+            return self._row(name, case, batch, inputs, chosen, True)
         row = self._row(name, case, batch, inputs, prepared, True)
-        other_row = self._row(name, case, batch, inputs, other, True)
+        other_row = self._row(name, case, batch, inputs, prepared.other_layout(), True)
         return other_row if faster_layout(row["time_us"], other_row["time_us"]) else row
 
     def _row(
