@@ -345,7 +345,8 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
 
-  const int KK = a.KH * a.KW;
+  // A tap code is ci << 2*kb | kh << kb | kw (sparsebench.h): split with shifts and masks.
+  const int kb = 32 - __clz(max(a.KH, a.KW) - 1), kmask = (1 << kb) - 1;
   uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("" : "+r"(sbase));  // keep it in a register: nvcc would rebuild it (an S2R) in the k-loop
 #pragma unroll
@@ -371,7 +372,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     stage_input<T>(a, t, smem, c0, ccn, n0, oh0, ow0);
     __syncthreads();
     if (!live) continue;
-    const int col_hi = (c0 + ccn) * KK;
+    const int col_hi = (c0 + ccn) << (2 * kb);  // the first code of the next chunk's channels
     // This chunk's k-steps are [s_cur, s_stop): those whose first tap lies before col_hi.
     int s_stop = s_cur;
     for (;;) {
@@ -433,9 +434,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     uint32_t b[2][2], tap;
     bool in;
     auto decode_step = [&]() {
-      const int ci = t.div_KK.div(col), rem = col - ci * KK;
-      const int kh = t.div_KW.div(rem), kw = rem - kh * a.KW;
-      const int cc = ci - c0;
+      const int cc = (col >> (2 * kb)) - c0, kh = (col >> kb) & kmask, kw = col & kmask;
       in = static_cast<unsigned>(cc) < static_cast<unsigned>(ccn);
       tap = static_cast<uint32_t>(cc * t.CSTRIDE + (kw * kw_rows + kh) * t.PITCH) * 16u;
       vals.decode(raw, b);
@@ -443,6 +442,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     read_step(0);
     decode_step();
     int stage = 0;
+#pragma unroll 2
     for (int s = s0; s < s_stop; s += t.warps_k) {
       uint32_t af[MT][4];
 #pragma unroll

@@ -304,8 +304,6 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   t.div_NC = FastDiv(NC);
   t.div_RH = FastDiv(RH);
   t.div_NB = FastDiv(NB);
-  t.div_KW = FastDiv(a.KW);
-  t.div_KK = FastDiv(a.KH * a.KW);
   t.div_OW = FastDiv(a.OW);
   t.div_TH = FastDiv(TH);
   t.div_CC = FastDiv(t.CC);

@@ -34,7 +34,7 @@ struct TensorCfg {
   int zero_unit;  // a 16-byte unit of zeros: the row masked taps read
   int ring;       // byte offset of the warps' weight rings (kTensorStages k-steps each, ring_stage bytes a step)
   int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights, then its 16 taps (16-byte multiple)
-  FastDiv div_NC, div_RH, div_NB, div_KW, div_KK, div_OW, div_TH, div_CC, div_tiles_w, div_tiles_h;
+  FastDiv div_NC, div_RH, div_NB, div_OW, div_TH, div_CC, div_tiles_w, div_tiles_h;
 };
 
 constexpr int kTensorWarps = 8;

@@ -46,7 +46,9 @@ struct ConvArgs {
   // each with its condensed taps (the flat columns any of its channels uses), kTileK per k-step.
   const int32_t* tile_rows = nullptr;  // [groups * 16]: the output channel of each slot, -1 for none
   const int32_t* tile_kptr = nullptr;  // [groups + 1]: each group's first tap, multiples of kTileK
-  const void* tile_cols = nullptr;     // [tile_kptr[groups]] flat columns, sorted per group; uint16 or int32
+  // [tile_kptr[groups]] each group's taps, ascending, as codes ci << 2b | kh << b | kw with b the bits
+  // of the larger kernel side minus one (b = 0 for 1x1: the code is ci); uint16 or int32.
+  const void* tile_cols = nullptr;
   int tile_col_bits = 16;
   int groups = 0;
   int64_t tile_steps = 0;              // tile_kptr[groups] / kTileK (a planning hint; 0 = unknown)

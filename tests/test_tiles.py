@@ -19,6 +19,9 @@ from sparsebench.sparse.tiles import (
     group_channels,
     stream_kind,
     stream_to_dense,
+    tap_bits,
+    tap_code_dtype,
+    tap_codes,
 )
 
 VALUES = [
@@ -137,3 +140,28 @@ def test_check_tiles_refuses_a_missing_tap():
     layer.tile_cols = broken
     with pytest.raises(ValueError, match="missing from its group's taps"):
         check_tiles(layer, "conv")
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((40, 19, 3, 3), torch.int16),  # 2 bits for kh and kw: ci << 4
+        ((24, 130, 1, 1), torch.int16),  # 1x1: the code is ci
+        ((16, 9, 7, 7), torch.int16),  # 3 bits each
+        ((16, 5, 1, 11), torch.int16),  # a 1x11 kernel: 4 bits each, kh always 0
+        ((16, 4100, 3, 3), torch.int32),  # 4100 << 4 does not fit 16 bits (4096 << 4 would, just)
+    ],
+)
+def test_tap_codes_split_into_the_columns_channel_row_and_tap(shape, dtype):
+    layer = random_layer(shape, 0.9, value="float16", padding=shape[2] // 2, seed=2)
+    _, cin, kh_n, kw_n = shape
+    b = tap_bits((kh_n, kw_n))
+    codes = tap_codes(layer)
+    assert codes.dtype == dtype == tap_code_dtype(layer) and codes.shape == layer.tile_cols.shape
+    c = unsigned(codes)
+    ci, kh, kw = c >> (2 * b), (c >> b) & ((1 << b) - 1), c & ((1 << b) - 1)
+    assert torch.equal((ci * kh_n + kh) * kw_n + kw, unsigned(layer.tile_cols))  # every tap decodes back
+    assert int(ci.max()) < cin and int(kh.max()) < kh_n and int(kw.max()) < kw_n
+    kptr = layer.tile_kptr.tolist()
+    for g in range(len(kptr) - 1):  # still ascending in each group: the kernels' chunk bounds compare codes
+        assert bool((c[kptr[g] + 1 : kptr[g + 1]] >= c[kptr[g] : kptr[g + 1] - 1]).all())

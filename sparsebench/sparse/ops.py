@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sparsebench.errors import ConfigError
 from sparsebench.sparse.format import PackedLayer, check_layer
-from sparsebench.sparse.tiles import FragmentStream, fragment_stream, stream_kind
+from sparsebench.sparse.tiles import FragmentStream, fragment_stream, stream_kind, tap_code_dtype
 from sparsebench.sparse.timing import time_cuda
 
 try:  # the compiled module is optional: CPU-only installs have none
@@ -164,7 +164,7 @@ class _Weights(NamedTuple):
     bias: Optional[torch.Tensor]
     tile_rows: Optional[torch.Tensor]
     tile_kptr: Optional[torch.Tensor]
-    tile_cols: Optional[torch.Tensor]
+    tile_cols: Optional[torch.Tensor]  # the taps as the kernels read them: tiles.tap_codes
     tc_values: Optional[torch.Tensor]
     tc_codebook: Optional[torch.Tensor]
 
@@ -424,7 +424,7 @@ def _stream(x: torch.Tensor, layer: PackedLayer) -> Optional[FragmentStream]:
 
 
 def _weights(layer: PackedLayer, stream: Optional[FragmentStream]) -> _Weights:
-    tiles = (layer.tile_rows, layer.tile_kptr, layer.tile_cols) if stream is not None else (None, None, None)
+    tiles = (layer.tile_rows, layer.tile_kptr, stream.taps) if stream is not None else (None, None, None)
     return _Weights(
         layer.rowptr,
         layer.colidx,
@@ -618,9 +618,8 @@ def _planner(
     # Planning reads no memory: the layer's tensors (on any device) and a stand-in for the stream.
     stand_in = torch.empty(1)
     csr = _weights(layer, None)[:8]
-    stand_in = _Weights(
-        *csr, *((layer.tile_rows, layer.tile_kptr, layer.tile_cols, stand_in, stand_in) if tiled else (None,) * 5)
-    )
+    taps = torch.empty(layer.tile_cols.numel(), dtype=tap_code_dtype(layer)) if tiled else None  # their size
+    stand_in = _Weights(*csr, *((layer.tile_rows, layer.tile_kptr, taps, stand_in, stand_in) if tiled else (None,) * 5))
     args = _conv_args(
         x,
         x,

@@ -9,7 +9,8 @@ them (stored in the packed file since format version 2, built on load for older 
   Channels with similar masks share a group (``group_channels``), so the groups' tap lists are short.
 - ``tile_kptr`` int32 [groups+1]: where each group's taps start; every count a multiple of 16 (the MMA's K).
 - ``tile_cols`` [tile_kptr[-1]]: the taps, ascending within a group, padded by repeating the last tap
-  (its weights are zero); int16 read as unsigned 16 bits like ``colidx``, or int32.
+  (its weights are zero); int16 read as unsigned 16 bits like ``colidx``, or int32. The kernels read
+  them as tap codes (``tap_codes``), which split without a division.
 
 The weights the kernels read are derived from these and the CSR values at run time (``fragment_stream``):
 each k-step's 16 taps x 16 channels in the lane order of the MMA's B fragment, as values in the
@@ -23,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from sparsebench.sparse.codes import pack_codes, unpack_codes, unsigned
+from sparsebench.sparse.codes import INDEX16_LIMIT, pack_codes, unpack_codes, unsigned
 
 TILE_ROWS = 16  # output channels per group: two m16n8k16 MMAs wide
 TILE_K = 16  # taps per k-step: the MMA's K
@@ -130,13 +131,14 @@ class FragmentStream:
     kind: int  # TC_HALF | TC_LINEAR | TC_CODEBOOK
     values: torch.Tensor  # [steps * 32 * 8] dtype values, or [steps * 32 * bits] uint8 codes
     codebook: Optional[torch.Tensor] = None  # TC_CODEBOOK: levels with a zero, [levels] or [CO, levels]
+    taps: Optional[torch.Tensor] = None  # tile_cols as tap codes (tap_codes), what the kernels read
 
     @property
     def codebook_stride(self) -> int:
         return self.codebook.shape[-1] if self.codebook is not None and self.codebook.dim() == 2 else 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.codebook) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.values, self.codebook, self.taps) if t is not None)
 
 
 def _positions(layer) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +199,30 @@ def stream_kind(layer) -> int:
     return TC_HALF
 
 
+def tap_bits(kernel_size: Tuple[int, int]) -> int:
+    """Bits of kh and of kw in a tap code: enough for the larger kernel side, none for a 1x1 kernel."""
+    return (max(kernel_size) - 1).bit_length()
+
+
+def tap_code_dtype(layer) -> torch.dtype:
+    """int16 (read as unsigned) where the largest tap code fits 16 bits, else int32."""
+    limit = layer.in_channels << (2 * tap_bits(layer.kernel_size))
+    return torch.int16 if limit <= INDEX16_LIMIT else torch.int32
+
+
+def tap_codes(layer) -> torch.Tensor:
+    """``tile_cols`` as the kernels read them: each flat column ``(ci*KH + kh)*KW + kw`` as
+    ``ci << 2b | kh << b | kw`` (b = ``tap_bits``), so a kernel splits a tap with shifts and masks instead
+    of two divisions. Codes ascend as the columns do, so a group's taps stay sorted; in
+    ``tap_code_dtype`` and on the layer's device."""
+    kh_n, kw_n = layer.kernel_size
+    b = tap_bits(layer.kernel_size)
+    cols = unsigned(layer.tile_cols)
+    ci, rem = cols // (kh_n * kw_n), cols % (kh_n * kw_n)
+    codes = (ci << (2 * b)) | ((rem // kw_n) << b) | (rem % kw_n)
+    return codes.to(torch.int32).to(tap_code_dtype(layer))  # int16 wraps past 32767: read as unsigned
+
+
 def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
     """Build the tensor-core weight stream of ``layer`` (on its device) for activations of ``dtype``.
 
@@ -229,10 +255,10 @@ def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
             ch = layer.tile_rows.to(torch.int64)[step_group.view(-1, 1) * TILE_ROWS + slot.view(1, -1)]
             stream = torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
             stream[elem] = codes
-            return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book)
+            return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book, tap_codes(layer))
     values = torch.zeros(total, dtype=torch.float32, device=dev)
     values[elem] = layer.nonzero_values()
-    return FragmentStream(TC_HALF, values.to(dtype))
+    return FragmentStream(TC_HALF, values.to(dtype), taps=tap_codes(layer))
 
 
 def _slot_of_lane_value() -> torch.Tensor:
