@@ -227,12 +227,22 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
       const bool live = row_in && n < a.N;
       const unsigned short* __restrict__ row = x + (live ? row_base(n) : 0);
       const int iw0 = ow0 + 8 * c - a.pad;
+      // Columns [iw0, end) are loaded: inside the image and the window; one unsigned compare a column.
+      const int end = live ? max(0, min(a.W, iw0 + 7 + a.KW)) : 0;
       unsigned short w[8 + kWindowKW - 1];
+      if (nhwc) {
 #pragma unroll
-      for (int j = 0; j < 8 + kWindowKW - 1; ++j) {
-        const int iw = iw0 + j;
-        const bool in = live && j < 7 + a.KW && static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
-        w[j] = in ? __ldg(row + iw * col_step) : static_cast<unsigned short>(0);
+        for (int j = 0; j < 8 + kWindowKW - 1; ++j) {
+          const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
+          w[j] = in ? __ldg(row + (iw0 + j) * col_step) : static_cast<unsigned short>(0);
+        }
+      } else {  // one base pointer, the columns at fixed offsets from it
+        const unsigned short* __restrict__ at = row + iw0;
+#pragma unroll
+        for (int j = 0; j < 8 + kWindowKW - 1; ++j) {
+          const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
+          w[j] = in ? __ldg(at + j) : static_cast<unsigned short>(0);
+        }
       }
 #pragma unroll
       for (int kw = 0; kw < kWindowKW; ++kw) {
