@@ -230,11 +230,12 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
       // Columns [iw0, end) are loaded: inside the image and the window; one unsigned compare a column.
       const int end = live ? max(0, min(a.W, iw0 + 7 + a.KW)) : 0;
       unsigned short w[8 + kWindowKW - 1];
-      if (nhwc) {
+      if (nhwc) {  // a running pointer, a channel count apart
+        const unsigned short* __restrict__ at = row + iw0 * col_step;
 #pragma unroll
-        for (int j = 0; j < 8 + kWindowKW - 1; ++j) {
+        for (int j = 0; j < 8 + kWindowKW - 1; ++j, at += col_step) {
           const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
-          w[j] = in ? __ldg(row + (iw0 + j) * col_step) : static_cast<unsigned short>(0);
+          w[j] = in ? __ldg(at) : static_cast<unsigned short>(0);
         }
       } else {  // one base pointer, the columns at fixed offsets from it
         const unsigned short* __restrict__ at = row + iw0;
