@@ -48,6 +48,7 @@ void check_args(const ConvArgs& a) {
       (a.codebook_stride > 0 && (a.value_kind != kValCodebook || a.codebook_stride > (1 << a.bits))))
     throw std::invalid_argument("codebook_stride: expected 0 (one codebook for the layer) or 1..2**bits (the levels of each row's codebook)");
   if (a.tc_codebook_stride < 0) throw std::invalid_argument("tc_codebook_stride: expected >= 0");
+  if (a.tc_pairs != 0 && a.tc_pairs != 1) throw std::invalid_argument("tc_pairs: expected 0 (the dense-MMA stream) or 1 (the 2:4 stream)");
   if (a.stride < 1 || a.pad < 0 || a.KH < 1 || a.KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
   if (a.N < 0 || a.C < 0 || a.H < 0 || a.W < 0 || a.CO < 0 || a.OH < 0 || a.OW < 0 || a.groups < 0)
     throw std::invalid_argument("N, C, H, W, CO, OH, OW and groups must be >= 0");
@@ -73,6 +74,7 @@ py::dict knobs_dict(const Tuning& t) {
   d["tc_warps_k"] = t.tc_warps_k;
   d["tc_smem_budget"] = t.tc_smem_budget;
   d["tc_pack_images"] = t.tc_pack_images;
+  d["tc_pairs"] = t.tc_pairs;
   return d;
 }
 
@@ -99,6 +101,7 @@ py::dict plan_dict(const Plan& p) {
   d["warps_k"] = p.warps_k;
   d["warps_g"] = p.warps_g;
   d["P"] = p.P;
+  d["pairs"] = p.pairs;
   d["NB"] = p.NB;
   d["TWp"] = p.TWp;
   return d;
@@ -140,7 +143,7 @@ PYBIND11_MODULE(_C, m) {
   SB_FIELD(N); SB_FIELD(C); SB_FIELD(H); SB_FIELD(W); SB_FIELD(CO); SB_FIELD(KH); SB_FIELD(KW);
   SB_FIELD(stride); SB_FIELD(pad); SB_FIELD(OH); SB_FIELD(OW);
   SB_FIELD(col_bits); SB_FIELD(value_kind); SB_FIELD(bits); SB_FIELD(codebook_stride); SB_FIELD(relu);
-  SB_FIELD(tile_col_bits); SB_FIELD(groups); SB_FIELD(tile_steps); SB_FIELD(tc_kind); SB_FIELD(tc_codebook_stride);
+  SB_FIELD(tile_col_bits); SB_FIELD(groups); SB_FIELD(tile_steps); SB_FIELD(tc_kind); SB_FIELD(tc_codebook_stride); SB_FIELD(tc_pairs);
   SB_FIELD(variant); SB_FIELD(nnz); SB_FIELD(max_row); SB_FIELD(plan);
 #undef SB_FIELD
 
@@ -184,13 +187,24 @@ PYBIND11_MODULE(_C, m) {
       },
       "The plans an autotuner may time, by id: each the current knobs with a few changed, and a kernel.");
 
+  m.def(
+      "plan_pairs",
+      [](int plan) {
+        Tuning t = tuning();
+        int variant = kAuto;
+        if (plan >= 0 && !plan_candidate(plan, t, variant)) throw std::invalid_argument("plan: no such candidate");
+        return t.tc_pairs;
+      },
+      "Whether candidate `plan` (-1: the rule) runs the tensor cores on the 2:4 stream (ConvArgs.tc_pairs).",
+      py::arg("plan"));
+
   m.def("plan_candidate_count", &plan_candidate_count, "How many candidate plans there are (ids 0..count-1).");
 
   m.def(
       "set_tuning",
       [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width,
          int rowsplit_warps_per_row, int stage_v, int min_rows, int tc_mt, int tc_pixels, int tc_warps_k,
-         int tc_smem_budget, int tc_pack_images) {
+         int tc_smem_budget, int tc_pack_images, int tc_pairs) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         if (rowsplit_warps_per_row != 0 && rowsplit_warps_per_row != 1 && rowsplit_warps_per_row != 2 &&
@@ -219,12 +233,13 @@ PYBIND11_MODULE(_C, m) {
         t.tc_warps_k = tc_warps_k;
         t.tc_smem_budget = tc_smem_budget;
         t.tc_pack_images = tc_pack_images ? 1 : 0;
+        t.tc_pairs = tc_pairs ? 1 : 0;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
       py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0, py::arg("stage_v") = 0,
       py::arg("min_rows") = 32, py::arg("tc_mt") = 4, py::arg("tc_pixels") = 128, py::arg("tc_warps_k") = 1,
-      py::arg("tc_smem_budget") = 96 * 1024, py::arg("tc_pack_images") = 1);
+      py::arg("tc_smem_budget") = 96 * 1024, py::arg("tc_pack_images") = 1, py::arg("tc_pairs") = 0);
 
   m.def("get_tuning", []() { return knobs_dict(tuning()); });
 
@@ -239,7 +254,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime"] = cuda_runtime_version();
     d["cuda_driver"] = cuda_driver_version();
     d["kernels"] = py::make_tuple("conv_stage<V=1,2,4; LINEAR>", "conv_rowsplit<P=16; WPR=1,2,4; CONTIGUOUS>",
-                                  "conv_tensor<fp16,bf16; MT=1,2,4,8; values,linear,codebook 8/4/2-bit>");
+                                  "conv_tensor<fp16,bf16; MT=1,2,4,8; dense or 2:4 sparse MMAs; values,linear,codebook 8/4/2-bit>");
     return d;
   });
 }

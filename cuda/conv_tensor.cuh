@@ -18,6 +18,10 @@
 // with PITCH and CSTRIDE odd, so the 8 taps of one ldmatrix matrix tend to fall in different banks.
 // A k-step whose taps span two chunks runs in both, its taps outside the staged chunk reading a zero
 // unit. Padding slots of a group (fewer than 16 channels) compute garbage that is never stored.
+//
+// With the 2:4 stream (SP, ConvArgs::tc_pairs) the roles turn: the weights are the sparse A of
+// mma.sp.m16n8k32 (16 channels x 32 taps, at most two nonzeros a row in each chunk of four, stored as
+// those and their positions), the pixels B (32 taps x 8 pixels, one ldmatrix.x4.trans, lane l at tap l).
 #pragma once
 #include <cstdint>
 
@@ -53,6 +57,29 @@ template <> struct Mma<__nv_bfloat16> {
   }
 };
 
+// The sparse MMA: A (16 channels x 32 taps, at most two nonzeros in each row's chunk of four) stored as
+// its nonzeros (a, the m16n8k16 A layout) and their positions (e: lanes 4g and 4g + 1 of each quad, the
+// selector 0); B (32 taps x 8 pixels) as four registers, b[j] taps 8j + 2q, 8j + 2q + 1 of pixel g.
+template <typename T> struct MmaSp;
+
+template <> struct MmaSp<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  }
+};
+
+template <> struct MmaSp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  }
+};
+
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -84,6 +111,7 @@ struct HalfStream {
   __device__ __forceinline__ Raw read(const char* step, int lane) const {
     return *reinterpret_cast<const uint4*>(step + lane * kLaneBytes);
   }
+  template <bool SP>
   __device__ __forceinline__ void decode(const Raw& r, uint32_t (&b)[2][2]) const {
     b[0][0] = r.x;
     b[0][1] = r.y;
@@ -132,13 +160,16 @@ struct CodeStream {
   __device__ __forceinline__ Raw read(const char* step, int lane) const {
     return *reinterpret_cast<const Raw*>(step + lane * kLaneBytes);
   }
+  // SP: the 2:4 stream, whose value v belongs to row (v >> 1) & 1 (slot g or g + 8; else v >> 2).
+  template <bool SP>
   __device__ __forceinline__ void decode(const Raw& r, uint32_t (&b)[2][2]) const {
     const uint64_t w = CodeWord<BITS>::widen(r);
     float f[8];
 #pragma unroll
     for (int v = 0; v < 8; ++v) {
       const int code = static_cast<int>((w >> (BITS * v)) & ((1u << BITS) - 1));
-      f[v] = BOOK ? __ldg(lv[v >> 2] + code) : static_cast<float>(code) - zero[v >> 2];
+      const int row = SP ? (v >> 1) & 1 : v >> 2;
+      f[v] = BOOK ? __ldg(lv[row] + code) : static_cast<float>(code) - zero[row];
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -310,8 +341,13 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
   }
 }
 
-template <typename T, int MT, class Values>
+// SP: the 2:4 stream (sparsebench/sparse/pairs.py) on mma.sp.m16n8k32: a k-step is 32 taps, the weights
+// are A (16 channels x 32 taps, half of them stored) and the pixels B, one ldmatrix.x4.trans (32 taps x 8
+// pixels) and one MMA per n8 pixel tile: the warp's 16 * MT pixels are 2 * MT such tiles.
+template <typename T, int MT, bool SP, class Values>
 __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const ConvArgs a, const TensorCfg t, Values vals) {
+  constexpr int kK = SP ? kPairK : kTileK;  // taps a k-step
+  constexpr int kPix = SP ? 2 * MT : MT;   // ldmatrix a k-step: m16 tiles, or n8 tiles with SP
   extern __shared__ uint4 smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp % t.warps_m;
@@ -327,12 +363,13 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   const int group = blockIdx.y * t.warps_g + warp_g;
   const bool live = group < a.groups;
 
-  // This lane's ldmatrix row: tap 8*(lane/16) + lane%8 of the k-step, pixel half (lane/8)%2 of each m16 tile.
-  const int tap_lane = 8 * (lane >> 4) + (lane & 7);
-  uint32_t pix[MT];  // shared address of its first unit (channel 0, copy 0), set below
+  // This lane's ldmatrix row: tap 8*(lane/16) + lane%8 of the k-step, pixel half (lane/8)%2 of each m16
+  // tile; with SP tap `lane` of the k-step, n8 tile i (pixel group 2 * warp_m * MT + i).
+  const int tap_lane = SP ? lane : 8 * (lane >> 4) + (lane & 7);
+  uint32_t pix[kPix];  // shared address of its first unit (channel 0, copy 0), set below
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    const int pg = 2 * (warp_m * MT + i) + ((lane >> 3) & 1);
+  for (int i = 0; i < kPix; ++i) {
+    const int pg = SP ? 2 * warp_m * MT + i : 2 * (warp_m * MT + i) + ((lane >> 3) & 1);
     const PixelGroup p = pixel_group(t, pg < t.PG ? pg : 0);
     pix[i] = (p.band * t.RH + p.th * a.stride) * t.PITCH + p.c;
   }
@@ -344,8 +381,8 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
 
   int s_cur = 0, s_last = 0;  // k-steps: tile_kptr is int32
   if (live) {
-    s_cur = __ldg(a.tile_kptr + group) / kTileK;
-    s_last = __ldg(a.tile_kptr + group + 1) / kTileK;
+    s_cur = __ldg(a.tile_kptr + group) / kK;
+    s_last = __ldg(a.tile_kptr + group + 1) / kK;
   }
 
   float acc[MT][2][4];
@@ -361,20 +398,21 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("" : "+r"(sbase));  // keep it in a register: nvcc would rebuild it (an S2R) in the k-loop
 #pragma unroll
-  for (int i = 0; i < MT; ++i) pix[i] = sbase + pix[i] * 16u;
+  for (int i = 0; i < kPix; ++i) pix[i] = sbase + pix[i] * 16u;
   const uint32_t zero_addr = sbase + static_cast<uint32_t>(t.zero_unit) * 16u;
   const int kw_rows = t.NB * t.RH;
   if (tid == 0) smem[t.zero_unit] = make_uint4(0, 0, 0, 0);
-  // This warp's ring of k-steps: the weights of 32 lanes (b_bytes), then the step's 16 taps.
+  // This warp's ring of k-steps: the weights of 32 lanes (b_bytes: values, then with SP metadata words),
+  // then the step's kK taps.
   char* ring = reinterpret_cast<char*>(smem) + t.ring + warp * kTensorStages * t.ring_stage;
   const uint32_t ring_addr = sbase + static_cast<uint32_t>(t.ring + warp * kTensorStages * t.ring_stage);
   // The ring starts zeroed: the step after a warp's last is read and decoded (never used) from a stage
   // no fetch may have written, and a codebook decode indexes memory with its codes (zero is a level).
   for (int q = lane; q < kTensorStages * t.ring_stage / 16; q += 32) reinterpret_cast<uint4*>(ring)[q] = uint4{};
   __syncwarp();
-  constexpr int b_bytes = 32 * Values::kLaneBytes;
+  constexpr int b_bytes = 32 * (Values::kLaneBytes + (SP ? 4 : 0));
   const int col_bytes = a.tile_col_bits / 8;
-  const int b_units = b_bytes / 16, units = b_units + kTileK * col_bytes / 16;  // a k-step's 16-byte units (<= 36)
+  const int b_units = b_bytes / 16, units = b_units + kK * col_bytes / 16;  // a k-step's 16-byte units (<= 48)
   const char* cols = static_cast<const char*>(a.tile_cols);
 
   for (int chunk = 0, c0 = 0; chunk < t.chunks; ++chunk, c0 += t.CC) {
@@ -388,7 +426,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     int s_stop = s_cur;
     for (;;) {
       const int s = s_stop + lane;
-      const bool beyond = s >= s_last || tile_col(a, s * kTileK) >= col_hi;
+      const bool beyond = s >= s_last || tile_col(a, s * kK) >= col_hi;
       const unsigned m = __ballot_sync(0xffffffffu, beyond);
       if (m) {
         s_stop += __ffs(m) - 1;
@@ -410,7 +448,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       src_live[h] = q < units;
       const bool weight = q < b_units;
       const char* base = weight ? vals.bytes + q * 16 : cols + (q - b_units) * 16;
-      const int64_t per_step = weight ? b_bytes : kTileK * col_bytes;
+      const int64_t per_step = weight ? b_bytes : kK * col_bytes;
       src[h] = base + static_cast<int64_t>(s0) * per_step;
       src_inc[h] = per_step * t.warps_k;
     }
@@ -433,11 +471,13 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     // a stale stage, never used.
     typename Values::Raw raw;
     int col;
+    uint32_t meta_next = 0, meta = 0;
     auto read_step = [&](int stage) {  // the step in `stage` has landed: at most kTensorStages - 2 pending
       cp_async_wait<kTensorStages - 2>();
       __syncwarp();
       const char* here = ring + stage * t.ring_stage;
       raw = vals.read(here, lane);
+      if (SP) meta_next = reinterpret_cast<const uint32_t*>(here + 32 * Values::kLaneBytes)[lane];
       col = col_bytes == 2 ? static_cast<int>(reinterpret_cast<const uint16_t*>(here + b_bytes)[tap_lane])
                            : reinterpret_cast<const int32_t*>(here + b_bytes)[tap_lane];
       __syncwarp();  // every lane has read the stage before a later fetch refills it
@@ -448,30 +488,39 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       const int cc = (col >> (2 * kb)) - c0, kh = (col >> kb) & kmask, kw = col & kmask;
       in = static_cast<unsigned>(cc) < static_cast<unsigned>(ccn);
       tap = static_cast<uint32_t>(cc * t.CSTRIDE + (kw * kw_rows + kh) * t.PITCH) * 16u;
-      vals.decode(raw, b);
+      vals.template decode<SP>(raw, b);
+      meta = meta_next;
     };
     read_step(0);
     decode_step();
     int stage = 0;
 #pragma unroll 2
     for (int s = s0; s < s_stop; s += t.warps_k) {
-      uint32_t af[MT][4];
+      uint32_t af[kPix][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) ldmatrix_x4_trans(af[i], in ? pix[i] + tap : zero_addr);
+      for (int i = 0; i < kPix; ++i) ldmatrix_x4_trans(af[i], in ? pix[i] + tap : zero_addr);
       // Refill the stage of the step before this one (read two read_steps ago), then read the next step.
       fetch(stage == 0 ? kTensorStages - 1 : stage - 1);
       stage = stage == kTensorStages - 1 ? 0 : stage + 1;
       read_step(stage);
+      if constexpr (SP) {
+        const uint32_t w[4] = {b[0][0], b[0][1], b[1][0], b[1][1]};
 #pragma unroll
-      for (int i = 0; i < MT; ++i)
+        for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) Mma<T>::run(acc[i][j], af[i], b[j][0], b[j][1]);
+          for (int j = 0; j < 2; ++j) MmaSp<T>::run(acc[i][j], w, af[2 * i + j], meta);
+      } else {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) Mma<T>::run(acc[i][j], af[i], b[j][0], b[j][1]);
+      }
       decode_step();
     }
     cp_async_wait<0>();  // no copy may land in the ring after the loop (the next chunk refills it)
     __syncwarp();
     // A step whose last tap lies past this chunk runs again in the next, for its other taps.
-    s_cur = s_stop > s_cur && tile_col(a, s_stop * kTileK - 1) >= col_hi ? s_stop - 1 : s_stop;
+    s_cur = s_stop > s_cur && tile_col(a, s_stop * kK - 1) >= col_hi ? s_stop - 1 : s_stop;
   }
 
   if (t.warps_k > 1) {  // the warps of one group and m-range add their partial sums, in warp order
@@ -499,51 +548,53 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   }
   if (!live) return;
 
-  // Epilogue: accumulator v of (i, j) is pixel row g + 8*(v/2) of m16 tile i, channel slot 8j + 2q + v%2.
+  // Epilogue. Accumulator v of (i, j): without SP pixel row g + 8*(v/2) of m16 tile i, channel slot
+  // 8j + 2q + v%2; with SP pixel 2q + v%2 of n8 tile 2i + j, channel slot g + 8*(v/2). A lane writes
+  // kLanePx pixels of each i, kLaneCh channels each.
   const int g = lane >> 2, q = lane & 3;
-  int ch[2][2];
-  float bias[2][2], scale[2][2];
+  constexpr int kLanePx = SP ? 4 : 2, kLaneCh = SP ? 2 : 4;
+  int ch[kLaneCh];
+  float bias[kLaneCh], scale[kLaneCh];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int c = __ldg(a.tile_rows + group * kTileRows + 8 * j + 2 * q + e);
-      ch[j][e] = c;
-      bias[j][e] = c >= 0 && a.bias ? __ldg(a.bias + c) : 0.f;
-      scale[j][e] = c >= 0 && Values::kScaled ? __ldg(a.scale + c) : 1.f;
-    }
+  for (int k = 0; k < kLaneCh; ++k) {
+    const int slot = SP ? g + 8 * k : 8 * (k >> 1) + 2 * q + (k & 1);
+    const int c = __ldg(a.tile_rows + group * kTileRows + slot);
+    ch[k] = c;
+    bias[k] = c >= 0 && a.bias ? __ldg(a.bias + c) : 0.f;
+    scale[k] = c >= 0 && Values::kScaled ? __ldg(a.scale + c) : 1.f;
+  }
   T* __restrict__ out = static_cast<T*>(a.out);
   const bool nhwc = a.layout == kNHWC;
   const int64_t ch_stride = nhwc ? 1 : static_cast<int64_t>(a.OH) * a.OW;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int pg = 2 * (warp_m * MT + i) + h;
+    for (int x = 0; x < kLanePx; ++x) {
+      const int pg = 2 * (warp_m * MT + i) + (SP ? x >> 1 : x);
       if (pg >= t.PG) continue;
       const PixelGroup p = pixel_group(t, pg);
+      const int col = p.c * 8 + (SP ? 2 * q + (x & 1) : g);
       int n, ow;
-      tile_column(a, t, n0, ow0, p.band, p.c * 8 + g, n, ow);
+      tile_column(a, t, n0, ow0, p.band, col, n, ow);
       const int oh = oh0 + p.th;
-      if (n >= a.N || oh >= a.OH || ow >= a.OW || (t.P > 1 && p.c * 8 + g >= t.OWv)) continue;
+      if (n >= a.N || oh >= a.OH || ow >= a.OW || (t.P > 1 && col >= t.OWv)) continue;
       const int64_t base = nhwc ? ((static_cast<int64_t>(n) * a.OH + oh) * a.OW + ow) * a.CO
                                 : static_cast<int64_t>(n) * a.CO * ch_stride + static_cast<int64_t>(oh) * a.OW + ow;
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (ch[j][e] < 0) continue;
-          float y = acc[i][j][2 * h + e] * scale[j][e] + bias[j][e];
-          if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
-          out[base + ch[j][e] * ch_stride] = from_f32<T>(y);
-        }
+      for (int k = 0; k < kLaneCh; ++k) {
+        if (ch[k] < 0) continue;
+        const float v = SP ? acc[i][x >> 1][2 * k + (x & 1)] : acc[i][k >> 1][2 * x + (k & 1)];
+        float y = v * scale[k] + bias[k];
+        if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
+        out[base + ch[k] * ch_stride] = from_f32<T>(y);
+      }
     }
 }
 
 template <typename T, int MT, class Values>
 std::string launch_values(const ConvArgs& a, const TensorCfg& t, const Values& vals, int64_t smem_bytes,
                           cudaStream_t stream) {
-  auto kernel = conv_tensor_kernel<T, MT, Values>;
+  auto kernel = a.tc_pairs ? conv_tensor_kernel<T, MT, true, Values> : conv_tensor_kernel<T, MT, false, Values>;
   if (smem_bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem_bytes));

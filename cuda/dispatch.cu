@@ -267,7 +267,8 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   // (32 lanes' weights and 16 taps a step); the split-K sums reuse it at the end.
   const int64_t per_channel = (static_cast<int64_t>(a.KW) * NB * RH * PITCH) | 1;
   const int lane_bytes = a.tc_kind == kTcHalf ? 16 : a.bits;
-  const int64_t ring_stage = 32 * lane_bytes + kTileK * (a.tile_col_bits / 8);
+  const int64_t ring_stage =
+      32 * (lane_bytes + (tu.tc_pairs ? 4 : 0)) + (tu.tc_pairs ? kPairK : kTileK) * (a.tile_col_bits / 8);
   const int64_t ring_bytes = static_cast<int64_t>(kTensorWarps) * kTensorStages * ring_stage;
   const int64_t budget = std::min<int64_t>(tu.tc_smem_budget, max_block_smem()) - ring_bytes;
   const int64_t CC = std::min<int64_t>(a.C, (budget / 16 - 1) / per_channel);
@@ -319,6 +320,7 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   p.P = P;
   p.NB = NB;
   p.TWp = TWp;
+  p.pairs = tu.tc_pairs != 0;
   p.TH = TH;
   p.TW = OWv;
   p.NI = NB * P;
@@ -353,7 +355,8 @@ constexpr int kCandPixels[] = {128, 64, 256};
 constexpr int kCandWarpsK[] = {1, 2, 4, 8};
 constexpr int kCandTcBudget[] = {96 * 1024, 192 * 1024};
 constexpr int kCandPack[] = {1, 0};
-constexpr int kTensorCandidates = 4 * 3 * 4 * 2 * 2;
+constexpr int kCandPairs[] = {0, 1};
+constexpr int kTensorCandidates = 4 * 3 * 4 * 2 * 2 * 2;
 }  // namespace
 
 int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates; }
@@ -364,6 +367,8 @@ bool plan_candidate(int id, Tuning& knobs, int& variant) {
   if (id >= kStageCandidates + kRowSplitCandidates) {
     id -= kStageCandidates + kRowSplitCandidates;
     variant = kTensor;
+    knobs.tc_pairs = kCandPairs[id % 2];
+    id /= 2;
     knobs.tc_smem_budget = kCandTcBudget[id % 2];
     id /= 2;
     knobs.tc_pack_images = kCandPack[id % 2];
@@ -446,6 +451,9 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   std::string err;
   if (want_tensor(a, g, tu)) {
     if (tensor_plan(a, tu, p, tc)) {
+      if (a.tc_pairs != tu.tc_pairs)
+        return std::string("tc_pairs: the plan runs on the ") + (tu.tc_pairs ? "2:4 stream (1)" : "dense-MMA stream (0)") +
+               ", the call passed the other";
       err = launch_tensor(a, tc, p.MT, p.smem_bytes, stream);
       if (!err.empty()) return err;
       const cudaError_t e = cudaGetLastError();

@@ -18,6 +18,8 @@ enum TcKind : int { kTcNone = -1, kTcHalf = 0, kTcLinear = 1, kTcCodebook = 2 };
 constexpr int kTileRows = 16;
 // Condensed taps per k-step: the K of one m16n8k16 MMA.
 constexpr int kTileK = 16;
+// Taps per k-step of the 2:4 stream (tc_pairs): the K of one mma.sp.m16n8k32.
+constexpr int kPairK = 32;
 
 // One direct sparse convolution (a linear layer is the 1x1 case on a 1x1 image).
 // x: [N, C, H, W] activations (NCHW, or NHWC memory with layout kNHWC); out: [N, CO, OH, OW] in the
@@ -45,7 +47,7 @@ struct ConvArgs {
   // Tensor-core tiles (null tile_kptr: no tensor-core plan): groups of kTileRows output channels,
   // each with its condensed taps (the flat columns any of its channels uses), kTileK per k-step.
   const int32_t* tile_rows = nullptr;  // [groups * 16]: the output channel of each slot, -1 for none
-  const int32_t* tile_kptr = nullptr;  // [groups + 1]: each group's first tap, multiples of kTileK
+  const int32_t* tile_kptr = nullptr;  // [groups + 1]: each group's first tap, multiples of kTileK (kPairK)
   // [tile_kptr[groups]] each group's taps, ascending, as codes ci << 2b | kh << b | kw with b the bits
   // of the larger kernel side minus one (b = 0 for 1x1: the code is ci); uint16 or int32.
   const void* tile_cols = nullptr;
@@ -56,6 +58,9 @@ struct ConvArgs {
   int tc_kind = kTcNone;
   const float* tc_codebook = nullptr;  // kTcCodebook: the codebook the stream's codes index (with a zero level)
   int tc_codebook_stride = 0;          // as codebook_stride, for tc_codebook
+  // 1: the 2:4 stream (sparsebench/sparse/pairs.py) for the sparse MMAs: k-steps of kPairK taps, each
+  // 32 lanes' values then 32 metadata words; tile_kptr and tile_cols are the stream's own.
+  int tc_pairs = 0;
   // Planning.
   int variant = kAuto;
   int64_t nnz = 0;      // nonzeros stored (a planning hint; 0 = unknown)
@@ -76,6 +81,7 @@ struct Plan {
   // Tensor-core plans: m16 tiles per warp, the block's warps over pixels x K x groups, the tile's
   // images side by side (P) and stacked (NB), and its padded width.
   int MT = 0, warps_m = 0, warps_k = 0, warps_g = 0, P = 0, NB = 0, TWp = 0;
+  bool pairs = false;  // the sparse MMAs on the 2:4 stream (the call's tc_pairs must match)
 };
 
 struct Tuning {
@@ -95,6 +101,9 @@ struct Tuning {
   // Narrow images (< 32 columns) side by side in a row band where that pads fewer columns to a multiple
   // of 8; 0: one image a band, its columns padded, so the stride-1 staging reads each input window once.
   int tc_pack_images = 1;
+  // 1: the sparse MMAs (mma.sp) on the 2:4 stream, 0: dense MMAs on the dense-MMA stream. The caller
+  // passes the stream the plan names (ConvArgs::tc_pairs).
+  int tc_pairs = 0;
 };
 
 Tuning& tuning();

@@ -59,9 +59,10 @@ def check(y, x, layer):
 
 
 def best_of(x, layer, family, repeats):
-    """(median us, plan id, plan name) of the fastest distinct plan of ``family`` ('tensor' or CUDA cores)."""
+    """(median us, plan id, plan name) of the fastest distinct plan of ``family`` ('tensor' or CUDA cores),
+    and by MMA kind: ``{False: the fastest on dense MMAs, True: on the sparse MMAs (the 2:4 stream)}``."""
     cl = ops.is_channels_last(x)
-    best = (math.inf, None, "")
+    best = {False: (math.inf, None, ""), True: (math.inf, None, "")}
     _, shape = ops._geometry(x, layer)
     out = ops._empty_out(x, shape)
     for plan in ops.distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=cl, tensor=family == "tensor"):
@@ -75,9 +76,10 @@ def best_of(x, layer, family, repeats):
             print(f"  WRONG {family} plan {plan} ({ops.plan_name(p)}) on {tuple(x.shape)}: {e}", flush=True)
             continue
         t = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
-        if t < best[0]:
-            best = (t, plan, ops.plan_name(p))
-    return best
+        kind = bool(p.get("pairs"))
+        if t < best[kind][0]:
+            best[kind] = (t, plan, ops.plan_name(p))
+    return min(best.values(), key=lambda b: b[0]), best
 
 
 def geomean(rows, key: str) -> float:
@@ -126,9 +128,10 @@ def main(argv=None) -> int:
                         repeats=args.repeats,
                         device=dev,
                     ).median_us
-                    tc = best_of(x, layer, "tensor", args.repeats)
-                    tcl = best_of(xl, layer, "tensor", args.repeats)
-                    cc = (math.nan, None, "") if args.no_cuda_cores else best_of(x, layer, "cuda", args.repeats)
+                    tc, tc_kinds = best_of(x, layer, "tensor", args.repeats)
+                    tcl, tcl_kinds = best_of(xl, layer, "tensor", args.repeats)
+                    cc = (math.nan, None, "") if args.no_cuda_cores else best_of(x, layer, "cuda", args.repeats)[0]
+                    dense_us, pairs_us = (min(tc_kinds[k][0], tcl_kinds[k][0]) for k in (False, True))
                     pixels = batch * (hw // stride) ** 2
                     flops = 2.0 * layer.nnz * pixels  # the real (nonzero) work
                     mma_flops = 2.0 * 16 * int(layer.tile_kptr[-1]) * pixels  # every MMA issued: 16 channels a group
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
                         tc_nhwc_plan=tcl[2],
                         cc_plan=cc[2],
                         speedup_tc=round(cudnn / min(tc[0], tcl[0]), 3),
+                        speedup_tc_dense_mma=round(cudnn / dense_us, 3),
+                        speedup_tc_pairs=round(cudnn / pairs_us, 3) if pairs_us < math.inf else "",
                         speedup_cc=round(cudnn / cc[0], 3) if cc[1] is not None else "",
                         speedup_best=round(cudnn / min(tc[0], tcl[0], cc[0] if cc[1] is not None else math.inf), 3),
                         tflops_real=round(flops / tc_us / 1e6, 1),
@@ -166,15 +171,18 @@ def main(argv=None) -> int:
     done = len({r["layer"] for r in rows})
     print(f"\n{len(rows)} cases ({done} layers) in {time.time() - t0:.0f} s; geomean speedup over cuDNN fp16 NHWC:")
     print(f"(tensor cores: median fraction of the dense fp16 peak, {peak:g} TFLOP/s, in real work and in MMAs issued)")
-    print("sparsity weights batch  tensor-core  cuda-core  faster of the two  peak real  peak MMA")
+    print(
+        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs)  cuda-core  faster of the two  peak real  peak MMA"
+    )
     for sparsity in args.sparsities:
         for weights in args.weights:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
                 tc, cc, best = (geomean(sel, k) for k in ("speedup_tc", "speedup_cc", "speedup_best"))
+                dense, pairs = (geomean(sel, k) for k in ("speedup_tc_dense_mma", "speedup_tc_pairs"))
                 shares = [(r["peak_real"], r["peak_mma"]) for r in sel]
                 real, mma = map(statistics.median, zip(*shares)) if shares else (math.nan, math.nan)
-                speedups = f"{tc:11.3f}  {cc:9.3f}  {best:17.3f}"
+                speedups = f"{tc:11.3f}  ({dense:10.3f}  {pairs:8.3f})  {cc:9.3f}  {best:17.3f}"
                 print(f"{sparsity:8} {weights:7} {batch:5}  {speedups}  {real:9.2%}  {mma:8.2%}")
     return 0
 

@@ -1,7 +1,7 @@
 """A small set of tensor-core launches for compute-sanitizer: every distinct tensor-core plan of a few
 shapes that reach each staging path (one window per band, images side by side, the general strided
-copy), split-K reduction, several chunks, and each value kind. Each output is checked against float64
-torch; exits 1 on a wrong one.
+copy), split-K reduction, several chunks, and each value kind, on dense MMAs and on the 2:4 stream.
+Each output is checked against float64 torch; exits 1 on a wrong one.
 
     compute-sanitizer --tool memcheck --kernel-name kns=conv_tensor_kernel python scripts/sanitize_tensor.py
     compute-sanitizer --tool racecheck --kernel-name kns=conv_tensor_kernel python scripts/sanitize_tensor.py --quick
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench import _C
-from sparsebench.sparse.ops import distinct_plans, sparse_conv2d_into
+from sparsebench.sparse.ops import distinct_plans, kernel_plan, sparse_conv2d_into
 from sparsebench.sparse.synthetic import random_layer
 
 CASES = [  # (weight shape, stride, padding, input shape, value, bits, channels_last, staging budget or None)
@@ -25,6 +25,7 @@ CASES = [  # (weight shape, stride, padding, input shape, value, bits, channels_
     ((33, 24, 3, 3), 2, 1, (4, 24, 11, 11), "linear", 4, False, None),  # stride 2: the general copy
     ((24, 130, 1, 1), 1, 0, (2, 130, 7, 7), "codebook", 4, True, None),  # many taps, few pixels: split K
     ((20, 64, 5, 5), 1, 2, (2, 64, 8, 8), "linear", 8, False, 24 * 1024),  # several chunks, straddling k-steps
+    ((20, 64, 5, 5), 1, 2, (2, 64, 8, 8), "linear", 8, False, 32 * 1024),  # the same for the 2:4 stream's ring
     # A 4-level codebook of 4-bit codes, few k-steps a group: warps with no step (split K) decode stages
     # no fetch wrote, whose codes must stay inside the codebook.
     ((20, 8, 3, 3), 1, 1, (2, 8, 6, 6), "few_levels", 4, False, None),
@@ -44,7 +45,7 @@ def few_level_codebook_layer(wshape, bits: int, pad: int):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="three plans a case (racecheck is slow)")
+    ap.add_argument("--quick", action="store_true", help="two plans a case and MMA kind (racecheck is slow)")
     args = ap.parse_args()
     wrong = launches = 0
     for wshape, stride, pad, xshape, value, bits, channels_last, budget in CASES:
@@ -59,7 +60,13 @@ def main() -> int:
         w = layer.dequantize().double()
         ref = F.conv2d(x.double(), w, layer.bias.double(), stride=stride, padding=pad)
         plans = distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=channels_last, tensor=True)
-        for plan in plans[:3] if args.quick else plans:
+        if args.quick:
+            by_kind = {}
+            for plan in plans:
+                p = kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=channels_last)
+                by_kind.setdefault(p["pairs"], []).append(plan)
+            plans = [plan for kind in by_kind.values() for plan in kind[:2]]
+        for plan in plans:
             layer.tuned_plans = {(tuple(x.shape), x.dtype, x.device.index, channels_last): plan}
             out = torch.full(ref.shape, float("nan"), device="cuda", dtype=x.dtype)
             if channels_last:

@@ -31,6 +31,16 @@ pytestmark = [
 HALF = [torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(params=[0, 1], ids=["dense-mma", "pairs"])
+def pairs(request):
+    """The rule's tensor-core MMAs: dense on the dense-MMA stream (0) or sparse on the 2:4 stream (1)."""
+    from sparsebench import _C
+
+    _C.set_tuning(tc_pairs=request.param)
+    yield request.param
+    _C.set_tuning()
+
+
 def poisoned(shape, dtype, channels_last=False):
     out = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
@@ -67,9 +77,10 @@ def tensor_case(seed):
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_random_conv_cases(seed):
+def test_random_conv_cases(seed, pairs):
     layer, x, relu = tensor_case(31 * seed + 5)
-    assert kernel_plan(x.shape, layer, variant="tensor", dtype=x.dtype)["variant"] == "tensor"
+    plan = kernel_plan(x.shape, layer, variant="tensor", dtype=x.dtype, channels_last=is_channels_last(x))
+    assert plan["variant"] == "tensor" and plan["pairs"] == bool(pairs)
     y = sparse_conv2d(x, layer, relu, variant="tensor")
     assert y.is_contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y.is_contiguous()
     check(y, reference(x, layer, relu), x.dtype)
@@ -77,7 +88,7 @@ def test_random_conv_cases(seed):
 
 @pytest.mark.parametrize("value, bits", VALUES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_every_value_kind(value, bits, channels_last):
+def test_every_value_kind(value, bits, channels_last, pairs):
     layer = random_layer((70, 48, 3, 3), 0.9, value=value, bits=bits, padding=1, empty_rows=5, seed=bits or 2).to(
         "cuda"
     )
@@ -92,10 +103,11 @@ def test_every_value_kind(value, bits, channels_last):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_codebooks_without_a_zero_level(bits, per_channel):
+def test_codebooks_without_a_zero_level(bits, per_channel, pairs):
     # A dense layer whose codebook has no zero level: the tiles' padding needs a code of zero. With a
     # free code the stream's codebook gains a zero level; a full codebook makes the stream hold values.
     from sparsebench.sparse.format import pack_weight
+    from sparsebench.sparse.pairs import pair_stream
     from sparsebench.sparse.tiles import TC_CODEBOOK, TC_HALF, fragment_stream
 
     gen = torch.Generator().manual_seed(bits)
@@ -107,7 +119,7 @@ def test_codebooks_without_a_zero_level(bits, per_channel):
             weight, torch.randn(20, generator=gen), padding=1, bits=bits, codes=codes, codebook=book
         ).to("cuda")
         x = torch.randn(3, 24, 10, 10, device="cuda", dtype=torch.float16)
-        assert fragment_stream(layer, x.dtype).kind == kind
+        assert fragment_stream(layer, x.dtype).kind == pair_stream(layer, x.dtype).kind == kind
         check(sparse_conv2d(x, layer, variant="tensor"), reference(x, layer), torch.float16)
 
 
@@ -141,9 +153,9 @@ def test_every_tensor_plan(case, dtype, value):
         check(out, ref, dtype)
 
 
-def test_many_chunks_and_straddling_k_steps():
-    # A small staging budget (the warps' rings of k-steps take ~13 KB of it): few channels a chunk, so
-    # k-steps of 16 taps span two or three chunks.
+def test_many_chunks_and_straddling_k_steps(pairs):
+    # A small staging budget (the warps' rings of k-steps take ~13-22 KB of it): few channels a chunk, so
+    # k-steps of 16 or 32 taps span two or three chunks.
     from sparsebench import _C
 
     try:
@@ -152,7 +164,7 @@ def test_many_chunks_and_straddling_k_steps():
             ((64, 96, 3, 3), (2, 96, 14, 14), 0.5),
             ((20, 64, 1, 1), (4, 64, 8, 8), 0.0),
         ):
-            _C.set_tuning(tc_smem_budget=24 * 1024)
+            _C.set_tuning(tc_smem_budget=(24 if not pairs else 32) * 1024, tc_pairs=pairs)
             pad = wshape[2] // 2
             layer = random_layer(wshape, sparsity, value="linear", bits=8, padding=pad, empty_rows=2, seed=18).to(
                 "cuda"
@@ -192,7 +204,7 @@ def test_narrow_images_side_by_side(width, k):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("batch", [1, 7, 64, 300])
-def test_linear(dtype, batch):
+def test_linear(dtype, batch, pairs):
     layer = random_layer((129, 300), 0.9, value="linear", bits=4, empty_rows=3, seed=batch).to("cuda")
     x = torch.randn(batch, 300, device="cuda").to(dtype)
     check(sparse_linear(x, layer, relu=True, variant="tensor"), reference(x, layer, relu=True), dtype)

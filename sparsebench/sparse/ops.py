@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from sparsebench.errors import ConfigError
 from sparsebench.sparse.format import PackedLayer, check_layer
-from sparsebench.sparse.tiles import FragmentStream, fragment_stream, stream_kind, tap_code_dtype
+from sparsebench.sparse.pairs import PAIR_K, pair_stream
+from sparsebench.sparse.tiles import TILE_K, FragmentStream, fragment_stream, stream_kind, tap_code_dtype
 from sparsebench.sparse.timing import time_cuda
 
 try:  # the compiled module is optional: CPU-only installs have none
@@ -182,6 +183,7 @@ def _conv_args(
     variant: int,
     max_row: int,
     plan: int,
+    pairs: bool = False,
 ):
     """The kernels' ConvArgs for one call: x and out's pointers and layout, the weights, the hints."""
     n, c, h, wd, co, kh, kw, stride, pad, oh, ow = geometry
@@ -197,8 +199,8 @@ def _conv_args(
     if w.tile_kptr is not None and w.tc_values is not None:
         a.tile_rows, a.tile_kptr, a.tile_cols = w.tile_rows.data_ptr(), w.tile_kptr.data_ptr(), w.tile_cols.data_ptr()
         a.tile_col_bits, a.groups = _index_bits(w.tile_cols), w.tile_kptr.numel() - 1
-        a.tile_steps = w.tile_cols.numel() // 16
-        a.tc_values, a.tc_kind = w.tc_values.data_ptr(), tc_kind
+        a.tile_steps = w.tile_cols.numel() // (PAIR_K if pairs else TILE_K)
+        a.tc_values, a.tc_kind, a.tc_pairs = w.tc_values.data_ptr(), tc_kind, int(pairs)
         a.tc_codebook, a.tc_codebook_stride = _ptr(w.tc_codebook), _codebook_stride(w.tc_codebook)
     a.variant, a.nnz, a.max_row, a.plan = variant, w.colidx.numel(), max_row, plan
     return a
@@ -241,6 +243,7 @@ def _sparse_conv2d_op(
     variant: int,
     max_row: int,
     plan: int,
+    pairs: bool,
 ) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight_shape
@@ -274,6 +277,7 @@ def _sparse_conv2d_op(
             variant=variant,
             max_row=max_row,
             plan=plan,
+            pairs=pairs,
         )
     return out
 
@@ -304,6 +308,7 @@ def _(
     variant,
     max_row,
     plan,
+    pairs,
 ):
     n, _, h, w = x.shape
     co, _, kh, kw = weight_shape
@@ -334,6 +339,7 @@ def _sparse_linear_op(
     variant: int,
     max_row: int,
     plan: int,
+    pairs: bool,
 ) -> torch.Tensor:
     b, c = x.shape
     out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
@@ -365,6 +371,7 @@ def _sparse_linear_op(
             variant=variant,
             max_row=max_row,
             plan=plan,
+            pairs=pairs,
         )
     return out
 
@@ -393,6 +400,7 @@ def _(
     variant,
     max_row,
     plan,
+    pairs,
 ):
     return x.new_empty((x.shape[0], out_features))
 
@@ -412,19 +420,31 @@ def _variant_code(variant: str) -> int:
     return VARIANTS[variant]
 
 
-def _stream(x: torch.Tensor, layer: PackedLayer) -> Optional[FragmentStream]:
-    """The layer's tensor-core weight stream for x's dtype: built on first use (it syncs, so never while a
+def _stream(x: torch.Tensor, layer: PackedLayer, plan: int) -> Optional[FragmentStream]:
+    """The tensor-core weight stream the call's plan reads (``_C.plan_pairs``: a candidate's, or the rule's
+    knob) for x's dtype: the dense-MMA one or the 2:4 one. Built on first use (it syncs, so never while a
     CUDA graph is captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
     if x.dtype not in (torch.float16, torch.bfloat16) or not layer.has_tiles:
         return None
-    stream = layer.streams.get(x.dtype)
+    key = (x.dtype, bool(_C.plan_pairs(plan)))
+    stream = layer.streams.get(key)
     if stream is None and not torch.compiler.is_compiling() and not (x.is_cuda and _capturing(x.device)):
-        stream = layer.streams[x.dtype] = fragment_stream(layer, x.dtype)
+        build = pair_stream if key[1] else fragment_stream
+        stream = layer.streams[key] = build(layer, x.dtype)
     return stream
 
 
+def _tensor_ready(x: torch.Tensor, layer: PackedLayer) -> bool:
+    """Whether the tensor cores can take x: fp16/bf16, a layer with tiles, and a stream built or buildable now."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or not layer.has_tiles:
+        return False
+    built = any(key[0] == x.dtype for key in layer.streams)
+    return built or not (torch.compiler.is_compiling() or (x.is_cuda and _capturing(x.device)))
+
+
 def _weights(layer: PackedLayer, stream: Optional[FragmentStream]) -> _Weights:
-    tiles = (layer.tile_rows, layer.tile_kptr, stream.taps) if stream is not None else (None, None, None)
+    kptr = stream.kptr if stream is not None and stream.pairs else layer.tile_kptr
+    tiles = (layer.tile_rows, kptr, stream.taps) if stream is not None else (None, None, None)
     return _Weights(
         layer.rowptr,
         layer.colidx,
@@ -449,6 +469,7 @@ def _hints(layer: PackedLayer, stream: Optional[FragmentStream], relu: bool, var
         variant=variant,
         max_row=_max_row_hint(layer),
         plan=plan,
+        pairs=stream is not None and stream.pairs,
     )
 
 
@@ -471,7 +492,7 @@ def _geometry(x: torch.Tensor, layer: PackedLayer) -> Tuple[Tuple[int, ...], Tup
 
 def _launch_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool, variant: int, plan: int) -> None:
     geometry, _ = _geometry(x, layer)
-    stream = _stream(x, layer)
+    stream = _stream(x, layer, plan)
     with torch.cuda.device(x.device):
         _launch(x, out, geometry, _weights(layer, stream), **_hints(layer, stream, relu, variant, plan))
 
@@ -483,17 +504,18 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     validate_conv2d(x, layer, device=False)
     require_kernels()
     _check_device(x, layer)
-    stream = _stream(x, layer)
-    if is_channels_last(x) and (stream is None or variant in ("stage", "rowsplit")):  # the CUDA-core kernels read NCHW
-        y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)
+    if is_channels_last(x) and (not _tensor_ready(x, layer) or variant in ("stage", "rowsplit")):
+        y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)  # the CUDA-core kernels read NCHW
         return y.contiguous(memory_format=torch.channels_last)
+    plan = _call_plan(x, layer, variant)
+    stream = _stream(x, layer, plan)
     return _sparse_conv2d_op(
         x,
         *_weights(layer, stream),
         list(layer.weight_shape),
         layer.stride,
         layer.padding,
-        **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)),
+        **_hints(layer, stream, relu, _variant_code(variant), plan),
     )
 
 
@@ -502,12 +524,13 @@ def sparse_linear(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     validate_linear(x, layer, device=False)
     require_kernels()
     _check_device(x, layer)
-    stream = _stream(x, layer)
+    plan = _call_plan(x, layer, variant)
+    stream = _stream(x, layer, plan)
     return _sparse_linear_op(
         x,
         *_weights(layer, stream),
         layer.out_channels,
-        **_hints(layer, stream, relu, _variant_code(variant), _call_plan(x, layer, variant)),
+        **_hints(layer, stream, relu, _variant_code(variant), plan),
     )
 
 
@@ -529,7 +552,7 @@ def sparse_conv2d_into(
     _check_call(x, layer)
     _, shape = _geometry(x, layer)
     nhwc = is_channels_last(x)
-    if nhwc and (_stream(x, layer) is None or variant in ("stage", "rowsplit")):
+    if nhwc and (not _tensor_ready(x, layer) or variant in ("stage", "rowsplit")):
         raise ValueError(
             "x: channels_last input runs on the tensor-core kernels only (fp16/bf16 activations, a "
             f"layer with tiles, variant 'auto' or 'tensor'); got {x.dtype}, variant {variant!r}"
@@ -687,6 +710,7 @@ def plan_name(plan: Dict[str, Any]) -> str:
         return (
             f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"
             f"{plan['NI']}x{plan['TH']}x{plan['TWp']}/CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}"
+            + ("/2:4" if plan.get("pairs") else "")
         )
     if plan["variant"] == "stage":
         return (

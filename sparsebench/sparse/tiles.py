@@ -132,13 +132,19 @@ class FragmentStream:
     values: torch.Tensor  # [steps * 32 * 8] dtype values, or [steps * 32 * bits] uint8 codes
     codebook: Optional[torch.Tensor] = None  # TC_CODEBOOK: levels with a zero, [levels] or [CO, levels]
     taps: Optional[torch.Tensor] = None  # tile_cols as tap codes (tap_codes), what the kernels read
+    # The 2:4 stream (sparsebench.sparse.pairs): k-steps of 32 taps, its own taps and group pointers;
+    # values are bytes, each k-step's values then its 32 metadata words.
+    pairs: bool = False
+    kptr: Optional[torch.Tensor] = None  # int32 [groups+1]; None: the layer's tile_kptr
+    dtype: Optional[torch.dtype] = None  # the activation dtype it was built for
 
     @property
     def codebook_stride(self) -> int:
         return self.codebook.shape[-1] if self.codebook is not None and self.codebook.dim() == 2 else 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.codebook, self.taps) if t is not None)
+        parts = (self.values, self.codebook, self.taps, self.kptr)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def _positions(layer) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +195,13 @@ def _zero_code_book(layer) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     return book.contiguous(), is_zero.to(torch.int8).argmax(dim=1).to(torch.int64)
 
 
+def zero_codes(layer) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """For a stream of codes (``stream_kind`` not TC_HALF): (codebook or None, each channel's code of zero)."""
+    if layer.value_kind == "linear":
+        return None, layer.zero_point.to(torch.int64)
+    return _zero_code_book(layer)
+
+
 def stream_kind(layer) -> int:
     """The kind of stream ``fragment_stream`` builds for the layer (without building it)."""
     if layer.value_kind == "linear":
@@ -215,9 +228,13 @@ def tap_codes(layer) -> torch.Tensor:
     ``ci << 2b | kh << b | kw`` (b = ``tap_bits``), so a kernel splits a tap with shifts and masks instead
     of two divisions. Codes ascend as the columns do, so a group's taps stay sorted; in
     ``tap_code_dtype`` and on the layer's device."""
+    return tap_codes_of(unsigned(layer.tile_cols), layer)
+
+
+def tap_codes_of(cols: torch.Tensor, layer) -> torch.Tensor:
+    """Flat columns (int64) of ``layer`` as tap codes in ``tap_code_dtype``, on the columns' device."""
     kh_n, kw_n = layer.kernel_size
     b = tap_bits(layer.kernel_size)
-    cols = unsigned(layer.tile_cols)
     ci, rem = cols // (kh_n * kw_n), cols % (kh_n * kw_n)
     codes = (ci << (2 * b)) | ((rem // kw_n) << b) | (rem % kw_n)
     return codes.to(torch.int32).to(tap_code_dtype(layer))  # int16 wraps past 32767: read as unsigned
@@ -234,28 +251,20 @@ def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
     steps = int(layer.tile_kptr[-1]) // TILE_K
     _, elem = _positions(layer)
     total = steps * 32 * 8
-    if layer.value_kind in ("linear", "codebook"):
+    kind = stream_kind(layer)
+    if kind != TC_HALF:
         codes = layer.codes()
-        book = None
-        if layer.value_kind == "linear":
-            zp = layer.zero_point.to(torch.int64)
-            zero_code = zp if bool(((zp >= 0) & (zp < (1 << layer.bits))).all()) else None
-            kind = TC_LINEAR
-        else:
-            found = _zero_code_book(layer)
-            book, zero_code = found if found is not None else (None, None)
-            kind = TC_CODEBOOK
-        if zero_code is not None:
-            # Every position starts as its channel's zero code (a padding slot's channel: 0).
-            kptr = layer.tile_kptr.to(torch.int64)
-            step_group = torch.repeat_interleave(
-                torch.arange(kptr.numel() - 1, device=dev), (kptr[1:] - kptr[:-1]) // TILE_K
-            )
-            slot = _slot_of_lane_value().to(dev)
-            ch = layer.tile_rows.to(torch.int64)[step_group.view(-1, 1) * TILE_ROWS + slot.view(1, -1)]
-            stream = torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
-            stream[elem] = codes
-            return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book, tap_codes(layer))
+        book, zero_code = zero_codes(layer)
+        # Every position starts as its channel's zero code (a padding slot's channel: 0).
+        kptr = layer.tile_kptr.to(torch.int64)
+        step_group = torch.repeat_interleave(
+            torch.arange(kptr.numel() - 1, device=dev), (kptr[1:] - kptr[:-1]) // TILE_K
+        )
+        slot = _slot_of_lane_value().to(dev)
+        ch = layer.tile_rows.to(torch.int64)[step_group.view(-1, 1) * TILE_ROWS + slot.view(1, -1)]
+        stream = torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
+        stream[elem] = codes
+        return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book, tap_codes(layer))
     values = torch.zeros(total, dtype=torch.float32, device=dev)
     values[elem] = layer.nonzero_values()
     return FragmentStream(TC_HALF, values.to(dtype), taps=tap_codes(layer))
