@@ -64,21 +64,26 @@ def chunk_taps(cols: List[int], rows: List[int]) -> List[int]:
     return out
 
 
+def _nonzero_slots(layer) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every nonzero of the CSR (on the CPU): its group, its slot in the group, its flat column."""
+    slot_rows = layer.tile_rows.to(torch.int64).cpu()
+    slot_of = torch.full((layer.out_channels,), -1, dtype=torch.int64)
+    live = slot_rows >= 0
+    slot_of[slot_rows[live]] = torch.arange(slot_rows.numel())[live]
+    full_slot = slot_of[layer.rows().cpu()]
+    return full_slot // ROWS, full_slot % ROWS, layer.columns().cpu()
+
+
 def _group_positions(layer) -> Tuple[torch.Tensor, torch.Tensor]:
     """(kptr int64 [groups+1], cols int64 [kptr[-1]]): every group's positions, from the layer's tiles."""
     kptr = layer.tile_kptr.to(torch.int64).cpu()
     tile_cols = unsigned(layer.tile_cols).cpu()
-    slot_rows = layer.tile_rows.to(torch.int64).cpu()
     groups = kptr.numel() - 1
     # Each (group, column): the bit set of the group's slots whose channel uses it.
-    slot_of = torch.full((layer.out_channels,), -1, dtype=torch.int64)
-    live = slot_rows >= 0
-    slot_of[slot_rows[live]] = torch.arange(slot_rows.numel())[live]
-    rows, cols = layer.rows().cpu(), layer.columns().cpu()
-    slot = slot_of[rows]
-    key = (slot // ROWS) * layer.row_length + cols
+    group, slot, cols = _nonzero_slots(layer)
+    key = group * layer.row_length + cols
     bits = torch.zeros(groups * layer.row_length, dtype=torch.int64)
-    bits.index_add_(0, key, torch.ones_like(key) << (slot % ROWS))
+    bits.index_add_(0, key, torch.ones_like(key) << slot)
     bits = bits.view(groups, layer.row_length)
     out_ptr, out_cols = [0], []
     for g in range(groups):
@@ -98,15 +103,9 @@ def mma_ratio(layer) -> float:
     return (int(kptr[-1]) / PAIR_K) / (dense / 16) if dense else 1.0
 
 
-def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor):
+def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """For every nonzero of the CSR: its stream value index; and for every (step, lane): the metadata word."""
-    slot_rows = layer.tile_rows.to(torch.int64).cpu()
-    slot_of = torch.full((layer.out_channels,), -1, dtype=torch.int64)
-    live = slot_rows >= 0
-    slot_of[slot_rows[live]] = torch.arange(slot_rows.numel())[live]
-    rows, ccols = layer.rows().cpu(), layer.columns().cpu()
-    full_slot = slot_of[rows]
-    group, slot = full_slot // ROWS, full_slot % ROWS
+    group, slot, ccols = _nonzero_slots(layer)
     # Each nonzero's position: its column's first position in its group (padding repeats come later).
     groups = kptr.numel() - 1
     pos_group = torch.repeat_interleave(torch.arange(groups), kptr[1:] - kptr[:-1])
@@ -123,7 +122,7 @@ def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor):
     rank_sorted = torch.zeros_like(cs)
     rank_sorted[1:] = (cs[1:] == cs[:-1]).to(torch.int64)
     if bool((rank_sorted[1:] + rank_sorted[:-1] > 1).any()):
-        raise AssertionError("a row holds more than two nonzeros in one 2:4 chunk")
+        raise RuntimeError("pairs: a row holds more than two nonzeros in one 2:4 chunk (a packing bug)")
     rank = torch.empty_like(rank_sorted)
     rank[order] = rank_sorted
     # The pair of positions of each (chunk, slot) with nonzeros: two nonzeros give theirs; one at p gives
@@ -153,7 +152,7 @@ def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor):
     shift = 16 * (s_all // 8) + 4 * (jj % 4)
     meta = torch.zeros(n_chunks // CHUNKS_PER_STEP * 32, dtype=torch.int64)
     meta.index_add_(0, word, nibble << shift)
-    return value_index, meta, group, slot
+    return value_index, meta
 
 
 def pair_stream(layer, dtype: torch.dtype):
@@ -165,7 +164,7 @@ def pair_stream(layer, dtype: torch.dtype):
         raise ValueError("layer: has no tensor-core tiles (pack it with format version 2, or build_tiles)")
     dev = layer.rowptr.device
     kptr, cols = _group_positions(layer)
-    value_index, meta, group, slot = _element_places(layer, kptr, cols)
+    value_index, meta = _element_places(layer, kptr, cols)
     steps = cols.numel() // PAIR_K
     total = steps * 32 * 8
     kind = stream_kind(layer)
