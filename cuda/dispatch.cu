@@ -264,7 +264,8 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   while (warps_k * 2 <= tu.tc_warps_k && warps_m * warps_k * 2 <= kTensorWarps) warps_k *= 2;
   const int warps_g = kTensorWarps / (warps_m * warps_k);
   // Shared memory: CC channels of KW copies and the zero unit, then each warp's ring of k-steps
-  // (32 lanes' weights and 16 taps a step); the split-K sums reuse it at the end.
+  // (32 lanes' weights and 16 taps a step; with tc_pairs their metadata words and 32 taps); the split-K
+  // sums reuse it at the end.
   const int64_t per_channel = (static_cast<int64_t>(a.KW) * NB * RH * PITCH) | 1;
   const int lane_bytes = a.tc_kind == kTcHalf ? 16 : a.bits;
   const int64_t ring_stage =

@@ -33,7 +33,8 @@ struct TensorCfg {
   int tiles_w, tiles_h, tiles_n;
   int zero_unit;  // a 16-byte unit of zeros: the row masked taps read
   int ring;       // byte offset of the warps' weight rings (kTensorStages k-steps each, ring_stage bytes a step)
-  int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights, then its 16 taps (16-byte multiple)
+  int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights (with tc_pairs their metadata too), then
+                  // its 16 (32) taps; a 16-byte multiple
   FastDiv div_NC, div_RH, div_NB, div_OW, div_TH, div_CC, div_tiles_w, div_tiles_h;
 };
 

@@ -53,7 +53,7 @@ struct ConvArgs {
   const void* tile_cols = nullptr;
   int tile_col_bits = 16;
   int groups = 0;
-  int64_t tile_steps = 0;              // tile_kptr[groups] / kTileK (a planning hint; 0 = unknown)
+  int64_t tile_steps = 0;              // tile_kptr[groups] / kTileK (kPairK) (a planning hint; 0 = unknown)
   const void* tc_values = nullptr;     // the weights of every k-step in MMA fragment order (see conv_tensor.cuh)
   int tc_kind = kTcNone;
   const float* tc_codebook = nullptr;  // kTcCodebook: the codebook the stream's codes index (with a zero level)

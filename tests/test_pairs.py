@@ -68,3 +68,12 @@ def test_bf16_values_and_codes_on_the_layers_device():
     expected = stream_to_dense(layer, fragment_stream(layer, torch.bfloat16))
     assert torch.equal(pair_stream_to_dense(layer, stream), expected)
     assert stream.nbytes() == stream.values.numel() + stream.taps.numel() * 2 + stream.kptr.numel() * 4
+
+
+def test_tap_codes_past_32767_read_as_unsigned():
+    # 3000 input channels of a 3x3 kernel: codes ci << 4 reach 48000, stored in int16 as negative numbers.
+    layer = random_layer((20, 3000, 3, 3), 0.995, value="linear", bits=4, padding=1, seed=5)
+    stream = pair_stream(layer, torch.float16)
+    assert stream.taps.dtype == torch.int16 and int(unsigned(stream.taps).max()) >= 32768
+    expected = stream_to_dense(layer, fragment_stream(layer, torch.float16))
+    assert torch.equal(pair_stream_to_dense(layer, stream), expected)

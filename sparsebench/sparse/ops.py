@@ -420,26 +420,29 @@ def _variant_code(variant: str) -> int:
     return VARIANTS[variant]
 
 
+def _tensor_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
+    """fp16/bf16 activations and a layer with tensor-core tiles."""
+    return x.dtype in (torch.float16, torch.bfloat16) and layer.has_tiles
+
+
+@torch.compiler.assume_constant_result
+def _plan_pairs(plan: int) -> bool:
+    """Whether ``plan`` (-1: the rule) reads the 2:4 stream; a constant to torch.compile, which cannot trace _C."""
+    return bool(_C.plan_pairs(plan))
+
+
 def _stream(x: torch.Tensor, layer: PackedLayer, plan: int) -> Optional[FragmentStream]:
-    """The tensor-core weight stream the call's plan reads (``_C.plan_pairs``: a candidate's, or the rule's
-    knob) for x's dtype: the dense-MMA one or the 2:4 one. Built on first use (it syncs, so never while a
-    CUDA graph is captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or not layer.has_tiles:
+    """The tensor-core weight stream the call's plan reads (a candidate's kind, or the rule's knob) for x's
+    dtype: the dense-MMA one or the 2:4 one. Built on first use (it syncs, so never while a CUDA graph is
+    captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
+    if not _tensor_capable(x, layer):
         return None
-    key = (x.dtype, bool(_C.plan_pairs(plan)))
+    key = (x.dtype, _plan_pairs(plan))
     stream = layer.streams.get(key)
     if stream is None and not torch.compiler.is_compiling() and not (x.is_cuda and _capturing(x.device)):
         build = pair_stream if key[1] else fragment_stream
         stream = layer.streams[key] = build(layer, x.dtype)
     return stream
-
-
-def _tensor_ready(x: torch.Tensor, layer: PackedLayer) -> bool:
-    """Whether the tensor cores can take x: fp16/bf16, a layer with tiles, and a stream built or buildable now."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or not layer.has_tiles:
-        return False
-    built = any(key[0] == x.dtype for key in layer.streams)
-    return built or not (torch.compiler.is_compiling() or (x.is_cuda and _capturing(x.device)))
 
 
 def _weights(layer: PackedLayer, stream: Optional[FragmentStream]) -> _Weights:
@@ -504,11 +507,12 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     validate_conv2d(x, layer, device=False)
     require_kernels()
     _check_device(x, layer)
-    if is_channels_last(x) and (not _tensor_ready(x, layer) or variant in ("stage", "rowsplit")):
-        y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)  # the CUDA-core kernels read NCHW
-        return y.contiguous(memory_format=torch.channels_last)
-    plan = _call_plan(x, layer, variant)
+    nhwc = is_channels_last(x)
+    plan = _call_plan(x, layer, variant) if _tensor_capable(x, layer) or not nhwc else -1
     stream = _stream(x, layer, plan)
+    if nhwc and (stream is None or variant in ("stage", "rowsplit")):  # the CUDA-core kernels read NCHW
+        y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)
+        return y.contiguous(memory_format=torch.channels_last)
     return _sparse_conv2d_op(
         x,
         *_weights(layer, stream),
@@ -552,7 +556,8 @@ def sparse_conv2d_into(
     _check_call(x, layer)
     _, shape = _geometry(x, layer)
     nhwc = is_channels_last(x)
-    if nhwc and (not _tensor_ready(x, layer) or variant in ("stage", "rowsplit")):
+    plan = _call_plan(x, layer, variant) if _tensor_capable(x, layer) or not nhwc else -1
+    if nhwc and (_stream(x, layer, plan) is None or variant in ("stage", "rowsplit")):
         raise ValueError(
             "x: channels_last input runs on the tensor-core kernels only (fp16/bf16 activations, a "
             f"layer with tiles, variant 'auto' or 'tensor'); got {x.dtype}, variant {variant!r}"
@@ -569,7 +574,7 @@ def sparse_conv2d_into(
             f"out: expected a {'channels_last' if nhwc else 'contiguous'} {x.dtype} tensor of shape "
             f"{shape} on {x.device}"
         )
-    _launch_into(out, x, layer, relu, _variant_code(variant), _call_plan(x, layer, variant))
+    _launch_into(out, x, layer, relu, _variant_code(variant), plan)
     return out
 
 

@@ -13,7 +13,8 @@ The stream (``pair_stream``) is a ``FragmentStream`` with ``pairs=True``: every 
 lanes' 8 values (or codes) in the order of the A fragment, then 32 lanes' metadata words, and it
 carries its own ``kptr`` (each group's first tap, multiples of 32) and ``taps`` (tap codes). Lane l
 (g = l // 4, q = l % 4) holds register r = 2 * (chunk // 4) + (row >= 8) for row g or g + 8 and chunk
-q or q + 4; value 2r + e is the e-th nonzero of that row and chunk. Lane 4g + h (h = 0, 1) holds the
+q or q + 4; value 2r + e is at the e-th position its metadata names (a lone nonzero at position 3 is
+stored second, a zero at position 2 first). Lane 4g + h (h = 0, 1) holds the
 metadata of chunks 4h..4h+3 of rows g (bits 0-15) and g + 8 (bits 16-31), a nibble a chunk: the two
 positions (first in the low bits, ascending), as ``mma.sp::ordered_metadata`` reads them.
 """
@@ -40,7 +41,6 @@ PAIR_K = 32  # logical taps per k-step: the K of one mma.sp.m16n8k32
 CHUNK = 4  # taps a 2:4 chunk spans (at most two nonzeros a row)
 ROWS = 16  # channels a group: the M of the MMA
 CHUNKS_PER_STEP = PAIR_K // CHUNK
-EMPTY_NIBBLE = 0b0100  # positions 0 and 1, both zero: a chunk where a row has no nonzero
 
 
 def chunk_taps(cols: List[int], rows: List[int]) -> List[int]:
@@ -134,6 +134,7 @@ def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor) -> Tuple[torc
     pmin.scatter_reduce_(0, chunk * ROWS + slot, p, reduce="amin")
     pmax = torch.full((n_chunks * ROWS,), -1, dtype=torch.int64)
     pmax.scatter_reduce_(0, chunk * ROWS + slot, p, reduce="amax")
+    # A row without nonzeros in a chunk: positions 0 and 1, both zero (0b0100).
     lo = torch.where(cnt == 2, pmin, torch.where(cnt == 1, torch.clamp(pmin, max=2), torch.zeros_like(pmin)))
     hi = torch.where(cnt == 2, pmax, lo + 1)
     nibble = lo | (hi << 2)
