@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sparsebench.bench.measure import fp16_tensor_peak_tflops
 from sparsebench.sparse import ops
+from sparsebench.sparse.pairs import mma_ratio
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.timing import time_cuda
 
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
                 kind = dict(value="float16") if weights == "fp16" else dict(value="linear", bits=int(weights[-1]))
                 layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1, **kind).to(dev)
                 taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
+                pair_ratio = mma_ratio(layer)  # the 2:4 stream's MMAs over the dense-MMA stream's
                 for batch in args.batches:
                     x = torch.randn(batch, cin, hw, hw, device=dev, dtype=torch.float16)
                     xl = x.contiguous(memory_format=torch.channels_last)
@@ -134,8 +136,12 @@ def main(argv=None) -> int:
                     dense_us, pairs_us = (min(tc_kinds[k][0], tcl_kinds[k][0]) for k in (False, True))
                     pixels = batch * (hw // stride) ** 2
                     flops = 2.0 * layer.nnz * pixels  # the real (nonzero) work
-                    mma_flops = 2.0 * 16 * int(layer.tile_kptr[-1]) * pixels  # every MMA issued: 16 channels a group
                     tc_us = min(tc[0], tcl[0])
+                    # Every MMA issued (16 channels a group) as dense m16n8k16s: a sparse m16n8k32 (32 taps,
+                    # half of them stored) takes the tensor cores as long as one.
+                    mma_flops = (
+                        2.0 * 16 * int(layer.tile_kptr[-1]) * pixels * (pair_ratio if tc_us == pairs_us else 1.0)
+                    )
                     row = dict(
                         layer=name,
                         sparsity=sparsity,
