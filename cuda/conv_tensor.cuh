@@ -31,54 +31,39 @@ namespace sparsebench {
 
 namespace {
 
+// The warp MMAs of one activation dtype (its PTX type TY), fp32 accumulation:
+// - run: dense m16n8k16, A (16 x 16) and B (16 x 8, two registers);
+// - run_sp: the sparse m16n8k32. A (16 channels x 32 taps, at most two nonzeros in each row's chunk of
+//   four) is stored as its nonzeros (a, the m16n8k16 A layout) and their positions (e: lanes 4g and 4g + 1
+//   of each quad, selector 0); B (32 taps x 8 pixels) is four registers, b[j] taps 8j + 2q, 8j + 2q + 1 of
+//   pixel g.
+// - pack: two floats as a register of two TY.
 template <typename T> struct Mma;
 
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
+#define SB_DEFINE_MMA(T, TY, PACK2)                                                                            \
+  template <> struct Mma<T> {                                                                                 \
+    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { \
+      asm("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "    \
+          "{%0,%1,%2,%3};\n"                                                                                   \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                     \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                                   \
+    }                                                                                                         \
+    static __device__ __forceinline__ void run_sp(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], \
+                                                  uint32_t e) {                                               \
+      asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, "       \
+          "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0;\n"                                           \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                     \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));   \
+    }                                                                                                         \
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                                     \
+      const auto h = PACK2(lo, hi);                                                                           \
+      return *reinterpret_cast<const uint32_t*>(&h);                                                          \
+    }                                                                                                         \
+  };
 
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
-// The sparse MMA: A (16 channels x 32 taps, at most two nonzeros in each row's chunk of four) stored as
-// its nonzeros (a, the m16n8k16 A layout) and their positions (e: lanes 4g and 4g + 1 of each quad, the
-// selector 0); B (32 taps x 8 pixels) as four registers, b[j] taps 8j + 2q, 8j + 2q + 1 of pixel g.
-template <typename T> struct MmaSp;
-
-template <> struct MmaSp<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
-    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-  }
-};
-
-template <> struct MmaSp<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
-    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-  }
-};
+SB_DEFINE_MMA(__half, "f16", __floats2half2_rn)
+SB_DEFINE_MMA(__nv_bfloat16, "bf16", __floats2bfloat162_rn)
+#undef SB_DEFINE_MMA
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -508,7 +493,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) MmaSp<T>::run(acc[i][j], w, af[2 * i + j], meta);
+          for (int j = 0; j < 2; ++j) Mma<T>::run_sp(acc[i][j], w, af[2 * i + j], meta);
       } else {
 #pragma unroll
         for (int i = 0; i < MT; ++i)

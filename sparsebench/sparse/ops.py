@@ -446,8 +446,7 @@ def _stream(x: torch.Tensor, layer: PackedLayer, plan: int) -> Optional[Fragment
 
 
 def _weights(layer: PackedLayer, stream: Optional[FragmentStream]) -> _Weights:
-    kptr = stream.kptr if stream is not None and stream.pairs else layer.tile_kptr
-    tiles = (layer.tile_rows, kptr, stream.taps) if stream is not None else (None, None, None)
+    tiles = (layer.tile_rows, stream.kptr, stream.taps) if stream is not None else (None, None, None)
     return _Weights(
         layer.rowptr,
         layer.colidx,

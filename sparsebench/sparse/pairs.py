@@ -27,14 +27,13 @@ import torch
 
 from sparsebench.sparse.codes import pack_codes, unpack_codes, unsigned
 from sparsebench.sparse.tiles import (
-    TC_CODEBOOK,
     TC_HALF,
-    TC_LINEAR,
     FragmentStream,
+    places_to_dense,
     stream_kind,
-    tap_bits,
     tap_codes_of,
-    zero_codes,
+    tap_columns,
+    zero_filled_codes,
 )
 
 PAIR_K = 32  # logical taps per k-step: the K of one mma.sp.m16n8k32
@@ -171,15 +170,7 @@ def pair_stream(layer, dtype: torch.dtype):
     kind = stream_kind(layer)
     common = dict(taps=tap_codes_of(cols, layer).to(dev), kptr=kptr.to(torch.int32).to(dev), pairs=True, dtype=dtype)
     if kind != TC_HALF:
-        book, zero_code = zero_codes(layer)
-        # Every place starts as its row's zero code (a padding slot's: 0).
-        step_group = torch.repeat_interleave(torch.arange(kptr.numel() - 1), (kptr[1:] - kptr[:-1]) // PAIR_K)
-        lane = torch.arange(32).view(-1, 1)
-        v = torch.arange(8).view(1, -1)
-        place_slot = (lane // 4 + 8 * ((v // 2) % 2)).reshape(-1)
-        ch = layer.tile_rows.to(torch.int64).cpu()[step_group.view(-1, 1) * ROWS + place_slot.view(1, -1)]
-        zc = zero_code.cpu()
-        stream = torch.where(ch >= 0, zc[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
+        book, stream = zero_filled_codes(layer, kptr, PAIR_K, _place_slot())
         stream[value_index] = layer.codes().cpu()
         values = pack_codes(stream, layer.bits)
         return FragmentStream(kind, _with_metadata(values, meta, steps).to(dev), book, **common)
@@ -187,6 +178,14 @@ def pair_stream(layer, dtype: torch.dtype):
     values[value_index] = layer.nonzero_values().cpu().to(torch.float32)
     values = values.to(dtype).view(torch.uint8)
     return FragmentStream(TC_HALF, _with_metadata(values, meta, steps).to(dev), **common)
+
+
+def _place_slot() -> torch.Tensor:
+    """[32 * 8]: the group slot (row of A) of each (lane, value) place of a k-step: value v of lane l holds
+    row l // 4 + 8 * (register v // 2 odd)."""
+    lane = torch.arange(32).view(-1, 1)
+    v = torch.arange(8).view(1, -1)
+    return (lane // 4 + 8 * ((v // 2) % 2)).reshape(-1)
 
 
 def _with_metadata(values: torch.Tensor, meta: torch.Tensor, steps: int) -> torch.Tensor:
@@ -214,9 +213,9 @@ def pair_stream_to_dense(layer, stream) -> torch.Tensor:
     n = steps * 32 * 8
     raw, meta = split_pair_stream(stream)
     if stream.kind == TC_HALF:
-        vals = raw.reshape(-1).view(stream.dtype).to(torch.float32)
+        entries = raw.reshape(-1).view(stream.dtype).to(torch.float32)
     else:
-        codes = unpack_codes(raw.reshape(-1), layer.bits, n)
+        entries = unpack_codes(raw.reshape(-1), layer.bits, n)
     step = torch.arange(steps).repeat_interleave(256)
     lane = torch.arange(32).repeat_interleave(8).repeat(steps)
     v = torch.arange(8).repeat(32 * steps)
@@ -229,18 +228,5 @@ def pair_stream_to_dense(layer, stream) -> torch.Tensor:
     kptr = stream.kptr.to(torch.int64).cpu()
     group = torch.searchsorted(kptr, step * PAIR_K, right=True) - 1
     ch = layer.tile_rows.to(torch.int64).cpu()[group * ROWS + row_slot]
-    taps = unsigned(stream.taps.cpu())
-    kh_n, kw_n = layer.kernel_size
-    b = tap_bits(layer.kernel_size)
-    code = taps[step * PAIR_K + CHUNK * chunk + position]
-    col = ((code >> (2 * b)) * kh_n + ((code >> b) & ((1 << b) - 1))) * kw_n + (code & ((1 << b) - 1))
-    if stream.kind == TC_LINEAR:
-        c = ch.clamp_min(0)
-        vals = layer.scale.cpu()[c] * (codes - layer.zero_point.cpu()[c].to(torch.int64)).to(torch.float32)
-    elif stream.kind == TC_CODEBOOK:
-        book = stream.codebook.cpu()
-        vals = book[ch.clamp_min(0), codes] if book.dim() == 2 else book[codes]
-    dense = torch.zeros(layer.out_channels, layer.row_length, dtype=torch.float32)
-    live = ch >= 0
-    dense.index_put_((ch[live], col[live]), vals[live].to(torch.float32), accumulate=True)
-    return dense
+    col = tap_columns(stream.taps.cpu(), layer)[step * PAIR_K + CHUNK * chunk + position]
+    return places_to_dense(layer, stream, ch, col, entries)

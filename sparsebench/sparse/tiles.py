@@ -131,11 +131,11 @@ class FragmentStream:
     kind: int  # TC_HALF | TC_LINEAR | TC_CODEBOOK
     values: torch.Tensor  # [steps * 32 * 8] dtype values, or [steps * 32 * bits] uint8 codes
     codebook: Optional[torch.Tensor] = None  # TC_CODEBOOK: levels with a zero, [levels] or [CO, levels]
-    taps: Optional[torch.Tensor] = None  # tile_cols as tap codes (tap_codes), what the kernels read
+    taps: Optional[torch.Tensor] = None  # the group's taps as tap codes (tap_codes), what the kernels read
+    kptr: Optional[torch.Tensor] = None  # int32 [groups+1]: each group's first tap in ``taps``
     # The 2:4 stream (sparsebench.sparse.pairs): k-steps of 32 taps, its own taps and group pointers;
     # values are bytes, each k-step's values then its 32 metadata words.
     pairs: bool = False
-    kptr: Optional[torch.Tensor] = None  # int32 [groups+1]; None: the layer's tile_kptr
     dtype: Optional[torch.dtype] = None  # the activation dtype it was built for
 
     @property
@@ -240,6 +240,46 @@ def tap_codes_of(cols: torch.Tensor, layer) -> torch.Tensor:
     return codes.to(torch.int32).to(tap_code_dtype(layer))  # int16 wraps past 32767: read as unsigned
 
 
+def tap_columns(codes: torch.Tensor, layer) -> torch.Tensor:
+    """Tap codes (as stored: int16 read as unsigned) back to flat columns ``(ci*KH + kh)*KW + kw`` (int64)."""
+    kh_n, kw_n = layer.kernel_size
+    b = tap_bits(layer.kernel_size)
+    c = unsigned(codes)
+    return ((c >> (2 * b)) * kh_n + ((c >> b) & ((1 << b) - 1))) * kw_n + (c & ((1 << b) - 1))
+
+
+def zero_filled_codes(layer, kptr: torch.Tensor, step_taps: int, place_slot: torch.Tensor):
+    """(codebook or None, a code stream): the stream int64, one code a place, 256 places a k-step, every
+    place at its channel's code of zero (``zero_codes``; a padding slot's: 0), for the caller to fill. ``kptr``: each
+    group's first tap (k-steps of ``step_taps``); ``place_slot`` [256]: the group slot of each place."""
+    dev = place_slot.device
+    kptr = kptr.to(torch.int64).to(dev)
+    groups = torch.arange(kptr.numel() - 1, device=dev)
+    step_group = torch.repeat_interleave(groups, (kptr[1:] - kptr[:-1]) // step_taps)
+    ch = layer.tile_rows.to(torch.int64).to(dev)[step_group.view(-1, 1) * TILE_ROWS + place_slot.view(1, -1)]
+    book, zero_code = zero_codes(layer)
+    zero_code = zero_code.to(dev)
+    return book, torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
+
+
+def places_to_dense(layer, stream: "FragmentStream", ch: torch.Tensor, col: torch.Tensor, raw: torch.Tensor):
+    """The dense [CO, K] fp32 weight from a stream's places: each place's channel (-1: padding), column and
+    raw entry (a value for TC_HALF, else a code), decoded as the kernels decode it (for tests)."""
+    c = ch.clamp_min(0)
+    if stream.kind == TC_LINEAR:
+        vals = layer.scale.to(raw.device)[c] * (raw - layer.zero_point.to(raw.device)[c].to(torch.int64)).float()
+    elif stream.kind == TC_CODEBOOK:
+        book = stream.codebook.to(raw.device)
+        vals = book[c, raw] if book.dim() == 2 else book[raw]
+    else:
+        vals = raw
+    dense = torch.zeros(layer.out_channels, layer.row_length, dtype=torch.float32, device=raw.device)
+    live = ch >= 0
+    # Padding taps repeat a real tap with zero weight: add, so a repeat never overwrites the real weight.
+    dense.index_put_((ch[live], col[live]), vals[live].to(torch.float32), accumulate=True)
+    return dense
+
+
 def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
     """Build the tensor-core weight stream of ``layer`` (on its device) for activations of ``dtype``.
 
@@ -252,22 +292,14 @@ def fragment_stream(layer, dtype: torch.dtype) -> FragmentStream:
     _, elem = _positions(layer)
     total = steps * 32 * 8
     kind = stream_kind(layer)
+    common = dict(taps=tap_codes(layer), kptr=layer.tile_kptr)
     if kind != TC_HALF:
-        codes = layer.codes()
-        book, zero_code = zero_codes(layer)
-        # Every position starts as its channel's zero code (a padding slot's channel: 0).
-        kptr = layer.tile_kptr.to(torch.int64)
-        step_group = torch.repeat_interleave(
-            torch.arange(kptr.numel() - 1, device=dev), (kptr[1:] - kptr[:-1]) // TILE_K
-        )
-        slot = _slot_of_lane_value().to(dev)
-        ch = layer.tile_rows.to(torch.int64)[step_group.view(-1, 1) * TILE_ROWS + slot.view(1, -1)]
-        stream = torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
-        stream[elem] = codes
-        return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book, tap_codes(layer))
+        book, stream = zero_filled_codes(layer, layer.tile_kptr, TILE_K, _slot_of_lane_value().to(dev))
+        stream[elem] = layer.codes()
+        return FragmentStream(kind, pack_codes(stream, layer.bits).to(dev), book, **common)
     values = torch.zeros(total, dtype=torch.float32, device=dev)
     values[elem] = layer.nonzero_values()
-    return FragmentStream(TC_HALF, values.to(dtype), taps=tap_codes(layer))
+    return FragmentStream(TC_HALF, values.to(dtype), **common)
 
 
 def _slot_of_lane_value() -> torch.Tensor:
@@ -282,10 +314,7 @@ def stream_to_dense(layer, stream: FragmentStream) -> torch.Tensor:
     dev = stream.values.device
     steps = int(layer.tile_kptr[-1]) // TILE_K
     n = steps * 32 * 8
-    if stream.kind == TC_HALF:
-        vals = stream.values.to(torch.float32)
-    else:
-        codes = unpack_codes(stream.values, layer.bits, n)
+    raw = stream.values.to(torch.float32) if stream.kind == TC_HALF else unpack_codes(stream.values, layer.bits, n)
     slot = _slot_of_lane_value().to(dev).repeat(steps)
     tap_in_step = _tap_of_lane_value().to(dev).repeat(steps)
     step = torch.arange(steps, device=dev).repeat_interleave(256)
@@ -293,17 +322,7 @@ def stream_to_dense(layer, stream: FragmentStream) -> torch.Tensor:
     group = torch.searchsorted(kptr, step * TILE_K, right=True) - 1
     ch = layer.tile_rows.to(torch.int64).to(dev)[group * TILE_ROWS + slot]
     col = unsigned(layer.tile_cols).to(dev)[step * TILE_K + tap_in_step]
-    if stream.kind == TC_LINEAR:
-        c = ch.clamp_min(0)
-        vals = layer.scale[c] * (codes - layer.zero_point[c].to(torch.int64)).to(torch.float32)
-    elif stream.kind == TC_CODEBOOK:
-        book = stream.codebook
-        vals = book[ch.clamp_min(0), codes] if book.dim() == 2 else book[codes]
-    dense = torch.zeros(layer.out_channels, layer.row_length, dtype=torch.float32, device=dev)
-    live = ch >= 0
-    # Padding taps repeat a real tap with zero weight: add, so a repeat never overwrites the real weight.
-    dense.index_put_((ch[live], col[live]), vals[live].to(torch.float32), accumulate=True)
-    return dense
+    return places_to_dense(layer, stream, ch, col, raw)
 
 
 def _tap_of_lane_value() -> torch.Tensor:
