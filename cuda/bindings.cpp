@@ -48,7 +48,8 @@ void check_args(const ConvArgs& a) {
       (a.codebook_stride > 0 && (a.value_kind != kValCodebook || a.codebook_stride > (1 << a.bits))))
     throw std::invalid_argument("codebook_stride: expected 0 (one codebook for the layer) or 1..2**bits (the levels of each row's codebook)");
   if (a.tc_codebook_stride < 0) throw std::invalid_argument("tc_codebook_stride: expected >= 0");
-  if (a.tc_pairs != 0 && a.tc_pairs != 1) throw std::invalid_argument("tc_pairs: expected 0 (the dense-MMA stream) or 1 (the 2:4 stream)");
+  if (a.tc_pairs != 0 && !valid_pair_groups(a.tc_pairs))
+    throw std::invalid_argument("tc_pairs: expected 0 (the dense-MMA stream) or 1, 2, 4 (the 2:4 stream of that many groups a k-step)");
   if (a.stride < 1 || a.pad < 0 || a.KH < 1 || a.KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
   if (a.N < 0 || a.C < 0 || a.H < 0 || a.W < 0 || a.CO < 0 || a.OH < 0 || a.OW < 0 || a.groups < 0)
     throw std::invalid_argument("N, C, H, W, CO, OH, OW and groups must be >= 0");
@@ -195,7 +196,8 @@ PYBIND11_MODULE(_C, m) {
         if (plan >= 0 && !plan_candidate(plan, t, variant)) throw std::invalid_argument("plan: no such candidate");
         return t.tc_pairs;
       },
-      "Whether candidate `plan` (-1: the rule) runs the tensor cores on the 2:4 stream (ConvArgs.tc_pairs).",
+      "The 2:4 stream's groups a k-step that candidate `plan` (-1: the rule) reads, 0 for the dense-MMA stream "
+      "(ConvArgs.tc_pairs).",
       py::arg("plan"));
 
   m.def("plan_candidate_count", &plan_candidate_count, "How many candidate plans there are (ids 0..count-1).");
@@ -219,6 +221,8 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("tc_warps_k: expected 1, 2, 4 or 8");
         if (tc_smem_budget < 8192 || tc_smem_budget > 227 * 1024)
           throw std::invalid_argument("tc_smem_budget: expected 8192..232448 bytes");
+        if (tc_pairs != 0 && !valid_pair_groups(tc_pairs))
+          throw std::invalid_argument("tc_pairs: expected 0 (dense MMAs) or 1, 2, 4 (the 2:4 stream's groups a k-step)");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
@@ -233,7 +237,7 @@ PYBIND11_MODULE(_C, m) {
         t.tc_warps_k = tc_warps_k;
         t.tc_smem_budget = tc_smem_budget;
         t.tc_pack_images = tc_pack_images ? 1 : 0;
-        t.tc_pairs = tc_pairs ? 1 : 0;
+        t.tc_pairs = tc_pairs;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,

@@ -19,9 +19,11 @@
 // A k-step whose taps span two chunks runs in both, its taps outside the staged chunk reading a zero
 // unit. Padding slots of a group (fewer than 16 channels) compute garbage that is never stored.
 //
-// With the 2:4 stream (SP, ConvArgs::tc_pairs) the roles turn: the weights are the sparse A of
+// With the 2:4 stream (G = ConvArgs::tc_pairs > 0) the roles turn: the weights are the sparse A of
 // mma.sp.m16n8k32 (16 channels x 32 taps, at most two nonzeros a row in each chunk of four, stored as
 // those and their positions), the pixels B (32 taps x 8 pixels, one ldmatrix.x4.trans, lane l at tap l).
+// A k-step then serves G groups that share its taps: a warp multiplies each pixel tile it loads by G
+// groups' weights, G MMAs a load.
 #pragma once
 #include <cstdint>
 
@@ -326,13 +328,17 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
   }
 }
 
-// SP: the 2:4 stream (sparsebench/sparse/pairs.py) on mma.sp.m16n8k32: a k-step is 32 taps, the weights
-// are A (16 channels x 32 taps, half of them stored) and the pixels B, one ldmatrix.x4.trans (32 taps x 8
-// pixels) and one MMA per n8 pixel tile: the warp's 16 * MT pixels are 2 * MT such tiles.
-template <typename T, int MT, bool SP, class Values>
-__global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const ConvArgs a, const TensorCfg t, Values vals) {
+// G > 0: the 2:4 stream (sparsebench/sparse/pairs.py) on mma.sp.m16n8k32: a k-step is 32 taps, the weights
+// are A (16 channels x 32 taps, half of them stored) of each of G groups and the pixels B, one
+// ldmatrix.x4.trans (32 taps x 8 pixels) and G MMAs per n8 pixel tile: the warp's 16 * MT pixels are 2 * MT
+// such tiles. A warp's "group" is then G consecutive groups of the tiles.
+template <typename T, int MT, int G, class Values>
+__global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const ConvArgs a, const TensorCfg t, Values vals0) {
+  constexpr bool SP = G > 0;
+  constexpr int NG = SP ? G : 1;             // groups a warp computes
   constexpr int kK = SP ? kPairK : kTileK;  // taps a k-step
   constexpr int kPix = SP ? 2 * MT : MT;   // ldmatrix a k-step: m16 tiles, or n8 tiles with SP
+  constexpr int kStages = tensor_stages(G);
   extern __shared__ uint4 smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp % t.warps_m;
@@ -345,8 +351,8 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   const int tn_i = t.div_tiles_h.div(bw);
   const int th_i = bw - tn_i * t.tiles_h;
   const int n0 = tn_i * t.NB * t.P, oh0 = th_i * t.TH, ow0 = tw_i * t.OWv;
-  const int group = blockIdx.y * t.warps_g + warp_g;
-  const bool live = group < a.groups;
+  const int group = blockIdx.y * t.warps_g + warp_g;  // of NG groups
+  const bool live = group * NG < a.groups;
 
   // This lane's ldmatrix row: tap 8*(lane/16) + lane%8 of the k-step, pixel half (lane/8)%2 of each m16
   // tile; with SP tap `lane` of the k-step, n8 tile i (pixel group 2 * warp_m * MT + i).
@@ -359,10 +365,20 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     pix[i] = (p.band * t.RH + p.th * a.stride) * t.PITCH + p.c;
   }
 
-  int bch[2];
+  // A group's channel of slot s, -1 for a padding slot or a group past the last (the warp's NG may overhang).
+  auto slot_channel = [&](int gi, int s) {
+    const int gg = group * NG + gi;
+    return gg < a.groups ? __ldg(a.tile_rows + gg * kTileRows + s) : -1;
+  };
+  Values vals[NG];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) bch[j] = live ? __ldg(a.tile_rows + group * kTileRows + 8 * j + (lane >> 2)) : -1;
-  vals.setup(a, bch);
+  for (int gi = 0; gi < NG; ++gi) {
+    int bch[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) bch[j] = live ? slot_channel(gi, 8 * j + (lane >> 2)) : -1;
+    vals[gi] = vals0;
+    vals[gi].setup(a, bch);
+  }
 
   int s_cur = 0, s_last = 0;  // k-steps: tile_kptr is int32
   if (live) {
@@ -370,9 +386,9 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     s_last = __ldg(a.tile_kptr + group + 1) / kK;
   }
 
-  float acc[MT][2][4];
+  float acc[NG * MT][2][4];  // group gi's tiles at gi * MT
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
+  for (int i = 0; i < NG * MT; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -389,15 +405,17 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   if (tid == 0) smem[t.zero_unit] = make_uint4(0, 0, 0, 0);
   // This warp's ring of k-steps: the weights of 32 lanes (b_bytes: values, then with SP metadata words),
   // then the step's kK taps.
-  char* ring = reinterpret_cast<char*>(smem) + t.ring + warp * kTensorStages * t.ring_stage;
-  const uint32_t ring_addr = sbase + static_cast<uint32_t>(t.ring + warp * kTensorStages * t.ring_stage);
+  char* ring = reinterpret_cast<char*>(smem) + t.ring + warp * kStages * t.ring_stage;
+  const uint32_t ring_addr = sbase + static_cast<uint32_t>(t.ring + warp * kStages * t.ring_stage);
   // The ring starts zeroed: the step after a warp's last is read and decoded (never used) from a stage
   // no fetch may have written, and a codebook decode indexes memory with its codes (zero is a level).
-  for (int q = lane; q < kTensorStages * t.ring_stage / 16; q += 32) reinterpret_cast<uint4*>(ring)[q] = uint4{};
+  for (int q = lane; q < kStages * t.ring_stage / 16; q += 32) reinterpret_cast<uint4*>(ring)[q] = uint4{};
   __syncwarp();
-  constexpr int b_bytes = 32 * (Values::kLaneBytes + (SP ? 4 : 0));
+  constexpr int v_bytes = 32 * Values::kLaneBytes;           // one group's values of a k-step
+  constexpr int b_bytes = NG * (v_bytes + (SP ? 128 : 0));  // the k-step's weights: values, then metadata
   const int col_bytes = a.tile_col_bits / 8;
-  const int b_units = b_bytes / 16, units = b_units + kK * col_bytes / 16;  // a k-step's 16-byte units (<= 48)
+  const int b_units = b_bytes / 16, units = b_units + kK * col_bytes / 16;  // a k-step's 16-byte units
+  constexpr int kFetch = (b_bytes / 16 + kK * 4 / 16 + 31) / 32;            // units a lane copies (taps <= 4 bytes)
   const char* cols = static_cast<const char*>(a.tile_cols);
 
   for (int chunk = 0, c0 = 0; chunk < t.chunks; ++chunk, c0 += t.CC) {
@@ -419,62 +437,56 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       }
       s_stop += 32;
     }
-    // Each warp keeps its next kTensorStages - 1 k-steps (weights and taps) in flight into its ring:
-    // a step is `units` 16-byte units, the lanes take unit lane and lane + 32, whose sources advance
-    // by a fixed stride a step.
+    // Each warp keeps its next kStages - 1 k-steps (weights and taps) in flight into its ring: a step is
+    // `units` 16-byte units, lane l copies units l, l + 32, ..., each from the step's weights or its taps.
     const int s0 = s_cur + warp_k;
     int f_step = s0;
-    const char* src[2];
-    int64_t src_inc[2];
-    bool src_live[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int q = lane + 32 * h;
-      src_live[h] = q < units;
-      const bool weight = q < b_units;
-      const char* base = weight ? vals.bytes + q * 16 : cols + (q - b_units) * 16;
-      const int64_t per_step = weight ? b_bytes : kK * col_bytes;
-      src[h] = base + static_cast<int64_t>(s0) * per_step;
-      src_inc[h] = per_step * t.warps_k;
-    }
     const uint32_t lane_dst = ring_addr + lane * 16;
     auto fetch = [&](int stage) {
       if (f_step < s_last) {
+        const char* w_src = vals0.bytes + static_cast<int64_t>(f_step) * b_bytes;
+        const char* c_src = cols + static_cast<int64_t>(f_step) * (kK * col_bytes) - b_units * 16;  // + unit * 16
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (src_live[h]) cp_async16(lane_dst + stage * t.ring_stage + 512 * h, src[h]);
+        for (int h = 0; h < kFetch; ++h) {
+          const int q = lane + 32 * h;
+          if (q < units) cp_async16(lane_dst + stage * t.ring_stage + 512 * h, (q < b_units ? w_src : c_src) + q * 16);
+        }
       }
       cp_async_commit();
       f_step += t.warps_k;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) src[h] += src_inc[h];
     };
 #pragma unroll
-    for (int d = 0; d < kTensorStages - 1; ++d) fetch(d);
+    for (int d = 0; d < kStages - 1; ++d) fetch(d);
     // A step's weights and tap are read from the ring and decoded one step ahead, so those shared
     // loads and the decode overlap the MMAs of the step before. Past the chunk's last step they read
     // a stale stage, never used.
-    typename Values::Raw raw;
+    typename Values::Raw raw[NG];
     int col;
-    uint32_t meta_next = 0, meta = 0;
-    auto read_step = [&](int stage) {  // the step in `stage` has landed: at most kTensorStages - 2 pending
-      cp_async_wait<kTensorStages - 2>();
+    uint32_t meta_next[NG] = {}, meta[NG] = {};
+    auto read_step = [&](int stage) {  // the step in `stage` has landed: at most kStages - 2 pending
+      cp_async_wait<kStages - 2>();
       __syncwarp();
       const char* here = ring + stage * t.ring_stage;
-      raw = vals.read(here, lane);
-      if (SP) meta_next = reinterpret_cast<const uint32_t*>(here + 32 * Values::kLaneBytes)[lane];
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        raw[gi] = vals[gi].read(here + gi * v_bytes, lane);
+        if (SP) meta_next[gi] = reinterpret_cast<const uint32_t*>(here + NG * v_bytes)[32 * gi + lane];
+      }
       col = col_bytes == 2 ? static_cast<int>(reinterpret_cast<const uint16_t*>(here + b_bytes)[tap_lane])
                            : reinterpret_cast<const int32_t*>(here + b_bytes)[tap_lane];
       __syncwarp();  // every lane has read the stage before a later fetch refills it
     };
-    uint32_t b[2][2], tap;
+    uint32_t b[NG][2][2], tap;
     bool in;
     auto decode_step = [&]() {
       const int cc = (col >> (2 * kb)) - c0, kh = (col >> kb) & kmask, kw = col & kmask;
       in = static_cast<unsigned>(cc) < static_cast<unsigned>(ccn);
       tap = static_cast<uint32_t>(cc * t.CSTRIDE + (kw * kw_rows + kh) * t.PITCH) * 16u;
-      vals.template decode<SP>(raw, b);
-      meta = meta_next;
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        vals[gi].template decode<SP>(raw[gi], b[gi]);
+        meta[gi] = meta_next[gi];
+      }
     };
     read_step(0);
     decode_step();
@@ -485,20 +497,23 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
 #pragma unroll
       for (int i = 0; i < kPix; ++i) ldmatrix_x4_trans(af[i], in ? pix[i] + tap : zero_addr);
       // Refill the stage of the step before this one (read two read_steps ago), then read the next step.
-      fetch(stage == 0 ? kTensorStages - 1 : stage - 1);
-      stage = stage == kTensorStages - 1 ? 0 : stage + 1;
+      fetch(stage == 0 ? kStages - 1 : stage - 1);
+      stage = stage == kStages - 1 ? 0 : stage + 1;
       read_step(stage);
       if constexpr (SP) {
-        const uint32_t w[4] = {b[0][0], b[0][1], b[1][0], b[1][1]};
 #pragma unroll
-        for (int i = 0; i < MT; ++i)
+        for (int gi = 0; gi < NG; ++gi) {
+          const uint32_t w[4] = {b[gi][0][0], b[gi][0][1], b[gi][1][0], b[gi][1][1]};
 #pragma unroll
-          for (int j = 0; j < 2; ++j) Mma<T>::run_sp(acc[i][j], w, af[2 * i + j], meta);
+          for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) Mma<T>::run_sp(acc[gi * MT + i][j], w, af[2 * i + j], meta[gi]);
+        }
       } else {
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) Mma<T>::run(acc[i][j], af[i], b[j][0], b[j][1]);
+          for (int j = 0; j < 2; ++j) Mma<T>::run(acc[i][j], af[i], b[0][j][0], b[0][j][1]);
       }
       decode_step();
     }
@@ -513,41 +528,42 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     float* red = reinterpret_cast<float*>(smem);
     if (warp_k > 0) {
 #pragma unroll
-      for (int i = 0; i < MT; ++i)
+      for (int i = 0; i < NG * MT; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
-          for (int v = 0; v < 4; ++v) red[((warp * MT + i) * 8 + j * 4 + v) * 32 + lane] = acc[i][j][v];
+          for (int v = 0; v < 4; ++v) red[((warp * NG * MT + i) * 8 + j * 4 + v) * 32 + lane] = acc[i][j][v];
     }
     __syncthreads();
     if (warp_k > 0) return;
     for (int k = 1; k < t.warps_k; ++k) {
       const int other = warp + k * t.warps_m;
 #pragma unroll
-      for (int i = 0; i < MT; ++i)
+      for (int i = 0; i < NG * MT; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
-          for (int v = 0; v < 4; ++v) acc[i][j][v] += red[((other * MT + i) * 8 + j * 4 + v) * 32 + lane];
+          for (int v = 0; v < 4; ++v) acc[i][j][v] += red[((other * NG * MT + i) * 8 + j * 4 + v) * 32 + lane];
     }
   }
   if (!live) return;
 
-  // Epilogue. Accumulator v of (i, j): without SP pixel row g + 8*(v/2) of m16 tile i, channel slot
-  // 8j + 2q + v%2; with SP pixel 2q + v%2 of n8 tile 2i + j, channel slot g + 8*(v/2). A lane writes
-  // kLanePx pixels of each i, kLaneCh channels each.
+  // Epilogue. Accumulator v of (gi * MT + i, j): without SP pixel row g + 8*(v/2) of m16 tile i, channel
+  // slot 8j + 2q + v%2; with SP pixel 2q + v%2 of n8 tile 2i + j, channel slot g + 8*(v/2) of group gi. A
+  // lane writes kLanePx pixels of each i, kLaneCh channels of each group each.
   const int g = lane >> 2, q = lane & 3;
   constexpr int kLanePx = SP ? 4 : 2, kLaneCh = SP ? 2 : 4;
-  int ch[kLaneCh];
-  float bias[kLaneCh], scale[kLaneCh];
+  int ch[NG][kLaneCh];
+  float bias[NG][kLaneCh], scale[NG][kLaneCh];
 #pragma unroll
-  for (int k = 0; k < kLaneCh; ++k) {
-    const int slot = SP ? g + 8 * k : 8 * (k >> 1) + 2 * q + (k & 1);
-    const int c = __ldg(a.tile_rows + group * kTileRows + slot);
-    ch[k] = c;
-    bias[k] = c >= 0 && a.bias ? __ldg(a.bias + c) : 0.f;
-    scale[k] = c >= 0 && Values::kScaled ? __ldg(a.scale + c) : 1.f;
-  }
+  for (int gi = 0; gi < NG; ++gi)
+#pragma unroll
+    for (int k = 0; k < kLaneCh; ++k) {
+      const int c = slot_channel(gi, SP ? g + 8 * k : 8 * (k >> 1) + 2 * q + (k & 1));
+      ch[gi][k] = c;
+      bias[gi][k] = c >= 0 && a.bias ? __ldg(a.bias + c) : 0.f;
+      scale[gi][k] = c >= 0 && Values::kScaled ? __ldg(a.scale + c) : 1.f;
+    }
   T* __restrict__ out = static_cast<T*>(a.out);
   const bool nhwc = a.layout == kNHWC;
   const int64_t ch_stride = nhwc ? 1 : static_cast<int64_t>(a.OH) * a.OW;
@@ -566,27 +582,48 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
       const int64_t base = nhwc ? ((static_cast<int64_t>(n) * a.OH + oh) * a.OW + ow) * a.CO
                                 : static_cast<int64_t>(n) * a.CO * ch_stride + static_cast<int64_t>(oh) * a.OW + ow;
 #pragma unroll
-      for (int k = 0; k < kLaneCh; ++k) {
-        if (ch[k] < 0) continue;
-        const float v = SP ? acc[i][x >> 1][2 * k + (x & 1)] : acc[i][k >> 1][2 * x + (k & 1)];
-        float y = v * scale[k] + bias[k];
-        if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
-        out[base + ch[k] * ch_stride] = from_f32<T>(y);
-      }
+      for (int gi = 0; gi < NG; ++gi)
+#pragma unroll
+        for (int k = 0; k < kLaneCh; ++k) {
+          if (ch[gi][k] < 0) continue;
+          const float v = SP ? acc[gi * MT + i][x >> 1][2 * k + (x & 1)] : acc[i][k >> 1][2 * x + (k & 1)];
+          float y = v * scale[gi][k] + bias[gi][k];
+          if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
+          out[base + ch[gi][k] * ch_stride] = from_f32<T>(y);
+        }
     }
+}
+
+// The kernel for the call's stream: dense MMAs (G = 0), or the 2:4 stream of G groups a k-step; MT x G is at
+// most kMaxPairWork (the planner's rule), so only those are built.
+template <typename T, int MT, class Values>
+auto pick_kernel(int G) -> decltype(&conv_tensor_kernel<T, MT, 0, Values>) {
+  switch (G) {
+    case 0: return conv_tensor_kernel<T, MT, 0, Values>;
+    case 1: return conv_tensor_kernel<T, MT, 1, Values>;
+    case 2:
+      if constexpr (MT * 2 <= kMaxPairWork) return conv_tensor_kernel<T, MT, 2, Values>;
+      return nullptr;
+    case 4:
+      if constexpr (MT * 4 <= kMaxPairWork) return conv_tensor_kernel<T, MT, 4, Values>;
+      return nullptr;
+    default: return nullptr;
+  }
 }
 
 template <typename T, int MT, class Values>
 std::string launch_values(const ConvArgs& a, const TensorCfg& t, const Values& vals, int64_t smem_bytes,
                           cudaStream_t stream) {
-  auto kernel = a.tc_pairs ? conv_tensor_kernel<T, MT, true, Values> : conv_tensor_kernel<T, MT, false, Values>;
+  auto kernel = pick_kernel<T, MT, Values>(a.tc_pairs);
+  if (!kernel) return "tensor-core kernels: no kernel for tc_pairs " + std::to_string(a.tc_pairs) + " with MT " + std::to_string(MT);
   if (smem_bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem_bytes));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
   }
+  const int warp_groups = a.tc_pairs > 1 ? (a.groups + a.tc_pairs - 1) / a.tc_pairs : a.groups;  // of G groups
   const dim3 grid(static_cast<unsigned>(t.tiles_w) * t.tiles_h * t.tiles_n,
-                  static_cast<unsigned>((a.groups + t.warps_g - 1) / t.warps_g));
+                  static_cast<unsigned>((warp_groups + t.warps_g - 1) / t.warps_g));
   kernel<<<grid, kTensorWarps * 32, smem_bytes, stream>>>(a, t, vals);
   return "";
 }

@@ -198,6 +198,7 @@ std::string tensor_unsupported(const ConvArgs& a) {
       (a.tile_steps != 0 && (!a.tile_cols || !a.tc_values)))
     return "the layer has no tensor-core tiles or weight stream";
   if (a.groups * kTileRows < a.CO) return "the tiles cover fewer output channels than the layer has";
+  if (a.tc_pairs != 0 && !valid_pair_groups(a.tc_pairs)) return "tc_pairs takes 0, 1, 2 or 4";
   if (a.tc_kind == kTcLinear && (!a.scale || !a.zero_point)) return "linear codes need their scales and zero points";
   if (a.tc_kind == kTcCodebook && !a.tc_codebook) return "codebook codes need the codebook";
   if (a.tc_kind != kTcHalf && a.bits != 2 && a.bits != 4 && a.bits != 8) return "code streams take 2, 4 or 8 bits";
@@ -245,7 +246,9 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   const int NC = TWp / 8, PITCH = NC | 1;
   // Rows, then bands of images, up to the pixels a block aims for (padded columns counted), and no
   // more than its warps cover: 8 warps x MT m16 tiles (16 pixels, 2 groups of 8 columns).
-  const int MT = tu.tc_mt == 1 || tu.tc_mt == 2 || tu.tc_mt == 8 ? tu.tc_mt : 4;
+  // A 2:4 k-step of G groups: each warp holds G x MT x 2 accumulator tiles, so MT x G stays at most kMaxPairWork.
+  const int G = tu.tc_pairs, NG = G > 0 ? G : 1;  // NG: groups a warp computes
+  const int MT = std::min(tu.tc_mt == 1 || tu.tc_mt == 2 || tu.tc_mt == 8 ? tu.tc_mt : 4, G > 1 ? kMaxPairWork / G : 8);
   const int pixels = std::max(16, std::min(tu.tc_pixels, kTensorWarps * MT * 16));
   int TH = std::min(a.OH, std::max(1, pixels / TWp));
   const int tiles_h = static_cast<int>(cdiv(a.OH, TH));
@@ -264,22 +267,22 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   while (warps_k * 2 <= tu.tc_warps_k && warps_m * warps_k * 2 <= kTensorWarps) warps_k *= 2;
   const int warps_g = kTensorWarps / (warps_m * warps_k);
   // Shared memory: CC channels of KW copies and the zero unit, then each warp's ring of k-steps
-  // (32 lanes' weights and 16 taps a step; with tc_pairs their metadata words and 32 taps); the split-K
-  // sums reuse it at the end.
+  // (32 lanes' weights and 16 taps a step; with tc_pairs G groups' weights and metadata words and 32 taps);
+  // the split-K sums reuse it at the end.
   const int64_t per_channel = (static_cast<int64_t>(a.KW) * NB * RH * PITCH) | 1;
   const int lane_bytes = a.tc_kind == kTcHalf ? 16 : a.bits;
   const int64_t ring_stage =
-      32 * (lane_bytes + (tu.tc_pairs ? 4 : 0)) + (tu.tc_pairs ? kPairK : kTileK) * (a.tile_col_bits / 8);
-  const int64_t ring_bytes = static_cast<int64_t>(kTensorWarps) * kTensorStages * ring_stage;
+      32 * NG * (lane_bytes + (G ? 4 : 0)) + (G ? kPairK : kTileK) * (a.tile_col_bits / 8);
+  const int64_t ring_bytes = static_cast<int64_t>(kTensorWarps) * tensor_stages(G) * ring_stage;
   const int64_t budget = std::min<int64_t>(tu.tc_smem_budget, max_block_smem()) - ring_bytes;
   const int64_t CC = std::min<int64_t>(a.C, (budget / 16 - 1) / per_channel);
   if (CC < 1) return false;
   const int64_t ring = (CC * per_channel + 1) * 16;
-  const int64_t reduce = warps_k > 1 ? static_cast<int64_t>(kTensorWarps) * 32 * MT * 8 * 4 : 0;
+  const int64_t reduce = warps_k > 1 ? static_cast<int64_t>(kTensorWarps) * 32 * MT * NG * 8 * 4 : 0;
   const int64_t smem = std::max(ring + ring_bytes, reduce);
   if (smem > max_block_smem()) return false;
   const int64_t tiles = static_cast<int64_t>(tiles_w) * tiles_h * tiles_n;
-  const int64_t groups = cdiv(a.groups, warps_g);
+  const int64_t groups = cdiv(cdiv(a.groups, NG), warps_g);  // a warp's groups, the block's warps
   if (tiles > 0x7fffffff || groups > 65535) return false;
 
   t.P = P;
@@ -321,13 +324,13 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   p.P = P;
   p.NB = NB;
   p.TWp = TWp;
-  p.pairs = tu.tc_pairs != 0;
+  p.pairs = G;
   p.TH = TH;
   p.TW = OWv;
   p.NI = NB * P;
   p.CC = t.CC;
   p.chunks = t.chunks;
-  p.rows_per_block = warps_g * kTileRows;
+  p.rows_per_block = warps_g * NG * kTileRows;
   p.threads = kTensorWarps * 32;
   p.smem_bytes = smem;
   p.blocks = tiles * groups;
@@ -356,8 +359,8 @@ constexpr int kCandPixels[] = {128, 64, 256};
 constexpr int kCandWarpsK[] = {1, 2, 4, 8};
 constexpr int kCandTcBudget[] = {96 * 1024, 192 * 1024};
 constexpr int kCandPack[] = {1, 0};
-constexpr int kCandPairs[] = {0, 1};
-constexpr int kTensorCandidates = 4 * 3 * 4 * 2 * 2 * 2;
+constexpr int kCandPairs[] = {0, 1, 2, 4};
+constexpr int kTensorCandidates = 4 * 3 * 4 * 2 * 2 * 4;
 }  // namespace
 
 int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates; }
@@ -368,8 +371,8 @@ bool plan_candidate(int id, Tuning& knobs, int& variant) {
   if (id >= kStageCandidates + kRowSplitCandidates) {
     id -= kStageCandidates + kRowSplitCandidates;
     variant = kTensor;
-    knobs.tc_pairs = kCandPairs[id % 2];
-    id /= 2;
+    knobs.tc_pairs = kCandPairs[id % 4];
+    id /= 4;
     knobs.tc_smem_budget = kCandTcBudget[id % 2];
     id /= 2;
     knobs.tc_pack_images = kCandPack[id % 2];
@@ -453,8 +456,9 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   if (want_tensor(a, g, tu)) {
     if (tensor_plan(a, tu, p, tc)) {
       if (a.tc_pairs != tu.tc_pairs)
-        return std::string("tc_pairs: the plan runs on the ") + (tu.tc_pairs ? "2:4 stream (1)" : "dense-MMA stream (0)") +
-               ", the call passed the other";
+        return "tc_pairs: the plan runs on the " +
+               (tu.tc_pairs ? "2:4 stream of " + std::to_string(tu.tc_pairs) + " groups a k-step" : std::string("dense-MMA stream")) +
+               " (" + std::to_string(tu.tc_pairs) + "), the call passed " + std::to_string(a.tc_pairs);
       err = launch_tensor(a, tc, p.MT, p.smem_bytes, stream);
       if (!err.empty()) return err;
       const cudaError_t e = cudaGetLastError();

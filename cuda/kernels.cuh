@@ -32,14 +32,16 @@ struct TensorCfg {
   int warps_m, warps_k, warps_g;
   int tiles_w, tiles_h, tiles_n;
   int zero_unit;  // a 16-byte unit of zeros: the row masked taps read
-  int ring;       // byte offset of the warps' weight rings (kTensorStages k-steps each, ring_stage bytes a step)
-  int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights (with tc_pairs their metadata too), then
-                  // its 16 (32) taps; a 16-byte multiple
+  int ring;       // byte offset of the warps' weight rings (tensor_stages k-steps each, ring_stage bytes a step)
+  int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights (with tc_pairs = G, G groups' and their
+                  // metadata), then its 16 (32) taps; a 16-byte multiple
   FastDiv div_NC, div_RH, div_NB, div_OW, div_TH, div_CC, div_tiles_w, div_tiles_h;
 };
 
 constexpr int kTensorWarps = 8;
-constexpr int kTensorStages = 8;  // k-steps each warp has in flight (weights and taps, by cp.async)
+// k-steps each warp has in flight (weights and taps, by cp.async): fewer where a step serves several groups
+// (its bytes grow with them, and so does the work that hides the next step's latency).
+__host__ __device__ constexpr int tensor_stages(int pair_groups) { return pair_groups >= 2 ? 4 : 8; }
 
 std::string launch_tensor(const ConvArgs& a, const TensorCfg& t, int MT, int64_t smem_bytes, cudaStream_t stream);
 // One activation dtype (__half, __nv_bfloat16) and MT of launch_tensor: conv_tensor.cuh, instantiated

@@ -20,6 +20,10 @@ constexpr int kTileRows = 16;
 constexpr int kTileK = 16;
 // Taps per k-step of the 2:4 stream (tc_pairs): the K of one mma.sp.m16n8k32.
 constexpr int kPairK = 32;
+// Groups one k-step of the 2:4 stream may serve (tc_pairs): a warp multiplies each pixel tile it loads
+// by that many groups' weights. m16 tiles a warp (MT) times these groups is at most kMaxPairWork.
+inline bool valid_pair_groups(int g) { return g == 1 || g == 2 || g == 4; }
+constexpr int kMaxPairWork = 8;
 
 // One direct sparse convolution (a linear layer is the 1x1 case on a 1x1 image).
 // x: [N, C, H, W] activations (NCHW, or NHWC memory with layout kNHWC); out: [N, CO, OH, OW] in the
@@ -58,8 +62,9 @@ struct ConvArgs {
   int tc_kind = kTcNone;
   const float* tc_codebook = nullptr;  // kTcCodebook: the codebook the stream's codes index (with a zero level)
   int tc_codebook_stride = 0;          // as codebook_stride, for tc_codebook
-  // 1: the 2:4 stream (sparsebench/sparse/pairs.py) for the sparse MMAs: k-steps of kPairK taps, each
-  // 32 lanes' values then 32 metadata words; tile_kptr and tile_cols are the stream's own.
+  // G > 0: the 2:4 stream (sparsebench/sparse/pairs.py) for the sparse MMAs, each k-step (kPairK taps)
+  // serving G consecutive groups (1, 2 or 4): G x 32 lanes' values, then G x 32 metadata words; tile_kptr
+  // (one entry per G groups, plus one) and tile_cols are the stream's own, groups and tile_rows the tiles'.
   int tc_pairs = 0;
   // Planning.
   int variant = kAuto;
@@ -81,7 +86,7 @@ struct Plan {
   // Tensor-core plans: m16 tiles per warp, the block's warps over pixels x K x groups, the tile's
   // images side by side (P) and stacked (NB), and its padded width.
   int MT = 0, warps_m = 0, warps_k = 0, warps_g = 0, P = 0, NB = 0, TWp = 0;
-  bool pairs = false;  // the sparse MMAs on the 2:4 stream (the call's tc_pairs must match)
+  int pairs = 0;  // G > 0: the sparse MMAs on the 2:4 stream of G groups a k-step (the call's tc_pairs must match)
 };
 
 struct Tuning {
@@ -101,8 +106,8 @@ struct Tuning {
   // Narrow images (< 32 columns) side by side in a row band where that pads fewer columns to a multiple
   // of 8; 0: one image a band, its columns padded, so the stride-1 staging reads each input window once.
   int tc_pack_images = 1;
-  // 1: the sparse MMAs (mma.sp) on the 2:4 stream, 0: dense MMAs on the dense-MMA stream. The caller
-  // passes the stream the plan names (ConvArgs::tc_pairs).
+  // G = 1, 2 or 4: the sparse MMAs (mma.sp) on the 2:4 stream of G groups a k-step; 0: dense MMAs on the
+  // dense-MMA stream. The caller passes the stream the plan names (ConvArgs::tc_pairs).
   int tc_pairs = 0;
 };
 

@@ -27,6 +27,9 @@ from sparsebench.sparse.pairs import mma_ratio
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.timing import time_cuda
 
+MMA_KINDS = (0, 1, 2, 4)  # a plan's `pairs`: dense MMAs, or the 2:4 stream of that many groups a k-step
+KIND_NAMES = {0: "dense_mma", 1: "pairs", 2: "pairs2", 4: "pairs4"}
+
 LAYERS = [  # (name, c_in, c_out, kernel, hw, stride)
     ("vgg.conv1", 3, 64, 3, 32, 1),
     ("vgg.conv2", 64, 64, 3, 32, 1),
@@ -61,9 +64,10 @@ def check(y, x, layer):
 
 def best_of(x, layer, family, repeats):
     """(median us, plan id, plan name) of the fastest distinct plan of ``family`` ('tensor' or CUDA cores),
-    and by MMA kind: ``{False: the fastest on dense MMAs, True: on the sparse MMAs (the 2:4 stream)}``."""
+    and by MMA kind: ``{0: the fastest on dense MMAs, G: on the sparse MMAs (the 2:4 stream of G groups a
+    k-step)}``."""
     cl = ops.is_channels_last(x)
-    best = {False: (math.inf, None, ""), True: (math.inf, None, "")}
+    best = {g: (math.inf, None, "") for g in MMA_KINDS}
     _, shape = ops._geometry(x, layer)
     out = ops._empty_out(x, shape)
     for plan in ops.distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=cl, tensor=family == "tensor"):
@@ -77,7 +81,7 @@ def best_of(x, layer, family, repeats):
             print(f"  WRONG {family} plan {plan} ({ops.plan_name(p)}) on {tuple(x.shape)}: {e}", flush=True)
             continue
         t = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
-        kind = bool(p.get("pairs"))
+        kind = p.get("pairs", 0)
         if t < best[kind][0]:
             best[kind] = (t, plan, ops.plan_name(p))
     return min(best.values(), key=lambda b: b[0]), best
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
                 kind = dict(value="float16") if weights == "fp16" else dict(value="linear", bits=int(weights[-1]))
                 layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1, **kind).to(dev)
                 taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
-                pair_ratio = mma_ratio(layer)  # the 2:4 stream's MMAs over the dense-MMA stream's
+                # Each stream's MMAs over the dense-MMA stream's.
+                mma_ratios = {g: mma_ratio(layer, g) if g else 1.0 for g in MMA_KINDS}
                 for batch in args.batches:
                     x = torch.randn(batch, cin, hw, hw, device=dev, dtype=torch.float16)
                     xl = x.contiguous(memory_format=torch.channels_last)
@@ -133,15 +138,18 @@ def main(argv=None) -> int:
                     tc, tc_kinds = best_of(x, layer, "tensor", args.repeats)
                     tcl, tcl_kinds = best_of(xl, layer, "tensor", args.repeats)
                     cc = (math.nan, None, "") if args.no_cuda_cores else best_of(x, layer, "cuda", args.repeats)[0]
-                    dense_us, pairs_us = (min(tc_kinds[k][0], tcl_kinds[k][0]) for k in (False, True))
+                    kind_us = {g: min(tc_kinds[g][0], tcl_kinds[g][0]) for g in MMA_KINDS}
                     pixels = batch * (hw // stride) ** 2
                     flops = 2.0 * layer.nnz * pixels  # the real (nonzero) work
                     tc_us = min(tc[0], tcl[0])
+                    fastest = min(MMA_KINDS, key=lambda g: kind_us[g])
                     # Every MMA issued (16 channels a group) as dense m16n8k16s: a sparse m16n8k32 (32 taps,
                     # half of them stored) takes the tensor cores as long as one.
-                    mma_flops = (
-                        2.0 * 16 * int(layer.tile_kptr[-1]) * pixels * (pair_ratio if tc_us == pairs_us else 1.0)
-                    )
+                    mma_flops = 2.0 * 16 * int(layer.tile_kptr[-1]) * pixels * mma_ratios[fastest]
+                    by_kind = {
+                        f"speedup_tc_{KIND_NAMES[g]}": round(cudnn / kind_us[g], 3) if kind_us[g] < math.inf else ""
+                        for g in MMA_KINDS
+                    }
                     row = dict(
                         layer=name,
                         sparsity=sparsity,
@@ -156,8 +164,7 @@ def main(argv=None) -> int:
                         tc_nhwc_plan=tcl[2],
                         cc_plan=cc[2],
                         speedup_tc=round(cudnn / min(tc[0], tcl[0]), 3),
-                        speedup_tc_dense_mma=round(cudnn / dense_us, 3) if dense_us < math.inf else "",
-                        speedup_tc_pairs=round(cudnn / pairs_us, 3) if pairs_us < math.inf else "",
+                        **by_kind,
                         speedup_cc=round(cudnn / cc[0], 3) if cc[1] is not None else "",
                         speedup_best=round(cudnn / min(tc[0], tcl[0], cc[0] if cc[1] is not None else math.inf), 3),
                         tflops_real=round(flops / tc_us / 1e6, 1),
@@ -178,17 +185,18 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} cases ({done} layers) in {time.time() - t0:.0f} s; geomean speedup over cuDNN fp16 NHWC:")
     print(f"(tensor cores: median fraction of the dense fp16 peak, {peak:g} TFLOP/s, in real work and in MMAs issued)")
     print(
-        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs)  cuda-core  faster of the two  peak real  peak MMA"
+        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs  2:4 x2  2:4 x4)  cuda-core  faster of the two"
+        "  peak real  peak MMA"
     )
     for sparsity in args.sparsities:
         for weights in args.weights:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
                 tc, cc, best = (geomean(sel, k) for k in ("speedup_tc", "speedup_cc", "speedup_best"))
-                dense, pairs = (geomean(sel, k) for k in ("speedup_tc_dense_mma", "speedup_tc_pairs"))
+                dense, p1, p2, p4 = (geomean(sel, f"speedup_tc_{KIND_NAMES[g]}") for g in MMA_KINDS)
                 shares = [(r["peak_real"], r["peak_mma"]) for r in sel]
                 real, mma = map(statistics.median, zip(*shares)) if shares else (math.nan, math.nan)
-                speedups = f"{tc:11.3f}  ({dense:10.3f}  {pairs:8.3f})  {cc:9.3f}  {best:17.3f}"
+                speedups = f"{tc:11.3f}  ({dense:10.3f}  {p1:8.3f}  {p2:6.3f}  {p4:6.3f})  {cc:9.3f}  {best:17.3f}"
                 print(f"{sparsity:8} {weights:7} {batch:5}  {speedups}  {real:9.2%}  {mma:8.2%}")
     return 0
 

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from sparsebench.sparse.codes import unsigned
-from sparsebench.sparse.pairs import PAIR_K, chunk_taps, mma_ratio, pair_stream, pair_stream_to_dense, split_pair_stream
+from sparsebench.sparse.pairs import (
+    PAIR_K,
+    chunk_taps,
+    load_ratio,
+    mma_ratio,
+    pair_stream,
+    pair_stream_to_dense,
+    split_pair_stream,
+)
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.tiles import fragment_stream, stream_to_dense
 from tests.test_tiles import VALUES
@@ -28,26 +36,29 @@ def test_dense_rows_fill_two_taps_a_chunk():
 
 @pytest.mark.parametrize("shape", [(70, 33, 3, 3), (17, 130, 1, 1), (32, 7, 7, 7), (40, 300)])
 @pytest.mark.parametrize("value, bits", VALUES)
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
-def test_the_stream_decodes_to_the_layer_as_the_sparse_mma_reads_it(shape, value, bits, sparsity):
+@pytest.mark.parametrize(
+    "sparsity, groups", [(0.0, 1), (0.5, 4), (0.9, 1), (0.9, 2), (0.9, 4), (0.99, 2), (1.0, 1), (1.0, 4)]
+)
+def test_the_stream_decodes_to_the_layer_as_the_sparse_mma_reads_it(shape, value, bits, sparsity, groups):
     conv = len(shape) == 4
     layer = random_layer(shape, sparsity, value=value, bits=bits, padding=1 if conv else 0, empty_rows=3, seed=7)
-    stream = pair_stream(layer, torch.float16)
+    stream = pair_stream(layer, torch.float16, groups)
     # Exactly the weights of the dense-MMA stream (the same rounding to fp16, the same codes).
     expected = stream_to_dense(layer, fragment_stream(layer, torch.float16))
     assert torch.equal(pair_stream_to_dense(layer, stream), expected)
-    assert stream.pairs and stream.kind == fragment_stream(layer, torch.float16).kind
+    assert stream.pairs == groups and stream.kind == fragment_stream(layer, torch.float16).kind
     kptr = stream.kptr.to(torch.int64)
+    assert kptr.numel() - 1 == -(-(layer.tile_kptr.numel() - 1) // groups)  # the last G-group may be short
     steps = stream.taps.numel() // PAIR_K
     assert int(kptr[0]) == 0 and bool((kptr % PAIR_K == 0).all()) and int(kptr[-1]) == stream.taps.numel()
     raw, meta = split_pair_stream(stream)
     lane_bytes = 16 if stream.kind == 0 else layer.bits  # 8 values a lane
-    assert raw.numel() == steps * 32 * lane_bytes and meta.numel() == steps * 32
+    assert raw.numel() == steps * groups * 32 * lane_bytes and meta.numel() == steps * groups * 32
     assert (steps == 0) == (sparsity == 1.0)
     taps = unsigned(stream.taps)
     for g in range(kptr.numel() - 1):  # ascending in each group: the kernels' staging chunks compare codes
         assert bool((taps[kptr[g] + 1 : kptr[g + 1]] >= taps[kptr[g] : kptr[g + 1] - 1]).all())
-    words = meta.view(steps, 8, 4)
+    words = meta.view(steps * groups, 8, 4)
     assert bool((words[:, :, 2:] == 0).all())  # only lanes 4g and 4g + 1 carry metadata (selector 0)
     nibbles = torch.stack([(words[:, :, :2] >> (4 * i)) & 0xF for i in range(8)])
     assert set(nibbles.unique().tolist()) <= ORDERED_NIBBLES
@@ -61,9 +72,22 @@ def test_the_2_4_stream_halves_the_mmas_of_a_random_layer():
     assert mma_ratio(random_layer((64, 64, 3, 3), 0.0, padding=1, seed=1)) == 1.0
 
 
-def test_bf16_values_and_codes_on_the_layers_device():
+def test_wider_steps_load_the_pixels_fewer_times_for_a_few_more_mmas():
+    # One k-step for G groups: their 16G channels share the taps (the union of theirs), and a chunk closes
+    # before any of them gets a third nonzero, so MMAs grow a little while pixel loads fall about G-fold.
+    layer = random_layer((256, 256, 3, 3), 0.9, padding=1, seed=1)
+    mmas = [mma_ratio(layer, g) for g in (1, 2, 4)]
+    loads = [load_ratio(layer, g) for g in (1, 2, 4)]
+    assert mmas[0] < mmas[1] < mmas[2] < 1.4 * mmas[0]
+    assert loads[0] > 1.5 * loads[1] > 2.5 * loads[2]
+    with pytest.raises(ValueError, match="groups: expected one of"):
+        pair_stream(layer, torch.float16, 3)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bf16_values_and_codes_on_the_layers_device(groups):
     layer = random_layer((24, 16, 3, 3), 0.8, value="float32", padding=1, seed=4)
-    stream = pair_stream(layer, torch.bfloat16)
+    stream = pair_stream(layer, torch.bfloat16, groups)
     assert stream.dtype == torch.bfloat16 and stream.values.device == layer.rowptr.device
     expected = stream_to_dense(layer, fragment_stream(layer, torch.bfloat16))
     assert torch.equal(pair_stream_to_dense(layer, stream), expected)

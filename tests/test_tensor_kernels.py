@@ -31,9 +31,10 @@ pytestmark = [
 HALF = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=[0, 1], ids=["dense-mma", "pairs"])
+@pytest.fixture(params=[0, 1, 2, 4], ids=["dense-mma", "pairs", "pairs-x2", "pairs-x4"])
 def pairs(request):
-    """The rule's tensor-core MMAs: dense on the dense-MMA stream (0) or sparse on the 2:4 stream (1)."""
+    """The rule's tensor-core MMAs: dense on the dense-MMA stream (0) or sparse on the 2:4 stream of 1, 2 or 4
+    groups a k-step."""
     from sparsebench import _C
 
     _C.set_tuning(tc_pairs=request.param)
@@ -80,7 +81,7 @@ def tensor_case(seed):
 def test_random_conv_cases(seed, pairs):
     layer, x, relu = tensor_case(31 * seed + 5)
     plan = kernel_plan(x.shape, layer, variant="tensor", dtype=x.dtype, channels_last=is_channels_last(x))
-    assert plan["variant"] == "tensor" and plan["pairs"] == bool(pairs)
+    assert plan["variant"] == "tensor" and plan["pairs"] == pairs
     y = sparse_conv2d(x, layer, relu, variant="tensor")
     assert y.is_contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y.is_contiguous()
     check(y, reference(x, layer, relu), x.dtype)
@@ -119,7 +120,7 @@ def test_codebooks_without_a_zero_level(bits, per_channel, pairs):
             weight, torch.randn(20, generator=gen), padding=1, bits=bits, codes=codes, codebook=book
         ).to("cuda")
         x = torch.randn(3, 24, 10, 10, device="cuda", dtype=torch.float16)
-        assert fragment_stream(layer, x.dtype).kind == pair_stream(layer, x.dtype).kind == kind
+        assert fragment_stream(layer, x.dtype).kind == pair_stream(layer, x.dtype, max(pairs, 1)).kind == kind
         check(sparse_conv2d(x, layer, variant="tensor"), reference(x, layer), torch.float16)
 
 
@@ -154,7 +155,7 @@ def test_every_tensor_plan(case, dtype, value):
 
 
 def test_many_chunks_and_straddling_k_steps(pairs):
-    # A small staging budget (the warps' rings of k-steps take ~13-22 KB of it): few channels a chunk, so
+    # A small staging budget (the warps' rings of k-steps take ~13-51 KB of it): few channels a chunk, so
     # k-steps of 16 or 32 taps span two or three chunks.
     from sparsebench import _C
 
@@ -164,7 +165,7 @@ def test_many_chunks_and_straddling_k_steps(pairs):
             ((64, 96, 3, 3), (2, 96, 14, 14), 0.5),
             ((20, 64, 1, 1), (4, 64, 8, 8), 0.0),
         ):
-            _C.set_tuning(tc_smem_budget=(24 if not pairs else 32) * 1024, tc_pairs=pairs)
+            _C.set_tuning(tc_smem_budget={0: 24, 1: 32, 2: 32, 4: 64}[pairs] * 1024, tc_pairs=pairs)
             pad = wshape[2] // 2
             layer = random_layer(wshape, sparsity, value="linear", bits=8, padding=pad, empty_rows=2, seed=18).to(
                 "cuda"

@@ -40,7 +40,10 @@ KERNEL_TUNING = {
         lambda v: 8192 <= v <= 227 * 1024,
     ),
     "tc_pack_images": ("0 or 1 (narrow images side by side in a tensor-core tile)", lambda v: v in (0, 1)),
-    "tc_pairs": ("0 or 1 (the tensor cores' sparse MMAs on the 2:4 weight stream)", lambda v: v in (0, 1)),
+    "tc_pairs": (
+        "0, 1, 2 or 4 (the tensor cores' sparse MMAs on the 2:4 weight stream, that many groups a k-step; 0: dense)",
+        lambda v: v in (0, 1, 2, 4),
+    ),
 }
 
 

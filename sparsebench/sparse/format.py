@@ -85,9 +85,9 @@ class PackedLayer:
         # Kernel plans the autotuner measured best, by input (shape, dtype, device); kept in memory only
         # and not handed on by to(): a plan is timed on one device.
         self.tuned_plans: Dict[tuple, int] = {}
-        # The tensor-core weight streams by (activation dtype, 2:4 or not), derived from the tiles (tiles.py,
-        # pairs.py).
-        self.streams: Dict[Tuple[torch.dtype, bool], Any] = {}
+        # The tensor-core weight streams by (activation dtype, groups a 2:4 k-step serves; 0: the dense-MMA
+        # stream), derived from the tiles (tiles.py, pairs.py).
+        self.streams: Dict[Tuple[torch.dtype, int], Any] = {}
 
     # -- geometry ---------------------------------------------------------------------
     @property

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sparsebench.errors import ConfigError
 from sparsebench.sparse.format import PackedLayer, check_layer
 from sparsebench.sparse.pairs import PAIR_K, pair_stream
-from sparsebench.sparse.tiles import TILE_K, FragmentStream, fragment_stream, stream_kind, tap_code_dtype
+from sparsebench.sparse.tiles import TILE_K, TILE_ROWS, FragmentStream, fragment_stream, stream_kind, tap_code_dtype
 from sparsebench.sparse.timing import time_cuda
 
 try:  # the compiled module is optional: CPU-only installs have none
@@ -183,7 +183,7 @@ def _conv_args(
     variant: int,
     max_row: int,
     plan: int,
-    pairs: bool = False,
+    pairs: int = 0,
 ):
     """The kernels' ConvArgs for one call: x and out's pointers and layout, the weights, the hints."""
     n, c, h, wd, co, kh, kw, stride, pad, oh, ow = geometry
@@ -198,9 +198,9 @@ def _conv_args(
     a.codebook_stride, a.bias, a.relu = _codebook_stride(w.codebook), _ptr(w.bias), int(relu)
     if w.tile_kptr is not None and w.tc_values is not None:
         a.tile_rows, a.tile_kptr, a.tile_cols = w.tile_rows.data_ptr(), w.tile_kptr.data_ptr(), w.tile_cols.data_ptr()
-        a.tile_col_bits, a.groups = _index_bits(w.tile_cols), w.tile_kptr.numel() - 1
+        a.tile_col_bits, a.groups = _index_bits(w.tile_cols), w.tile_rows.numel() // TILE_ROWS
         a.tile_steps = w.tile_cols.numel() // (PAIR_K if pairs else TILE_K)
-        a.tc_values, a.tc_kind, a.tc_pairs = w.tc_values.data_ptr(), tc_kind, int(pairs)
+        a.tc_values, a.tc_kind, a.tc_pairs = w.tc_values.data_ptr(), tc_kind, pairs
         a.tc_codebook, a.tc_codebook_stride = _ptr(w.tc_codebook), _codebook_stride(w.tc_codebook)
     a.variant, a.nnz, a.max_row, a.plan = variant, w.colidx.numel(), max_row, plan
     return a
@@ -243,7 +243,7 @@ def _sparse_conv2d_op(
     variant: int,
     max_row: int,
     plan: int,
-    pairs: bool,
+    pairs: int,
 ) -> torch.Tensor:
     n, c, h, w = x.shape
     co, _, kh, kw = weight_shape
@@ -339,7 +339,7 @@ def _sparse_linear_op(
     variant: int,
     max_row: int,
     plan: int,
-    pairs: bool,
+    pairs: int,
 ) -> torch.Tensor:
     b, c = x.shape
     out = torch.empty((b, out_features), dtype=x.dtype, device=x.device)
@@ -426,22 +426,24 @@ def _tensor_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _plan_pairs(plan: int) -> bool:
-    """Whether ``plan`` (-1: the rule) reads the 2:4 stream; a constant to torch.compile, which cannot trace _C."""
-    return bool(_C.plan_pairs(plan))
+def _plan_pairs(plan: int) -> int:
+    """The groups a k-step of the 2:4 stream ``plan`` (-1: the rule) reads serves, 0 for the dense-MMA stream;
+    a constant to torch.compile, which cannot trace _C."""
+    return int(_C.plan_pairs(plan))
 
 
 def _stream(x: torch.Tensor, layer: PackedLayer, plan: int) -> Optional[FragmentStream]:
-    """The tensor-core weight stream the call's plan reads (a candidate's kind, or the rule's knob) for x's
-    dtype: the dense-MMA one or the 2:4 one. Built on first use (it syncs, so never while a CUDA graph is
-    captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
+    """The tensor-core weight stream the call's plan reads (a candidate's kind, or the rule's knobs) for x's
+    dtype: the dense-MMA one, or the 2:4 one for the plan's groups a k-step. Built on first use (it syncs, so
+    never while a CUDA graph is captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
     if not _tensor_capable(x, layer):
         return None
     key = (x.dtype, _plan_pairs(plan))
     stream = layer.streams.get(key)
     if stream is None and not torch.compiler.is_compiling() and not (x.is_cuda and _capturing(x.device)):
-        build = pair_stream if key[1] else fragment_stream
-        stream = layer.streams[key] = build(layer, x.dtype)
+        groups = key[1]
+        stream = pair_stream(layer, x.dtype, groups) if groups else fragment_stream(layer, x.dtype)
+        layer.streams[key] = stream
     return stream
 
 
@@ -471,7 +473,7 @@ def _hints(layer: PackedLayer, stream: Optional[FragmentStream], relu: bool, var
         variant=variant,
         max_row=_max_row_hint(layer),
         plan=plan,
-        pairs=stream is not None and stream.pairs,
+        pairs=stream.pairs if stream is not None else 0,
     )
 
 
@@ -714,7 +716,7 @@ def plan_name(plan: Dict[str, Any]) -> str:
         return (
             f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"
             f"{plan['NI']}x{plan['TH']}x{plan['TWp']}/CC{plan['CC']}x{plan['chunks']}/B{plan['blocks']}"
-            + ("/2:4" if plan.get("pairs") else "")
+            + (f"/2:4x{plan['pairs']}" if plan.get("pairs") else "")
         )
     if plan["variant"] == "stage":
         return (

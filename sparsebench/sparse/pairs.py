@@ -9,9 +9,16 @@ chunk early where one would (the rest of the chunk repeats its last tap with zer
 stay ascending, so the kernels' chunking of the staged input works unchanged, and a layer needs about
 0.52x the MMAs of the dense-MMA stream at 90% (``mma_ratio``).
 
-The stream (``pair_stream``) is a ``FragmentStream`` with ``pairs=True``: every k-step (32 taps) is 32
-lanes' 8 values (or codes) in the order of the A fragment, then 32 lanes' metadata words, and it
-carries its own ``kptr`` (each group's first tap, multiples of 32) and ``taps`` (tap codes). Lane l
+A k-step may serve G groups at once (``groups``: 1, 2 or 4; a warp then multiplies each pixel tile it loads
+by G groups' weights, which divides the loads of staged input per MMA by G). The G consecutive groups of
+the tiles then share one tap list, the union of theirs, chunked so that none of their 16G channels holds a
+third nonzero in a chunk: more MMAs (about 1.2x for G = 2, 1.3x for G = 4 at 90%) for G times fewer
+loads of the pixels.
+
+The stream (``pair_stream``) is a ``FragmentStream`` with ``pairs=G``: every k-step (32 taps) is, for each
+of its G groups, 32 lanes' 8 values (or codes) in the order of the A fragment, then for each group 32
+lanes' metadata words. It carries its own ``kptr`` (each G-group's first tap, multiples of 32) and ``taps``
+(tap codes); G-group s is groups sG .. sG + G - 1 of the tiles (the last may have fewer). For one group, lane l
 (g = l // 4, q = l % 4) holds register r = 2 * (chunk // 4) + (row >= 8) for row g or g + 8 and chunk
 q or q + 4; value 2r + e is at the e-th position its metadata names (a lone nonzero at position 3 is
 stored second, a zero at position 2 first). Lane 4g + h (h = 0, 1) holds the
@@ -25,7 +32,7 @@ from typing import List, Tuple
 
 import torch
 
-from sparsebench.sparse.codes import pack_codes, unpack_codes, unsigned
+from sparsebench.sparse.codes import pack_codes, unpack_codes
 from sparsebench.sparse.tiles import (
     TC_HALF,
     FragmentStream,
@@ -40,6 +47,7 @@ PAIR_K = 32  # logical taps per k-step: the K of one mma.sp.m16n8k32
 CHUNK = 4  # taps a 2:4 chunk spans (at most two nonzeros a row)
 ROWS = 16  # channels a group: the M of the MMA
 CHUNKS_PER_STEP = PAIR_K // CHUNK
+GROUPS = (1, 2, 4)  # groups a k-step may serve
 
 
 def chunk_taps(cols: List[int], rows: List[int]) -> List[int]:
@@ -63,61 +71,84 @@ def chunk_taps(cols: List[int], rows: List[int]) -> List[int]:
     return out
 
 
-def _nonzero_slots(layer) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every nonzero of the CSR (on the CPU): its group, its slot in the group, its flat column."""
+def _check_groups(groups: int) -> None:
+    if groups not in GROUPS:
+        raise ValueError(f"groups: expected one of {GROUPS} (groups a 2:4 k-step serves), got {groups!r}")
+
+
+def _padded_rows(layer, groups: int) -> torch.Tensor:
+    """The tiles' slot channels (int32, on the layer's device), -1 up to a multiple of 16 * ``groups`` slots."""
+    rows = layer.tile_rows
+    pad = -rows.numel() % (ROWS * groups)
+    return torch.cat([rows, rows.new_full((pad,), -1)]) if pad else rows
+
+
+def _nonzero_slots(layer, groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every nonzero of the CSR (on the CPU): its G-group, its slot in it (0 .. 16G - 1), its flat column."""
     slot_rows = layer.tile_rows.to(torch.int64).cpu()
     slot_of = torch.full((layer.out_channels,), -1, dtype=torch.int64)
     live = slot_rows >= 0
     slot_of[slot_rows[live]] = torch.arange(slot_rows.numel())[live]
     full_slot = slot_of[layer.rows().cpu()]
-    return full_slot // ROWS, full_slot % ROWS, layer.columns().cpu()
+    rows = ROWS * groups
+    return full_slot // rows, full_slot % rows, layer.columns().cpu()
 
 
-def _group_positions(layer) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(kptr int64 [groups+1], cols int64 [kptr[-1]]): every group's positions, from the layer's tiles."""
-    kptr = layer.tile_kptr.to(torch.int64).cpu()
-    tile_cols = unsigned(layer.tile_cols).cpu()
-    groups = kptr.numel() - 1
-    # Each (group, column): the bit set of the group's slots whose channel uses it.
-    group, slot, cols = _nonzero_slots(layer)
-    key = group * layer.row_length + cols
-    bits = torch.zeros(groups * layer.row_length, dtype=torch.int64)
-    bits.index_add_(0, key, torch.ones_like(key) << slot)
-    bits = bits.view(groups, layer.row_length)
+def _group_positions(layer, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kptr int64 [G-groups + 1], cols int64 [kptr[-1]]): every G-group's positions: the columns any of its
+    channels uses, ascending, chunked."""
+    supers = -(-(layer.tile_kptr.numel() - 1) // groups)
+    # Each (G-group, column): the bit set of its slots whose channel uses it. Slot 63 sets the sign bit:
+    # each bit is added once, so the sum is the bit set all the same, and Python's & and | read it as such.
+    sup, slot, cols = _nonzero_slots(layer, groups)
+    bits = torch.zeros(supers * layer.row_length, dtype=torch.int64)
+    bits.index_add_(0, sup * layer.row_length + cols, torch.ones_like(cols) << slot)
+    bits = bits.view(supers, layer.row_length)
     out_ptr, out_cols = [0], []
-    for g in range(groups):
-        taps = torch.unique_consecutive(tile_cols[kptr[g] : kptr[g + 1]])  # ascending, padding repeats dropped
-        used = bits[g, taps]
-        taps = taps[used != 0]
-        positions = chunk_taps(taps.tolist(), used[used != 0].tolist())
+    for s in range(supers):
+        taps = torch.nonzero(bits[s]).flatten()
+        positions = chunk_taps(taps.tolist(), bits[s, taps].tolist())
         out_cols.extend(positions)
         out_ptr.append(out_ptr[-1] + len(positions))
     return torch.tensor(out_ptr, dtype=torch.int64), torch.tensor(out_cols, dtype=torch.int64)
 
 
-def mma_ratio(layer) -> float:
+def mma_ratio(layer, groups: int = 1) -> float:
     """MMAs of the 2:4 stream over those of the dense-MMA stream (16 taps an m16n8k16, two a k-step)."""
-    kptr, _ = _group_positions(layer)
+    _check_groups(groups)
+    kptr, _ = _group_positions(layer, groups)
     dense = int(layer.tile_kptr[-1])
-    return (int(kptr[-1]) / PAIR_K) / (dense / 16) if dense else 1.0
+    return (groups * int(kptr[-1]) / PAIR_K) / (dense / 16) if dense else 1.0
 
 
-def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For every nonzero of the CSR: its stream value index; and for every (step, lane): the metadata word."""
-    group, slot, ccols = _nonzero_slots(layer)
-    # Each nonzero's position: its column's first position in its group (padding repeats come later).
-    groups = kptr.numel() - 1
-    pos_group = torch.repeat_interleave(torch.arange(groups), kptr[1:] - kptr[:-1])
+def load_ratio(layer, groups: int = 1) -> float:
+    """Loads of staged pixels (ldmatrix) of the 2:4 stream over those of the dense-MMA stream: 16 taps x 16
+    pixels a load in either, once for G groups in the 2:4 stream."""
+    _check_groups(groups)
+    kptr, _ = _group_positions(layer, groups)
+    dense = int(layer.tile_kptr[-1])
+    return int(kptr[-1]) / dense if dense else 1.0
+
+
+def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every nonzero of the CSR: its stream value index; and for every (step, group, lane): the metadata
+    word."""
+    rows = ROWS * groups
+    sup, slot, ccols = _nonzero_slots(layer, groups)
+    # Each nonzero's position: its column's first position in its G-group (padding repeats come later).
+    supers = kptr.numel() - 1
+    pos_super = torch.repeat_interleave(torch.arange(supers), kptr[1:] - kptr[:-1])
     first = torch.ones(cols.numel(), dtype=torch.bool)
-    first[1:] = (cols[1:] != cols[:-1]) | (pos_group[1:] != pos_group[:-1])
-    keys = pos_group[first] * layer.row_length + cols[first]  # ascending: groups in order, columns ascending
+    first[1:] = (cols[1:] != cols[:-1]) | (pos_super[1:] != pos_super[:-1])
+    keys = pos_super[first] * layer.row_length + cols[first]  # ascending: G-groups in order, columns ascending
     where = torch.nonzero(first).flatten()
-    pos = where[torch.searchsorted(keys, group * layer.row_length + ccols)]
+    pos = where[torch.searchsorted(keys, sup * layer.row_length + ccols)]
     chunk = pos // CHUNK  # global chunk index
     p = pos % CHUNK
     # Rank of each nonzero among its row's nonzeros in its chunk (0 or 1): sort by (chunk, slot, p).
-    order = torch.argsort((chunk * ROWS + slot) * CHUNK + p)
-    cs = (chunk * ROWS + slot)[order]
+    row_chunk = chunk * rows + slot
+    order = torch.argsort(row_chunk * CHUNK + p)
+    cs = row_chunk[order]
     rank_sorted = torch.zeros_like(cs)
     rank_sorted[1:] = (cs[1:] == cs[:-1]).to(torch.int64)
     if bool((rank_sorted[1:] + rank_sorted[:-1] > 1).any()):
@@ -127,106 +158,110 @@ def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor) -> Tuple[torc
     # The pair of positions of each (chunk, slot) with nonzeros: two nonzeros give theirs; one at p gives
     # (p, p + 1), or (2, 3) for p = 3 (its value then second).
     n_chunks = cols.numel() // CHUNK
-    cnt = torch.zeros(n_chunks * ROWS, dtype=torch.int64)
-    cnt.index_add_(0, chunk * ROWS + slot, torch.ones_like(chunk))
-    pmin = torch.full((n_chunks * ROWS,), CHUNK, dtype=torch.int64)
-    pmin.scatter_reduce_(0, chunk * ROWS + slot, p, reduce="amin")
-    pmax = torch.full((n_chunks * ROWS,), -1, dtype=torch.int64)
-    pmax.scatter_reduce_(0, chunk * ROWS + slot, p, reduce="amax")
+    cnt = torch.zeros(n_chunks * rows, dtype=torch.int64)
+    cnt.index_add_(0, row_chunk, torch.ones_like(chunk))
+    pmin = torch.full((n_chunks * rows,), CHUNK, dtype=torch.int64)
+    pmin.scatter_reduce_(0, row_chunk, p, reduce="amin")
+    pmax = torch.full((n_chunks * rows,), -1, dtype=torch.int64)
+    pmax.scatter_reduce_(0, row_chunk, p, reduce="amax")
     # A row without nonzeros in a chunk: positions 0 and 1, both zero (0b0100).
     lo = torch.where(cnt == 2, pmin, torch.where(cnt == 1, torch.clamp(pmin, max=2), torch.zeros_like(pmin)))
     hi = torch.where(cnt == 2, pmax, lo + 1)
     nibble = lo | (hi << 2)
-    e = torch.where(cnt[chunk * ROWS + slot] == 2, rank, (p != lo[chunk * ROWS + slot]).to(torch.int64))
-    # Value index: step, lane (g, q), register r, half e.
+    e = torch.where(cnt[row_chunk] == 2, rank, (p != lo[row_chunk]).to(torch.int64))
+    # Value index: step, group of the step, lane (g, q), register r, half e.
     step, j = chunk // CHUNKS_PER_STEP, chunk % CHUNKS_PER_STEP
-    g, hi_row = slot % 8, slot // 8
+    part, g, hi_row = slot // ROWS, slot % 8, (slot % ROWS) // 8
     lane = 4 * g + j % 4
     r = 2 * (j // 4) + hi_row
-    value_index = (step * 32 + lane) * 8 + 2 * r + e
-    # Metadata words: (step, lane 4g + h) gets chunk 4h + i of row g at bits 4i, of row g + 8 at 16 + 4i.
-    c_all = torch.arange(n_chunks).repeat_interleave(ROWS)
-    s_all = torch.arange(ROWS).repeat(n_chunks)
+    value_index = ((step * groups + part) * 32 + lane) * 8 + 2 * r + e
+    # Metadata words: (step, group, lane 4g + h) gets chunk 4h + i of row g at bits 4i, of row g + 8 at 16 + 4i.
+    c_all = torch.arange(n_chunks).repeat_interleave(rows)
+    s_all = torch.arange(rows).repeat(n_chunks)
     st, jj = c_all // CHUNKS_PER_STEP, c_all % CHUNKS_PER_STEP
-    word = st * 32 + 4 * (s_all % 8) + jj // 4
-    shift = 16 * (s_all // 8) + 4 * (jj % 4)
-    meta = torch.zeros(n_chunks // CHUNKS_PER_STEP * 32, dtype=torch.int64)
+    word = (st * groups + s_all // ROWS) * 32 + 4 * (s_all % 8) + jj // 4
+    shift = 16 * ((s_all % ROWS) // 8) + 4 * (jj % 4)
+    meta = torch.zeros(n_chunks // CHUNKS_PER_STEP * groups * 32, dtype=torch.int64)
     meta.index_add_(0, word, nibble << shift)
     return value_index, meta
 
 
-def pair_stream(layer, dtype: torch.dtype):
-    """Build the 2:4 stream of ``layer`` (on its device) for activations of ``dtype`` (see the module doc).
+def pair_stream(layer, dtype: torch.dtype, groups: int = 1):
+    """Build the 2:4 stream of ``layer`` (on its device) for activations of ``dtype``, each k-step serving
+    ``groups`` consecutive groups of its tiles (see the module doc).
 
     Value kinds as ``tiles.fragment_stream``: linear codes stay codes (every empty place is its row's zero
     point), codebook codes where an exact zero exists or fits, anything else values in ``dtype``."""
     if layer.tile_kptr is None:
         raise ValueError("layer: has no tensor-core tiles (pack it with format version 2, or build_tiles)")
+    _check_groups(groups)
     dev = layer.rowptr.device
-    kptr, cols = _group_positions(layer)
-    value_index, meta = _element_places(layer, kptr, cols)
+    kptr, cols = _group_positions(layer, groups)
+    value_index, meta = _element_places(layer, kptr, cols, groups)
     steps = cols.numel() // PAIR_K
-    total = steps * 32 * 8
     kind = stream_kind(layer)
-    common = dict(taps=tap_codes_of(cols, layer).to(dev), kptr=kptr.to(torch.int32).to(dev), pairs=True, dtype=dtype)
+    common = dict(taps=tap_codes_of(cols, layer).to(dev), kptr=kptr.to(torch.int32).to(dev), pairs=groups, dtype=dtype)
     if kind != TC_HALF:
-        book, stream = zero_filled_codes(layer, kptr, PAIR_K, _place_slot())
+        book, stream = zero_filled_codes(layer, kptr, PAIR_K, _place_slot(groups), _padded_rows(layer, groups))
         stream[value_index] = layer.codes().cpu()
         values = pack_codes(stream, layer.bits)
         return FragmentStream(kind, _with_metadata(values, meta, steps).to(dev), book, **common)
-    values = torch.zeros(total, dtype=torch.float32)
+    values = torch.zeros(steps * groups * 32 * 8, dtype=torch.float32)
     values[value_index] = layer.nonzero_values().cpu().to(torch.float32)
     values = values.to(dtype).view(torch.uint8)
     return FragmentStream(TC_HALF, _with_metadata(values, meta, steps).to(dev), **common)
 
 
-def _place_slot() -> torch.Tensor:
-    """[32 * 8]: the group slot (row of A) of each (lane, value) place of a k-step: value v of lane l holds
-    row l // 4 + 8 * (register v // 2 odd)."""
-    lane = torch.arange(32).view(-1, 1)
-    v = torch.arange(8).view(1, -1)
-    return (lane // 4 + 8 * ((v // 2) % 2)).reshape(-1)
+def _place_slot(groups: int) -> torch.Tensor:
+    """[G * 32 * 8]: the slot (of the G-group's 16G) of each (group, lane, value) place of a k-step: value v of
+    lane l holds row l // 4 + 8 * (register v // 2 odd) of its group."""
+    part = torch.arange(groups).view(-1, 1, 1)
+    lane = torch.arange(32).view(1, -1, 1)
+    v = torch.arange(8).view(1, 1, -1)
+    return (ROWS * part + lane // 4 + 8 * ((v // 2) % 2)).reshape(-1)
 
 
 def _with_metadata(values: torch.Tensor, meta: torch.Tensor, steps: int) -> torch.Tensor:
-    """The stream's bytes: each k-step's values (32 lanes'), then its 32 metadata words (little-endian)."""
+    """The stream's bytes: each k-step's values (G groups of 32 lanes'), then its G x 32 metadata words
+    (little-endian)."""
     if steps == 0:  # a layer without nonzeros: no k-step
         return torch.zeros(0, dtype=torch.uint8)
     words = torch.where(meta >= 1 << 31, meta - (1 << 32), meta).to(torch.int32).view(torch.uint8)
-    return torch.cat([values.view(steps, -1), words.view(steps, 128)], dim=1).reshape(-1).contiguous()
+    return torch.cat([values.view(steps, -1), words.view(steps, -1)], dim=1).reshape(-1).contiguous()
 
 
 def split_pair_stream(stream) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(values: the k-steps' value bytes, [steps, 32 * lane bytes] uint8; metadata words int64 [steps * 32])."""
+    """(values: the k-steps' value bytes, [steps, G * 32 * lane bytes] uint8; metadata words int64
+    [steps * G * 32])."""
     steps = stream.taps.numel() // PAIR_K
     if steps == 0:
         return torch.zeros(0, 0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     raw = stream.values.cpu().view(steps, -1)
-    meta = raw[:, -128:].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return raw[:, :-128].contiguous(), meta.reshape(-1)
+    meta_bytes = 128 * stream.pairs
+    meta = raw[:, -meta_bytes:].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return raw[:, :-meta_bytes].contiguous(), meta.reshape(-1)
 
 
 def pair_stream_to_dense(layer, stream) -> torch.Tensor:
     """Decode a 2:4 stream to the dense [CO, K] fp32 weight as the sparse MMA reads it (for tests): each
     lane's value 2r + e lands at the position its metadata nibble names."""
+    groups = stream.pairs
     steps = stream.taps.numel() // PAIR_K
-    n = steps * 32 * 8
+    places = steps * groups * 256
     raw, meta = split_pair_stream(stream)
     if stream.kind == TC_HALF:
         entries = raw.reshape(-1).view(stream.dtype).to(torch.float32)
     else:
-        entries = unpack_codes(raw.reshape(-1), layer.bits, n)
-    step = torch.arange(steps).repeat_interleave(256)
-    lane = torch.arange(32).repeat_interleave(8).repeat(steps)
-    v = torch.arange(8).repeat(32 * steps)
-    g, q, r, e = lane // 4, lane % 4, v // 2, v % 2
-    row_slot = g + 8 * (r % 2)
-    chunk = q + 4 * (r // 2)
-    word = meta[step * 32 + 4 * g + chunk // 4]
+        entries = unpack_codes(raw.reshape(-1), layer.bits, places)
+    place = torch.arange(places)
+    step, part, lane, v = place // (groups * 256), (place // 256) % groups, (place // 8) % 32, place % 8
+    g, r, e = lane // 4, v // 2, v % 2
+    chunk = lane % 4 + 4 * (r // 2)
+    word = meta[(step * groups + part) * 32 + 4 * g + chunk // 4]
     nibble = (word >> (16 * (r % 2) + 4 * (chunk % 4))) & 0xF
     position = torch.where(e == 0, nibble & 3, nibble >> 2)
     kptr = stream.kptr.to(torch.int64).cpu()
-    group = torch.searchsorted(kptr, step * PAIR_K, right=True) - 1
-    ch = layer.tile_rows.to(torch.int64).cpu()[group * ROWS + row_slot]
+    sup = torch.searchsorted(kptr, step * PAIR_K, right=True) - 1
+    ch = _padded_rows(layer, groups).to(torch.int64).cpu()[(sup * groups + part) * ROWS + g + 8 * (r % 2)]
     col = tap_columns(stream.taps.cpu(), layer)[step * PAIR_K + CHUNK * chunk + position]
     return places_to_dense(layer, stream, ch, col, entries)

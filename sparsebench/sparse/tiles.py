@@ -133,9 +133,10 @@ class FragmentStream:
     codebook: Optional[torch.Tensor] = None  # TC_CODEBOOK: levels with a zero, [levels] or [CO, levels]
     taps: Optional[torch.Tensor] = None  # the group's taps as tap codes (tap_codes), what the kernels read
     kptr: Optional[torch.Tensor] = None  # int32 [groups+1]: each group's first tap in ``taps``
-    # The 2:4 stream (sparsebench.sparse.pairs): k-steps of 32 taps, its own taps and group pointers;
-    # values are bytes, each k-step's values then its 32 metadata words.
-    pairs: bool = False
+    # The 2:4 stream (sparsebench.sparse.pairs): the groups each k-step of 32 taps serves (1, 2 or 4; 0 for
+    # the dense-MMA stream); its own taps and pointers; values are bytes, each k-step's values then its
+    # metadata words.
+    pairs: int = 0
     dtype: Optional[torch.dtype] = None  # the activation dtype it was built for
 
     @property
@@ -248,15 +249,20 @@ def tap_columns(codes: torch.Tensor, layer) -> torch.Tensor:
     return ((c >> (2 * b)) * kh_n + ((c >> b) & ((1 << b) - 1))) * kw_n + (c & ((1 << b) - 1))
 
 
-def zero_filled_codes(layer, kptr: torch.Tensor, step_taps: int, place_slot: torch.Tensor):
-    """(codebook or None, a code stream): the stream int64, one code a place, 256 places a k-step, every
-    place at its channel's code of zero (``zero_codes``; a padding slot's: 0), for the caller to fill. ``kptr``: each
-    group's first tap (k-steps of ``step_taps``); ``place_slot`` [256]: the group slot of each place."""
+def zero_filled_codes(
+    layer, kptr: torch.Tensor, step_taps: int, place_slot: torch.Tensor, rows: Optional[torch.Tensor] = None
+):
+    """(codebook or None, a code stream): the stream int64, one code a place, 256 G places a k-step that serves
+    G groups, every place at its channel's code of zero (``zero_codes``; a padding slot's: 0), for the caller to
+    fill. ``kptr``: each G-group's first tap (k-steps of ``step_taps``); ``place_slot`` [256 G]: the slot of each
+    place among the G-group's 16 G; ``rows``: the slots' channels (default the layer's ``tile_rows``)."""
     dev = place_slot.device
     kptr = kptr.to(torch.int64).to(dev)
     groups = torch.arange(kptr.numel() - 1, device=dev)
     step_group = torch.repeat_interleave(groups, (kptr[1:] - kptr[:-1]) // step_taps)
-    ch = layer.tile_rows.to(torch.int64).to(dev)[step_group.view(-1, 1) * TILE_ROWS + place_slot.view(1, -1)]
+    rows = (layer.tile_rows if rows is None else rows).to(torch.int64).to(dev)
+    group_rows = TILE_ROWS * (place_slot.numel() // 256)
+    ch = rows[step_group.view(-1, 1) * group_rows + place_slot.view(1, -1)]
     book, zero_code = zero_codes(layer)
     zero_code = zero_code.to(dev)
     return book, torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
