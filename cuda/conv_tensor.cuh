@@ -9,7 +9,7 @@
 // stream holds codes (the value kind is a template parameter).
 //
 // A block owns a tile of output pixels (NB bands x TH rows x TWp columns, see TensorCfg) and
-// warps_g groups. Its 8 warps split as warps_m (m16 tiles, MT each) x warps_k (k-steps of a group,
+// warps_g groups (warps_g x G with the 2:4 stream of G groups a k-step). Its 8 warps split as warps_m (m16 tiles, MT each) x warps_k (k-steps of a group,
 // summed through shared memory at the end) x warps_g (groups). The input is staged CC channels at a
 // time; each channel is copied KW times, copy kw shifted by kw columns and subsampled by the stride,
 // so 8 consecutive output columns read 16 aligned bytes at every tap, as ldmatrix needs. The unit
@@ -93,7 +93,7 @@ struct HalfStream {
   using Raw = uint4;
   static constexpr bool kScaled = false;
   static constexpr int kLaneBytes = 16;
-  const char* bytes;  // the stream: k-step s, lane l at bytes + (s * 32 + l) * kLaneBytes
+  const char* bytes;  // the stream: a k-step's lanes kLaneBytes apart (with SP after G - 1 groups' values)
   __device__ __forceinline__ void setup(const ConvArgs&, const int (&)[2]) {}
   __device__ __forceinline__ Raw read(const char* step, int lane) const {
     return *reinterpret_cast<const uint4*>(step + lane * kLaneBytes);
@@ -403,8 +403,8 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   const uint32_t zero_addr = sbase + static_cast<uint32_t>(t.zero_unit) * 16u;
   const int kw_rows = t.NB * t.RH;
   if (tid == 0) smem[t.zero_unit] = make_uint4(0, 0, 0, 0);
-  // This warp's ring of k-steps: the weights of 32 lanes (b_bytes: values, then with SP metadata words),
-  // then the step's kK taps.
+  // This warp's ring of k-steps: the weights (b_bytes: NG groups' values of 32 lanes, then with SP their
+  // metadata words), then the step's kK taps.
   char* ring = reinterpret_cast<char*>(smem) + t.ring + warp * kStages * t.ring_stage;
   const uint32_t ring_addr = sbase + static_cast<uint32_t>(t.ring + warp * kStages * t.ring_stage);
   // The ring starts zeroed: the step after a warp's last is read and decoded (never used) from a stage
@@ -445,11 +445,12 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     auto fetch = [&](int stage) {
       if (f_step < s_last) {
         const char* w_src = vals0.bytes + static_cast<int64_t>(f_step) * b_bytes;
-        const char* c_src = cols + static_cast<int64_t>(f_step) * (kK * col_bytes) - b_units * 16;  // + unit * 16
+        const char* c_src = cols + static_cast<int64_t>(f_step) * (kK * col_bytes);
 #pragma unroll
         for (int h = 0; h < kFetch; ++h) {
           const int q = lane + 32 * h;
-          if (q < units) cp_async16(lane_dst + stage * t.ring_stage + 512 * h, (q < b_units ? w_src : c_src) + q * 16);
+          if (q < units)
+            cp_async16(lane_dst + stage * t.ring_stage + 512 * h, q < b_units ? w_src + q * 16 : c_src + (q - b_units) * 16);
         }
       }
       cp_async_commit();
@@ -595,17 +596,17 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
 }
 
 // The kernel for the call's stream: dense MMAs (G = 0), or the 2:4 stream of G groups a k-step; MT x G is at
-// most kMaxPairWork (the planner's rule), so only those are built.
+// most kMaxPairTiles (the planner's rule), so only those are built.
 template <typename T, int MT, class Values>
 auto pick_kernel(int G) -> decltype(&conv_tensor_kernel<T, MT, 0, Values>) {
   switch (G) {
     case 0: return conv_tensor_kernel<T, MT, 0, Values>;
     case 1: return conv_tensor_kernel<T, MT, 1, Values>;
     case 2:
-      if constexpr (MT * 2 <= kMaxPairWork) return conv_tensor_kernel<T, MT, 2, Values>;
+      if constexpr (MT * 2 <= kMaxPairTiles) return conv_tensor_kernel<T, MT, 2, Values>;
       return nullptr;
     case 4:
-      if constexpr (MT * 4 <= kMaxPairWork) return conv_tensor_kernel<T, MT, 4, Values>;
+      if constexpr (MT * 4 <= kMaxPairTiles) return conv_tensor_kernel<T, MT, 4, Values>;
       return nullptr;
     default: return nullptr;
   }
@@ -621,9 +622,8 @@ std::string launch_values(const ConvArgs& a, const TensorCfg& t, const Values& v
                                                static_cast<int>(smem_bytes));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
   }
-  const int warp_groups = a.tc_pairs > 1 ? (a.groups + a.tc_pairs - 1) / a.tc_pairs : a.groups;  // of G groups
   const dim3 grid(static_cast<unsigned>(t.tiles_w) * t.tiles_h * t.tiles_n,
-                  static_cast<unsigned>((warp_groups + t.warps_g - 1) / t.warps_g));
+                  static_cast<unsigned>((warp_group_count(a.groups, a.tc_pairs) + t.warps_g - 1) / t.warps_g));
   kernel<<<grid, kTensorWarps * 32, smem_bytes, stream>>>(a, t, vals);
   return "";
 }

@@ -246,9 +246,9 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   const int NC = TWp / 8, PITCH = NC | 1;
   // Rows, then bands of images, up to the pixels a block aims for (padded columns counted), and no
   // more than its warps cover: 8 warps x MT m16 tiles (16 pixels, 2 groups of 8 columns).
-  // A 2:4 k-step of G groups: each warp holds G x MT x 2 accumulator tiles, so MT x G stays at most kMaxPairWork.
+  // A 2:4 k-step of G groups: each warp holds G x MT x 2 accumulator tiles, so MT x G stays at most kMaxPairTiles.
   const int G = tu.tc_pairs, NG = G > 0 ? G : 1;  // NG: groups a warp computes
-  const int MT = std::min(tu.tc_mt == 1 || tu.tc_mt == 2 || tu.tc_mt == 8 ? tu.tc_mt : 4, G > 1 ? kMaxPairWork / G : 8);
+  const int MT = std::min(tu.tc_mt == 1 || tu.tc_mt == 2 || tu.tc_mt == 8 ? tu.tc_mt : 4, kMaxPairTiles / NG);
   const int pixels = std::max(16, std::min(tu.tc_pixels, kTensorWarps * MT * 16));
   int TH = std::min(a.OH, std::max(1, pixels / TWp));
   const int tiles_h = static_cast<int>(cdiv(a.OH, TH));
@@ -282,7 +282,7 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   const int64_t smem = std::max(ring + ring_bytes, reduce);
   if (smem > max_block_smem()) return false;
   const int64_t tiles = static_cast<int64_t>(tiles_w) * tiles_h * tiles_n;
-  const int64_t groups = cdiv(cdiv(a.groups, NG), warps_g);  // a warp's groups, the block's warps
+  const int64_t groups = cdiv(warp_group_count(a.groups, G), warps_g);
   if (tiles > 0x7fffffff || groups > 65535) return false;
 
   t.P = P;

@@ -21,9 +21,13 @@ constexpr int kTileK = 16;
 // Taps per k-step of the 2:4 stream (tc_pairs): the K of one mma.sp.m16n8k32.
 constexpr int kPairK = 32;
 // Groups one k-step of the 2:4 stream may serve (tc_pairs): a warp multiplies each pixel tile it loads
-// by that many groups' weights. m16 tiles a warp (MT) times these groups is at most kMaxPairWork.
-inline bool valid_pair_groups(int g) { return g == 1 || g == 2 || g == 4; }
-constexpr int kMaxPairWork = 8;
+// by that many groups' weights. m16 tiles a warp (MT) times these groups is at most kMaxPairTiles.
+constexpr bool valid_pair_groups(int g) { return g == 1 || g == 2 || g == 4; }
+constexpr int kMaxPairTiles = 8;
+// Warps' groups of a layer of `groups` groups: G groups each on the 2:4 stream of G groups a k-step, else one.
+constexpr int warp_group_count(int groups, int pair_groups) {
+  return pair_groups > 1 ? (groups + pair_groups - 1) / pair_groups : groups;
+}
 
 // One direct sparse convolution (a linear layer is the 1x1 case on a 1x1 image).
 // x: [N, C, H, W] activations (NCHW, or NHWC memory with layout kNHWC); out: [N, CO, OH, OW] in the
@@ -51,13 +55,15 @@ struct ConvArgs {
   // Tensor-core tiles (null tile_kptr: no tensor-core plan): groups of kTileRows output channels,
   // each with its condensed taps (the flat columns any of its channels uses), kTileK per k-step.
   const int32_t* tile_rows = nullptr;  // [groups * 16]: the output channel of each slot, -1 for none
-  const int32_t* tile_kptr = nullptr;  // [groups + 1]: each group's first tap, multiples of kTileK (kPairK)
-  // [tile_kptr[groups]] each group's taps, ascending, as codes ci << 2b | kh << b | kw with b the bits
+  // [groups + 1] (the 2:4 stream of G groups a k-step: [ceil(groups / G) + 1]): each group's (G groups')
+  // first tap, multiples of kTileK (kPairK)
+  const int32_t* tile_kptr = nullptr;
+  // [tile_kptr's last] each group's taps, ascending, as codes ci << 2b | kh << b | kw with b the bits
   // of the larger kernel side minus one (b = 0 for 1x1: the code is ci); uint16 or int32.
   const void* tile_cols = nullptr;
   int tile_col_bits = 16;
   int groups = 0;
-  int64_t tile_steps = 0;              // tile_kptr[groups] / kTileK (kPairK) (a planning hint; 0 = unknown)
+  int64_t tile_steps = 0;              // tile_kptr's last / kTileK (kPairK) (a planning hint; 0 = unknown)
   const void* tc_values = nullptr;     // the weights of every k-step in MMA fragment order (see conv_tensor.cuh)
   int tc_kind = kTcNone;
   const float* tc_codebook = nullptr;  // kTcCodebook: the codebook the stream's codes index (with a zero level)

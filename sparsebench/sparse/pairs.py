@@ -122,8 +122,8 @@ def mma_ratio(layer, groups: int = 1) -> float:
 
 
 def load_ratio(layer, groups: int = 1) -> float:
-    """Loads of staged pixels (ldmatrix) of the 2:4 stream over those of the dense-MMA stream: 16 taps x 16
-    pixels a load in either, once for G groups in the 2:4 stream."""
+    """Loads of staged pixels (ldmatrix.x4, 512 bytes) of the 2:4 stream over those of the dense-MMA stream:
+    16 taps x 16 pixels a load in the dense one, 32 taps x 8 pixels in the 2:4 one, once for its G groups."""
     _check_groups(groups)
     kptr, _ = _group_positions(layer, groups)
     dense = int(layer.tile_kptr[-1])
@@ -202,7 +202,7 @@ def pair_stream(layer, dtype: torch.dtype, groups: int = 1):
     kind = stream_kind(layer)
     common = dict(taps=tap_codes_of(cols, layer).to(dev), kptr=kptr.to(torch.int32).to(dev), pairs=groups, dtype=dtype)
     if kind != TC_HALF:
-        book, stream = zero_filled_codes(layer, kptr, PAIR_K, _place_slot(groups), _padded_rows(layer, groups))
+        book, stream = zero_filled_codes(layer, kptr, PAIR_K, _place_slot(groups), _padded_rows(layer, groups), groups)
         stream[value_index] = layer.codes().cpu()
         values = pack_codes(stream, layer.bits)
         return FragmentStream(kind, _with_metadata(values, meta, steps).to(dev), book, **common)

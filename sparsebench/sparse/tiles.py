@@ -250,19 +250,24 @@ def tap_columns(codes: torch.Tensor, layer) -> torch.Tensor:
 
 
 def zero_filled_codes(
-    layer, kptr: torch.Tensor, step_taps: int, place_slot: torch.Tensor, rows: Optional[torch.Tensor] = None
+    layer,
+    kptr: torch.Tensor,
+    step_taps: int,
+    place_slot: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    groups: int = 1,
 ):
     """(codebook or None, a code stream): the stream int64, one code a place, 256 G places a k-step that serves
-    G groups, every place at its channel's code of zero (``zero_codes``; a padding slot's: 0), for the caller to
-    fill. ``kptr``: each G-group's first tap (k-steps of ``step_taps``); ``place_slot`` [256 G]: the slot of each
-    place among the G-group's 16 G; ``rows``: the slots' channels (default the layer's ``tile_rows``)."""
+    G = ``groups`` groups, every place at its channel's code of zero (``zero_codes``; a padding slot's: 0), for
+    the caller to fill. ``kptr``: each G-group's first tap (k-steps of ``step_taps``); ``place_slot`` [256 G]: the
+    slot of each place among the G-group's 16 G; ``rows``: the slots' channels (default the layer's
+    ``tile_rows``), at least 16 G a G-group."""
     dev = place_slot.device
     kptr = kptr.to(torch.int64).to(dev)
-    groups = torch.arange(kptr.numel() - 1, device=dev)
-    step_group = torch.repeat_interleave(groups, (kptr[1:] - kptr[:-1]) // step_taps)
+    steps = (kptr[1:] - kptr[:-1]) // step_taps
+    step_group = torch.repeat_interleave(torch.arange(steps.numel(), device=dev), steps)
     rows = (layer.tile_rows if rows is None else rows).to(torch.int64).to(dev)
-    group_rows = TILE_ROWS * (place_slot.numel() // 256)
-    ch = rows[step_group.view(-1, 1) * group_rows + place_slot.view(1, -1)]
+    ch = rows[step_group.view(-1, 1) * (TILE_ROWS * groups) + place_slot.view(1, -1)]
     book, zero_code = zero_codes(layer)
     zero_code = zero_code.to(dev)
     return book, torch.where(ch >= 0, zero_code[ch.clamp_min(0)], torch.zeros_like(ch)).reshape(-1)
