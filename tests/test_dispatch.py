@@ -118,6 +118,8 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
     # back, its warps cover the tile's pixel groups, and its shared memory fits an H200 block.
     import random
 
+    from sparsebench.sparse.ops import _planner
+
     rnd = random.Random(0)
     candidates = [i for i, c in enumerate(_C.plan_candidates()) if c["variant"] == "tensor"]
     for _ in range(25):
@@ -128,8 +130,9 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
         hw = max(hw, k - 2 * pad)
         layer = random_layer((cout, cin, k, k), 0.9, stride=stride, padding=pad, value="linear", bits=4, seed=k)
         shape = (rnd.choice([1, 3, 32, 128]), cin, hw, hw)
+        planner = _planner(shape, layer, dtype=torch.float16)  # kernel_plan's, its geometry worked out once
         for i in [-1] + candidates:
-            p = plan(shape, layer, plan=i, dtype=torch.float16)
+            p = planner(i)
             if p["variant"] != "tensor":
                 continue
             groups = p["NB"] * p["TH"] * p["TWp"] // 8
@@ -167,8 +170,13 @@ def _plan_every_geometry(seed: int, results) -> None:
     of plans checked (or the failure) on ``results``."""
     import random
 
+    from sparsebench.sparse.ops import _planner, plan_candidates
+
     rnd = random.Random(seed)
     checked = 0
+    # fp32 runs a tensor-core candidate as the rule (checked once, as -1): only the CUDA-core ones differ.
+    cuda_core = [-1] + [i for i, c in enumerate(plan_candidates()) if c["variant"] != "tensor"]
+    ids = {torch.float32: cuda_core, torch.float16: range(-1, _C.plan_candidate_count())}
     try:
         for _ in range(40):
             kh, kw = rnd.choice([1, 2, 3, 5, 7, 11]), rnd.choice([1, 3, 7, 31, 32, 33, 41, 64, 65, 129])
@@ -178,8 +186,9 @@ def _plan_every_geometry(seed: int, results) -> None:
             layer = random_layer((cout, cin, kh, kw), 0.9, stride=stride, padding=pad, value="linear", bits=4, seed=kw)
             shape = (rnd.choice([1, 2, 32, 129]), cin, h, w)
             for dtype in (torch.float32, torch.float16):
-                for i in range(-1, _C.plan_candidate_count()):
-                    p = plan(shape, layer, plan=i, dtype=dtype)
+                planner = _planner(shape, layer, dtype=dtype)  # kernel_plan's, its geometry worked out once
+                for i in ids[dtype]:
+                    p = planner(i)
                     assert p["blocks"] >= 1 and p["threads"] >= 32, (shape, layer.weight_shape, i, p)
                     if p["variant"] == "stage":
                         assert min(p["TW"], p["TWv"], p["TH"], p["NI"], p["CC"], p["chunks"]) >= 1, (shape, i, p)
