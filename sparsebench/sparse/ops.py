@@ -495,10 +495,28 @@ def _geometry(x: torch.Tensor, layer: PackedLayer) -> Tuple[Tuple[int, ...], Tup
 
 
 def _launch_into(out: torch.Tensor, x: torch.Tensor, layer: PackedLayer, relu: bool, variant: int, plan: int) -> None:
+    _launch_stream_into(out, x, layer, _stream(x, layer, plan), relu, variant, plan)
+
+
+def _launch_stream_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    layer: PackedLayer,
+    stream: Optional[FragmentStream],
+    relu: bool,
+    variant: int,
+    plan: int,
+) -> None:
     geometry, _ = _geometry(x, layer)
-    stream = _stream(x, layer, plan)
     with torch.cuda.device(x.device):
         _launch(x, out, geometry, _weights(layer, stream), **_hints(layer, stream, relu, variant, plan))
+
+
+def _plan_and_stream(x: torch.Tensor, layer: PackedLayer, variant: str) -> Tuple[int, Optional[FragmentStream]]:
+    """The call's plan and the tensor-core stream it reads. A channels_last call that the tensor cores cannot
+    run goes to the CUDA-core kernels in NCHW, so it plans nothing here (it would time the wrong layout)."""
+    plan = _call_plan(x, layer, variant) if _tensor_capable(x, layer) or not is_channels_last(x) else -1
+    return plan, _stream(x, layer, plan)
 
 
 def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, variant: str = "auto") -> torch.Tensor:
@@ -508,10 +526,8 @@ def sparse_conv2d(x: torch.Tensor, layer: PackedLayer, relu: bool = False, *, va
     validate_conv2d(x, layer, device=False)
     require_kernels()
     _check_device(x, layer)
-    nhwc = is_channels_last(x)
-    plan = _call_plan(x, layer, variant) if _tensor_capable(x, layer) or not nhwc else -1
-    stream = _stream(x, layer, plan)
-    if nhwc and (stream is None or variant in ("stage", "rowsplit")):  # the CUDA-core kernels read NCHW
+    plan, stream = _plan_and_stream(x, layer, variant)
+    if is_channels_last(x) and (stream is None or variant in ("stage", "rowsplit")):  # the CUDA cores read NCHW
         y = sparse_conv2d(x.contiguous(), layer, relu, variant=variant)
         return y.contiguous(memory_format=torch.channels_last)
     return _sparse_conv2d_op(
@@ -557,8 +573,8 @@ def sparse_conv2d_into(
     _check_call(x, layer)
     _, shape = _geometry(x, layer)
     nhwc = is_channels_last(x)
-    plan = _call_plan(x, layer, variant) if _tensor_capable(x, layer) or not nhwc else -1
-    if nhwc and (_stream(x, layer, plan) is None or variant in ("stage", "rowsplit")):
+    plan, stream = _plan_and_stream(x, layer, variant)
+    if nhwc and (stream is None or variant in ("stage", "rowsplit")):
         raise ValueError(
             "x: channels_last input runs on the tensor-core kernels only (fp16/bf16 activations, a "
             f"layer with tiles, variant 'auto' or 'tensor'); got {x.dtype}, variant {variant!r}"
@@ -575,7 +591,7 @@ def sparse_conv2d_into(
             f"out: expected a {'channels_last' if nhwc else 'contiguous'} {x.dtype} tensor of shape "
             f"{shape} on {x.device}"
         )
-    _launch_into(out, x, layer, relu, _variant_code(variant), plan)
+    _launch_stream_into(out, x, layer, stream, relu, _variant_code(variant), plan)
     return out
 
 

@@ -94,13 +94,13 @@ def _nonzero_slots(layer, groups: int) -> Tuple[torch.Tensor, torch.Tensor, torc
     return full_slot // rows, full_slot % rows, layer.columns().cpu()
 
 
-def _group_positions(layer, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _group_positions(layer, groups: int, slots=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(kptr int64 [G-groups + 1], cols int64 [kptr[-1]]): every G-group's positions: the columns any of its
-    channels uses, ascending, chunked."""
+    channels uses, ascending, chunked. ``slots``: ``_nonzero_slots(layer, groups)`` if the caller has it."""
     supers = -(-(layer.tile_kptr.numel() - 1) // groups)
     # Each (G-group, column): the bit set of its slots whose channel uses it. Slot 63 sets the sign bit:
     # each bit is added once, so the sum is the bit set all the same, and Python's & and | read it as such.
-    sup, slot, cols = _nonzero_slots(layer, groups)
+    sup, slot, cols = slots if slots is not None else _nonzero_slots(layer, groups)
     bits = torch.zeros(supers * layer.row_length, dtype=torch.int64)
     bits.index_add_(0, sup * layer.row_length + cols, torch.ones_like(cols) << slot)
     bits = bits.view(supers, layer.row_length)
@@ -114,11 +114,9 @@ def _group_positions(layer, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def mma_ratio(layer, groups: int = 1) -> float:
-    """MMAs of the 2:4 stream over those of the dense-MMA stream (16 taps an m16n8k16, two a k-step)."""
-    _check_groups(groups)
-    kptr, _ = _group_positions(layer, groups)
-    dense = int(layer.tile_kptr[-1])
-    return (groups * int(kptr[-1]) / PAIR_K) / (dense / 16) if dense else 1.0
+    """MMAs of the 2:4 stream over those of the dense-MMA stream: per 16 pixels, G sparse MMAs a 32-tap k-step
+    against two dense ones a 16-tap k-step, so ``load_ratio`` x G / 2."""
+    return load_ratio(layer, groups) * groups / 2 if int(layer.tile_kptr[-1]) else 1.0
 
 
 def load_ratio(layer, groups: int = 1) -> float:
@@ -130,11 +128,13 @@ def load_ratio(layer, groups: int = 1) -> float:
     return int(kptr[-1]) / dense if dense else 1.0
 
 
-def _element_places(layer, kptr: torch.Tensor, cols: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _element_places(
+    layer, kptr: torch.Tensor, cols: torch.Tensor, groups: int, slots
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """For every nonzero of the CSR: its stream value index; and for every (step, group, lane): the metadata
-    word."""
+    word. ``slots``: ``_nonzero_slots(layer, groups)``."""
     rows = ROWS * groups
-    sup, slot, ccols = _nonzero_slots(layer, groups)
+    sup, slot, ccols = slots
     # Each nonzero's position: its column's first position in its G-group (padding repeats come later).
     supers = kptr.numel() - 1
     pos_super = torch.repeat_interleave(torch.arange(supers), kptr[1:] - kptr[:-1])
@@ -196,8 +196,9 @@ def pair_stream(layer, dtype: torch.dtype, groups: int = 1):
         raise ValueError("layer: has no tensor-core tiles (pack it with format version 2, or build_tiles)")
     _check_groups(groups)
     dev = layer.rowptr.device
-    kptr, cols = _group_positions(layer, groups)
-    value_index, meta = _element_places(layer, kptr, cols, groups)
+    slots = _nonzero_slots(layer, groups)
+    kptr, cols = _group_positions(layer, groups, slots)
+    value_index, meta = _element_places(layer, kptr, cols, groups, slots)
     steps = cols.numel() // PAIR_K
     kind = stream_kind(layer)
     common = dict(taps=tap_codes_of(cols, layer).to(dev), kptr=kptr.to(torch.int32).to(dev), pairs=groups, dtype=dtype)
