@@ -217,3 +217,14 @@ def test_the_planner_ends_with_a_launchable_plan_for_every_geometry():
     if child.is_alive():
         child.terminate()
     assert isinstance(outcome, int) and outcome > 1000, outcome
+
+
+def test_the_plan_kind_is_marked_constant_for_torch_compile_as_torch_marks_it():
+    """ops marks _plan_pairs itself (torch's decorator imports torch._dynamo, seconds of every start)."""
+    from sparsebench.sparse import ops
+
+    def probe(plan: int) -> int:
+        return plan
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) and vars(ops._plan_pairs).items() >= vars(marked).items()

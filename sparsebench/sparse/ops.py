@@ -425,7 +425,14 @@ def _tensor_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
     return x.dtype in (torch.float16, torch.bfloat16) and layer.has_tiles
 
 
-@torch.compiler.assume_constant_result
+def _constant_to_compile(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (over 2 s of every
+    command's start): the marker it sets, which tests/test_ops.py checks against torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_to_compile
 def _plan_pairs(plan: int) -> int:
     """The groups a k-step of the 2:4 stream ``plan`` (-1: the rule) reads serves, 0 for the dense-MMA stream;
     a constant to torch.compile, which cannot trace _C."""
