@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Set, Tuple
 
@@ -103,3 +105,16 @@ def test_library_modules_never_import_the_layers_above_them():
         if i.startswith(banned)
     ]
     assert not bad, bad
+
+
+def test_the_command_lines_start_without_torch():
+    """--version, --help and the config checks run before any torch import (seconds of every start); the
+    packages whose config modules they read import their torch side on first use (sparsebench.lazy)."""
+    probe = "import sys, sparsebench.__main__, sparsebench.config, sparsebench.hydra_app; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+    from sparsebench.prune import build_pruner
+    from sparsebench.quant import export_model
+
+    assert build_pruner.__module__ == "sparsebench.prune.pruner"
+    assert export_model.__module__ == "sparsebench.quant.export"

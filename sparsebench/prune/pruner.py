@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from sparsebench.errors import ConfigError
+from sparsebench.layers import macs_per_weight as count_macs_per_weight
 from sparsebench.layers import weight_layers
+from sparsebench.prune.config import prunes
 from sparsebench.prune.masks import drop_and_grow, global_magnitude_masks, magnitude_mask, weight_param
 from sparsebench.prune.schedule import build_schedule, progress_at, to_steps
 from sparsebench.prune.selection import final_targets, prunable_layers
@@ -197,3 +199,17 @@ def _score_scale(pooled: List[str], macs_per_weight: Optional[Dict[str, int]], e
         log.warning("prune.macs_exponent=%s does nothing: fewer than two layers share the threshold", exponent)
     cheapest = min((macs_per_weight[n] for n in pooled), default=1)
     return {n: (macs_per_weight[n] / cheapest) ** -exponent for n in pooled}
+
+
+def build_pruner(cfg: PruneConfig, model: nn.Module, sample: Optional[Tensor] = None) -> Optional[TrainHook]:
+    """The pruning hook for ``cfg`` (a PruneConfig), or None when it prunes nothing
+    (``prune=none``, or every target 0). ``sample``, an input batch, shows each weight's
+    multiply-adds, which ``prune.macs_exponent`` weighs by.
+
+    Checks what needs the model (layer regex, overrides) here, before any training.
+    """
+    if not prunes(cfg):
+        return None
+    if cfg.macs_exponent and sample is None:
+        raise ValueError("prune.macs_exponent needs a sample input to count each weight's multiply-adds")
+    return MagnitudePruner(cfg, model, count_macs_per_weight(model, sample) if cfg.macs_exponent else None)

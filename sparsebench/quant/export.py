@@ -15,7 +15,7 @@ whole conv+BN the benchmark should time. The metadata lists the folded BatchNorm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from sparsebench.quant.config import FP32
 from sparsebench.quant.fold import bn_pairs, folded
 from sparsebench.sparse.codes import CODE_BITS
 from sparsebench.sparse.format import PackedLayer, pack_weight, save_packed
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from sparsebench.train import TrainHook
 
 
 def storage_bits(bits: int) -> int:
@@ -102,3 +105,18 @@ def export_packed(
     }
     save_packed(path, packed, meta)
     return facts
+
+
+def export_model(model: nn.Module, hooks: List[TrainHook], path: Path) -> Optional[Dict[str, Dict[str, Any]]]:
+    """Pack every conv/linear layer into ``path`` (packed.safetensors + metadata).
+
+    Returns per-layer facts ``{layer: {"bits", "footprint_bytes", "dense_bytes", ...}}``, or
+    None when nothing was exported: a run without pruning or quantization stays dense and
+    reports the dense footprint. Quantized layers are stored as codes on their QAT grid,
+    the others (``quant=none``, or a layer kept at 32 bits) as fp32 values; BatchNorms are
+    folded into the layer that feeds them.
+    """
+    if not hooks:
+        return None
+    quantizer = next((h for h in hooks if getattr(h, "name", None) == "quant"), None)
+    return export_packed(model, quantizer, Path(path))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -269,3 +269,14 @@ def _input_of(module: nn.Module, fq: FakeQuant) -> torch.Tensor:
             return x
         x = p(x)
     raise ValueError("the quantizer's parametrization is not registered on this layer")
+
+
+def build_quantizer(cfg: QuantConfig, model: nn.Module) -> Optional[TrainHook]:
+    """The QAT hook for ``cfg`` (a QuantConfig), or None for ``quant=none``.
+
+    Checks what needs the model before any training: per-layer overrides must name a layer,
+    and a layer's one kmeans codebook must not have more levels than the layer has non-zero weights.
+    """
+    if cfg.method == "none":
+        return None
+    return Quantizer(cfg, model)
