@@ -427,7 +427,7 @@ def _tensor_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
 
 def _constant_to_compile(fn):
     """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (over 2 s of every
-    command's start): the marker it sets, which tests/test_ops.py checks against torch's."""
+    command's start): the marker it sets, which tests/test_dispatch.py checks against torch's."""
     fn._dynamo_marked_constant = True
     return fn
 
