@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from sparsebench.bench.measure import fp16_tensor_peak_tflops
 from sparsebench.sparse import ops
-from sparsebench.sparse.pairs import mma_ratio
+from sparsebench.sparse.pairs import GROUPS, mma_ratio
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.timing import time_cuda
 
-MMA_KINDS = (0, 1, 2, 4)  # a plan's `pairs`: dense MMAs, or the 2:4 stream of that many groups a k-step
+MMA_KINDS = (0, *GROUPS)  # a plan's `pairs`: dense MMAs, or the 2:4 stream of that many groups a k-step
 KIND_NAMES = {0: "dense_mma", 1: "pairs", 2: "pairs2", 4: "pairs4"}
 
 LAYERS = [  # (name, c_in, c_out, kernel, hw, stride)

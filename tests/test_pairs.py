@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from sparsebench.bench.config import KERNEL_TUNING
 from sparsebench.sparse.codes import unsigned
 from sparsebench.sparse.pairs import (
+    GROUPS,
     PAIR_K,
     chunk_taps,
     load_ratio,
@@ -82,6 +84,14 @@ def test_wider_steps_load_the_pixels_fewer_times_for_a_few_more_mmas():
     assert loads[0] > 1.5 * loads[1] > 2.5 * loads[2]
     with pytest.raises(ValueError, match="groups: expected one of"):
         pair_stream(layer, torch.float16, 3)
+    with pytest.raises(ValueError, match="groups: expected one of"):
+        mma_ratio(random_layer((16, 16, 3, 3), 1.0, padding=1, seed=1), 3)  # a layer without nonzeros too
+
+
+def test_the_config_check_of_tc_pairs_allows_what_the_streams_build():
+    # bench/config.py keeps its own copy (it stays free of torch); 0 is the dense-MMA stream.
+    allowed = KERNEL_TUNING["tc_pairs"][1]
+    assert [g for g in range(9) if allowed(g)] == [0, *GROUPS]
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -116,6 +116,7 @@ def _group_positions(layer, groups: int, slots=None) -> Tuple[torch.Tensor, torc
 def mma_ratio(layer, groups: int = 1) -> float:
     """MMAs of the 2:4 stream over those of the dense-MMA stream: per 16 pixels, G sparse MMAs a 32-tap k-step
     against two dense ones a 16-tap k-step, so ``load_ratio`` x G / 2."""
+    _check_groups(groups)
     return load_ratio(layer, groups) * groups / 2 if int(layer.tile_kptr[-1]) else 1.0
 
 
