@@ -158,7 +158,7 @@ def test_peak_share_is_the_real_work_over_the_gpus_fp16_peak(monkeypatch):
 
 
 def test_grid_summary_has_the_median_peak_share_of_our_rows():
-    from sparsebench.bench.grid import summarize as grid_summary
+    from sparsebench.bench.grid_run import summarize as grid_summary
 
     rows = [
         dict(backend="ours", batch=32, sparsity=0.9, bits=16, speedup_vs_cudnn_fp16=s, peak_share=p)

@@ -110,7 +110,8 @@ def test_library_modules_never_import_the_layers_above_them():
 def test_the_command_lines_start_without_torch():
     """--version, --help and the config checks run before any torch import (seconds of every start); the
     packages whose config modules they read import their torch side on first use (sparsebench.lazy)."""
-    probe = "import sys, sparsebench.__main__, sparsebench.config, sparsebench.hydra_app; print('torch' in sys.modules)"
+    apps = "sparsebench.__main__, sparsebench.bench.grid, sparsebench.config, sparsebench.hydra_app"
+    probe = f"import sys, {apps}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
     from sparsebench.prune import build_pruner
