@@ -48,8 +48,7 @@ void check_args(const ConvArgs& a) {
       (a.codebook_stride > 0 && (a.value_kind != kValCodebook || a.codebook_stride > (1 << a.bits))))
     throw std::invalid_argument("codebook_stride: expected 0 (one codebook for the layer) or 1..2**bits (the levels of each row's codebook)");
   if (a.tc_codebook_stride < 0) throw std::invalid_argument("tc_codebook_stride: expected >= 0");
-  if (a.tc_pairs != 0 && !valid_pair_groups(a.tc_pairs))
-    throw std::invalid_argument("tc_pairs: expected 0 (the dense-MMA stream) or 1, 2, 4 (the 2:4 stream of that many groups a k-step)");
+  if (!valid_tc_pairs(a.tc_pairs)) throw std::invalid_argument(std::string("tc_pairs: expected ") + kTcPairsAllowed);
   if (a.stride < 1 || a.pad < 0 || a.KH < 1 || a.KW < 1) throw std::invalid_argument("stride >= 1, pad >= 0, kernel >= 1 required");
   if (a.N < 0 || a.C < 0 || a.H < 0 || a.W < 0 || a.CO < 0 || a.OH < 0 || a.OW < 0 || a.groups < 0)
     throw std::invalid_argument("N, C, H, W, CO, OH, OW and groups must be >= 0");
@@ -221,8 +220,7 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("tc_warps_k: expected 1, 2, 4 or 8");
         if (tc_smem_budget < 8192 || tc_smem_budget > 227 * 1024)
           throw std::invalid_argument("tc_smem_budget: expected 8192..232448 bytes");
-        if (tc_pairs != 0 && !valid_pair_groups(tc_pairs))
-          throw std::invalid_argument("tc_pairs: expected 0 (dense MMAs) or 1, 2, 4 (the 2:4 stream's groups a k-step)");
+        if (!valid_tc_pairs(tc_pairs)) throw std::invalid_argument(std::string("tc_pairs: expected ") + kTcPairsAllowed);
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;

@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   for (int gi = 0; gi < NG; ++gi) {
     int bch[2];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) bch[j] = live ? slot_channel(gi, 8 * j + (lane >> 2)) : -1;
+    for (int j = 0; j < 2; ++j) bch[j] = slot_channel(gi, 8 * j + (lane >> 2));  // -1 past the last group: also when !live
     vals[gi] = vals0;
     vals[gi].setup(a, bch);
   }

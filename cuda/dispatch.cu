@@ -198,7 +198,7 @@ std::string tensor_unsupported(const ConvArgs& a) {
       (a.tile_steps != 0 && (!a.tile_cols || !a.tc_values)))
     return "the layer has no tensor-core tiles or weight stream";
   if (a.groups * kTileRows < a.CO) return "the tiles cover fewer output channels than the layer has";
-  if (a.tc_pairs != 0 && !valid_pair_groups(a.tc_pairs)) return "tc_pairs takes 0, 1, 2 or 4";
+  if (!valid_tc_pairs(a.tc_pairs)) return std::string("tc_pairs: expected ") + kTcPairsAllowed;
   if (a.tc_kind == kTcLinear && (!a.scale || !a.zero_point)) return "linear codes need their scales and zero points";
   if (a.tc_kind == kTcCodebook && !a.tc_codebook) return "codebook codes need the codebook";
   if (a.tc_kind != kTcHalf && a.bits != 2 && a.bits != 4 && a.bits != 8) return "code streams take 2, 4 or 8 bits";

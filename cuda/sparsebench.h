@@ -20,9 +20,11 @@ constexpr int kTileRows = 16;
 constexpr int kTileK = 16;
 // Taps per k-step of the 2:4 stream (tc_pairs): the K of one mma.sp.m16n8k32.
 constexpr int kPairK = 32;
-// Groups one k-step of the 2:4 stream may serve (tc_pairs): a warp multiplies each pixel tile it loads
-// by that many groups' weights. m16 tiles a warp (MT) times these groups is at most kMaxPairTiles.
-constexpr bool valid_pair_groups(int g) { return g == 1 || g == 2 || g == 4; }
+// tc_pairs: 0 for the dense-MMA stream, else the groups one k-step of the 2:4 stream serves (1, 2 or 4): a warp
+// multiplies each pixel tile it loads by that many groups' weights. m16 tiles a warp (MT) times these groups is
+// at most kMaxPairTiles. The errors that refuse another value quote kTcPairsAllowed.
+constexpr bool valid_tc_pairs(int p) { return p == 0 || p == 1 || p == 2 || p == 4; }
+constexpr const char* kTcPairsAllowed = "0 (the dense-MMA stream) or 1, 2, 4 (the 2:4 stream of that many groups a k-step)";
 constexpr int kMaxPairTiles = 8;
 // Warps' groups of a layer of `groups` groups: G groups each on the 2:4 stream of G groups a k-step, else one.
 constexpr int warp_group_count(int groups, int pair_groups) {

@@ -1,6 +1,8 @@
 """The kernels' dispatcher (cuda/dispatch.cu) through ``kernel_plan``: no GPU needed, since planning
 only reads the SM count (an H200's 132 when no device answers). Needs the compiled module."""
 
+import re
+
 import pytest
 import torch
 
@@ -228,3 +230,20 @@ def test_the_plan_kind_is_marked_constant_for_torch_compile_as_torch_marks_it():
 
     marked = torch.compiler.assume_constant_result(probe)
     assert vars(marked) and vars(ops._plan_pairs).items() >= vars(marked).items()
+
+
+@pytest.mark.parametrize(
+    "knob, value, allowed",
+    [
+        ("smem_budget", 4096, "8192..232448 bytes"),
+        ("stage_v", 3, "0 (automatic), 1, 2 or 4"),
+        ("tc_mt", 3, "1, 2, 4 or 8"),
+        ("tc_pixels", 2048, "16..1024"),
+        ("tc_pairs", 3, "0 (the dense-MMA stream) or 1, 2, 4"),
+    ],
+)
+def test_set_tuning_refuses_a_knob_outside_its_range_by_name(tuning, knob, value, allowed):
+    before = _C.get_tuning()
+    with pytest.raises(ValueError, match=rf"^{knob}: expected {re.escape(allowed)}"):
+        tuning(**{knob: value})
+    assert _C.get_tuning() == before  # nothing half-set
