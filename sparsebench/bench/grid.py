@@ -8,7 +8,8 @@
 
 Writes ``bench.csv`` (one row per layer x backend x batch x sparsity x bits), ``metrics.json``
 (geomean speedups) and ``manifest.json`` into the run directory, prints a compact table, and
-logs a W&B table and summary with ``logger=wandb``.
+logs a W&B table and summary with ``logger=wandb``. This module is the app (schema, checks, wiring);
+the grid's work is bench/grid_run.py.
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def validate(cfg: GridAppConfig, overrides: Sequence[str] = ()) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="grid")
 def app(cfg: DictConfig) -> Optional[float]:
+    from sparsebench.bench.grid_run import grid_main  # late: --help and Hydra's own errors never import torch
+
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    from sparsebench.bench.grid_run import grid_main  # late: keeps --help and config errors free of torch
 
     try:
         grid_main(cfg, Path(hc.runtime.output_dir), hc.overrides.task)
