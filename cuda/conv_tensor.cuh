@@ -198,8 +198,6 @@ __device__ __forceinline__ void tile_column(const ConvArgs& a, const TensorCfg& 
   }
 }
 
-constexpr int kWindowKW = 7;  // widest kernel the staging's sliding window serves
-
 // Copies input channels [c0, c0 + ccn) of the block's tile into shared memory (zeros outside the
 // image), each as KW shifted copies. A thread builds the KW units of one (channel, band, row, column
 // group). With stride 1 their 8 + KW - 1 input columns are one window, each loaded once: one image a
@@ -328,6 +326,49 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
   }
 }
 
+// stage_input for channels_last, stride 1, one image a band, C and CC even (TensorCfg::channel_pairs): a thread
+// stages 2 consecutive channels of one (band, row, column group). Its window of 8 + KW - 1 input columns is
+// one 4-byte load a column (both channels of a pixel), split into the two channels' KW units by byte
+// permutes: half the loads of stage_input, and half its threads' index arithmetic.
+template <typename T>
+__device__ __forceinline__ void stage_channel_pairs(const ConvArgs& a, const TensorCfg& t, uint4* smem, int c0,
+                                                    int ccn, int n0, int oh0, int ow0) {
+  const uint32_t* __restrict__ x = static_cast<const uint32_t*>(a.x);
+  const int units = t.channel_pairs * t.NB * t.RH * t.NC;
+  const int kw_rows = t.NB * t.RH, col_step = a.C / 2;  // a pixel's channels, in 4-byte words
+  for (int e = threadIdx.x; e < units; e += kTensorWarps * 32) {
+    // Consecutive threads stage consecutive pairs.
+    const int rest = t.div_channel_pairs.div(e), p = e - rest * t.channel_pairs;
+    if (2 * p >= ccn) continue;
+    const int t1 = t.div_NC.div(rest), c = rest - t1 * t.NC;
+    const int band = t.div_RH.div(t1), r = t1 - band * t.RH;
+    const int ih = oh0 - a.pad + r, n = n0 + band, iw0 = ow0 + 8 * c - a.pad;
+    const bool live = static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) && n < a.N;
+    // Columns [iw0, end) are loaded: inside the image and the window.
+    const int end = live ? max(0, min(a.W, iw0 + 7 + a.KW)) : 0;
+    const uint32_t* __restrict__ at =
+        x + (live ? ((static_cast<int64_t>(n) * a.H + ih) * a.W + iw0) * col_step + c0 / 2 + p : 0);
+    uint32_t w[8 + kWindowKW - 1];
+#pragma unroll
+    for (int j = 0; j < 8 + kWindowKW - 1; ++j, at += col_step) {
+      const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
+      w[j] = in ? __ldg(at) : 0u;
+    }
+    uint4* dst = smem + 2 * p * t.CSTRIDE + (band * t.RH + r) * t.PITCH + c;
+#pragma unroll
+    for (int kw = 0; kw < kWindowKW; ++kw) {
+      if (kw >= a.KW) break;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {  // channel c0 + 2p + k: half k of each column's word
+        const uint32_t half = k ? 0x7632 : 0x5410;  // the high or the low halves of two words
+        dst[k * t.CSTRIDE + kw * kw_rows * t.PITCH] =
+            make_uint4(__byte_perm(w[kw], w[kw + 1], half), __byte_perm(w[kw + 2], w[kw + 3], half),
+                       __byte_perm(w[kw + 4], w[kw + 5], half), __byte_perm(w[kw + 6], w[kw + 7], half));
+      }
+    }
+  }
+}
+
 // G > 0: the 2:4 stream (sparsebench/sparse/pairs.py) on mma.sp.m16n8k32: a k-step is 32 taps, the weights
 // are A (16 channels x 32 taps, half of them stored) of each of G groups and the pixels B, one
 // ldmatrix.x4.trans (32 taps x 8 pixels) and G MMAs per n8 pixel tile: the warp's 16 * MT pixels are 2 * MT
@@ -421,7 +462,10 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
   for (int chunk = 0, c0 = 0; chunk < t.chunks; ++chunk, c0 += t.CC) {
     const int ccn = min(t.CC, a.C - c0);
     if (chunk) __syncthreads();  // every warp is done with the previous chunk
-    stage_input<T>(a, t, smem, c0, ccn, n0, oh0, ow0);
+    if (t.channel_pairs)
+      stage_channel_pairs<T>(a, t, smem, c0, ccn, n0, oh0, ow0);
+    else
+      stage_input<T>(a, t, smem, c0, ccn, n0, oh0, ow0);
     __syncthreads();
     if (!live) continue;
     const int col_hi = (c0 + ccn) << (2 * kb);  // the first code of the next chunk's channels

@@ -275,7 +275,12 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
       32 * NG * (lane_bytes + (G ? 4 : 0)) + (G ? kPairK : kTileK) * (a.tile_col_bits / 8);
   const int64_t ring_bytes = static_cast<int64_t>(kTensorWarps) * tensor_stages(G) * ring_stage;
   const int64_t budget = std::min<int64_t>(tu.tc_smem_budget, max_block_smem()) - ring_bytes;
-  const int64_t CC = std::min<int64_t>(a.C, (budget / 16 - 1) / per_channel);
+  int64_t CC = std::min<int64_t>(a.C, (budget / 16 - 1) / per_channel);
+  // channels_last with stride 1 and one image a band stages 2 channels a thread (4-byte loads): whole
+  // pairs a chunk.
+  const bool channel_pairs = a.layout == kNHWC && a.stride == 1 && a.KW <= kWindowKW && P == 1 && a.C % 2 == 0 &&
+                     CC >= 2 && reinterpret_cast<uintptr_t>(a.x) % 4 == 0;
+  if (channel_pairs) CC -= CC % 2;
   if (CC < 1) return false;
   const int64_t ring = (CC * per_channel + 1) * 16;
   const int64_t reduce = warps_k > 1 ? static_cast<int64_t>(kTensorWarps) * 32 * MT * NG * 8 * 4 : 0;
@@ -312,6 +317,8 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   t.div_OW = FastDiv(a.OW);
   t.div_TH = FastDiv(TH);
   t.div_CC = FastDiv(t.CC);
+  t.channel_pairs = channel_pairs ? t.CC / 2 : 0;
+  t.div_channel_pairs = FastDiv(std::max(1, t.channel_pairs));
   t.div_tiles_w = FastDiv(tiles_w);
   t.div_tiles_h = FastDiv(tiles_h);
 
@@ -325,6 +332,7 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   p.NB = NB;
   p.TWp = TWp;
   p.pairs = G;
+  p.vector_loads = channel_pairs;
   p.TH = TH;
   p.TW = OWv;
   p.NI = NB * P;

@@ -35,10 +35,12 @@ struct TensorCfg {
   int ring;       // byte offset of the warps' weight rings (tensor_stages k-steps each, ring_stage bytes a step)
   int ring_stage; // bytes of one k-step in a ring: 32 lanes' weights (with tc_pairs = G, G groups' and their
                   // metadata), then its 16 (32) taps; a 16-byte multiple
-  FastDiv div_NC, div_RH, div_NB, div_OW, div_TH, div_CC, div_tiles_w, div_tiles_h;
+  int channel_pairs;  // > 0: channels_last staged by stage_channel_pairs, CC / 2 pairs of channels a chunk
+  FastDiv div_NC, div_RH, div_NB, div_OW, div_TH, div_CC, div_channel_pairs, div_tiles_w, div_tiles_h;
 };
 
 constexpr int kTensorWarps = 8;
+constexpr int kWindowKW = 7;  // widest kernel the staging's sliding window serves
 // k-steps each warp has in flight (weights and taps, by cp.async): fewer where a step serves several groups
 // (its bytes grow with them, and so does the work that hides the next step's latency).
 __host__ __device__ constexpr int tensor_stages(int pair_groups) { return pair_groups >= 2 ? 4 : 8; }

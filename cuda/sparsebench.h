@@ -90,7 +90,9 @@ struct Plan {
   int64_t blocks = 0;
   bool flattened = false;  // a 1x1/stride-1/no-padding conv treated as one long image row
   bool linear = false;        // staged: a lane's V pixels sit 32 floats apart (one address register)
-  bool vector_loads = false;  // row-split: 16 contiguous pixels read as 4 vector loads (if x is 16-byte aligned)
+  // row-split: 16 contiguous pixels read as 4 vector loads (x 16-byte aligned); tensor: channels_last staged
+  // two channels a thread, one 4-byte load a column (stride 1, one image a band, C even, x 4-byte aligned)
+  bool vector_loads = false;
   // Tensor-core plans: m16 tiles per warp, the block's warps over pixels x K x groups, the tile's
   // images side by side (P) and stacked (NB), and its padded width.
   int MT = 0, warps_m = 0, warps_k = 0, warps_g = 0, P = 0, NB = 0, TWp = 0;

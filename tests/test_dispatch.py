@@ -247,3 +247,24 @@ def test_set_tuning_refuses_a_knob_outside_its_range_by_name(tuning, knob, value
     with pytest.raises(ValueError, match=rf"^{knob}: expected {re.escape(allowed)}"):
         tuning(**{knob: value})
     assert _C.get_tuning() == before  # nothing half-set
+
+
+def test_channels_last_at_stride_1_stages_whole_channel_pairs(tuning):
+    """channels_last at stride 1 with an even channel count and one image a band stages two channels a thread
+    (one 4-byte load a column: the plan's vector_loads), so every chunk holds whole pairs, whatever the
+    budget leaves room for; NCHW, odd counts, strides and images side by side stage one channel a thread."""
+    half = dict(dtype=torch.float16, channels_last=True)
+    layer = random_layer((64, 70, 3, 3), 0.9, padding=1, seed=5)
+    for budget_kb in (40, 44, 48, 56, 96):  # one channel a thread would stage 4, 7, 9, 15, 43 a chunk
+        tuning(tc_smem_budget=budget_kb * 1024)
+        p = plan((8, 70, 32, 32), layer, **half)
+        assert (p["variant"], p["P"], p["vector_loads"]) == ("tensor", 1, True)
+        assert p["CC"] % 2 == 0 and p["CC"] * p["chunks"] >= 70 > p["CC"] * (p["chunks"] - 1)
+    tuning()
+    assert not plan((8, 70, 32, 32), layer, dtype=torch.float16)["vector_loads"]  # NCHW
+    odd = random_layer((64, 69, 3, 3), 0.9, padding=1, seed=5)
+    assert not plan((8, 69, 32, 32), odd, **half)["vector_loads"]
+    strided = random_layer((64, 70, 3, 3), 0.9, stride=2, padding=1, seed=5)
+    assert not plan((8, 70, 32, 32), strided, **half)["vector_loads"]
+    side_by_side = plan((8, 70, 28, 28), layer, **half)  # 28-wide maps go two to a band
+    assert side_by_side["P"] == 2 and not side_by_side["vector_loads"]
