@@ -198,6 +198,18 @@ __device__ __forceinline__ void tile_column(const ConvArgs& a, const TensorCfg& 
   }
 }
 
+// The staging's window: w[j] = *(at + j * step) for the columns iw0 + j in [0, end), else 0; one unsigned
+// compare a column. W: one channel's 2-byte element, or two channels' 4-byte word.
+template <typename W>
+__device__ __forceinline__ void load_window(W (&w)[8 + kWindowKW - 1], const W* __restrict__ at, int step, int iw0,
+                                            int end) {
+#pragma unroll
+  for (int j = 0; j < 8 + kWindowKW - 1; ++j, at += step) {
+    const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
+    w[j] = in ? __ldg(at) : static_cast<W>(0);
+  }
+}
+
 // Copies input channels [c0, c0 + ccn) of the block's tile into shared memory (zeros outside the
 // image), each as KW shifted copies. A thread builds the KW units of one (channel, band, row, column
 // group). With stride 1 their 8 + KW - 1 input columns are one window, each loaded once: one image a
@@ -243,16 +255,11 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
       const bool live = row_in && n < a.N;
       const unsigned short* __restrict__ row = x + (live ? row_base(n) : 0);
       const int iw0 = ow0 + 8 * c - a.pad;
-      // Columns [iw0, end) are loaded: inside the image and the window; one unsigned compare a column.
+      // Columns [iw0, end) are loaded: inside the image and the window.
       const int end = live ? max(0, min(a.W, iw0 + 7 + a.KW)) : 0;
       unsigned short w[8 + kWindowKW - 1];
       if (nhwc) {  // a running pointer, a channel count apart
-        const unsigned short* __restrict__ at = row + iw0 * col_step;
-#pragma unroll
-        for (int j = 0; j < 8 + kWindowKW - 1; ++j, at += col_step) {
-          const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
-          w[j] = in ? __ldg(at) : static_cast<unsigned short>(0);
-        }
+        load_window(w, row + iw0 * col_step, col_step, iw0, end);
       } else {  // one base pointer, the columns at fixed offsets from it
         const unsigned short* __restrict__ at = row + iw0;
 #pragma unroll
@@ -330,7 +337,6 @@ __device__ __forceinline__ void stage_input(const ConvArgs& a, const TensorCfg& 
 // stages 2 consecutive channels of one (band, row, column group). Its window of 8 + KW - 1 input columns is
 // one 4-byte load a column (both channels of a pixel), split into the two channels' KW units by byte
 // permutes: half the loads of stage_input, and half its threads' index arithmetic.
-template <typename T>
 __device__ __forceinline__ void stage_channel_pairs(const ConvArgs& a, const TensorCfg& t, uint4* smem, int c0,
                                                     int ccn, int n0, int oh0, int ow0) {
   const uint32_t* __restrict__ x = static_cast<const uint32_t*>(a.x);
@@ -346,14 +352,9 @@ __device__ __forceinline__ void stage_channel_pairs(const ConvArgs& a, const Ten
     const bool live = static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) && n < a.N;
     // Columns [iw0, end) are loaded: inside the image and the window.
     const int end = live ? max(0, min(a.W, iw0 + 7 + a.KW)) : 0;
-    const uint32_t* __restrict__ at =
-        x + (live ? ((static_cast<int64_t>(n) * a.H + ih) * a.W + iw0) * col_step + c0 / 2 + p : 0);
     uint32_t w[8 + kWindowKW - 1];
-#pragma unroll
-    for (int j = 0; j < 8 + kWindowKW - 1; ++j, at += col_step) {
-      const bool in = static_cast<unsigned>(iw0 + j) < static_cast<unsigned>(end);
-      w[j] = in ? __ldg(at) : 0u;
-    }
+    load_window(w, x + (live ? ((static_cast<int64_t>(n) * a.H + ih) * a.W + iw0) * col_step + c0 / 2 + p : 0),
+                col_step, iw0, end);
     uint4* dst = smem + 2 * p * t.CSTRIDE + (band * t.RH + r) * t.PITCH + c;
 #pragma unroll
     for (int kw = 0; kw < kWindowKW; ++kw) {
@@ -463,7 +464,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32) conv_tensor_kernel(const Co
     const int ccn = min(t.CC, a.C - c0);
     if (chunk) __syncthreads();  // every warp is done with the previous chunk
     if (t.channel_pairs)
-      stage_channel_pairs<T>(a, t, smem, c0, ccn, n0, oh0, ow0);
+      stage_channel_pairs(a, t, smem, c0, ccn, n0, oh0, ow0);
     else
       stage_input<T>(a, t, smem, c0, ccn, n0, oh0, ow0);
     __syncthreads();

@@ -279,7 +279,7 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   // channels_last with stride 1 and one image a band stages 2 channels a thread (4-byte loads): whole
   // pairs a chunk.
   const bool channel_pairs = a.layout == kNHWC && a.stride == 1 && a.KW <= kWindowKW && P == 1 && a.C % 2 == 0 &&
-                     CC >= 2 && reinterpret_cast<uintptr_t>(a.x) % 4 == 0;
+                             CC >= 2 && reinterpret_cast<uintptr_t>(a.x) % 4 == 0;
   if (channel_pairs) CC -= CC % 2;
   if (CC < 1) return false;
   const int64_t ring = (CC * per_channel + 1) * 16;

@@ -18,6 +18,7 @@ from sparsebench.bench.cases import synthetic_case
 from sparsebench.bench.grid import GridAppConfig, validate
 from sparsebench.bench.measure import TimingSettings, break_even_sparsity
 from sparsebench.bench.suite import LayerBench, plan_backends, uniform
+from sparsebench.config import DataConfig, ModelConfig
 from sparsebench.models import build_model
 from sparsebench.rundir import BENCH, write_csv
 from sparsebench.sparse.timing import cpu_thread_count
@@ -49,7 +50,7 @@ def shapes_from_layer_set(layer_set: Any) -> List[Dict[str, Any]]:
     return out
 
 
-def shapes_from_model(model_cfg: GridAppConfig, data_cfg: GridAppConfig) -> List[Dict[str, Any]]:
+def shapes_from_model(model_cfg: ModelConfig, data_cfg: DataConfig) -> List[Dict[str, Any]]:
     """The model's conv/linear layers at the data's input size (one forward pass at batch 1 on the CPU)."""
     if data_cfg.name == "synthetic":
         channels, size, classes = data_cfg.shape[0], data_cfg.shape[1], data_cfg.num_classes
