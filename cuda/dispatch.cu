@@ -191,18 +191,34 @@ static bool stage_plan(const ConvArgs& a, const Tuning& tu, Plan& p, StageCfg& t
   return true;
 }
 
+// Why the implicit-GEMM kernel cannot run this call ("" when it can): it reads each pixel's channels as 16-byte
+// units. (A linear layer's [N, C] input is both layouts: 1x1 images.)
+static std::string gemm_unsupported(const ConvArgs& a) {
+  if (a.layout != kNHWC && (a.H != 1 || a.W != 1 || a.OH != 1 || a.OW != 1))
+    return "the implicit-GEMM kernel reads channels_last input";
+  if (a.C % 8) return "the implicit-GEMM kernel needs a multiple of 8 input channels, got " + std::to_string(a.C);
+  if (reinterpret_cast<uintptr_t>(a.x) % 16 || reinterpret_cast<uintptr_t>(a.tc_values) % 16)
+    return "the implicit-GEMM kernel needs a 16-byte-aligned input and stream";
+  // Its stream holds every weight place, 2.5 bytes each: layers past 2^25 places (80 MB) keep the direct kernel.
+  if (static_cast<int64_t>(a.groups) * kTileRows * a.KH * a.KW * a.C > (1ll << 25))
+    return "the implicit-GEMM kernel's stream would hold over 2^25 weight places";
+  return "";
+}
+
 std::string tensor_unsupported(const ConvArgs& a) {
   if (a.act_dtype != kF16 && a.act_dtype != kBF16) return "activations are fp32 (the tensor-core kernels take fp16 or bf16)";
-  // Empty tensors (a layer without nonzeros) have no address: only the row and pointer tables must exist.
-  if (!a.tile_rows || !a.tile_kptr || a.tc_kind == kTcNone || a.groups <= 0 ||
-      (a.tile_steps != 0 && (!a.tile_cols || !a.tc_values)))
+  if (!valid_tc_pairs(a.tc_pairs)) return std::string("tc_pairs: expected ") + kTcPairsAllowed;
+  // Empty tensors (a layer without nonzeros) have no address: only the row and pointer tables must exist. The
+  // split stream has no taps of its own, and at least one k-step.
+  const bool split = a.tc_pairs == kTcSplit;
+  if (!a.tile_rows || a.tc_kind == kTcNone || a.groups <= 0 ||
+      (split ? !a.tc_values : !a.tile_kptr || (a.tile_steps != 0 && (!a.tile_cols || !a.tc_values))))
     return "the layer has no tensor-core tiles or weight stream";
   if (a.groups * kTileRows < a.CO) return "the tiles cover fewer output channels than the layer has";
-  if (!valid_tc_pairs(a.tc_pairs)) return std::string("tc_pairs: expected ") + kTcPairsAllowed;
   if (a.tc_kind == kTcLinear && (!a.scale || !a.zero_point)) return "linear codes need their scales and zero points";
   if (a.tc_kind == kTcCodebook && !a.tc_codebook) return "codebook codes need the codebook";
   if (a.tc_kind != kTcHalf && a.bits != 2 && a.bits != 4 && a.bits != 8) return "code streams take 2, 4 or 8 bits";
-  return "";
+  return split ? gemm_unsupported(a) : "";
 }
 
 static int round8(int v) { return (v + 7) / 8 * 8; }
@@ -345,6 +361,51 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
   return true;
 }
 
+// The implicit-GEMM kernel's blocking (kernels.cuh, GemmCfg): the block tile kGemmTiles[tc_gemm_tile].
+static bool gemm_plan(const ConvArgs& a, const Tuning& tu, Plan& p, GemmCfg& t) {
+  if (!tensor_unsupported(a).empty() || !gemm_unsupported(a).empty()) return false;
+  if (tu.tc_gemm_tile < 0 || tu.tc_gemm_tile >= kGemmTileCount) return false;
+  const GemmTile tile = kGemmTiles[tu.tc_gemm_tile];
+  const int WM = tile.channels / 64, WN = tile.pixels / tile.warp_pixels, NT = tile.warp_pixels / 8;
+  const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW, K = static_cast<int64_t>(a.KH) * a.KW * a.C;
+  const int64_t smem = static_cast<int64_t>(kGemmStages) * gemm_stage_bytes(WM, WN, NT);
+  const int64_t blocks_m = cdiv(M, tile.pixels), blocks_g = cdiv(a.groups, 4 * WM);
+  if (smem > max_block_smem() || blocks_g > 65535 || M + tile.pixels >= (1ll << 31) || K >= (1ll << 31)) return false;
+  t.WM = WM;
+  t.WN = WN;
+  t.NT = NT;
+  t.M = static_cast<int>(M);
+  t.K = static_cast<int>(K);
+  t.steps = static_cast<int>(cdiv(K, kPairK));
+  t.stream_groups = static_cast<int>(cdiv(a.groups, 8) * 8);
+  t.div_OHOW = FastDiv(a.OH * a.OW);
+  t.div_OW = FastDiv(a.OW);
+  t.div_C = FastDiv(a.C);
+  t.div_KW = FastDiv(a.KW);
+
+  p = Plan{};
+  p.variant = kTensor;
+  p.pairs = kTcSplit;
+  p.MT = tile.warp_pixels / 16;
+  p.warps_m = WN;
+  p.warps_k = 1;
+  p.warps_g = WM;
+  p.TW = tile.pixels;
+  p.CC = a.C;
+  p.chunks = 1;
+  p.rows_per_block = 64 * WM;
+  p.vector_loads = true;
+  p.threads = WM * WN * 32;
+  p.smem_bytes = smem;
+  p.blocks = blocks_m * blocks_g;
+  return true;
+}
+
+// The tensor-core plan the knobs name: the implicit-GEMM kernel's, or the direct kernel's.
+static bool any_tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg& tc, GemmCfg& gc) {
+  return tu.tc_pairs == kTcSplit ? gemm_plan(a, tu, p, gc) : tensor_plan(a, tu, p, tc);
+}
+
 static bool want_rowsplit(const ConvArgs& g, const Tuning& tu) {
   const int64_t M = static_cast<int64_t>(g.N) * g.OH * g.OW;
   return g.variant == kRowSplit || (g.variant == kAuto && M <= tu.rowsplit_max_pixels);
@@ -371,11 +432,18 @@ constexpr int kCandPairs[] = {0, 1, 2, 4};
 constexpr int kTensorCandidates = 4 * 3 * 4 * 2 * 2 * 4;
 }  // namespace
 
-int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates; }
+// Ids: the staged kernel's, the row-split kernel's, the direct tensor-core kernel's, the implicit-GEMM kernel's.
+int plan_candidate_count() { return kStageCandidates + kRowSplitCandidates + kTensorCandidates + kGemmTileCount; }
 
 bool plan_candidate(int id, Tuning& knobs, int& variant) {
   if (id < 0 || id >= plan_candidate_count()) return false;
   knobs = tuning();
+  if (id >= kStageCandidates + kRowSplitCandidates + kTensorCandidates) {
+    variant = kTensor;
+    knobs.tc_pairs = kTcSplit;
+    knobs.tc_gemm_tile = id - (kStageCandidates + kRowSplitCandidates + kTensorCandidates);
+    return true;
+  }
   if (id >= kStageCandidates + kRowSplitCandidates) {
     id -= kStageCandidates + kRowSplitCandidates;
     variant = kTensor;
@@ -432,8 +500,9 @@ Plan make_plan(const ConvArgs& a) {
   Plan p;
   StageCfg t;
   TensorCfg tc;
+  GemmCfg gc;
   if (!call_knobs(a, g, tu, flat)) return p;
-  if (want_tensor(a, g, tu) && tensor_plan(a, tu, p, tc)) return p;  // planned on the unflattened shape
+  if (want_tensor(a, g, tu) && any_tensor_plan(a, tu, p, tc, gc)) return p;  // planned on the unflattened shape
   if (a.layout == kNHWC) {  // nothing can run it (launch_conv says why)
     p.variant = -1;
     return p;
@@ -460,14 +529,18 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   Plan p;
   StageCfg t;
   TensorCfg tc;
+  GemmCfg gc;
   std::string err;
   if (want_tensor(a, g, tu)) {
-    if (tensor_plan(a, tu, p, tc)) {
-      if (a.tc_pairs != tu.tc_pairs)
-        return "tc_pairs: the plan runs on the " +
-               (tu.tc_pairs ? "2:4 stream of " + std::to_string(tu.tc_pairs) + " groups a k-step" : std::string("dense-MMA stream")) +
-               " (" + std::to_string(tu.tc_pairs) + "), the call passed " + std::to_string(a.tc_pairs);
-      err = launch_tensor(a, tc, p.MT, p.smem_bytes, stream);
+    if (any_tensor_plan(a, tu, p, tc, gc)) {
+      if (a.tc_pairs != tu.tc_pairs) {
+        const std::string kind = tu.tc_pairs == kTcSplit ? "split stream"
+                                 : tu.tc_pairs        ? "2:4 stream of " + std::to_string(tu.tc_pairs) + " groups a k-step"
+                                                      : "dense-MMA stream";
+        return "tc_pairs: the plan runs on the " + kind + " (" + std::to_string(tu.tc_pairs) + "), the call passed " +
+               std::to_string(a.tc_pairs);
+      }
+      err = p.pairs == kTcSplit ? launch_gemm(a, gc, stream) : launch_tensor(a, tc, p.MT, p.smem_bytes, stream);
       if (!err.empty()) return err;
       const cudaError_t e = cudaGetLastError();
       return e == cudaSuccess ? "" : std::string("kernel launch failed: ") + cudaGetErrorString(e);

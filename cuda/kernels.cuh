@@ -52,6 +52,24 @@ template <typename T, int MT>
 std::string launch_tensor_mt(const ConvArgs& a, const TensorCfg& t, int64_t smem_bytes, cudaStream_t stream);
 std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t stream);
 
+// Implicit-GEMM kernel (conv_gemm.cu) on the split stream: out[pixel][channel] over K = KH*KW*C taps in
+// (kh, kw, ci) order, channels_last. A block of WM x WN warps computes 64 * WM channels (4 groups a warp) x
+// 8 * NT * WN pixels (NT n8 tiles a warp).
+struct GemmCfg {
+  int WM, WN, NT;
+  int M;              // output pixels, N * OH * OW
+  int K;              // taps, KH * KW * C
+  int steps;          // k-steps of kPairK taps: ceil(K / 32)
+  int stream_groups;  // groups a k-step of the stream holds: the tiles' groups rounded up to 8
+  FastDiv div_OHOW, div_OW, div_C, div_KW;
+};
+// Bytes of one group's k-step in the split stream: its two 2:4 halves' values (32 lanes x 16 bytes each), then 32
+// lanes' two metadata words; lane 2's first word (unused by the MMA) is 1 where the second half has a nonzero.
+constexpr int kSplitRecord = 1280;
+constexpr int kGemmStages = 4;  // k-steps in flight (pixels and weights, by cp.async)
+__host__ __device__ constexpr int gemm_stage_bytes(int WM, int WN, int NT) { return 8 * NT * WN * 64 + 4 * WM * kSplitRecord; }
+std::string launch_gemm(const ConvArgs& a, const GemmCfg& t, cudaStream_t stream);
+
 // Row-split kernel blocking: warps per block (1, 2 or 4 of them per row) and output pixels per warp.
 constexpr int kRowSplitWarps = 4;
 constexpr int kRowSplitPixels = 16;

@@ -23,9 +23,21 @@ constexpr int kPairK = 32;
 // tc_pairs: 0 for the dense-MMA stream, else the groups one k-step of the 2:4 stream serves (1, 2 or 4): a warp
 // multiplies each pixel tile it loads by that many groups' weights. m16 tiles a warp (MT) times these groups is
 // at most kMaxPairTiles. The errors that refuse another value quote kTcPairsAllowed.
-constexpr bool valid_tc_pairs(int p) { return p == 0 || p == 1 || p == 2 || p == 4; }
-constexpr const char* kTcPairsAllowed = "0 (the dense-MMA stream) or 1, 2, 4 (the 2:4 stream of that many groups a k-step)";
+// kTcSplit instead names the implicit-GEMM kernel's split stream (conv_gemm.cu, sparsebench/sparse/split.py).
+constexpr int kTcSplit = 8;
+constexpr bool valid_tc_pairs(int p) { return p == 0 || p == 1 || p == 2 || p == 4 || p == kTcSplit; }
+constexpr const char* kTcPairsAllowed =
+    "0 (the dense-MMA stream), 1, 2, 4 (the 2:4 stream of that many groups a k-step) or 8 (the split 2:4 stream "
+    "of the implicit-GEMM kernel)";
 constexpr int kMaxPairTiles = 8;
+// The implicit-GEMM kernel's block tiles (Tuning::tc_gemm_tile indexes them): output channels x pixels a block,
+// and pixels a warp; a warp computes 64 channels (four groups), so a block has channels / 64 x pixels / warp_pixels.
+struct GemmTile {
+  int channels, pixels, warp_pixels;
+};
+constexpr GemmTile kGemmTiles[] = {{128, 128, 32}, {128, 64, 32}, {64, 128, 32}, {64, 64, 32},
+                                   {128, 128, 64}, {64, 128, 64}, {128, 256, 64}};
+constexpr int kGemmTileCount = sizeof(kGemmTiles) / sizeof(kGemmTiles[0]);
 // Warps' groups of a layer of `groups` groups: G groups each on the 2:4 stream of G groups a k-step, else one.
 constexpr int warp_group_count(int groups, int pair_groups) {
   return pair_groups > 1 ? (groups + pair_groups - 1) / pair_groups : groups;
@@ -73,6 +85,8 @@ struct ConvArgs {
   // G > 0: the 2:4 stream (sparsebench/sparse/pairs.py) for the sparse MMAs, each k-step (kPairK taps)
   // serving G consecutive groups (1, 2 or 4): G x 32 lanes' values, then G x 32 metadata words; tile_kptr
   // (one entry per G groups, plus one) and tile_cols are the stream's own, groups and tile_rows the tiles'.
+  // tc_pairs = kTcSplit: tc_values is the split stream instead (sparsebench/sparse/split.py): for each of the
+  // ceil(KH*KW*C / 32) k-steps of 32 taps in (kh, kw, ci) order, each group's two 2:4 halves (groups rounded up to 8).
   int tc_pairs = 0;
   // Planning.
   int variant = kAuto;
@@ -97,6 +111,7 @@ struct Plan {
   // images side by side (P) and stacked (NB), and its padded width.
   int MT = 0, warps_m = 0, warps_k = 0, warps_g = 0, P = 0, NB = 0, TWp = 0;
   int pairs = 0;  // G > 0: the sparse MMAs on the 2:4 stream of G groups a k-step (the call's tc_pairs must match)
+  // pairs == kTcSplit: the implicit-GEMM kernel; a block computes rows_per_block channels x TW pixels.
 };
 
 struct Tuning {
@@ -117,8 +132,10 @@ struct Tuning {
   // of 8; 0: one image a band, its columns padded, so the stride-1 staging reads each input window once.
   int tc_pack_images = 1;
   // G = 1, 2 or 4: the sparse MMAs (mma.sp) on the 2:4 stream of G groups a k-step; 0: dense MMAs on the
-  // dense-MMA stream. The caller passes the stream the plan names (ConvArgs::tc_pairs).
+  // dense-MMA stream; kTcSplit: the implicit-GEMM kernel on the split stream (channels_last, C a multiple of 8).
+  // The caller passes the stream the plan names (ConvArgs::tc_pairs).
   int tc_pairs = 0;
+  int tc_gemm_tile = 0;  // the implicit-GEMM kernel's block: kGemmTiles[tc_gemm_tile]
 };
 
 Tuning& tuning();

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from sparsebench.bench.measure import fp16_tensor_peak_tflops
 from sparsebench.sparse import ops
 from sparsebench.sparse.pairs import GROUPS, mma_ratio
+from sparsebench.sparse.split import SPLIT
+from sparsebench.sparse.split import mma_ratio as split_mma_ratio
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.timing import time_cuda
 
-MMA_KINDS = (0, *GROUPS)  # a plan's `pairs`: dense MMAs, or the 2:4 stream of that many groups a k-step
-KIND_NAMES = {0: "dense_mma", 1: "pairs", 2: "pairs2", 4: "pairs4"}
+# A plan's `pairs`: dense MMAs, the 2:4 stream of that many groups a k-step, or the implicit-GEMM kernel (SPLIT).
+MMA_KINDS = (0, *GROUPS, SPLIT)
+KIND_NAMES = {0: "dense_mma", 1: "pairs", 2: "pairs2", 4: "pairs4", SPLIT: "gemm"}
 
 LAYERS = [  # (name, c_in, c_out, kernel, hw, stride)
     ("vgg.conv1", 3, 64, 3, 32, 1),
@@ -122,7 +125,12 @@ def main(argv=None) -> int:
                 layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1, **kind).to(dev)
                 taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
                 # Each stream's MMAs over the dense-MMA stream's.
-                mma_ratios = {g: mma_ratio(layer, g) if g else 1.0 for g in MMA_KINDS}
+                mma_ratios = {g: mma_ratio(layer, g) if g else 1.0 for g in GROUPS}
+                mma_ratios[0] = 1.0
+                # The implicit-GEMM kernel runs every tap of every group: its ratio to a dense layer, rescaled.
+                mma_ratios[SPLIT] = (
+                    split_mma_ratio(layer) * layer.tile_groups * layer.row_length / max(1, int(layer.tile_kptr[-1]))
+                )
                 for batch in args.batches:
                     x = torch.randn(batch, cin, hw, hw, device=dev, dtype=torch.float16)
                     xl = x.contiguous(memory_format=torch.channels_last)
@@ -185,18 +193,19 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} cases ({done} layers) in {time.time() - t0:.0f} s; geomean speedup over cuDNN fp16 NHWC:")
     print(f"(tensor cores: median fraction of the dense fp16 peak, {peak:g} TFLOP/s, in real work and in MMAs issued)")
     print(
-        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs  2:4 x2  2:4 x4)  cuda-core  faster of the two"
-        "  peak real  peak MMA"
+        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs  2:4 x2  2:4 x4  gemm)  cuda-core"
+        "  faster of the two  peak real  peak MMA"
     )
     for sparsity in args.sparsities:
         for weights in args.weights:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
                 tc, cc, best = (geomean(sel, k) for k in ("speedup_tc", "speedup_cc", "speedup_best"))
-                dense, p1, p2, p4 = (geomean(sel, f"speedup_tc_{KIND_NAMES[g]}") for g in MMA_KINDS)
+                dense, p1, p2, p4, gemm = (geomean(sel, f"speedup_tc_{KIND_NAMES[g]}") for g in MMA_KINDS)
                 shares = [(r["peak_real"], r["peak_mma"]) for r in sel]
                 real, mma = map(statistics.median, zip(*shares)) if shares else (math.nan, math.nan)
-                speedups = f"{tc:11.3f}  ({dense:10.3f}  {p1:8.3f}  {p2:6.3f}  {p4:6.3f})  {cc:9.3f}  {best:17.3f}"
+                kinds = f"{dense:10.3f}  {p1:8.3f}  {p2:6.3f}  {p4:6.3f}  {gemm:5.3f}"
+                speedups = f"{tc:11.3f}  ({kinds})  {cc:9.3f}  {best:17.3f}"
                 print(f"{sparsity:8} {weights:7} {batch:5}  {speedups}  {real:9.2%}  {mma:8.2%}")
     return 0
 

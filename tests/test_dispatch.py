@@ -8,6 +8,7 @@ import torch
 
 from sparsebench.sparse.ops import _C
 from sparsebench.sparse.ops import kernel_plan as plan
+from sparsebench.sparse.split import SPLIT
 from sparsebench.sparse.synthetic import random_layer
 
 
@@ -62,6 +63,11 @@ def test_plan_candidates_are_distinct_knob_settings_that_the_plans_follow():
         if c["variant"] == "tensor":  # fp32 activations cannot use the tensor cores: the rule runs instead
             assert p == plan(shape, layer)
             half = plan(shape, layer, plan=i, dtype=torch.float16)
+            if c["tc_pairs"] == SPLIT:  # the implicit-GEMM kernel: channels_last only, NCHW runs on the CUDA cores
+                assert half["variant"] == "stage"
+                cl = plan(shape, layer, plan=i, dtype=torch.float16, channels_last=True)
+                assert (cl["variant"], cl["pairs"]) == ("tensor", SPLIT)
+                continue
             # A warp of a 2:4 plan with G groups a k-step holds MT x G x 2 accumulator tiles: MT shrinks to 8 / G.
             mt = min(c["tc_mt"], 8 // c["tc_pairs"]) if c["tc_pairs"] > 1 else c["tc_mt"]
             assert (half["variant"], half["MT"], half["pairs"]) == ("tensor", mt, c["tc_pairs"])
@@ -136,6 +142,10 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
         for i in [-1] + candidates:
             p = planner(i)
             if p["variant"] != "tensor":
+                continue
+            if p["pairs"] == SPLIT:  # the implicit-GEMM kernel (1x1 images here): warps over pixels x groups
+                assert p["warps_m"] * p["warps_g"] * 32 == p["threads"] and 0 < p["smem_bytes"] <= 227 * 1024
+                assert p["blocks"] == -(-shape[0] * hw * hw // p["TW"]) * -(-layer.tile_groups // (4 * p["warps_g"]))
                 continue
             groups = p["NB"] * p["TH"] * p["TWp"] // 8
             assert p["warps_m"] * p["MT"] * 2 >= groups, (shape, p)
@@ -239,7 +249,7 @@ def test_the_plan_kind_is_marked_constant_for_torch_compile_as_torch_marks_it():
         ("stage_v", 3, "0 (automatic), 1, 2 or 4"),
         ("tc_mt", 3, "1, 2, 4 or 8"),
         ("tc_pixels", 2048, "16..1024"),
-        ("tc_pairs", 3, "0 (the dense-MMA stream) or 1, 2, 4"),
+        ("tc_pairs", 3, "0 (the dense-MMA stream), 1, 2, 4"),
     ],
 )
 def test_set_tuning_refuses_a_knob_outside_its_range_by_name(tuning, knob, value, allowed):
@@ -268,3 +278,44 @@ def test_channels_last_at_stride_1_stages_whole_channel_pairs(tuning):
     assert not plan((8, 70, 32, 32), strided, **half)["vector_loads"]
     side_by_side = plan((8, 70, 28, 28), layer, **half)  # 28-wide maps go two to a band
     assert side_by_side["P"] == 2 and not side_by_side["vector_loads"]
+
+
+def test_the_implicit_gemm_kernel_plans_channels_last_inputs_of_whole_16_byte_units(tuning):
+    """tc_pairs = SPLIT picks the implicit-GEMM kernel, its block tile kGemmTiles[tc_gemm_tile] (channels x pixels a
+    block, pixels a warp), a grid over both; only channels_last input (or a linear layer's) with a multiple of 8
+    channels, which it reads 16 bytes at a time. The autotuner's candidates hold each tile once."""
+    from sparsebench.sparse.ops import distinct_plans
+
+    tiles = [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 32), (128, 128, 64), (64, 128, 64), (128, 256, 64)]
+    half = dict(dtype=torch.float16, channels_last=True)
+    layer = random_layer((200, 64, 3, 3), 0.9, padding=1, seed=5)  # 13 groups of 16 channels
+    for i, (rows, width, warp) in enumerate(tiles):
+        tuning(tc_pairs=SPLIT, tc_gemm_tile=i)
+        p = plan((3, 64, 10, 10), layer, **half)  # 300 pixels
+        assert (p["variant"], p["pairs"], p["rows_per_block"], p["TW"], 16 * p["MT"]) == (
+            "tensor",
+            SPLIT,
+            rows,
+            width,
+            warp,
+        )
+        assert p["threads"] == 32 * (rows // 64) * (width // warp) == 32 * p["warps_g"] * p["warps_m"]
+        assert p["blocks"] == -(-300 // width) * -(-13 // (rows // 16)) and p["vector_loads"]
+    assert plan((3, 64, 10, 10), layer, dtype=torch.float16)["pairs"] != SPLIT  # NCHW: the CUDA cores
+    odd = random_layer((32, 20, 3, 3), 0.9, padding=1, seed=5)
+    assert plan((3, 20, 10, 10), odd, **half)["variant"] == "none"  # nothing runs it (the call says why)
+    fc = random_layer((100, 72), 0.9, seed=5)
+    assert plan((33, 72), fc, "tensor", dtype=torch.float16)["pairs"] == SPLIT  # [N, C] is channels_last too
+    with pytest.raises(ValueError, match=r"^tc_gemm_tile: expected 0\.\.6"):
+        tuning(tc_gemm_tile=7)
+    tuning()
+    shapes = []
+    for cand in distinct_plans((3, 64, 10, 10), layer, tensor=True, **half):
+        p = plan((3, 64, 10, 10), layer, plan=cand, **half)
+        if p["pairs"] == SPLIT:
+            shapes.append((p["rows_per_block"], p["TW"], 16 * p["MT"]))
+    assert sorted(shapes) == sorted(tiles)
+    assert not any(
+        plan((3, 20, 10, 10), odd, plan=c, **half)["pairs"] == SPLIT
+        for c in distinct_plans((3, 20, 10, 10), odd, tensor=True, **half)
+    )

@@ -15,6 +15,7 @@ from sparsebench.sparse.pairs import (
     pair_stream_to_dense,
     split_pair_stream,
 )
+from sparsebench.sparse.split import SPLIT
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.tiles import fragment_stream, stream_to_dense
 from tests.test_tiles import VALUES
@@ -89,9 +90,10 @@ def test_wider_steps_load_the_pixels_fewer_times_for_a_few_more_mmas():
 
 
 def test_the_config_check_of_tc_pairs_allows_what_the_streams_build():
-    # bench/config.py keeps its own copy (it stays free of torch); 0 is the dense-MMA stream.
+    # bench/config.py keeps its own copy (it stays free of torch); 0 is the dense-MMA stream, SPLIT the
+    # implicit-GEMM kernel's.
     allowed = KERNEL_TUNING["tc_pairs"][1]
-    assert [g for g in range(9) if allowed(g)] == [0, *GROUPS]
+    assert [g for g in range(17) if allowed(g)] == [0, *GROUPS, SPLIT]
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -41,8 +41,13 @@ KERNEL_TUNING = {
     ),
     "tc_pack_images": ("0 or 1 (narrow images side by side in a tensor-core tile)", lambda v: v in (0, 1)),
     "tc_pairs": (
-        "0, 1, 2 or 4 (the tensor cores' sparse MMAs on the 2:4 weight stream, that many groups a k-step; 0: dense)",
-        lambda v: v in (0, 1, 2, 4),
+        "0, 1, 2, 4 or 8 (the tensor cores' sparse MMAs on the 2:4 weight stream, that many groups a k-step; "
+        "0: dense; 8: the implicit-GEMM kernel on the split stream)",
+        lambda v: v in (0, 1, 2, 4, 8),
+    ),
+    "tc_gemm_tile": (
+        "0..6 (the implicit-GEMM kernel's block tile: cuda/sparsebench.h kGemmTiles)",
+        lambda v: 0 <= v <= 6,
     ),
 }
 

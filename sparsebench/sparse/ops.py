@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from sparsebench.errors import ConfigError
 from sparsebench.sparse.format import PackedLayer, check_layer
 from sparsebench.sparse.pairs import PAIR_K, pair_stream
+from sparsebench.sparse.split import SPLIT, split_stream
 from sparsebench.sparse.tiles import TILE_K, TILE_ROWS, FragmentStream, fragment_stream, stream_kind, tap_code_dtype
 from sparsebench.sparse.timing import time_cuda
 
@@ -196,10 +197,12 @@ def _conv_args(
     a.row_order, a.values, a.value_kind, a.bits = w.row_order.data_ptr(), w.values.data_ptr(), value_kind, bits
     a.scale, a.zero_point, a.codebook = _ptr(w.scale), _ptr(w.zero_point), _ptr(w.codebook)
     a.codebook_stride, a.bias, a.relu = _codebook_stride(w.codebook), _ptr(w.bias), int(relu)
-    if w.tile_kptr is not None and w.tc_values is not None:
-        a.tile_rows, a.tile_kptr, a.tile_cols = w.tile_rows.data_ptr(), w.tile_kptr.data_ptr(), w.tile_cols.data_ptr()
-        a.tile_col_bits, a.groups = _index_bits(w.tile_cols), w.tile_rows.numel() // TILE_ROWS
-        a.tile_steps = w.tile_cols.numel() // (PAIR_K if pairs else TILE_K)
+    if w.tile_rows is not None and w.tc_values is not None:  # the split stream has no taps of its own
+        a.tile_rows, a.tile_kptr, a.tile_cols = w.tile_rows.data_ptr(), _ptr(w.tile_kptr), _ptr(w.tile_cols)
+        a.groups = w.tile_rows.numel() // TILE_ROWS
+        if w.tile_cols is not None:
+            a.tile_col_bits = _index_bits(w.tile_cols)
+            a.tile_steps = w.tile_cols.numel() // (PAIR_K if pairs else TILE_K)
         a.tc_values, a.tc_kind, a.tc_pairs = w.tc_values.data_ptr(), tc_kind, pairs
         a.tc_codebook, a.tc_codebook_stride = _ptr(w.tc_codebook), _codebook_stride(w.tc_codebook)
     a.variant, a.nnz, a.max_row, a.plan = variant, w.colidx.numel(), max_row, plan
@@ -434,22 +437,26 @@ def _constant_to_compile(fn):
 
 @_constant_to_compile
 def _plan_pairs(plan: int) -> int:
-    """The groups a k-step of the 2:4 stream ``plan`` (-1: the rule) reads serves, 0 for the dense-MMA stream;
-    a constant to torch.compile, which cannot trace _C."""
+    """The groups a k-step of the 2:4 stream ``plan`` (-1: the rule) reads serves, 0 for the dense-MMA stream,
+    SPLIT for the implicit-GEMM kernel's split stream; a constant to torch.compile, which cannot trace _C."""
     return int(_C.plan_pairs(plan))
 
 
 def _stream(x: torch.Tensor, layer: PackedLayer, plan: int) -> Optional[FragmentStream]:
     """The tensor-core weight stream the call's plan reads (a candidate's kind, or the rule's knobs) for x's
-    dtype: the dense-MMA one, or the 2:4 one for the plan's groups a k-step. Built on first use (it syncs, so
-    never while a CUDA graph is captured or torch.compile traces: those calls then run the CUDA-core kernels)."""
+    dtype: the dense-MMA one, the 2:4 one for the plan's groups a k-step, or the split one. Built on first use
+    (it syncs, so never while a CUDA graph is captured or torch.compile traces: those calls then run the
+    CUDA-core kernels)."""
     if not _tensor_capable(x, layer):
         return None
     key = (x.dtype, _plan_pairs(plan))
     stream = layer.streams.get(key)
     if stream is None and not torch.compiler.is_compiling() and not (x.is_cuda and _capturing(x.device)):
         groups = key[1]
-        stream = pair_stream(layer, x.dtype, groups) if groups else fragment_stream(layer, x.dtype)
+        if groups == SPLIT:
+            stream = split_stream(layer, x.dtype)
+        else:
+            stream = pair_stream(layer, x.dtype, groups) if groups else fragment_stream(layer, x.dtype)
         layer.streams[key] = stream
     return stream
 
@@ -735,6 +742,8 @@ def distinct_plans(
 
 def plan_name(plan: Dict[str, Any]) -> str:
     """A short name for a plan dict: the kernel family (CUDA cores or tensor cores) and its blocking."""
+    if plan["variant"] == "tensor" and plan.get("pairs") == SPLIT:
+        return f"tensor:gemm{plan['rows_per_block']}x{plan['TW']}/B{plan['blocks']}/split2:4"
     if plan["variant"] == "tensor":
         return (
             f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"

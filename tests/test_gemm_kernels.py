@@ -1,0 +1,125 @@
+"""The implicit-GEMM tensor-core kernel (cuda/conv_gemm.cu) on the split stream, against torch on the dequantized
+weights; tolerances as tests/test_tensor_kernels.py (1e-2 fp16, 2e-2 bf16, relative to the reference's norm).
+
+Needs a GPU and sparsebench._C:  python -m pytest -q -m cuda tests/test_gemm_kernels.py
+"""
+
+import random
+
+import pytest
+import torch
+
+from sparsebench.sparse.ops import (
+    distinct_plans,
+    kernel_plan,
+    kernels_available,
+    sparse_conv2d,
+    sparse_conv2d_into,
+    sparse_linear,
+)
+from sparsebench.sparse.split import SPLIT
+from sparsebench.sparse.synthetic import random_layer
+from tests.test_sparse_kernels import VALUES, check, reference
+from tests.test_tensor_kernels import HALF, poisoned
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
+]
+
+# The block tiles (cuda/sparsebench.h kGemmTiles): output channels x pixels a block, pixels a warp.
+TILES = [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 32), (128, 128, 64), (64, 128, 64), (128, 256, 64)]
+
+
+@pytest.fixture(params=range(len(TILES)), ids=[f"{c}x{p}w{w}" for c, p, w in TILES])
+def tiles(request):
+    from sparsebench import _C
+
+    _C.set_tuning(tc_pairs=SPLIT, tc_gemm_tile=request.param)
+    yield TILES[request.param]
+    _C.set_tuning()
+
+
+def gemm_case(seed):
+    """A random channels_last conv the kernel takes (C a multiple of 8): odd output channels, 1x1..7x7 kernels,
+    non-square inputs, strides, paddings, any value kind but codebooks without a zero level."""
+    rnd = random.Random(seed)
+    kh, kw = rnd.choice([(1, 1), (3, 3), (5, 5), (7, 7), (1, 3), (3, 1)])
+    pad = rnd.choice([0, 1, 2, 3])
+    stride = rnd.choice([1, 1, 2, 3])
+    cin, cout = rnd.choice([8, 16, 24, 40, 64, 136]), rnd.choice([1, 5, 17, 32, 70, 130])
+    h, w = rnd.randint(kh, 19), rnd.randint(kw, 23)
+    batch = rnd.choice([1, 2, 3, 5, 8, 17])
+    sparsity = rnd.choice([0.0, 0.5, 0.9, 0.95, 0.99])
+    value, bits = rnd.choice(VALUES)
+    kind = {"per_channel": rnd.random() < 0.5} if value == "codebook" else {}
+    layer = random_layer(
+        (cout, cin, kh, kw),
+        sparsity,
+        value=value,
+        bits=bits,
+        stride=stride,
+        padding=pad,
+        bias=rnd.random() < 0.8,
+        empty_rows=rnd.randint(0, cout // 3),
+        seed=seed,
+        **kind,
+    ).to("cuda")
+    x = torch.randn(batch, cin, h, w, device="cuda").to(rnd.choice(HALF)).contiguous(memory_format=torch.channels_last)
+    return layer, x, rnd.random() < 0.5
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_conv_cases(seed, tiles):
+    layer, x, relu = gemm_case(seed)
+    plan = kernel_plan(x.shape, layer, dtype=x.dtype, channels_last=True)
+    assert (plan["variant"], plan["pairs"], plan["rows_per_block"], plan["TW"]) == ("tensor", SPLIT, *tiles[:2])
+    ref = reference(x, layer, relu)
+    out = poisoned(ref.shape, x.dtype, channels_last=True)
+    sparse_conv2d_into(out, x, layer, relu=relu)
+    check(out, ref, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("batch", [1, 7, 64, 300])
+def test_linear(dtype, batch, tiles):
+    layer = random_layer((129, 304), 0.9, value="linear", bits=4, empty_rows=3, seed=batch).to("cuda")
+    x = torch.randn(batch, 304, device="cuda").to(dtype)
+    check(sparse_linear(x, layer, relu=True, variant="tensor"), reference(x, layer, relu=True), dtype)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.99, 1.0])
+def test_sparsity_extremes(sparsity, tiles):
+    # 0.0: every k-step of every group runs its second half; 1.0: no nonzero, the output is the bias.
+    layer = random_layer((33, 24, 3, 3), sparsity, padding=1, seed=3).to("cuda")
+    x = torch.randn(4, 24, 11, 11, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    out = poisoned((4, 33, 11, 11), x.dtype, channels_last=True)
+    sparse_conv2d_into(out, x, layer, variant="tensor")
+    if sparsity == 1.0:
+        assert torch.equal(out, layer.bias.half()[None, :, None, None].expand_as(out))
+    else:
+        check(out, reference(x, layer), x.dtype)
+
+
+def test_every_block_shape_is_a_distinct_plan_the_autotuner_times():
+    layer = random_layer((96, 64, 3, 3), 0.9, padding=1, seed=5).to("cuda")
+    x = torch.randn(16, 64, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    ref = reference(x, layer, relu=True)
+    gemm = []
+    for plan in distinct_plans(x.shape, layer, dtype=x.dtype, channels_last=True, tensor=True):
+        p = kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=True)
+        if p["pairs"] != SPLIT:
+            continue
+        gemm.append((p["rows_per_block"], p["TW"], 16 * p["MT"]))
+        layer.tuned_plans = {(tuple(x.shape), x.dtype, x.device.index, True): plan}
+        out = poisoned(ref.shape, x.dtype, channels_last=True)
+        sparse_conv2d_into(out, x, layer, relu=True)
+        check(out, ref, x.dtype)
+    assert sorted(gemm) == sorted(TILES)
+
+
+def test_a_call_it_cannot_run_says_why(tiles):
+    layer = random_layer((16, 3, 3, 3), 0.5, padding=1, seed=2).to("cuda")
+    x = torch.randn(2, 3, 8, 8, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="multiple of 8 input channels, got 3"):
+        sparse_conv2d(x, layer)
