@@ -401,9 +401,15 @@ static bool gemm_plan(const ConvArgs& a, const Tuning& tu, Plan& p, GemmCfg& t) 
   return true;
 }
 
-// The tensor-core plan the knobs name: the implicit-GEMM kernel's, or the direct kernel's.
+// The tensor-core plan the knobs name: the implicit-GEMM kernel's, or the direct kernel's. Where the implicit GEMM
+// cannot run (gemm_unsupported), the direct kernel on the dense-MMA stream stands in for it, so that knobs naming it
+// still run a whole network; ops.py's _gemm_capable passes that stream then.
 static bool any_tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg& tc, GemmCfg& gc) {
-  return tu.tc_pairs == kTcSplit ? gemm_plan(a, tu, p, gc) : tensor_plan(a, tu, p, tc);
+  if (tu.tc_pairs != kTcSplit) return tensor_plan(a, tu, p, tc);
+  if (gemm_plan(a, tu, p, gc)) return true;
+  Tuning dense = tu;
+  dense.tc_pairs = 0;
+  return gemm_unsupported(a).empty() ? false : tensor_plan(a, dense, p, tc);
 }
 
 static bool want_rowsplit(const ConvArgs& g, const Tuning& tu) {
@@ -533,11 +539,11 @@ std::string launch_conv(const ConvArgs& a, void* stream_handle) {
   std::string err;
   if (want_tensor(a, g, tu)) {
     if (any_tensor_plan(a, tu, p, tc, gc)) {
-      if (a.tc_pairs != tu.tc_pairs) {
-        const std::string kind = tu.tc_pairs == kTcSplit ? "split stream"
-                                 : tu.tc_pairs        ? "2:4 stream of " + std::to_string(tu.tc_pairs) + " groups a k-step"
-                                                      : "dense-MMA stream";
-        return "tc_pairs: the plan runs on the " + kind + " (" + std::to_string(tu.tc_pairs) + "), the call passed " +
+      if (a.tc_pairs != p.pairs) {
+        const std::string kind = p.pairs == kTcSplit ? "split stream"
+                                 : p.pairs        ? "2:4 stream of " + std::to_string(p.pairs) + " groups a k-step"
+                                                  : "dense-MMA stream";
+        return "tc_pairs: the plan runs on the " + kind + " (" + std::to_string(p.pairs) + "), the call passed " +
                std::to_string(a.tc_pairs);
       }
       err = p.pairs == kTcSplit ? launch_gemm(a, gc, stream) : launch_tensor(a, tc, p.MT, p.smem_bytes, stream);

@@ -63,8 +63,8 @@ def test_plan_candidates_are_distinct_knob_settings_that_the_plans_follow():
         if c["variant"] == "tensor":  # fp32 activations cannot use the tensor cores: the rule runs instead
             assert p == plan(shape, layer)
             half = plan(shape, layer, plan=i, dtype=torch.float16)
-            if c["tc_pairs"] == SPLIT:  # the implicit-GEMM kernel: channels_last only, NCHW runs on the CUDA cores
-                assert half["variant"] == "stage"
+            if c["tc_pairs"] == SPLIT:  # the implicit-GEMM kernel: channels_last only, the direct kernel stands in
+                assert (half["variant"], half["pairs"]) == ("tensor", 0)
                 cl = plan(shape, layer, plan=i, dtype=torch.float16, channels_last=True)
                 assert (cl["variant"], cl["pairs"]) == ("tensor", SPLIT)
                 continue
@@ -302,8 +302,8 @@ def test_the_implicit_gemm_kernel_plans_channels_last_inputs_of_whole_16_byte_un
         assert p["threads"] == 32 * (rows // 64) * (width // warp) == 32 * p["warps_g"] * p["warps_m"]
         assert p["blocks"] == -(-300 // width) * -(-13 // (rows // 16)) and p["vector_loads"]
     assert plan((3, 64, 10, 10), layer, dtype=torch.float16)["pairs"] != SPLIT  # NCHW: the CUDA cores
-    odd = random_layer((32, 20, 3, 3), 0.9, padding=1, seed=5)
-    assert plan((3, 20, 10, 10), odd, **half)["variant"] == "none"  # nothing runs it (the call says why)
+    odd = random_layer((32, 20, 3, 3), 0.9, padding=1, seed=5)  # 20 channels: the direct kernel stands in
+    assert (lambda p: (p["variant"], p["pairs"]))(plan((3, 20, 10, 10), odd, **half)) == ("tensor", 0)
     fc = random_layer((100, 72), 0.9, seed=5)
     assert plan((33, 72), fc, "tensor", dtype=torch.float16)["pairs"] == SPLIT  # [N, C] is channels_last too
     with pytest.raises(ValueError, match=r"^tc_gemm_tile: expected 0\.\.6"):
@@ -319,3 +319,30 @@ def test_the_implicit_gemm_kernel_plans_channels_last_inputs_of_whole_16_byte_un
         plan((3, 20, 10, 10), odd, plan=c, **half)["pairs"] == SPLIT
         for c in distinct_plans((3, 20, 10, 10), odd, tensor=True, **half)
     )
+
+
+@pytest.mark.parametrize(
+    "wshape, xshape, channels_last",
+    [
+        ((32, 64, 3, 3), (2, 64, 9, 9), True),
+        ((32, 64, 3, 3), (2, 64, 9, 9), False),
+        ((32, 20, 3, 3), (2, 20, 9, 9), True),
+        ((16, 3, 3, 3), (2, 3, 9, 9), True),
+        ((40, 72, 1, 1), (5, 72, 1, 1), False),  # 1x1 images: both layouts
+        ((40, 72), (5, 72), False),  # a linear layer
+        ((40, 60), (5, 60), False),
+    ],
+)
+def test_the_streams_choice_matches_the_dispatchers_for_the_implicit_gemm(tuning, wshape, xshape, channels_last):
+    """With tc_pairs = SPLIT the caller passes the split stream exactly where the dispatcher plans the implicit
+    GEMM, and the dense-MMA stream where the direct kernel stands in for it (else the call stops on a mismatch)."""
+    from sparsebench.sparse.ops import _gemm_capable
+
+    layer = random_layer(wshape, 0.9, padding=1 if len(wshape) == 4 and wshape[2] == 3 else 0, seed=2)
+    x = torch.zeros(xshape, dtype=torch.float16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tuning(tc_pairs=SPLIT)
+    p = plan(xshape, layer, "tensor", dtype=torch.float16, channels_last=channels_last)
+    assert p["variant"] == "tensor" and (p["pairs"] == SPLIT) == _gemm_capable(x, layer)
+    assert _gemm_capable(x, layer) == (wshape[1] % 8 == 0 and (channels_last or xshape[2:] in ((), (1, 1))))

@@ -428,6 +428,17 @@ def _tensor_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
     return x.dtype in (torch.float16, torch.bfloat16) and layer.has_tiles
 
 
+def _gemm_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
+    """Whether the implicit-GEMM kernel can run this call (cuda/dispatch.cu gemm_unsupported, which decides; where the
+    two disagree the call stops with a tc_pairs mismatch): channels_last input or 1x1 images in and out (a linear
+    layer), a multiple of 8 input channels, a 16-byte-aligned input, at most 2**25 weight places in its stream."""
+    n, c, h, w, _, kh, kw, _, _, oh, ow = _geometry(x, layer)[0]
+    places = layer.tile_rows.numel() * kh * kw * c
+    one_by_one = h == w == oh == ow == 1
+    aligned = torch.compiler.is_compiling() or x.data_ptr() % 16 == 0  # (a traced tensor has no address)
+    return (is_channels_last(x) or one_by_one) and c % 8 == 0 and aligned and places <= 1 << 25
+
+
 def _constant_to_compile(fn):
     """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (over 2 s of every
     command's start): the marker it sets, which tests/test_dispatch.py checks against torch's."""
@@ -449,7 +460,10 @@ def _stream(x: torch.Tensor, layer: PackedLayer, plan: int) -> Optional[Fragment
     CUDA-core kernels)."""
     if not _tensor_capable(x, layer):
         return None
-    key = (x.dtype, _plan_pairs(plan))
+    pairs = _plan_pairs(plan)
+    if pairs == SPLIT and not _gemm_capable(x, layer):
+        pairs = 0  # the dispatcher runs the direct kernel on the dense-MMA stream instead
+    key = (x.dtype, pairs)
     stream = layer.streams.get(key)
     if stream is None and not torch.compiler.is_compiling() and not (x.is_cuda and _capturing(x.device)):
         groups = key[1]
