@@ -86,7 +86,7 @@ class PackedLayer:
         # and not handed on by to(): a plan is timed on one device.
         self.tuned_plans: Dict[tuple, int] = {}
         # The tensor-core weight streams by (activation dtype, groups a 2:4 k-step serves; 0: the dense-MMA
-        # stream), derived from the tiles (tiles.py, pairs.py).
+        # stream; split.SPLIT: the implicit-GEMM kernel's), derived from the tiles (tiles.py, pairs.py, split.py).
         self.streams: Dict[Tuple[torch.dtype, int], Any] = {}
 
     # -- geometry ---------------------------------------------------------------------

@@ -432,7 +432,7 @@ def _gemm_capable(x: torch.Tensor, layer: PackedLayer) -> bool:
     """Whether the implicit-GEMM kernel can run this call (cuda/dispatch.cu gemm_unsupported, which decides; where the
     two disagree the call stops with a tc_pairs mismatch): channels_last input or 1x1 images in and out (a linear
     layer), a multiple of 8 input channels, a 16-byte-aligned input, at most 2**25 weight places in its stream."""
-    n, c, h, w, _, kh, kw, _, _, oh, ow = _geometry(x, layer)[0]
+    _, c, h, w, _, kh, kw, _, _, oh, ow = _geometry(x, layer)[0]
     places = layer.tile_rows.numel() * kh * kw * c
     one_by_one = h == w == oh == ow == 1
     aligned = torch.compiler.is_compiling() or x.data_ptr() % 16 == 0  # (a traced tensor has no address)
