@@ -125,8 +125,7 @@ def main(argv=None) -> int:
                 layer = random_layer((cout, cin, k, k), sparsity, padding=k // 2, stride=stride, seed=1, **kind).to(dev)
                 taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
                 # Each stream's MMAs over the dense-MMA stream's.
-                mma_ratios = {g: mma_ratio(layer, g) if g else 1.0 for g in GROUPS}
-                mma_ratios[0] = 1.0
+                mma_ratios = {0: 1.0, **{g: mma_ratio(layer, g) for g in GROUPS}}
                 # The implicit-GEMM kernel runs every tap of every group: its ratio to a dense layer, rescaled.
                 mma_ratios[SPLIT] = (
                     split_mma_ratio(layer) * layer.tile_groups * layer.row_length / max(1, int(layer.tile_kptr[-1]))

@@ -4,8 +4,6 @@ weights; tolerances as tests/test_tensor_kernels.py (1e-2 fp16, 2e-2 bf16, relat
 Needs a GPU and sparsebench._C:  python -m pytest -q -m cuda tests/test_gemm_kernels.py
 """
 
-import random
-
 import pytest
 import torch
 
@@ -19,8 +17,8 @@ from sparsebench.sparse.ops import (
 )
 from sparsebench.sparse.split import SPLIT
 from sparsebench.sparse.synthetic import random_layer
-from tests.test_sparse_kernels import VALUES, check, reference
-from tests.test_tensor_kernels import HALF, poisoned
+from tests.test_sparse_kernels import check, reference
+from tests.test_tensor_kernels import HALF, poisoned, tensor_case
 
 pytestmark = [
     pytest.mark.cuda,
@@ -41,32 +39,10 @@ def tiles(request):
 
 
 def gemm_case(seed):
-    """A random channels_last conv the kernel takes (C a multiple of 8): odd output channels, 1x1..7x7 kernels,
-    non-square inputs, strides, paddings, any value kind but codebooks without a zero level."""
-    rnd = random.Random(seed)
-    kh, kw = rnd.choice([(1, 1), (3, 3), (5, 5), (7, 7), (1, 3), (3, 1)])
-    pad = rnd.choice([0, 1, 2, 3])
-    stride = rnd.choice([1, 1, 2, 3])
-    cin, cout = rnd.choice([8, 16, 24, 40, 64, 136]), rnd.choice([1, 5, 17, 32, 70, 130])
-    h, w = rnd.randint(kh, 19), rnd.randint(kw, 23)
-    batch = rnd.choice([1, 2, 3, 5, 8, 17])
-    sparsity = rnd.choice([0.0, 0.5, 0.9, 0.95, 0.99])
-    value, bits = rnd.choice(VALUES)
-    kind = {"per_channel": rnd.random() < 0.5} if value == "codebook" else {}
-    layer = random_layer(
-        (cout, cin, kh, kw),
-        sparsity,
-        value=value,
-        bits=bits,
-        stride=stride,
-        padding=pad,
-        bias=rnd.random() < 0.8,
-        empty_rows=rnd.randint(0, cout // 3),
-        seed=seed,
-        **kind,
-    ).to("cuda")
-    x = torch.randn(batch, cin, h, w, device="cuda").to(rnd.choice(HALF)).contiguous(memory_format=torch.channels_last)
-    return layer, x, rnd.random() < 0.5
+    """A random channels_last conv the kernel takes (C a multiple of 8), as tests/test_tensor_kernels.py draws them."""
+    return tensor_case(
+        seed, in_channels=(8, 16, 24, 40, 64, 136), out_channels=(1, 5, 17, 32, 70, 130), channels_last=True
+    )
 
 
 @pytest.mark.parametrize("seed", range(30))

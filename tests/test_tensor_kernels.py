@@ -47,13 +47,14 @@ def poisoned(shape, dtype, channels_last=False):
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def tensor_case(seed):
-    """A random conv: odd channel counts, 1x1..7x7 kernels, non-square inputs, strides, paddings, any value kind."""
+def tensor_case(seed, in_channels=(1, 3, 7, 16, 33, 64, 130), out_channels=(1, 5, 17, 32, 70), channels_last=None):
+    """A random conv: odd channel counts, 1x1..7x7 kernels, non-square inputs, strides, paddings, any value kind;
+    in either layout unless ``channels_last`` says which."""
     rnd = random.Random(seed)
     kh, kw = rnd.choice([(1, 1), (3, 3), (5, 5), (7, 7), (1, 3), (3, 1)])
     pad = rnd.choice([0, 1, 2, 3])
     stride = rnd.choice([1, 1, 2, 3])
-    cin, cout = rnd.choice([1, 3, 7, 16, 33, 64, 130]), rnd.choice([1, 5, 17, 32, 70])
+    cin, cout = rnd.choice(in_channels), rnd.choice(out_channels)
     h, w = rnd.randint(kh, 19), rnd.randint(kw, 23)
     batch = rnd.choice([1, 2, 3, 5, 8, 17])
     sparsity = rnd.choice([0.0, 0.5, 0.9, 0.95, 0.99])
@@ -72,7 +73,7 @@ def tensor_case(seed):
         **kind,
     ).to("cuda")
     x = torch.randn(batch, cin, h, w, device="cuda").to(rnd.choice(HALF))
-    if rnd.random() < 0.5:
+    if (rnd.random() < 0.5) if channels_last is None else channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return layer, x, rnd.random() < 0.5
 
