@@ -76,6 +76,7 @@ py::dict knobs_dict(const Tuning& t) {
   d["tc_pack_images"] = t.tc_pack_images;
   d["tc_pairs"] = t.tc_pairs;
   d["tc_gemm_tile"] = t.tc_gemm_tile;
+  d["tc_wgmma"] = t.tc_wgmma;
   return d;
 }
 
@@ -103,6 +104,7 @@ py::dict plan_dict(const Plan& p) {
   d["warps_g"] = p.warps_g;
   d["P"] = p.P;
   d["pairs"] = p.pairs;
+  d["wgmma"] = p.wgmma;
   d["NB"] = p.NB;
   d["TWp"] = p.TWp;
   return d;
@@ -206,7 +208,7 @@ PYBIND11_MODULE(_C, m) {
       "set_tuning",
       [](int smem_budget, int rowsplit_max_pixels, int blocks_per_sm, int min_reuse, int virtual_width,
          int rowsplit_warps_per_row, int stage_v, int min_rows, int tc_mt, int tc_pixels, int tc_warps_k,
-         int tc_smem_budget, int tc_pack_images, int tc_pairs, int tc_gemm_tile) {
+         int tc_smem_budget, int tc_pack_images, int tc_pairs, int tc_gemm_tile, int tc_wgmma) {
         if (smem_budget < 8192 || smem_budget > 227 * 1024) throw std::invalid_argument("smem_budget: expected 8192..232448 bytes");
         if (blocks_per_sm < 1 || blocks_per_sm > 32) throw std::invalid_argument("blocks_per_sm: expected 1..32");
         if (rowsplit_warps_per_row != 0 && rowsplit_warps_per_row != 1 && rowsplit_warps_per_row != 2 &&
@@ -225,6 +227,7 @@ PYBIND11_MODULE(_C, m) {
         if (tc_gemm_tile < 0 || tc_gemm_tile >= kGemmTileCount)
           throw std::invalid_argument("tc_gemm_tile: expected 0.." + std::to_string(kGemmTileCount - 1) +
                                       " (the implicit-GEMM kernel's block tiles)");
+        if (tc_wgmma != 0 && tc_wgmma != 1) throw std::invalid_argument("tc_wgmma: expected 0 or 1");
         Tuning& t = tuning();
         t.smem_budget = smem_budget;
         t.rowsplit_max_pixels = rowsplit_max_pixels;
@@ -241,13 +244,14 @@ PYBIND11_MODULE(_C, m) {
         t.tc_pack_images = tc_pack_images ? 1 : 0;
         t.tc_pairs = tc_pairs;
         t.tc_gemm_tile = tc_gemm_tile;
+        t.tc_wgmma = tc_wgmma;
       },
       "Change the dispatcher's knobs (for benchmarks).", py::arg("smem_budget") = 100 * 1024,
       py::arg("rowsplit_max_pixels") = 512, py::arg("blocks_per_sm") = 2, py::arg("min_reuse") = 24,
       py::arg("virtual_width") = 1, py::arg("rowsplit_warps_per_row") = 0, py::arg("stage_v") = 0,
       py::arg("min_rows") = 32, py::arg("tc_mt") = 4, py::arg("tc_pixels") = 128, py::arg("tc_warps_k") = 1,
       py::arg("tc_smem_budget") = 96 * 1024, py::arg("tc_pack_images") = 1, py::arg("tc_pairs") = 0,
-      py::arg("tc_gemm_tile") = 0);
+      py::arg("tc_gemm_tile") = 0, py::arg("tc_wgmma") = 0);
 
   m.def("get_tuning", []() { return knobs_dict(tuning()); });
 
@@ -261,9 +265,15 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime_compiled"] = cuda_runtime_version_compiled();
     d["cuda_runtime"] = cuda_runtime_version();
     d["cuda_driver"] = cuda_driver_version();
-    d["kernels"] = py::make_tuple("conv_stage<V=1,2,4; LINEAR>", "conv_rowsplit<P=16; WPR=1,2,4; CONTIGUOUS>",
-                                  "conv_tensor<fp16,bf16; MT=1,2,4,8; dense or 2:4 sparse MMAs; values,linear,codebook 8/4/2-bit>",
-                                  "conv_gemm<fp16,bf16; 7 block tiles; split 2:4 stream>");
+    py::list kernels;
+    for (const char* k : {"conv_stage<V=1,2,4; LINEAR>", "conv_rowsplit<P=16; WPR=1,2,4; CONTIGUOUS>",
+                          "conv_tensor<fp16,bf16; MT=1,2,4,8; dense or 2:4 sparse MMAs; values,linear,codebook 8/4/2-bit>",
+                          "conv_gemm<fp16,bf16; 7 block tiles; split 2:4 stream>"})
+      kernels.append(k);
+#ifdef SPARSEBENCH_WGMMA
+    kernels.append("conv_wgmma<fp16,bf16; 4 block tiles; second halves by wgmma or mma.sync; split 2:4 stream; sm_90a>");
+#endif
+    d["kernels"] = py::tuple(kernels);
     return d;
   });
 }

@@ -14,16 +14,11 @@
 // outside the image) and the block's groups' records of the stream into one of kGemmStages stages of shared
 // memory, kGemmStages - 1 steps ahead of the MMAs. A stage's pixel rows are 64 bytes (32 taps); their four
 // 16-byte units are XOR-swizzled by the row, so the 8 rows of an ldmatrix matrix fall in different banks.
-#include "kernels.cuh"
-#include "mma.cuh"
+#include "gemm_common.cuh"
 
 namespace sparsebench {
 
 namespace {
-
-constexpr int kRecordA2 = 512;          // the second half's values within a record
-constexpr int kRecordMeta = 1024;       // the lanes' metadata words (first half, second half)
-constexpr int kRecordFlag = 1024 + 16;  // lane 2's first word: the second half has a nonzero
 
 template <typename T, int WM, int WN, int NT>
 __global__ void __launch_bounds__(WM * WN * 32) conv_gemm_kernel(const ConvArgs a, const GemmCfg t) {
@@ -32,7 +27,6 @@ __global__ void __launch_bounds__(WM * WN * 32) conv_gemm_kernel(const ConvArgs 
   constexpr int kGroups = 4 * WM;         // groups a block
   constexpr int kBBytes = BN * 64;        // a stage's pixels: BN rows of 32 taps
   constexpr int kStageBytes = gemm_stage_bytes(WM, WN, NT);
-  constexpr int kRows = 4 * BN / kThreads;  // pixel rows a thread copies each step (4 units a row): NT / WM
   constexpr int kAUnits = kGroups * kSplitRecord / 16;
   extern __shared__ uint4 smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -40,39 +34,13 @@ __global__ void __launch_bounds__(WM * WN * 32) conv_gemm_kernel(const ConvArgs 
   const int pix0 = blockIdx.x * BN, g0 = blockIdx.y * kGroups;
   uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
-  // The pixel rows this thread copies: unit u = tid % 4 (taps 8u .. 8u + 7 of each step) of rows tid / 4 + i *
-  // kThreads / 4. A pixel past the last reads as outside the image.
-  const int unit = tid & 3;
-  int ih0[kRows], iw0[kRows], img[kRows];
-  uint32_t dst[kRows];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = tid / 4 + i * (kThreads / 4), p = pix0 + r;
-    const int n = t.div_OHOW.div(p), rem = p - n * (a.OH * a.OW);
-    const int oh = t.div_OW.div(rem), ow = rem - oh * a.OW;
-    ih0[i] = p < t.M ? oh * a.stride - a.pad : -(1 << 24);
-    iw0[i] = ow * a.stride - a.pad;
-    img[i] = p < t.M ? n * a.H * a.W * a.C : 0;
-    dst[i] = r * 64 + ((unit ^ ((r >> 1) & 3)) << 4);
-  }
-  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const PixelGather<BN, kThreads> gather(a, t, tid, pix0);
   const char* __restrict__ records = static_cast<const char*>(a.tc_values) + static_cast<int64_t>(g0) * kSplitRecord;
   const int64_t step_bytes = static_cast<int64_t>(t.stream_groups) * kSplitRecord;
 
   auto load_step = [&](int s, int stage) {
     const uint32_t at = sbase + stage * kStageBytes;
-    const int k = s * kPairK + unit * 8;
-    const int tap = t.div_C.div(k), ci = k - tap * a.C;
-    const int kh = t.div_KW.div(tap), kw = tap - kh * a.KW;
-    const bool k_in = k < t.K;
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int ih = ih0[i] + kh, iw = iw0[i] + kw;
-      const bool in = k_in && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
-                      static_cast<unsigned>(iw) < static_cast<unsigned>(a.W);
-      const T* src = in ? x + img[i] + (ih * a.W + iw) * a.C + ci : x;
-      cp_async16_zfill(at + dst[i], src, in ? 16 : 0);
-    }
+    gather.template copy<T>(a, t, s, at);
     const char* rec = records + s * step_bytes;
 #pragma unroll
     for (int u = tid; u < kAUnits; u += kThreads) cp_async16(at + kBBytes + u * 16, rec + u * 16);
@@ -127,30 +95,12 @@ __global__ void __launch_bounds__(WM * WN * 32) conv_gemm_kernel(const ConvArgs 
     stage = stage == kGemmStages - 1 ? 0 : stage + 1;
   }
 
-  // Epilogue: accumulator v of (i, j) is channel slot g + 8 * (v / 2) of group i, pixel 2q + v % 2 of n8 tile j.
-  const int g = lane >> 2, q = lane & 3;
-  const bool scaled = a.tc_kind == kTcLinear;
-  T* __restrict__ out = static_cast<T*>(a.out);
+  // Epilogue: group i's accumulators, pixel tiles from the warp's first pixel on.
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int group = g0 + wm * 4 + i;
     if (group >= a.groups) break;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c = __ldg(a.tile_rows + group * kTileRows + g + 8 * h);
-      if (c < 0) continue;
-      const float scale = scaled ? __ldg(a.scale + c) : 1.f, bias = a.bias ? __ldg(a.bias + c) : 0.f;
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int p = pix0 + wn * NT * 8 + j * 8 + 2 * q + e;
-          if (p >= t.M) continue;
-          float y = acc[i][j][2 * h + e] * scale + bias;
-          if (a.relu) y = y < 0.f ? 0.f : y;  // keeps NaN, like torch.relu
-          out[static_cast<int64_t>(p) * a.CO + c] = from_f32<T>(y);
-        }
-    }
+    store_group<T, NT>(a, t.M, group, pix0 + wn * NT * 8, acc[i]);
   }
 }
 
@@ -185,6 +135,11 @@ std::string launch_dtype(const ConvArgs& a, const GemmCfg& t, cudaStream_t s) {
 }  // namespace
 
 std::string launch_gemm(const ConvArgs& a, const GemmCfg& t, cudaStream_t stream) {
+#ifdef SPARSEBENCH_WGMMA
+  if (t.mma != kMmaSync) return launch_wgmma(a, t, stream);
+#else
+  if (t.mma != kMmaSync) return "implicit-GEMM kernel: built without the wgmma kernel (it needs sm_90 in the CUDA archs)";
+#endif
   switch (a.act_dtype) {
     case kF16: return launch_dtype<__half>(a, t, stream);
     case kBF16: return launch_dtype<__nv_bfloat16>(a, t, stream);

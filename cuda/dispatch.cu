@@ -31,6 +31,25 @@ static int max_block_smem() { return device_attribute<cudaDevAttrMaxSharedMemory
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether the wgmma kernel can run: built (for sm_90a, whose code runs on compute capability 9.0 alone) and on such
+// a GPU. Planning without a GPU assumes one (an H200), as device_attribute does.
+static bool wgmma_available() {
+#ifdef SPARSEBENCH_WGMMA
+  static int cached[64] = {0};  // compute capability + 1 (10 * major + minor), 0 before the first query
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return true;
+  if (!cached[dev]) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    cached[dev] = ok ? 10 * major + minor + 1 : 91;
+  }
+  return cached[dev] == 91;
+#else
+  return false;
+#endif
+}
+
 // A 1x1, stride-1, unpadded conv is the same computation on one long image row; tiles then
 // fill completely with no halo. Linear layers arrive as 1x1 images already.
 static ConvArgs flatten(const ConvArgs& a, bool& flat) {
@@ -365,15 +384,21 @@ static bool tensor_plan(const ConvArgs& a, const Tuning& tu, Plan& p, TensorCfg&
 static bool gemm_plan(const ConvArgs& a, const Tuning& tu, Plan& p, GemmCfg& t) {
   if (!tensor_unsupported(a).empty() || !gemm_unsupported(a).empty()) return false;
   if (tu.tc_gemm_tile < 0 || tu.tc_gemm_tile >= kGemmTileCount) return false;
-  const GemmTile tile = kGemmTiles[tu.tc_gemm_tile];
+  GemmTile tile = kGemmTiles[tu.tc_gemm_tile];
+  // Where the wgmma kernel may not run (tc_wgmma off, or not a compute capability 9.0 GPU), its tiles are the
+  // mma.sync kernel's first: the same stream, so the call's tc_pairs still holds.
+  if (tile.mma != kMmaSync && !(tu.tc_wgmma && wgmma_available())) tile = kGemmTiles[0];
+  const bool wgmma = tile.mma != kMmaSync;
   const int WM = tile.channels / 64, WN = tile.pixels / tile.warp_pixels, NT = tile.warp_pixels / 8;
   const int64_t M = static_cast<int64_t>(a.N) * a.OH * a.OW, K = static_cast<int64_t>(a.KH) * a.KW * a.C;
-  const int64_t smem = static_cast<int64_t>(kGemmStages) * gemm_stage_bytes(WM, WN, NT);
+  const int64_t smem =
+      wgmma ? wgmma_smem_bytes(tile.pixels) : static_cast<int64_t>(kGemmStages) * gemm_stage_bytes(WM, WN, NT);
   const int64_t blocks_m = cdiv(M, tile.pixels), blocks_g = cdiv(a.groups, 4 * WM);
   if (smem > max_block_smem() || blocks_g > 65535 || M + tile.pixels >= (1ll << 31) || K >= (1ll << 31)) return false;
   t.WM = WM;
   t.WN = WN;
   t.NT = NT;
+  t.mma = tile.mma;
   t.M = static_cast<int>(M);
   t.K = static_cast<int>(K);
   t.steps = static_cast<int>(cdiv(K, kPairK));
@@ -395,7 +420,8 @@ static bool gemm_plan(const ConvArgs& a, const Tuning& tu, Plan& p, GemmCfg& t) 
   p.chunks = 1;
   p.rows_per_block = 64 * WM;
   p.vector_loads = true;
-  p.threads = WM * WN * 32;
+  p.wgmma = tile.mma;
+  p.threads = wgmma ? WM * 128 : WM * WN * 32;
   p.smem_bytes = smem;
   p.blocks = blocks_m * blocks_g;
   return true;

@@ -55,8 +55,10 @@ std::string launch_rowsplit(const ConvArgs& a, int warps_per_row, cudaStream_t s
 // Implicit-GEMM kernel (conv_gemm.cu) on the split stream: out[pixel][channel] over K = KH*KW*C taps in
 // (kh, kw, ci) order, channels_last. A block of WM x WN warps computes 64 * WM channels (4 groups a warp) x
 // 8 * NT * WN pixels (NT n8 tiles a warp).
+// The wgmma kernel (conv_wgmma.cu, mma not kMmaSync): WM warpgroups of 64 channels x 8 * NT pixels, WN = 1.
 struct GemmCfg {
   int WM, WN, NT;
+  GemmMma mma;
   int M;              // output pixels, N * OH * OW
   int K;              // taps, KH * KW * C
   int steps;          // k-steps of kPairK taps: ceil(K / 32)
@@ -64,11 +66,22 @@ struct GemmCfg {
   FastDiv div_OHOW, div_OW, div_C, div_KW;
 };
 // Bytes of one group's k-step in the split stream: its two 2:4 halves' values (32 lanes x 16 bytes each), then 32
-// lanes' two metadata words; lane 2's first word (unused by the MMA) is 1 where the second half has a nonzero.
+// lanes' two metadata words. Lanes 4g + 2 and 4g + 3 hold no metadata (selector 0); lane 2's first word is 1 where
+// the second half has a nonzero, lane 3's where that of any group of the aligned four (a wgmma's 64 channels) has.
 constexpr int kSplitRecord = 1280;
+constexpr int kRecordA2 = 512;                  // the second half's values
+constexpr int kRecordMeta = 1024;               // the lanes' metadata words (first half, second half)
+constexpr int kRecordFlag = kRecordMeta + 16;   // lane 2's first word
+constexpr int kRecordFlag4 = kRecordMeta + 24;  // lane 3's first word
 constexpr int kGemmStages = 4;  // k-steps in flight (pixels and weights, by cp.async)
 __host__ __device__ constexpr int gemm_stage_bytes(int WM, int WN, int NT) { return 8 * NT * WN * 64 + 4 * WM * kSplitRecord; }
 std::string launch_gemm(const ConvArgs& a, const GemmCfg& t, cudaStream_t stream);
+constexpr int kWgmmaStages = 4;  // the wgmma kernel's pixel stages: one being read, 3 k-steps in flight
+// Its dynamic shared memory for N pixels a block: the stages, and room to align them to 1024 bytes.
+__host__ __device__ constexpr int wgmma_smem_bytes(int N) { return kWgmmaStages * N * 64 + 1024; }
+#ifdef SPARSEBENCH_WGMMA
+std::string launch_wgmma(const ConvArgs& a, const GemmCfg& t, cudaStream_t stream);
+#endif
 
 // Row-split kernel blocking: warps per block (1, 2 or 4 of them per row) and output pixels per warp.
 constexpr int kRowSplitWarps = 4;

@@ -30,13 +30,26 @@ constexpr const char* kTcPairsAllowed =
     "0 (the dense-MMA stream), 1, 2, 4 (the 2:4 stream of that many groups a k-step) or 8 (the split 2:4 stream "
     "of the implicit-GEMM kernel)";
 constexpr int kMaxPairTiles = 8;
-// The implicit-GEMM kernel's block tiles (Tuning::tc_gemm_tile indexes them): output channels x pixels a block,
-// and pixels a warp; a warp computes 64 channels (four groups), so a block has channels / 64 x pixels / warp_pixels.
+// How the implicit-GEMM kernels issue their MMAs (GemmTile::mma, Plan::wgmma).
+enum GemmMma : int {
+  kMmaSync = 0,          // conv_gemm.cu: mma.sync, each warp its four groups
+  kWgmma = 1,            // conv_wgmma.cu (Hopper): wgmma for both 2:4 halves, the second where any of a warpgroup's
+                         // four groups has one
+  kWgmmaWarpSecond = 2,  // conv_wgmma.cu: wgmma for the first half, mma.sync for the second where the warp's group has one
+};
+// The implicit-GEMM kernels' block tiles (Tuning::tc_gemm_tile indexes them): output channels x pixels a block,
+// pixels a warp, and the MMAs. With mma.sync a warp computes 64 channels (four groups), so a block has
+// channels / 64 x pixels / warp_pixels warps; with wgmma a warpgroup computes 64 channels x all the block's pixels.
 struct GemmTile {
   int channels, pixels, warp_pixels;
+  GemmMma mma;
 };
-constexpr GemmTile kGemmTiles[] = {{128, 128, 32}, {128, 64, 32}, {64, 128, 32}, {64, 64, 32},
-                                   {128, 128, 64}, {64, 128, 64}, {128, 256, 64}};
+constexpr GemmTile kGemmTiles[] = {
+    {128, 128, 32, kMmaSync},          {128, 64, 32, kMmaSync},           {64, 128, 32, kMmaSync},
+    {64, 64, 32, kMmaSync},            {128, 128, 64, kMmaSync},          {64, 128, 64, kMmaSync},
+    {128, 256, 64, kMmaSync},          {64, 128, 128, kWgmma},            {128, 128, 128, kWgmma},
+    {64, 256, 256, kWgmma},            {128, 256, 256, kWgmma},           {64, 128, 128, kWgmmaWarpSecond},
+    {128, 128, 128, kWgmmaWarpSecond}, {64, 256, 256, kWgmmaWarpSecond},  {128, 256, 256, kWgmmaWarpSecond}};
 constexpr int kGemmTileCount = sizeof(kGemmTiles) / sizeof(kGemmTiles[0]);
 // Warps' groups of a layer of `groups` groups: G groups each on the 2:4 stream of G groups a k-step, else one.
 constexpr int warp_group_count(int groups, int pair_groups) {
@@ -111,7 +124,9 @@ struct Plan {
   // images side by side (P) and stacked (NB), and its padded width.
   int MT = 0, warps_m = 0, warps_k = 0, warps_g = 0, P = 0, NB = 0, TWp = 0;
   int pairs = 0;  // G > 0: the sparse MMAs on the 2:4 stream of G groups a k-step (the call's tc_pairs must match)
-  // pairs == kTcSplit: the implicit-GEMM kernel; a block computes rows_per_block channels x TW pixels.
+  // pairs == kTcSplit: the implicit-GEMM kernel; a block computes rows_per_block channels x TW pixels, with the MMAs
+  // wgmma names (GemmMma: 0 mma.sync, else Hopper's warpgroup MMAs).
+  int wgmma = kMmaSync;
 };
 
 struct Tuning {
@@ -136,6 +151,9 @@ struct Tuning {
   // The caller passes the stream the plan names (ConvArgs::tc_pairs).
   int tc_pairs = 0;
   int tc_gemm_tile = 0;  // the implicit-GEMM kernel's block: kGemmTiles[tc_gemm_tile]
+  // 1: the implicit GEMM's wgmma tiles may run (Hopper). Off by default until the kernel has passed its GPU tests;
+  // off (as on other GPUs), they plan as the mma.sync kernel's first tile, so the autotuner never picks them.
+  int tc_wgmma = 0;
 };
 
 Tuning& tuning();

@@ -29,9 +29,19 @@ from sparsebench.sparse.split import mma_ratio as split_mma_ratio
 from sparsebench.sparse.synthetic import random_layer
 from sparsebench.sparse.timing import time_cuda
 
-# A plan's `pairs`: dense MMAs, the 2:4 stream of that many groups a k-step, or the implicit-GEMM kernel (SPLIT).
-MMA_KINDS = (0, *GROUPS, SPLIT)
-KIND_NAMES = {0: "dense_mma", 1: "pairs", 2: "pairs2", 4: "pairs4", SPLIT: "gemm"}
+# A plan's `pairs`: dense MMAs, the 2:4 stream of that many groups a k-step, or the implicit-GEMM kernel (SPLIT) on
+# mma.sync or on Hopper's wgmma (WGMMA: both halves; WGMMA_WARP: the second halves by mma.sync, a warp its own).
+WGMMA, WGMMA_WARP = "wgmma", "wgmma_warp"
+MMA_KINDS = (0, *GROUPS, SPLIT, WGMMA, WGMMA_WARP)
+KIND_NAMES = {
+    0: "dense_mma",
+    1: "pairs",
+    2: "pairs2",
+    4: "pairs4",
+    SPLIT: "gemm",
+    WGMMA: "wgmma",
+    WGMMA_WARP: "wgmma_warp",
+}
 
 LAYERS = [  # (name, c_in, c_out, kernel, hw, stride)
     ("vgg.conv1", 3, 64, 3, 32, 1),
@@ -84,7 +94,7 @@ def best_of(x, layer, family, repeats):
             print(f"  WRONG {family} plan {plan} ({ops.plan_name(p)}) on {tuple(x.shape)}: {e}", flush=True)
             continue
         t = time_cuda([run], warmup=2, repeats=repeats, device=x.device).median_us
-        kind = p.get("pairs", 0)
+        kind = (None, WGMMA, WGMMA_WARP)[p["wgmma"]] if p.get("wgmma") else p.get("pairs", 0)
         if t < best[kind][0]:
             best[kind] = (t, plan, ops.plan_name(p))
     return min(best.values(), key=lambda b: b[0]), best
@@ -104,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="*", default=None, help="layer names (default: all)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-cuda-cores", action="store_true", help="skip our CUDA-core plans")
+    ap.add_argument("--no-wgmma", action="store_true", help="leave the implicit GEMM's wgmma tiles out (tc_wgmma=0)")
     ap.add_argument(
         "--budget-s", type=float, default=None, help="start no new layer after this many seconds (the summary follows)"
     )
@@ -112,6 +123,8 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     peak = args.peak_tflops or fp16_tensor_peak_tflops(dev) or math.nan
     torch.backends.cudnn.benchmark = True
+    if not args.no_wgmma:
+        ops._module("bench_tensor").set_tuning(tc_wgmma=1)  # time the wgmma tiles too (off by default)
     rows = []
     t0 = time.time()
     layers = [shape for shape in LAYERS if args.layers is None or shape[0] in args.layers]
@@ -126,10 +139,11 @@ def main(argv=None) -> int:
                 taps = int(layer.tile_kptr[-1]) / (layer.tile_groups * layer.row_length)
                 # Each stream's MMAs over the dense-MMA stream's.
                 mma_ratios = {0: 1.0, **{g: mma_ratio(layer, g) for g in GROUPS}}
-                # The implicit-GEMM kernel runs every tap of every group: its ratio to a dense layer, rescaled.
-                mma_ratios[SPLIT] = (
-                    split_mma_ratio(layer) * layer.tile_groups * layer.row_length / max(1, int(layer.tile_kptr[-1]))
-                )
+                # The implicit-GEMM kernels run every tap of every group: their ratio to a dense layer, rescaled.
+                rescale = layer.tile_groups * layer.row_length / max(1, int(layer.tile_kptr[-1]))
+                mma_ratios[SPLIT] = split_mma_ratio(layer) * rescale
+                mma_ratios[WGMMA] = split_mma_ratio(layer, warpgroup=True) * rescale
+                mma_ratios[WGMMA_WARP] = mma_ratios[SPLIT]
                 for batch in args.batches:
                     x = torch.randn(batch, cin, hw, hw, device=dev, dtype=torch.float16)
                     xl = x.contiguous(memory_format=torch.channels_last)
@@ -192,18 +206,18 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} cases ({done} layers) in {time.time() - t0:.0f} s; geomean speedup over cuDNN fp16 NHWC:")
     print(f"(tensor cores: median fraction of the dense fp16 peak, {peak:g} TFLOP/s, in real work and in MMAs issued)")
     print(
-        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs  2:4 x2  2:4 x4  gemm)  cuda-core"
-        "  faster of the two  peak real  peak MMA"
+        "sparsity weights batch  tensor-core  (dense MMAs  2:4 MMAs  2:4 x2  2:4 x4  gemm  wgmma  wgmma-warp)"
+        "  cuda-core  faster of the two  peak real  peak MMA"
     )
     for sparsity in args.sparsities:
         for weights in args.weights:
             for batch in args.batches:
                 sel = [r for r in rows if r["sparsity"] == sparsity and r["weights"] == weights and r["batch"] == batch]
                 tc, cc, best = (geomean(sel, k) for k in ("speedup_tc", "speedup_cc", "speedup_best"))
-                dense, p1, p2, p4, gemm = (geomean(sel, f"speedup_tc_{KIND_NAMES[g]}") for g in MMA_KINDS)
+                dense, p1, p2, p4, gemm, wgmma, warp = (geomean(sel, f"speedup_tc_{KIND_NAMES[g]}") for g in MMA_KINDS)
                 shares = [(r["peak_real"], r["peak_mma"]) for r in sel]
                 real, mma = map(statistics.median, zip(*shares)) if shares else (math.nan, math.nan)
-                kinds = f"{dense:10.3f}  {p1:8.3f}  {p2:6.3f}  {p4:6.3f}  {gemm:5.3f}"
+                kinds = f"{dense:10.3f}  {p1:8.3f}  {p2:6.3f}  {p4:6.3f}  {gemm:5.3f}  {wgmma:5.3f}  {warp:10.3f}"
                 speedups = f"{tc:11.3f}  ({kinds})  {cc:9.3f}  {best:17.3f}"
                 print(f"{sparsity:8} {weights:7} {batch:5}  {speedups}  {real:9.2%}  {mma:8.2%}")
     return 0

@@ -143,8 +143,9 @@ def test_tensor_plans_cover_every_pixel_and_fit_the_gpu():
             p = planner(i)
             if p["variant"] != "tensor":
                 continue
-            if p["pairs"] == SPLIT:  # the implicit-GEMM kernel (1x1 images here): warps over pixels x groups
-                assert p["warps_m"] * p["warps_g"] * 32 == p["threads"] and 0 < p["smem_bytes"] <= 227 * 1024
+            if p["pairs"] == SPLIT:  # the implicit-GEMM kernels: warps (wgmma: warpgroups) over pixels x groups
+                warp_threads = 128 if p["wgmma"] else 32
+                assert p["warps_m"] * p["warps_g"] * warp_threads == p["threads"] and 0 < p["smem_bytes"] <= 227 * 1024
                 assert p["blocks"] == -(-shape[0] * hw * hw // p["TW"]) * -(-layer.tile_groups // (4 * p["warps_g"]))
                 continue
             groups = p["NB"] * p["TH"] * p["TWp"] // 8
@@ -287,34 +288,45 @@ def test_the_implicit_gemm_kernel_plans_channels_last_inputs_of_whole_16_byte_un
     from sparsebench.sparse.ops import distinct_plans
 
     tiles = [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 32), (128, 128, 64), (64, 128, 64), (128, 256, 64)]
+    tiles += 2 * [(64, 128, 128), (128, 128, 128), (64, 256, 256), (128, 256, 256)]  # wgmma: a warpgroup's pixels
     half = dict(dtype=torch.float16, channels_last=True)
     layer = random_layer((200, 64, 3, 3), 0.9, padding=1, seed=5)  # 13 groups of 16 channels
     for i, (rows, width, warp) in enumerate(tiles):
-        tuning(tc_pairs=SPLIT, tc_gemm_tile=i)
+        tuning(tc_pairs=SPLIT, tc_gemm_tile=i, tc_wgmma=1)
         p = plan((3, 64, 10, 10), layer, **half)  # 300 pixels
-        assert (p["variant"], p["pairs"], p["rows_per_block"], p["TW"], 16 * p["MT"]) == (
+        assert (p["variant"], p["pairs"], p["rows_per_block"], p["TW"], 16 * p["MT"], p["wgmma"]) == (
             "tensor",
             SPLIT,
             rows,
             width,
             warp,
+            (i >= 7) + (i >= 11),  # cuda/sparsebench.h GemmMma: mma.sync, wgmma, wgmma + warps' mma.sync
         )
-        assert p["threads"] == 32 * (rows // 64) * (width // warp) == 32 * p["warps_g"] * p["warps_m"]
+        warps = 4 * (rows // 64) if p["wgmma"] else (rows // 64) * (width // warp)  # warpgroups of 4 warps
+        assert p["threads"] == 32 * warps and warps == (4 if p["wgmma"] else 1) * p["warps_g"] * p["warps_m"]
         assert p["blocks"] == -(-300 // width) * -(-13 // (rows // 16)) and p["vector_loads"]
     assert plan((3, 64, 10, 10), layer, dtype=torch.float16)["pairs"] != SPLIT  # NCHW: the CUDA cores
     odd = random_layer((32, 20, 3, 3), 0.9, padding=1, seed=5)  # 20 channels: the direct kernel stands in
     assert (lambda p: (p["variant"], p["pairs"]))(plan((3, 20, 10, 10), odd, **half)) == ("tensor", 0)
     fc = random_layer((100, 72), 0.9, seed=5)
     assert plan((33, 72), fc, "tensor", dtype=torch.float16)["pairs"] == SPLIT  # [N, C] is channels_last too
-    with pytest.raises(ValueError, match=r"^tc_gemm_tile: expected 0\.\.6"):
-        tuning(tc_gemm_tile=7)
-    tuning()
-    shapes = []
-    for cand in distinct_plans((3, 64, 10, 10), layer, tensor=True, **half):
-        p = plan((3, 64, 10, 10), layer, plan=cand, **half)
-        if p["pairs"] == SPLIT:
-            shapes.append((p["rows_per_block"], p["TW"], 16 * p["MT"]))
-    assert sorted(shapes) == sorted(tiles)
+    with pytest.raises(ValueError, match=r"^tc_gemm_tile: expected 0\.\.14"):
+        tuning(tc_gemm_tile=15)
+    with pytest.raises(ValueError, match=r"^tc_wgmma: expected 0 or 1"):
+        tuning(tc_wgmma=2)
+    # The wgmma tiles run only with tc_wgmma = 1: else a plan naming one is the mma.sync kernel's first tile's.
+    tuning(tc_pairs=SPLIT, tc_gemm_tile=0)
+    first = plan((3, 64, 10, 10), layer, **half)
+    tuning(tc_pairs=SPLIT, tc_gemm_tile=7)
+    assert plan((3, 64, 10, 10), layer, **half) == first and first["wgmma"] == 0
+    for wgmma in (0, 1):
+        tuning(tc_wgmma=wgmma)
+        shapes = []
+        for cand in distinct_plans((3, 64, 10, 10), layer, tensor=True, **half):
+            p = plan((3, 64, 10, 10), layer, plan=cand, **half)
+            if p["pairs"] == SPLIT:
+                shapes.append((p["rows_per_block"], p["TW"], 16 * p["MT"]))
+        assert sorted(shapes) == sorted(tiles if wgmma else tiles[:7])
     assert not any(
         plan((3, 20, 10, 10), odd, plan=c, **half)["pairs"] == SPLIT
         for c in distinct_plans((3, 20, 10, 10), odd, tensor=True, **half)

@@ -25,15 +25,34 @@ pytestmark = [
     pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
 ]
 
-# The block tiles (cuda/sparsebench.h kGemmTiles): output channels x pixels a block, pixels a warp.
+# The block tiles (cuda/sparsebench.h kGemmTiles): output channels x pixels a block, pixels a warp, and the MMAs
+# (GemmMma: mma.sync; Hopper's wgmma for both 2:4 halves; wgmma and each warp's second halves by mma.sync).
 TILES = [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 32), (128, 128, 64), (64, 128, 64), (128, 256, 64)]
+TILES = [(*t, 0) for t in TILES] + [
+    (*t, m) for m in (1, 2) for t in [(64, 128, 128), (128, 128, 128), (64, 256, 256), (128, 256, 256)]
+]
+WGMMA_TILES = range(7, len(TILES))
 
 
-@pytest.fixture(params=range(len(TILES)), ids=[f"{c}x{p}w{w}" for c, p, w in TILES])
+def wgmma_available() -> bool:
+    """A compute capability 9.0 GPU and a build with the wgmma kernel (archs including 90)."""
+    from sparsebench import _C
+
+    built = any(k.startswith("conv_wgmma") for k in _C.build_info()["kernels"])
+    return built and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _tile_id(i: int) -> str:
+    return ("", "wgmma", "wgmma-warp")[TILES[i][3]] + "{}x{}w{}".format(*TILES[i])
+
+
+@pytest.fixture(params=range(len(TILES)), ids=_tile_id)
 def tiles(request):
     from sparsebench import _C
 
-    _C.set_tuning(tc_pairs=SPLIT, tc_gemm_tile=request.param)
+    if request.param in WGMMA_TILES and not wgmma_available():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU and a build for sm_90")
+    _C.set_tuning(tc_pairs=SPLIT, tc_gemm_tile=request.param, tc_wgmma=1)
     yield TILES[request.param]
     _C.set_tuning()
 
@@ -49,7 +68,8 @@ def gemm_case(seed):
 def test_random_conv_cases(seed, tiles):
     layer, x, relu = gemm_case(seed)
     plan = kernel_plan(x.shape, layer, dtype=x.dtype, channels_last=True)
-    assert (plan["variant"], plan["pairs"], plan["rows_per_block"], plan["TW"]) == ("tensor", SPLIT, *tiles[:2])
+    expect = ("tensor", SPLIT, tiles[0], tiles[1], tiles[3])
+    assert (plan["variant"], plan["pairs"], plan["rows_per_block"], plan["TW"], plan["wgmma"]) == expect
     ref = reference(x, layer, relu)
     out = poisoned(ref.shape, x.dtype, channels_last=True)
     sparse_conv2d_into(out, x, layer, relu=relu)
@@ -77,7 +97,16 @@ def test_sparsity_extremes(sparsity, tiles):
         check(out, reference(x, layer), x.dtype)
 
 
-def test_every_block_shape_is_a_distinct_plan_the_autotuner_times():
+@pytest.fixture
+def wgmma_on():
+    from sparsebench import _C
+
+    _C.set_tuning(tc_wgmma=1)  # the autotuner's candidates include the wgmma tiles
+    yield
+    _C.set_tuning()
+
+
+def test_every_block_shape_is_a_distinct_plan_the_autotuner_times(wgmma_on):
     layer = random_layer((96, 64, 3, 3), 0.9, padding=1, seed=5).to("cuda")
     x = torch.randn(16, 64, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     ref = reference(x, layer, relu=True)
@@ -86,12 +115,12 @@ def test_every_block_shape_is_a_distinct_plan_the_autotuner_times():
         p = kernel_plan(x.shape, layer, plan=plan, dtype=x.dtype, channels_last=True)
         if p["pairs"] != SPLIT:
             continue
-        gemm.append((p["rows_per_block"], p["TW"], 16 * p["MT"]))
+        gemm.append((p["rows_per_block"], p["TW"], 16 * p["MT"], p["wgmma"]))
         layer.tuned_plans = {(tuple(x.shape), x.dtype, x.device.index, True): plan}
         out = poisoned(ref.shape, x.dtype, channels_last=True)
         sparse_conv2d_into(out, x, layer, relu=True)
         check(out, ref, x.dtype)
-    assert sorted(gemm) == sorted(TILES)
+    assert sorted(gemm) == sorted(TILES if wgmma_available() else TILES[: WGMMA_TILES[0]])
 
 
 def test_where_it_cannot_run_the_direct_kernel_stands_in(tiles):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from sparsebench.sparse.split import (
+    FLAG4_WORD,
+    FLAG_WORD,
     RECORD,
     SPLIT,
     gemm_entries,
@@ -46,6 +48,8 @@ def test_the_stream_holds_every_weight_once_in_gemm_order(shape, sparsity, value
     decoded = split_to_dense(layer, stream)
     # The entries in fp16, each at its (kh, kw, ci) place: linear codes minus their zero point (exact), else values.
     assert torch.equal(decoded, entries.half().float())
+    # The wgmma kernel runs second halves by the flag of four: the extra ones it runs hold zeros.
+    assert torch.equal(split_to_dense(layer, stream, warpgroup=True), decoded)
     assert int(present.sum()) == layer.nnz
     if kind == TC_LINEAR:
         scaled = decoded * layer.scale[:, None]
@@ -67,10 +71,28 @@ def test_each_half_keeps_two_nonzeros_a_chunk_and_the_second_only_the_rest():
     assert not bool(second[:, 3:].any())  # the padding groups past the layer's 3 stay empty
 
 
-@pytest.mark.parametrize("sparsity, low, high", [(0.0, 1.0, 1.0), (0.9, 0.6, 0.8), (0.95, 0.5, 0.6), (1.0, 0.5, 0.5)])
-def test_mma_ratio_counts_the_second_halves(sparsity, low, high):
+def test_the_flag_of_four_is_the_or_of_each_aligned_four_groups_flags():
+    layer = random_layer((100, 16, 3, 3), 0.93, padding=1, seed=5)  # 7 groups, padded to 8
+    stream = split_stream(layer, torch.float16)
+    steps = -(-layer.row_length // 32)
+    words = stream.values.view(steps, 8, RECORD)[..., 1024:].contiguous().view(torch.int32)
+    flag, flag4 = words[..., FLAG_WORD], words[..., FLAG4_WORD]
+    _, _, second, _ = split_tiles(layer)
+    assert torch.equal(flag.bool(), second)
+    expect = second.view(steps, 2, 4).any(-1)  # groups 0-3 and 4-7
+    assert torch.equal(flag4.bool(), expect.repeat_interleave(4, dim=1))
+    assert bool(second.any()) and not bool(second.all()) and bool((flag4.bool() & ~flag.bool()).any())
+
+
+@pytest.mark.parametrize(
+    "sparsity, low, high, low4, high4",
+    [(0.0, 1.0, 1.0, 1.0, 1.0), (0.9, 0.6, 0.8, 0.85, 1.0), (0.95, 0.5, 0.6, 0.55, 0.7), (1.0, 0.5, 0.5, 0.5, 0.5)],
+)
+def test_mma_ratio_counts_the_second_halves(sparsity, low, high, low4, high4):
     layer = random_layer((64, 64, 3, 3), sparsity, padding=1, seed=11)
     assert low <= mma_ratio(layer) <= high
+    assert low4 <= mma_ratio(layer, warpgroup=True) <= high4
+    assert mma_ratio(layer, warpgroup=True) >= mma_ratio(layer)
 
 
 def test_bf16_stream_and_the_layers_device():

@@ -46,9 +46,10 @@ KERNEL_TUNING = {
         lambda v: v in (0, 1, 2, 4, 8),
     ),
     "tc_gemm_tile": (
-        "0..6 (the implicit-GEMM kernel's block tile: cuda/sparsebench.h kGemmTiles)",
-        lambda v: 0 <= v <= 6,
+        "0..14 (the implicit-GEMM kernel's block tile: cuda/sparsebench.h kGemmTiles; 7-14 use Hopper's wgmma)",
+        lambda v: 0 <= v <= 14,
     ),
+    "tc_wgmma": ("0 or 1 (1: the implicit GEMM's wgmma tiles may run, on Hopper)", lambda v: v in (0, 1)),
 }
 
 

@@ -754,10 +754,16 @@ def distinct_plans(
     return list(first.values())
 
 
+# The implicit-GEMM kernels' MMAs by a plan's `wgmma` (cuda/sparsebench.h GemmMma): mma.sync; wgmma for both 2:4
+# halves; wgmma for the first half and mma.sync for each warp's own second halves.
+GEMM_MMA_NAMES = ("gemm", "wgmma", "wgmma-warp")
+
+
 def plan_name(plan: Dict[str, Any]) -> str:
     """A short name for a plan dict: the kernel family (CUDA cores or tensor cores) and its blocking."""
     if plan["variant"] == "tensor" and plan.get("pairs") == SPLIT:
-        return f"tensor:gemm{plan['rows_per_block']}x{plan['TW']}/B{plan['blocks']}/split2:4"
+        mma = GEMM_MMA_NAMES[plan.get("wgmma", 0)]
+        return f"tensor:{mma}{plan['rows_per_block']}x{plan['TW']}/B{plan['blocks']}/split2:4"
     if plan["variant"] == "tensor":
         return (
             f"tensor:MT{plan['MT']}/W{plan['warps_m']}x{plan['warps_k']}x{plan['warps_g']}/"

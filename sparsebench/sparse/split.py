@@ -15,8 +15,9 @@ of the tiles' groups (``tile_rows``; their count rounded up to 8 with empty ones
 - 512: the first half's values, lane l's 8 in the order of the A fragment (``pairs.py`` explains it);
 - 512: the second half's values, the same way;
 - 256: each lane's two metadata words (first half, second half), ``mma.sp::ordered_metadata`` nibbles as
-  in ``pairs.py``; lane 2's first word, which the MMA does not read, is 1 where the second half has a
-  nonzero.
+  in ``pairs.py``. Lanes 2 and 3's first words, which the MMAs do not read, are flags: 1 where the second
+  half has a nonzero (lane 2), and where that of any of the aligned four groups has (lane 3: a wgmma
+  computes 64 channels, ``cuda/conv_wgmma.cu``).
 
 Values are linear codes minus their zero point where the layer's codes are linear (exact small integers;
 the kernel scales the channel's sum), else the values in the activation dtype (codebook levels included).
@@ -35,6 +36,8 @@ ROWS = 16  # channels a group
 GROUP_ALIGN = 8  # a k-step's groups are padded to a multiple of this (the kernel's widest block reads 8)
 RECORD = 1280  # bytes of one group's k-step
 FLAG_WORD = 4  # the flag's int32 index within a record's metadata (lane 2, first word)
+FLAG4_WORD = 6  # the flag of the aligned four groups (lane 3, first word)
+WARPGROUP = 4  # groups a wgmma computes
 
 
 def gemm_entries(layer) -> tuple:
@@ -131,6 +134,17 @@ def split_tiles(layer) -> tuple:
     return torch.stack(values, dim=2), torch.stack(meta, dim=2), second, kind
 
 
+def _flag4(second: torch.Tensor) -> torch.Tensor:
+    """[steps, groups] second-half flags -> each group's flag of its aligned four (groups are padded to 8)."""
+    steps, groups = second.shape
+    return (
+        second.view(steps, groups // WARPGROUP, WARPGROUP)
+        .any(-1, keepdim=True)
+        .expand(-1, -1, WARPGROUP)
+        .reshape(steps, groups)
+    )
+
+
 def split_stream(layer, dtype: torch.dtype) -> FragmentStream:
     """Build the split stream of ``layer`` (on its device) for activations of ``dtype`` (see the module doc)."""
     if layer.tile_kptr is None:
@@ -140,6 +154,7 @@ def split_stream(layer, dtype: torch.dtype) -> FragmentStream:
     value_bytes = values.to(dtype).view(torch.int16).view(steps, groups, 2 * 32 * 8)  # 1,024 bytes as 512 int16
     words = meta.permute(0, 1, 3, 2).reshape(steps, groups, 64)  # lane l's (first, second) at 2l, 2l + 1
     words[..., FLAG_WORD] = second.to(torch.int64)
+    words[..., FLAG4_WORD] = _flag4(second).to(torch.int64)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     raw = torch.cat(
         [value_bytes.view(torch.uint8).reshape(steps, groups, -1), words.view(torch.uint8).view(steps, groups, -1)], -1
@@ -148,9 +163,10 @@ def split_stream(layer, dtype: torch.dtype) -> FragmentStream:
     return FragmentStream(kind, raw.reshape(-1).contiguous().to(layer.rowptr.device), pairs=SPLIT, dtype=dtype)
 
 
-def split_to_dense(layer, stream: FragmentStream) -> torch.Tensor:
+def split_to_dense(layer, stream: FragmentStream, warpgroup: bool = False) -> torch.Tensor:
     """Decode a split stream to the dense [CO, KH*KW*C] fp32 entries (taps in (kh, kw, ci) order) as the kernel's
-    MMAs read them, the second half only where its flag is set (for tests)."""
+    MMAs read them, the second half only where its flag is set (``warpgroup``: the flag of four, as the wgmma
+    kernel reads it) (for tests)."""
     raw = stream.values.cpu()
     groups_padded = -(-layer.tile_rows.numel() // ROWS)
     groups_padded = -(-groups_padded // GROUP_ALIGN) * GROUP_ALIGN
@@ -158,7 +174,7 @@ def split_to_dense(layer, stream: FragmentStream) -> torch.Tensor:
     rec = raw.view(steps, groups_padded, RECORD)
     vals = rec[..., :1024].contiguous().view(stream.dtype).to(torch.float32).view(steps, groups_padded, 2, 32, 8)
     words = rec[..., 1024:].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    flag = words[..., FLAG_WORD] != 0
+    flag = words[..., FLAG4_WORD if warpgroup else FLAG_WORD] != 0
     meta = words.view(steps, groups_padded, 32, 2)
     k_total = steps * STEP_K
     dense = torch.zeros(groups_padded * ROWS, k_total, dtype=torch.float32)
@@ -184,9 +200,12 @@ def split_to_dense(layer, stream: FragmentStream) -> torch.Tensor:
     return out
 
 
-def mma_ratio(layer) -> float:
+def mma_ratio(layer, warpgroup: bool = False) -> float:
     """The kernel's MMAs over a dense layer's: one sparse MMA (twice a dense one's work) for each group's k-step,
-    and one more where its second half has a nonzero; the tiles' real groups only."""
+    and one more where its second half has a nonzero (``warpgroup``: where that of any of its four has, as the
+    wgmma kernel runs them); the tiles' real groups only."""
     _, _, second, _ = split_tiles(layer)
+    if warpgroup:
+        second = _flag4(second)
     groups = -(-layer.tile_rows.numel() // ROWS)
     return 0.5 * (1.0 + float(second[:, :groups].float().mean())) if second.numel() else 1.0
