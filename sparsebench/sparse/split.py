@@ -60,29 +60,33 @@ def gemm_entries(layer) -> tuple:
     return entries, present, kind
 
 
-def _halves(present: torch.Tensor) -> tuple:
-    """The two 2:4 halves of a [..., 4] presence mask: a row's first two nonzeros of a chunk, then the rest."""
-    rank = torch.cumsum(present.to(torch.int64), dim=-1)
-    return present & (rank <= 2), present & (rank > 2)
+def _chunk_tables() -> tuple:
+    """Lookup tables by a chunk's mask of nonzeros (bit p: position p holds one), 16 entries each:
+
+    - the mask of the first half: the chunk's first two nonzeros (the second half holds the rest);
+    - the (lo, hi) positions a half of that mask stores: two give their positions; one at p gives (p, p + 1),
+      or (2, 3) for p = 3 with its value second; none gives (0, 1)."""
+    first = torch.zeros(16, dtype=torch.int64)
+    positions = torch.zeros(16, 2, dtype=torch.int64)
+    for mask in range(16):
+        kept = [p for p in range(CHUNK) if mask >> p & 1]
+        first[mask] = sum(1 << p for p in kept[:2])
+        if len(kept) <= 2:
+            lo = kept[0] if len(kept) == 2 else min(kept[0], 2) if kept else 0
+            positions[mask] = torch.tensor([lo, kept[-1] if len(kept) == 2 else lo + 1])
+    return first, positions
 
 
-def _encode(values: torch.Tensor, keep: torch.Tensor) -> tuple:
-    """One 2:4 half of [..., 4] chunks: (its two values a chunk [..., 2], its metadata nibble [...]).
+_FIRST_TWO, _POSITIONS = _chunk_tables()
 
-    Two kept give their positions; one at p gives (p, p + 1), or (2, 3) for p = 3 with its value second;
-    none gives (0, 1)."""
-    pos = torch.arange(CHUNK).expand_as(keep)
-    cnt = keep.sum(dim=-1)
-    big = torch.full_like(pos, CHUNK)
-    first = torch.where(keep, pos, big).amin(dim=-1)
-    last = torch.where(keep, pos, -torch.ones_like(pos)).amax(dim=-1)
-    lo = torch.where(cnt == 2, first, torch.where(cnt == 1, first.clamp(max=2), torch.zeros_like(first)))
-    hi = torch.where(cnt == 2, last, lo + 1)
-    kept = torch.where(keep, values, torch.zeros_like(values))
-    pair = torch.stack(
-        [kept.gather(-1, lo.unsqueeze(-1)).squeeze(-1), kept.gather(-1, hi.unsqueeze(-1)).squeeze(-1)], -1
-    )
-    return pair, lo | (hi << 2)
+
+def _encode(values: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """One 2:4 half of [..., 4] chunks given its masks [...] (at most two bits each): (its two values a chunk
+    [..., 2], its metadata nibble [...])."""
+    positions = _POSITIONS[mask]  # [..., 2]
+    stored = ((mask.unsqueeze(-1) >> positions) & 1).bool()  # a filler position stores (+) zero
+    pair = torch.where(stored, values.gather(-1, positions), 0.0)
+    return pair, positions[..., 0] | (positions[..., 1] << 2)
 
 
 def _fragments(pair: torch.Tensor) -> torch.Tensor:
@@ -124,13 +128,14 @@ def split_tiles(layer) -> tuple:
     m[live, :k] = present[rows[live]]
     e = e.view(padded, ROWS, steps, 8, CHUNK)
     m = m.view(padded, ROWS, steps, 8, CHUNK)
+    mask = (m.to(torch.int64) << torch.arange(CHUNK)).sum(dim=-1)  # [groups, 16, steps, 8]: a chunk's nonzeros
+    first = _FIRST_TWO[mask]
     values, meta = [], []
-    halves = _halves(m)
-    for keep in halves:
-        pair, nibble = _encode(e, keep)
+    for half in (first, mask & ~first):
+        pair, nibble = _encode(e, half)
         values.append(_fragments(pair))
         meta.append(_metadata(nibble))
-    second = halves[1].any(dim=(1, 3, 4)).T.contiguous()  # [steps, groups]
+    second = (mask != first).any(dim=3).any(dim=1).T.contiguous()  # [steps, groups]
     return torch.stack(values, dim=2), torch.stack(meta, dim=2), second, kind
 
 
