@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsebench.sparse.ops import (
+    GEMM_MMA_NAMES,
     distinct_plans,
     kernel_plan,
     kernels_available,
@@ -43,7 +44,7 @@ def wgmma_available() -> bool:
 
 
 def _tile_id(i: int) -> str:
-    return ("", "wgmma", "wgmma-warp")[TILES[i][3]] + "{}x{}w{}".format(*TILES[i])
+    return GEMM_MMA_NAMES[TILES[i][3]] + "{}x{}w{}".format(*TILES[i])
 
 
 @pytest.fixture(params=range(len(TILES)), ids=_tile_id)
