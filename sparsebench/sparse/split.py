@@ -141,13 +141,7 @@ def split_tiles(layer) -> tuple:
 
 def _flag4(second: torch.Tensor) -> torch.Tensor:
     """[steps, groups] second-half flags -> each group's flag of its aligned four (groups are padded to 8)."""
-    steps, groups = second.shape
-    return (
-        second.view(steps, groups // WARPGROUP, WARPGROUP)
-        .any(-1, keepdim=True)
-        .expand(-1, -1, WARPGROUP)
-        .reshape(steps, groups)
-    )
+    return second.view(second.shape[0], -1, WARPGROUP).any(-1).repeat_interleave(WARPGROUP, dim=1)
 
 
 def split_stream(layer, dtype: torch.dtype) -> FragmentStream:
