@@ -108,10 +108,8 @@ template <typename T, int WM, int WN, int NT>
 std::string launch_tiles(const ConvArgs& a, const GemmCfg& t, cudaStream_t stream) {
   auto kernel = conv_gemm_kernel<T, WM, WN, NT>;
   const int smem = kGemmStages * gemm_stage_bytes(WM, WN, NT);
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
-  }
+  const std::string err = allow_dynamic_smem(kernel, smem);
+  if (!err.empty()) return err;
   const dim3 grid(static_cast<unsigned>((t.M + 8 * NT * WN - 1) / (8 * NT * WN)),
                   static_cast<unsigned>((a.groups + 4 * WM - 1) / (4 * WM)));
   kernel<<<grid, WM * WN * 32, smem, stream>>>(a, t);

@@ -212,12 +212,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, 2) conv_stage_kernel(const C
 template <typename T, int V, bool LINEAR>
 static std::string launch_stage_t(const ConvArgs& a, const StageCfg& t, const Plan& p, cudaStream_t stream) {
   auto kernel = conv_stage_kernel<T, V, LINEAR>;
-  if (p.smem_bytes > 48 * 1024) {
-    // Not a stream operation, so it is legal during graph capture.
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(p.smem_bytes));
-    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
-  }
+  const std::string err = allow_dynamic_smem(kernel, p.smem_bytes);
+  if (!err.empty()) return err;
   const int tiles_n = (a.N + t.NI - 1) / t.NI;
   const dim3 grid(static_cast<unsigned>(t.tiles_w) * t.tiles_h * tiles_n, static_cast<unsigned>((a.CO + t.RG - 1) / t.RG));
   kernel<<<grid, kStageWarps * 32, p.smem_bytes, stream>>>(a, t);

@@ -614,11 +614,8 @@ std::string launch_values(const ConvArgs& a, const TensorCfg& t, const Values& v
                           cudaStream_t stream) {
   auto kernel = pick_kernel<T, MT, Values>(a.tc_pairs);
   if (!kernel) return "tensor-core kernels: no kernel for tc_pairs " + std::to_string(a.tc_pairs) + " with MT " + std::to_string(MT);
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem_bytes));
-    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
-  }
+  const std::string err = allow_dynamic_smem(kernel, smem_bytes);
+  if (!err.empty()) return err;
   const dim3 grid(static_cast<unsigned>(t.tiles_w) * t.tiles_h * t.tiles_n,
                   static_cast<unsigned>((warp_group_count(a.groups, a.tc_pairs) + t.warps_g - 1) / t.warps_g));
   kernel<<<grid, kTensorWarps * 32, smem_bytes, stream>>>(a, t, vals);

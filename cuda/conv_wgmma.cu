@@ -138,10 +138,8 @@ template <typename T, int WG, int N>
 std::string launch_tile(const ConvArgs& a, const GemmCfg& t, cudaStream_t stream) {
   auto kernel = t.mma == kWgmma ? conv_wgmma_kernel<T, WG, N, kWgmma> : conv_wgmma_kernel<T, WG, N, kWgmmaWarpSecond>;
   const int smem = wgmma_smem_bytes(N);
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
-  }
+  const std::string err = allow_dynamic_smem(kernel, smem);
+  if (!err.empty()) return err;
   const dim3 grid(static_cast<unsigned>((t.M + N - 1) / N), static_cast<unsigned>((a.groups + 4 * WG - 1) / (4 * WG)));
   kernel<<<grid, WG * 128, smem, stream>>>(a, t);
   return "";

@@ -15,13 +15,14 @@ Tuning& tuning() {
 // An attribute of the current GPU, cached per device; `fallback` (an H200's value) where none answers.
 template <cudaDeviceAttr A>
 static int device_attribute(int fallback) {
-  static int cached[64] = {0};
+  static int cached[64];
+  static bool queried[64] = {false};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
-  if (!cached[dev]) {
+  if (!queried[dev]) {
     int v = 0;
-    cudaDeviceGetAttribute(&v, A, dev);
-    cached[dev] = v > 0 ? v : fallback;
+    cached[dev] = cudaDeviceGetAttribute(&v, A, dev) == cudaSuccess ? v : fallback;
+    queried[dev] = true;
   }
   return cached[dev];
 }
@@ -32,19 +33,11 @@ static int max_block_smem() { return device_attribute<cudaDevAttrMaxSharedMemory
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether the wgmma kernel can run: built (for sm_90a, whose code runs on compute capability 9.0 alone) and on such
-// a GPU. Planning without a GPU assumes one (an H200), as device_attribute does.
+// a GPU (planning without one assumes an H200).
 static bool wgmma_available() {
 #ifdef SPARSEBENCH_WGMMA
-  static int cached[64] = {0};  // compute capability + 1 (10 * major + minor), 0 before the first query
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return true;
-  if (!cached[dev]) {
-    int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    cached[dev] = ok ? 10 * major + minor + 1 : 91;
-  }
-  return cached[dev] == 91;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(9) == 9 &&
+         device_attribute<cudaDevAttrComputeCapabilityMinor>(0) == 0;
 #else
   return false;
 #endif

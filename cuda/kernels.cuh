@@ -8,6 +8,15 @@
 
 namespace sparsebench {
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory (over 48 KB needs the opt-in); "" or the error. Not a
+// stream operation, so it is legal during graph capture.
+template <typename Kernel>
+std::string allow_dynamic_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return "";
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return e == cudaSuccess ? "" : std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+}
+
 // Staged kernel: a block owns a tile of NI images x TH x TW output pixels (32*V of them) and a
 // group of RG output channels; the input tile for CC channels at a time sits in shared memory.
 struct StageCfg {

@@ -286,9 +286,9 @@ def test_the_implicit_gemm_kernel_plans_channels_last_inputs_of_whole_16_byte_un
     block, pixels a warp), a grid over both; only channels_last input (or a linear layer's) with a multiple of 8
     channels, which it reads 16 bytes at a time. The autotuner's candidates hold each tile once."""
     from sparsebench.sparse.ops import distinct_plans
+    from tests.test_gemm_kernels import TILES
 
-    tiles = [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 32), (128, 128, 64), (64, 128, 64), (128, 256, 64)]
-    tiles += 2 * [(64, 128, 128), (128, 128, 128), (64, 256, 256), (128, 256, 256)]  # wgmma: a warpgroup's pixels
+    tiles = [(rows, width, warp) for rows, width, warp, _ in TILES]  # wgmma's: a warpgroup's pixels
     half = dict(dtype=torch.float16, channels_last=True)
     layer = random_layer((200, 64, 3, 3), 0.9, padding=1, seed=5)  # 13 groups of 16 channels
     for i, (rows, width, warp) in enumerate(tiles):

@@ -11,20 +11,16 @@ from sparsebench.sparse.ops import (
     GEMM_MMA_NAMES,
     distinct_plans,
     kernel_plan,
-    kernels_available,
     sparse_conv2d,
     sparse_conv2d_into,
     sparse_linear,
 )
 from sparsebench.sparse.split import SPLIT
 from sparsebench.sparse.synthetic import random_layer
-from tests.test_sparse_kernels import check, reference
+from tests.test_sparse_kernels import GPU_TESTS, check, reference
 from tests.test_tensor_kernels import HALF, poisoned, tensor_case
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
-]
+pytestmark = GPU_TESTS
 
 # The block tiles (cuda/sparsebench.h kGemmTiles): output channels x pixels a block, pixels a warp, and the MMAs
 # (GemmMma: mma.sync; Hopper's wgmma for both 2:4 halves; wgmma and each warp's second halves by mma.sync).

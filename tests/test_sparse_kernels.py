@@ -21,10 +21,12 @@ from sparsebench.sparse.ops import (
 )
 from sparsebench.sparse.synthetic import random_layer
 
-pytestmark = [
+# The marks of every GPU kernel test module (this one's, and those that import it).
+GPU_TESTS = [
     pytest.mark.cuda,
     pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
 ]
+pytestmark = GPU_TESTS
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 VALUES = [

@@ -15,18 +15,14 @@ from sparsebench.sparse.ops import (
     distinct_plans,
     is_channels_last,
     kernel_plan,
-    kernels_available,
     sparse_conv2d,
     sparse_conv2d_into,
     sparse_linear,
 )
 from sparsebench.sparse.synthetic import random_layer
-from tests.test_sparse_kernels import VALUES, check, reference
+from tests.test_sparse_kernels import GPU_TESTS, VALUES, check, reference
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and the compiled sparsebench._C"),
-]
+pytestmark = GPU_TESTS
 
 HALF = [torch.float16, torch.bfloat16]
 
